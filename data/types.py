@@ -1,0 +1,158 @@
+"""Data contracts shared by encoding, packing, rollout building and the loss pipeline.
+
+Units: ``bins`` are integers in 0..999 (SPEC §2), pixels are floats in the
+original image. Every per-token tensor is 1-D of length ``L`` (one sample) and
+is indexed by token position (see ``losses/registry.py`` for the alignment
+convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class GTObject:
+    """One ground-truth object: free-text ``desc`` and a box in bins ``[x1, y1, x2, y2]``."""
+
+    desc: str
+    bins: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated JSONL line (SPEC data contract), boxes already in bins.
+
+    ``source`` is ``"file.jsonl:LINE"`` so every later error can point at it.
+    """
+
+    image_path: str
+    width: int
+    height: int
+    objects: tuple[GTObject, ...]
+    image_id: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class BBoxGroup:
+    """Four coord tokens that form one box and what they are supervised towards.
+
+    ``coord_pos`` are token positions (coord *input* positions) in the sample;
+    the distributions are read at ``coord_pos - 1``. ``target_bins`` are the GT
+    bins (for a matched rollout object: the matched GT box, not the prediction).
+    ``subset`` is a ``losses.registry`` subset code (NO_SUBSET in gt context).
+    """
+
+    coord_pos: tuple[int, int, int, int]
+    target_bins: tuple[int, int, int, int]
+    subset: int = -1
+    object_index: int = -1
+
+
+@dataclass(frozen=True)
+class ObjectSpan:
+    """Token spans of one object inside an encoded answer (token positions in the sample).
+
+    ``start``/``end``: ``[start, end)`` tokens overlapping the object's ``{...}``.
+    ``desc_start``/``desc_end``: tokens overlapping the desc value characters.
+    ``coord_pos``: the 4 coord token positions (fewer for an invalid rollout object).
+    """
+
+    index: int
+    start: int
+    end: int
+    desc_start: int
+    desc_end: int
+    coord_pos: tuple[int, ...]
+    desc: str
+    bins: tuple[int, ...]
+
+
+@dataclass
+class EncodedSample:
+    """One chat-encoded sample (prompt with image + answer), ready to pack.
+
+    input_ids          [L] long
+    token_types        [L] long: registry token type, IGNORE for prompt/image tokens
+    object_index       [L] long: index of the object span a token overlaps most, -1 outside
+    subset             [L] long: registry subset code (rollout context), NO_SUBSET elsewhere
+    coord_targets      [L] long: target bin at coord positions that feed coord_reg, -1 elsewhere
+    closure            [L] bool: the token holding the outermost ``}`` of the answer
+    mm_token_type_ids  [L] long: 1 at ``<|image_pad|>``
+    pixel_values       [P, D] float: flattened patches of this sample's image
+    image_grid_thw     [1, 3] long
+    prompt_len: number of prompt tokens (answer starts at this position)
+    objects: spans of the answer objects in answer order
+    bbox_groups: boxes that feed geometry / coord_reg (all GT objects in gt context)
+    struct_multiplier: multiplies this sample's struct CE weights (rollout drop-invalid rule)
+    """
+
+    input_ids: torch.Tensor
+    token_types: torch.Tensor
+    object_index: torch.Tensor
+    subset: torch.Tensor
+    coord_targets: torch.Tensor
+    closure: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    prompt_len: int
+    objects: list[ObjectSpan] = field(default_factory=list)
+    bbox_groups: list[BBoxGroup] = field(default_factory=list)
+    struct_multiplier: float = 1.0
+    record: Record | None = None
+    meta: Any = None  # rollout.RolloutMeta for rollout-context samples
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Where one sample sits in a packed batch: row ``row``, tokens ``[start, start + length)``."""
+
+    row: int
+    start: int
+    length: int
+    sample_index: int
+
+
+@dataclass
+class PackedBatch:
+    """Samples packed padding-free into ``B`` rows of ``T`` tokens (right-padded to the longest row).
+
+    Per-token tensors are ``[B, T]`` with the same meaning as in ``EncodedSample``;
+    ``segment_ids`` numbers segments within a row (-1 on padding) and
+    ``text_position_ids`` restarts at 0 for every segment. Padding tokens have
+    ``token_types == IGNORE``. ``pixel_values``/``image_grid_thw`` are concatenated
+    in segment order (row-major), matching the order of image pads in ``input_ids``.
+    ``bbox_groups`` carry *flat* positions into the ``[B, T]`` grid (``row * T + pos``).
+    """
+
+    input_ids: torch.Tensor
+    token_types: torch.Tensor
+    object_index: torch.Tensor
+    subset: torch.Tensor
+    coord_targets: torch.Tensor
+    closure: torch.Tensor
+    struct_multiplier: torch.Tensor  # [B, T] float: per-token multiplier of the owning sample
+    mm_token_type_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    text_position_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    segments: list[Segment]
+    samples: list[EncodedSample]
+    bbox_groups: list[BBoxGroup]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(s.length for s in self.segments))
