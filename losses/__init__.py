@@ -1,0 +1,95 @@
+"""Pure loss math of CoordExp: tensors in, tensors out (no model, config, wandb, pycocotools, vllm).
+
+Index of the math (SPEC §3, §3.1, §4). Alignment: per-token tensors are indexed by token
+position j; logits predicting token j are read at j − 1. Bins k ∈ 0..999, fractions v_k = k/999.
+
+registry      token types IGNORE/STRUCT/DESC/COORD/EOS, subsets NO_SUBSET/MATCHED/FP/FN,
+              contexts gt/self_context/rollout, component names, ``loss_key``.
+tokens        ``assign_token_types``: a BPE token takes the type covering most of its chars
+              (ties by TOKEN_TYPE_TIE_ORDER = coord > desc > struct > eos; zero-width → struct).
+              ``find_outermost_closure``: string-aware brace stack → index of the top-level ``}``.
+              ``char_span_to_tokens``: chars [s, e) → tokens [first, last + 1).
+masks         ``build_token_ce_weights`` → TokenCEMasks(struct [B,T], desc [B,T]):
+                gt: struct+eos 1, desc desc_ce_weight;
+                self_context: struct+eos self_context_struct_ce_weight, desc 0;
+                rollout: matched/NO_SUBSET struct w_prefix, matched desc 0; fp 0; fn struct 1,
+                desc rollout_fn_desc_weight; struct × struct_multiplier; closure ``}`` and eos = 1.
+              ``text_gate_positions``: struct/desc with weight > 0, not eos.
+ce            ``token_ce``: mean = Σ_j w_j CE_j / max(Σ_j w_j, eps),
+                CE_j = logsumexp(W h_{j−1}) − (W h_{j−1})[id_j], chunked, no [B,T,V] tensor.
+              ``full_logsumexp`` [N], ``coord_logits`` s = W[coord_ids] h → [N, 1000].
+coord         p = softmax(s/τ); exp decode x = Σ p_k v_k; st decode x = v_argmax + (x − sg(x));
+              context embeddings soft = pᵀE, hard = E_argmax, st = hard + (soft − sg(soft)).
+geometry      canonicalise (min/max, hi ≥ lo + eps); SmoothL1 (β = 0.01 fractions) mean of 4;
+              CIoU = IoU − ρ²/c² − αv, v = 4/π²(atan(w_g/h_g) − atan(w/h))², α = v/(1 − IoU + v + eps)
+              (α under no_grad); geo = w_sl1·mean SmoothL1 + w_ciou·mean(1 − CIoU).
+coord_reg     coord_ce = −log p_t (τ = 1); q_k ∝ exp(−½((k − t)/σ)²) truncated at |k − t| > truncate;
+              soft_ce = −Σ q log p; w1 = Σ_k |CDF_p − CDF_q| / 999; entropy = −Σ p log p;
+              el1 = Σ p |v_k − v_t|; ehuber = Σ p huber_δ(|v_k − v_t|);
+              coord_gate = −log(p_coord + eps), p_coord = exp(lse_coord − lse_full);
+              text_gate = −log(1 − p_coord + eps). coord_ce + coord_gate (eps = 0) = full-vocab CE.
+"""
+
+from losses.ce import coord_logits, full_logsumexp, gather_rows, hidden_at_logit_pos, token_ce
+from losses.coord import (
+    DECODE_MODES,
+    EMBED_MODES,
+    bin_values,
+    context_embeddings,
+    coord_probs,
+    decode_coords,
+    expectation_decode,
+    st_decode,
+)
+from losses.coord_reg import (
+    coord_ce,
+    coord_gate,
+    entropy,
+    expected_huber,
+    expected_l1,
+    gaussian_targets,
+    soft_ce,
+    text_gate,
+    w1,
+)
+from losses.geometry import SMOOTHL1_BETA, GeoLoss, bbox_geo_loss, canonicalize_boxes, ciou, smooth_l1_per_box
+from losses.masks import TokenCEMasks, TokenCEWeights, build_token_ce_weights, text_gate_positions
+from losses.tokens import assign_token_types, char_span_to_tokens, find_outermost_closure
+
+__all__ = [
+    "DECODE_MODES",
+    "EMBED_MODES",
+    "SMOOTHL1_BETA",
+    "GeoLoss",
+    "TokenCEMasks",
+    "TokenCEWeights",
+    "assign_token_types",
+    "bbox_geo_loss",
+    "bin_values",
+    "build_token_ce_weights",
+    "canonicalize_boxes",
+    "char_span_to_tokens",
+    "ciou",
+    "context_embeddings",
+    "coord_ce",
+    "coord_gate",
+    "coord_logits",
+    "coord_probs",
+    "decode_coords",
+    "entropy",
+    "expectation_decode",
+    "expected_huber",
+    "expected_l1",
+    "find_outermost_closure",
+    "full_logsumexp",
+    "gather_rows",
+    "gaussian_targets",
+    "hidden_at_logit_pos",
+    "smooth_l1_per_box",
+    "soft_ce",
+    "st_decode",
+    "text_gate",
+    "text_gate_positions",
+    "token_ce",
+    "w1",
+]

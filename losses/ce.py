@@ -1,0 +1,103 @@
+"""Token CE and LM-head projections on selected positions only.
+
+Never builds ``[B, T, V]`` logits: the supervised positions are gathered first and
+projected through the LM head ``chunk_size`` rows at a time (Qwen3-VL's V is ~152k; a
+4k-token row of fp32 logits is ~2.5 GB). Logits are upcast to fp32 after the matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-8
+
+
+def _project(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[n, H] x [V, H] -> [n, V] fp32 logits. The only place the LM head is applied (tests hook it)."""
+    return (rows @ weight.t()).float()
+
+
+def hidden_at_logit_pos(hidden: torch.Tensor, token_pos: torch.Tensor) -> torch.Tensor:
+    """Hidden rows that predict the tokens at flat positions ``token_pos``.
+
+    hidden     [B, T, H]
+    token_pos  [N] long, flat token positions ``row * T + pos`` (pos >= 1)
+    returns    [N, H], the hidden state at the logit position ``token_pos - 1``
+    """
+    b, t, h = hidden.shape
+    token_pos = token_pos.to(torch.long).reshape(-1)
+    if token_pos.numel() and bool(((token_pos % t) == 0).any() | (token_pos < 0).any() | (token_pos >= b * t).any()):
+        bad = token_pos[((token_pos % t) == 0) | (token_pos < 0) | (token_pos >= b * t)][0].item()
+        raise ValueError(
+            f"token position {bad} (row {bad // t}, pos {bad % t}) has no logit position inside its row "
+            f"(grid {b}x{t}); token positions must satisfy 1 <= pos < T"
+        )
+    return hidden.reshape(b * t, h).index_select(0, token_pos - 1)
+
+
+gather_rows = hidden_at_logit_pos
+
+
+def token_ce(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_size: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean next-token CE over the positions with weight > 0.
+
+    hidden          [B, T, H] final (normed) hidden states
+    lm_head_weight  [V, H]
+    input_ids       [B, T] long; the target of position j is input_ids[j], logits from j - 1
+    weights         [B, T] float per-token weights (token-position aligned)
+    returns (mean, weight_sum): mean = sum(w * CE) / max(sum(w), eps) (scalar, fp32, nats);
+    weight_sum is detached. With no positive weight, mean is an exact 0 that still carries
+    the graph of ``hidden`` so backward() works on every rank.
+    """
+    if weights.shape != input_ids.shape or tuple(hidden.shape[:2]) != tuple(input_ids.shape):
+        raise ValueError(
+            f"shape mismatch: hidden {tuple(hidden.shape)}, input_ids {tuple(input_ids.shape)}, "
+            f"weights {tuple(weights.shape)}; expected [B, T, H], [B, T], [B, T]"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    flat_w = weights.reshape(-1).float()
+    pos = torch.nonzero(flat_w > 0).reshape(-1)
+    if pos.numel() == 0:
+        zero = hidden.sum() * 0.0
+        return zero.float(), flat_w.new_zeros(())
+    targets = input_ids.reshape(-1).index_select(0, pos)
+    w = flat_w.index_select(0, pos)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for lo in range(0, pos.numel(), chunk_size):
+        sl = slice(lo, lo + chunk_size)
+        rows = hidden_at_logit_pos(hidden, pos[sl])
+        logits = _project(rows, lm_head_weight)
+        ce = F.cross_entropy(logits, targets[sl], reduction="none")
+        total = total + (w[sl] * ce).sum()
+    wsum = w.sum()
+    return total / wsum.clamp_min(_EPS), wsum.detach()
+
+
+def full_logsumexp(hidden_rows: torch.Tensor, lm_head_weight: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+    """[N, H] -> [N] fp32 logsumexp over the full vocabulary, ``chunk_size`` rows at a time."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    outs = [
+        torch.logsumexp(_project(hidden_rows[lo : lo + chunk_size], lm_head_weight), dim=-1)
+        for lo in range(0, hidden_rows.shape[0], chunk_size)
+    ]
+    if not outs:
+        return hidden_rows.new_zeros((0,), dtype=torch.float32) + hidden_rows.sum() * 0.0
+    return torch.cat(outs)
+
+
+def coord_logits(hidden_rows: torch.Tensor, lm_head_weight: torch.Tensor, coord_token_ids: torch.Tensor) -> torch.Tensor:
+    """[N, H] -> [N, K] fp32 logits of the coord tokens only (K = len(coord_token_ids), 1000).
+
+    Column k is the logit of ``<|coord_k|>``: ``coord_token_ids`` must be ordered by bin.
+    """
+    ids = coord_token_ids.to(device=lm_head_weight.device, dtype=torch.long).reshape(-1)
+    return _project(hidden_rows, lm_head_weight.index_select(0, ids))

@@ -1,0 +1,92 @@
+"""Chunked token CE and LM-head projections on selected positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import losses.ce as ce_mod
+from losses.ce import coord_logits, full_logsumexp, hidden_at_logit_pos, token_ce
+
+
+def _setup(b=2, t=6, h=5, v=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=g, requires_grad=True)
+    w = torch.randn(v, h, generator=g, requires_grad=True)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    weights = torch.zeros(b, t)
+    weights[0, 1:4] = torch.tensor([1.0, 0.5, 2.0])
+    weights[1, 2] = 1.0
+    weights[1, t - 1] = 0.25
+    return hidden, w, ids, weights
+
+
+def _reference(hidden, w, ids, weights):
+    logits = hidden @ w.t()  # full [B, T, V], fine for a tiny V
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, w.shape[0]), ids[:, 1:].reshape(-1), reduction="none")
+    wt = weights[:, 1:].reshape(-1)
+    return (wt * ce).sum() / wt.sum()
+
+
+def test_token_ce_matches_full_logits_cross_entropy_and_gradients():
+    hidden, w, ids, weights = _setup()
+    mean, wsum = token_ce(hidden, w, ids, weights, chunk_size=2)
+    ref = _reference(hidden, w, ids, weights)
+    torch.testing.assert_close(mean, ref)
+    assert wsum.item() == pytest.approx(4.75)
+    g1 = torch.autograd.grad(mean, (hidden, w))
+    g2 = torch.autograd.grad(ref, (hidden, w))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_token_ce_never_projects_more_than_chunk_size_rows(monkeypatch):
+    hidden, w, ids, weights = _setup(b=3, t=9)
+    weights = torch.rand(3, 9)
+    weights[:, 0] = 0
+    sizes = []
+    real = ce_mod._project
+
+    def spy(rows, weight):
+        sizes.append(rows.shape[0])
+        return real(rows, weight)
+
+    monkeypatch.setattr(ce_mod, "_project", spy)
+    mean, _ = token_ce(hidden, w, ids, weights, chunk_size=4)
+    assert sizes and max(sizes) <= 4 and sum(sizes) == 24
+    torch.testing.assert_close(mean, _reference(hidden, w, ids, weights))
+
+
+def test_token_ce_is_mean_like_under_batch_duplication():
+    hidden, w, ids, weights = _setup()
+    a, _ = token_ce(hidden, w, ids, weights)
+    b, wsum2 = token_ce(torch.cat([hidden, hidden]), w, torch.cat([ids, ids]), torch.cat([weights, weights]))
+    torch.testing.assert_close(a, b)
+    assert wsum2.item() == pytest.approx(9.5)
+
+
+def test_token_ce_no_weight_is_zero_with_graph():
+    hidden, w, ids, _ = _setup()
+    mean, wsum = token_ce(hidden, w, ids, torch.zeros(2, 6))
+    assert mean.item() == 0.0 and wsum.item() == 0.0
+    mean.backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() == 0
+
+
+def test_token_ce_rejects_weight_at_row_start():
+    hidden, w, ids, weights = _setup()
+    weights[1, 0] = 1.0
+    with pytest.raises(ValueError, match="row 1, pos 0"):
+        token_ce(hidden, w, ids, weights)
+
+
+def test_hidden_at_logit_pos_and_projections():
+    hidden, w, _, _ = _setup(b=2, t=4, h=3, v=1200)
+    rows = hidden_at_logit_pos(hidden, torch.tensor([1, 7]))  # (row 0, pos 1) and (row 1, pos 3)
+    torch.testing.assert_close(rows, torch.stack([hidden[0, 0], hidden[1, 2]]))
+    full = rows @ w.t()
+    torch.testing.assert_close(full_logsumexp(rows, w, chunk_size=1), torch.logsumexp(full, -1))
+    ids = torch.arange(150, 1150)
+    torch.testing.assert_close(coord_logits(rows, w, ids), full[:, 150:1150])
+    assert full_logsumexp(rows[:0], w).shape == (0,)
