@@ -156,3 +156,14 @@ class PackedBatch:
     @property
     def num_tokens(self) -> int:
         return int(sum(s.length for s in self.segments))
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """The same batch with every tensor on ``device`` (a no-op copy-free return on the same device)."""
+        device = torch.device(device)
+        if self.input_ids.device == device:
+            return self
+        moved = {
+            name: value.to(device) if isinstance(value, torch.Tensor) else value
+            for name, value in self.__dict__.items()
+        }
+        return PackedBatch(**moved)

@@ -1,0 +1,214 @@
+"""CoordJSON: render GT objects as the one-line answer of SPEC §2 and parse it back (strictly).
+
+``{"objects": [{"desc": "black cat", "bbox_2d": [<|coord_110|>, <|coord_310|>, <|coord_410|>, <|coord_705|>]}]}``
+
+Rendering also returns a registry token type per *character* (struct / desc / coord), the
+character span of every object's ``{...}``, of its desc value (escaped form, between the quotes)
+and of its four coord tokens, so the encoder can map them onto BPE tokens. ``<|im_end|>`` is not
+part of the text: the encoder appends it as its own token.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from data.types import GTObject
+from losses.registry import COORD, DESC, NUM_COORD_BINS, STRUCT
+
+COORD_TOKEN_FMT = "<|coord_{}|>"
+COORD_TOKEN_RE = re.compile(r"<\|coord_(\d{1,3})\|>")
+
+CONTAINER_OPEN = '{"objects": ['
+CONTAINER_CLOSE = "]}"
+OBJECT_SEP = ", "
+EMPTY_ANSWER = '{"objects": []}'
+_DESC_KEY = '{"desc": '
+_BBOX_KEY = ', "bbox_2d": ['
+_OBJ_CLOSE = "]}"
+
+Span = tuple[int, int]
+
+
+class CoordJSONError(ValueError):
+    """Text is not canonical CoordJSON. ``offset`` is the character offset of the problem."""
+
+    def __init__(self, offset: int, expected: str, text: str):
+        self.offset = offset
+        self.expected = expected
+        snippet = text[max(0, offset - 20) : offset + 20]
+        super().__init__(f"CoordJSON parse error at char {offset}: expected {expected}; near {snippet!r}")
+
+
+def coord_token(k: int) -> str:
+    """The token text of bin ``k`` (0..999): ``<|coord_k|>``."""
+    # numbers.Integral admits numpy/torch integer scalars (matching code may hand those over).
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < NUM_COORD_BINS:
+        raise ValueError(f"coord bin must be an integer in 0..{NUM_COORD_BINS - 1}, got {k!r}")
+    return COORD_TOKEN_FMT.format(int(k))
+
+
+def coord_token_texts() -> list[str]:
+    """All 1000 coord token texts in bin order."""
+    return [COORD_TOKEN_FMT.format(k) for k in range(NUM_COORD_BINS)]
+
+
+def parse_coord_token(text: str) -> int | None:
+    """Bin of a coord token text, ``None`` if ``text`` is not exactly one canonical coord token."""
+    m = COORD_TOKEN_RE.fullmatch(text)
+    if m is None:
+        return None
+    k = int(m.group(1))
+    return k if COORD_TOKEN_FMT.format(k) == text else None
+
+
+@dataclass(frozen=True)
+class RenderedAnswer:
+    """Rendered text plus character-level annotations (all spans are ``[start, end)`` char offsets).
+
+    char_types:        registry token type per character (STRUCT / DESC / COORD), ``len == len(text)``
+    object_char_spans: the ``{...}`` of each object
+    desc_char_spans:   the desc value inside its quotes, JSON-escaped form
+    coord_char_spans:  the four ``<|coord_k|>`` spans of each object
+    """
+
+    text: str
+    char_types: list[int]
+    object_char_spans: list[Span]
+    desc_char_spans: list[Span]
+    coord_char_spans: list[tuple[Span, Span, Span, Span]]
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.types: list[int] = []
+        self.pos = 0
+
+    def add(self, s: str, typ: int) -> Span:
+        start = self.pos
+        self.parts.append(s)
+        self.types.extend([typ] * len(s))
+        self.pos += len(s)
+        return start, self.pos
+
+    def add_objects(self, objects: Sequence[GTObject]) -> tuple[list[Span], list[Span], list[tuple]]:
+        obj_spans, desc_spans, coord_spans = [], [], []
+        for i, obj in enumerate(objects):
+            if i:
+                self.add(OBJECT_SEP, STRUCT)
+            start = self.pos
+            self.add(_DESC_KEY + '"', STRUCT)
+            escaped = json.dumps(obj.desc, ensure_ascii=False)[1:-1]
+            desc_spans.append(self.add(escaped, DESC))
+            self.add('"' + _BBOX_KEY, STRUCT)
+            if len(obj.bins) != 4:
+                raise ValueError(f"object {i} ({obj.desc!r}) needs 4 bins, got {obj.bins}")
+            spans = []
+            for c, k in enumerate(obj.bins):
+                if c:
+                    self.add(", ", STRUCT)
+                spans.append(self.add(coord_token(k), COORD))
+            coord_spans.append(tuple(spans))
+            self.add(_OBJ_CLOSE, STRUCT)
+            obj_spans.append((start, self.pos))
+        return obj_spans, desc_spans, coord_spans
+
+    def result(self, spans: tuple[list, list, list]) -> RenderedAnswer:
+        return RenderedAnswer("".join(self.parts), self.types, *spans)
+
+
+def render_answer(objects: Sequence[GTObject]) -> RenderedAnswer:
+    """Full answer ``{"objects": [...]}`` in the given object order (no ``<|im_end|>``)."""
+    b = _Builder()
+    b.add(CONTAINER_OPEN, STRUCT)
+    spans = b.add_objects(objects)
+    b.add(CONTAINER_CLOSE, STRUCT)
+    return b.result(spans)
+
+
+def render_objects_fragment(objects: Sequence[GTObject]) -> RenderedAnswer:
+    """Objects joined by ``", "`` without container or leading separator (spans relative to the fragment)."""
+    b = _Builder()
+    spans = b.add_objects(objects)
+    return b.result(spans)
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.text = text
+        self.pos = 0
+
+    def expect(self, lit: str, what: str | None = None) -> None:
+        if not self.text.startswith(lit, self.pos):
+            raise CoordJSONError(self.pos, what or repr(lit), self.text)
+        self.pos += len(lit)
+
+    def peek(self, lit: str) -> bool:
+        return self.text.startswith(lit, self.pos)
+
+    def string_value(self) -> str:
+        start = self.pos
+        self.expect('"', "'\"' opening the desc value")
+        i = self.pos
+        while True:
+            if i >= len(self.text):
+                raise CoordJSONError(start, "a closing '\"' of the desc value", self.text)
+            ch = self.text[i]
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == '"':
+                break
+            i += 1
+        raw = self.text[start : i + 1]
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise CoordJSONError(start + e.pos, f"a valid JSON string ({e.msg})", self.text) from None
+        if json.dumps(value, ensure_ascii=False) != raw:
+            raise CoordJSONError(start, "a canonically escaped desc (json.dumps(ensure_ascii=False))", self.text)
+        self.pos = i + 1
+        return value
+
+    def coord(self) -> int:
+        m = COORD_TOKEN_RE.match(self.text, self.pos)
+        k = parse_coord_token(m.group(0)) if m else None
+        if k is None:
+            raise CoordJSONError(self.pos, "a coord token <|coord_K|> with K in 0..999", self.text)
+        self.pos = m.end()
+        return k
+
+    def obj(self) -> GTObject:
+        self.expect(_DESC_KEY, repr(_DESC_KEY) + " starting an object")
+        desc = self.string_value()
+        self.expect(_BBOX_KEY)
+        bins = [self.coord()]
+        for _ in range(3):
+            self.expect(", ", "', ' between coord tokens")
+            bins.append(self.coord())
+        self.expect(_OBJ_CLOSE, "']}' closing the object (bbox_2d has exactly 4 coords)")
+        return GTObject(desc=desc, bins=tuple(bins))
+
+
+def parse_answer(text: str) -> list[GTObject]:
+    """Strict inverse of ``render_answer``: canonical text only (``render_answer(parse_answer(t)).text == t``).
+
+    Raises ``CoordJSONError`` with the char offset and what was expected there. Tolerant parsing of
+    model output with token spans is the rollout parser's job, not this one.
+    """
+    p = _Parser(text)
+    p.expect(CONTAINER_OPEN)
+    objects: list[GTObject] = []
+    if not p.peek(CONTAINER_CLOSE):
+        objects.append(p.obj())
+        while p.peek(OBJECT_SEP):
+            p.expect(OBJECT_SEP)
+            objects.append(p.obj())
+    p.expect(CONTAINER_CLOSE, "', ' before the next object or ']}' closing the answer")
+    if p.pos != len(text):
+        raise CoordJSONError(p.pos, "end of text after the closing ']}'", text)
+    return objects

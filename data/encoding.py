@@ -1,0 +1,279 @@
+"""Chat encoding of a record: prompt (with expanded image pads) + CoordJSON answer + ``<|im_end|>``.
+
+Everything goes through the checkpoint's own tokenizer, chat template and image processor
+(no ``AutoProcessor``: it needs torchvision). The answer is tokenised on its own, with
+character offsets, because generation starts right after the prompt's ``assistant\\n`` header:
+the training tokens of the answer are exactly what the model would produce.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from data.coordjson import RenderedAnswer, render_answer
+from data.records import DataError
+from data.types import BBoxGroup, EncodedSample, ObjectSpan, Record
+from losses.registry import EOS, IGNORE, NO_SUBSET
+from losses.tokens import assign_token_types, char_span_to_tokens, find_outermost_closure
+
+IMAGE_PAD = "<|image_pad|>"
+IM_END = "<|im_end|>"
+
+
+def _token_id(tokenizer, text: str) -> int:
+    tid = tokenizer.convert_tokens_to_ids(text)
+    if tid is None or tid == getattr(tokenizer, "unk_token_id", None) or tokenizer.convert_ids_to_tokens(tid) != text:
+        raise ValueError(f"tokenizer has no single token {text!r}; load a Qwen3-VL tokenizer (or add the token)")
+    return int(tid)
+
+
+class ChatEncoder:
+    """Encodes ``Record`` -> ``EncodedSample`` for Qwen-VL chat checkpoints.
+
+    tokenizer:       HF tokenizer with a chat template, ``<|image_pad|>``, ``<|im_end|>`` and the coord tokens
+    image_processor: Qwen2-VL-style image processor (``merge_size``, returns ``pixel_values``/``image_grid_thw``)
+    prompt:          user text after the image; ``system_prompt``: optional system message
+    min_pixels/max_pixels: resize budget, passed as ``size={"shortest_edge", "longest_edge"}``
+                     (transformers 5 Qwen2VL processors read pixel budgets from these keys)
+    check_image_size: the decoded image must be ``record.width x record.height`` (boxes are fractions
+                     of that size and ``sample_length`` predicts the image-token count from it)
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        image_processor,
+        *,
+        prompt: str,
+        system_prompt: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        check_image_size: bool = True,
+    ):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.prompt = prompt
+        self.system_prompt = system_prompt
+        self.check_image_size = check_image_size
+        self.merge_size = int(getattr(image_processor, "merge_size", 2))
+        self.image_pad_id = _token_id(tokenizer, IMAGE_PAD)
+        self.im_end_id = _token_id(tokenizer, IM_END)
+        self.size: dict | None = None
+        if min_pixels is not None or max_pixels is not None:
+            base = dict(getattr(image_processor, "size", None) or {})
+            if min_pixels is not None:
+                base["shortest_edge"] = int(min_pixels)
+            if max_pixels is not None:
+                base["longest_edge"] = int(max_pixels)
+            self.size = base
+
+        messages: list[dict] = []
+        if system_prompt is not None:
+            messages.append({"role": "system", "content": system_prompt})
+        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if text.count(IMAGE_PAD) != 1:
+            raise ValueError(
+                f"chat template rendered {text.count(IMAGE_PAD)} {IMAGE_PAD} for one image (expected 1); "
+                "use the checkpoint's Qwen-VL chat template"
+            )
+        self.prompt_text = text
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids.count(self.image_pad_id) != 1:
+            raise ValueError(f"{IMAGE_PAD} did not tokenise to one token in the prompt")
+        pad_at = ids.index(self.image_pad_id)
+        # The prompt is constant; only the image-pad run length depends on the image.
+        self._prompt_head = list(ids[:pad_at])
+        self._prompt_tail = list(ids[pad_at + 1 :])
+
+    # ------------------------------------------------------------------ image
+    def load_image(self, record: Record) -> Image.Image:
+        try:
+            with Image.open(record.image_path) as im:
+                img = im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise DataError(record.source, "image", "bad_image", f"cannot read {record.image_path}: {e}") from None
+        if self.check_image_size and img.size != (record.width, record.height):
+            raise DataError(
+                record.source,
+                "width/height",
+                "image_size_mismatch",
+                f"record says {record.width}x{record.height} but {record.image_path} is {img.size[0]}x{img.size[1]}",
+            )
+        return img
+
+    def process_image(self, record: Record) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixel_values [P, D]`` float and ``image_grid_thw [1, 3]`` long for the record's image."""
+        kwargs = {"return_tensors": "pt"}
+        if self.size is not None:
+            kwargs["size"] = self.size
+        out = self.image_processor(images=[self.load_image(record)], **kwargs)
+        return out["pixel_values"], out["image_grid_thw"].to(torch.long)
+
+    def num_image_tokens(self, image_grid_thw: torch.Tensor) -> int:
+        return int(image_grid_thw[0].prod().item()) // (self.merge_size**2)
+
+    def prompt_ids(self, image_grid_thw: torch.Tensor) -> list[int]:
+        """Prompt token ids with the single ``<|image_pad|>`` expanded to ``t*h*w // merge**2`` pads."""
+        return self._prompt_head + [self.image_pad_id] * self.num_image_tokens(image_grid_thw) + self._prompt_tail
+
+    # ----------------------------------------------------------------- answer
+    def encode_answer_tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and ``(start, end)`` char offsets of answer text (no special tokens added)."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    def answer_length(self, record: Record) -> int:
+        """Answer tokens including ``<|im_end|>``."""
+        return len(self.encode_answer_tokens(render_answer(record.objects).text)[0]) + 1
+
+    def sample_length(self, record: Record) -> int:
+        """Length of ``encode(record)`` without decoding the image (for static packing).
+
+        Uses the processor's ``get_number_of_image_patches`` on ``record.width/height``; falls
+        back to processing the image when the processor lacks it.
+        """
+        getter = getattr(self.image_processor, "get_number_of_image_patches", None)
+        if getter is None:
+            _, grid = self.process_image(record)
+            n_img = self.num_image_tokens(grid)
+        else:
+            kw = {}
+            if self.size is not None:
+                kw = {"min_pixels": self.size.get("shortest_edge"), "max_pixels": self.size.get("longest_edge")}
+                kw = {k: v for k, v in kw.items() if v is not None}
+            n_img = int(getter(record.height, record.width, kw)) // (self.merge_size**2)
+        return len(self._prompt_head) + n_img + len(self._prompt_tail) + self.answer_length(record)
+
+    # ----------------------------------------------------------------- encode
+    def encode_prompt(self, record: Record) -> EncodedSample:
+        """Prompt only (ends with the assistant header): what generation starts from."""
+        pixel_values, grid = self.process_image(record)
+        ids = torch.tensor(self.prompt_ids(grid), dtype=torch.long)
+        n = ids.shape[0]
+        return EncodedSample(
+            input_ids=ids,
+            token_types=torch.full((n,), IGNORE, dtype=torch.long),
+            object_index=torch.full((n,), -1, dtype=torch.long),
+            subset=torch.full((n,), NO_SUBSET, dtype=torch.long),
+            coord_targets=torch.full((n,), -1, dtype=torch.long),
+            closure=torch.zeros(n, dtype=torch.bool),
+            mm_token_type_ids=(ids == self.image_pad_id).long(),
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+            prompt_len=n,
+            record=record,
+        )
+
+    def encode(self, record: Record) -> EncodedSample:
+        """Prompt + GT answer + ``<|im_end|>`` with token types, object spans and coord targets (gt context)."""
+        prompt = self.encode_prompt(record)
+        rendered = render_answer(record.objects)
+        return self.append_answer(prompt, rendered, source=record.source)
+
+    def append_answer(self, prompt: EncodedSample, rendered: RenderedAnswer, *, source: str = "") -> EncodedSample:
+        """Teacher-forced sample = ``prompt`` + tokens of ``rendered.text`` + ``<|im_end|>``.
+
+        Object ``i`` of ``rendered`` gets ``object_index == i``, an ``ObjectSpan`` and a ``BBoxGroup``
+        (subset NO_SUBSET, target = its own bins). Coord tokens must each be one token.
+        """
+        text = rendered.text
+        ans_ids, offsets = self.encode_answer_tokens(text)
+        types = assign_token_types(offsets, rendered.char_types)
+        p = prompt.prompt_len
+        n_ans = len(ans_ids) + 1  # + <|im_end|>
+        obj_index = [-1] * n_ans
+        coord_targets = [-1] * n_ans
+        best = [0] * n_ans
+        for i, (s, e) in enumerate(rendered.object_char_spans):
+            t0, t1 = char_span_to_tokens(offsets, s, e)
+            for t in range(t0, t1):
+                ov = min(e, offsets[t][1]) - max(s, offsets[t][0])
+                # Most-overlapped object wins; on a tie the earlier object keeps the token.
+                if ov > best[t]:
+                    best[t], obj_index[t] = ov, i
+        start_of = {tuple(o): t for t, o in enumerate(offsets)}
+        objects: list[ObjectSpan] = []
+        groups: list[BBoxGroup] = []
+        for i, ((s, e), (ds, de), cspans) in enumerate(
+            zip(rendered.object_char_spans, rendered.desc_char_spans, rendered.coord_char_spans, strict=True)
+        ):
+            t0, t1 = char_span_to_tokens(offsets, s, e)
+            d0, d1 = char_span_to_tokens(offsets, ds, de)
+            coord_tok: list[int] = []
+            for cs in cspans:
+                t = start_of.get(tuple(cs))
+                if t is None:
+                    raise ValueError(
+                        f"{source}: coord token {text[cs[0] : cs[1]]!r} is not a single token; add the 1000 coord "
+                        "tokens to the tokenizer (model.vocab) before encoding"
+                    )
+                coord_tok.append(t)
+            desc = _unescape(text[ds:de])
+            bins = tuple(int(text[cs[0] + 8 : cs[1] - 2]) for cs in cspans)
+            for t, k in zip(coord_tok, bins, strict=True):
+                coord_targets[t] = k
+            pos = tuple(p + t for t in coord_tok)
+            objects.append(ObjectSpan(i, p + t0, p + t1, p + d0, p + d1, pos, desc, bins))
+            groups.append(BBoxGroup(coord_pos=pos, target_bins=bins, subset=NO_SUBSET, object_index=i))
+        closure = [False] * n_ans
+        c = find_outermost_closure(text)
+        if c is not None:
+            t0, t1 = char_span_to_tokens(offsets, c, c + 1)
+            if t1 > t0:
+                closure[t0] = True
+
+        ids = torch.cat([prompt.input_ids, torch.tensor(ans_ids + [self.im_end_id], dtype=torch.long)])
+        tt = torch.cat([prompt.token_types, torch.tensor(types + [EOS], dtype=torch.long)])
+        return EncodedSample(
+            input_ids=ids,
+            token_types=tt,
+            object_index=torch.cat([prompt.object_index, torch.tensor(obj_index, dtype=torch.long)]),
+            subset=torch.full((ids.shape[0],), NO_SUBSET, dtype=torch.long),
+            coord_targets=torch.cat([prompt.coord_targets, torch.tensor(coord_targets, dtype=torch.long)]),
+            closure=torch.cat([prompt.closure, torch.tensor(closure, dtype=torch.bool)]),
+            mm_token_type_ids=(ids == self.image_pad_id).long(),
+            pixel_values=prompt.pixel_values,
+            image_grid_thw=prompt.image_grid_thw,
+            prompt_len=p,
+            objects=objects,
+            bbox_groups=groups,
+            struct_multiplier=1.0,
+            record=prompt.record,
+        )
+
+
+def _unescape(escaped: str) -> str:
+    return json.loads('"' + escaped + '"')
+
+
+class EncodedRecords(Sequence):
+    """Lazy ``Sequence[EncodedSample]`` over records: encodes on access, so images stay on disk.
+
+    ``lengths()`` gives every sample's token count without decoding images (static packing).
+    """
+
+    def __init__(self, records: Sequence[Record], encoder: ChatEncoder):
+        self.records = list(records)
+        self.encoder = encoder
+        self._lengths: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.encoder.encode(self.records[i])
+
+    def lengths(self) -> list[int]:
+        if self._lengths is None:
+            self._lengths = [self.encoder.sample_length(r) for r in self.records]
+        return list(self._lengths)
+
+    def sources(self) -> list[str]:
+        return [r.source for r in self.records]

@@ -1,0 +1,235 @@
+"""Static packing: deterministic bins of samples, collation of packed rows, a resumable batch dataset.
+
+A packed row holds several samples back to back ("segments"); attention and position ids are
+segment-local (model.forward builds them from ``segment_ids``/``text_position_ids``), so a packed
+row gives the same per-token logits as the samples alone. Packing is static: bins are decided
+once from the sample lengths, never on the fly, so every epoch and every resume sees the same rows.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from data.types import BBoxGroup, EncodedSample, PackedBatch, Segment
+from losses.registry import IGNORE, NO_SUBSET
+
+
+class PackingError(ValueError):
+    pass
+
+
+def pack_lengths(lengths: Sequence[int], max_length: int, *, sources: Sequence[str] | None = None) -> list[list[int]]:
+    """First-fit-decreasing bins of sample indices, each bin's total length ``<= max_length``.
+
+    Deterministic: samples are sorted by length descending, ties by index; bins are returned in
+    the order they were opened and list their indices in insertion order. A sample longer than
+    ``max_length`` raises ``PackingError`` with its index, length and source.
+    """
+    if max_length <= 0:
+        raise PackingError(f"training.max_length must be a positive integer, got {max_length}")
+    for i, n in enumerate(lengths):
+        if n > max_length:
+            src = f" ({sources[i]})" if sources is not None else ""
+            raise PackingError(
+                f"sample {i}{src} has {n} tokens > training.max_length={max_length}; raise training.max_length, "
+                "lower data.max_pixels, or cap objects with data.max_objects"
+            )
+        if n <= 0:
+            raise PackingError(f"sample {i} has length {n}; every sample needs at least one token")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for b, room in enumerate(free):
+            if n <= room:
+                bins[b].append(i)
+                free[b] -= n
+                break
+        else:
+            bins.append([i])
+            free.append(max_length - n)
+    return bins
+
+
+def pack_samples(samples: Sequence[EncodedSample], max_length: int) -> list[list[int]]:
+    """``pack_lengths`` on encoded samples (sources taken from their records)."""
+    sources = [s.record.source if s.record is not None else "" for s in samples]
+    return pack_lengths([len(s) for s in samples], max_length, sources=sources)
+
+
+def collate_rows(rows: Sequence[Sequence[EncodedSample]], pad_token_id: int) -> PackedBatch:
+    """Collate packed rows (each inner list = one row of segments) into a right-padded ``PackedBatch``.
+
+    Shapes: per-token tensors ``[B, T]`` with ``T`` = the longest row. Padding: ``input_ids`` =
+    ``pad_token_id``, ``token_types`` IGNORE, ``object_index``/``coord_targets`` -1, ``subset``
+    NO_SUBSET, ``segment_ids``/``text_position_ids`` -1, ``struct_multiplier`` 0. Images are
+    concatenated row-major in segment order; ``bbox_groups`` get flat positions ``row * T + pos``.
+    """
+    if not rows or any(len(r) == 0 for r in rows):
+        raise PackingError("collate_rows needs at least one row and no empty rows")
+    B = len(rows)
+    T = max(sum(len(s) for s in r) for r in rows)
+
+    def full(value, dtype):
+        return torch.full((B, T), value, dtype=dtype)
+
+    out = {
+        "input_ids": full(pad_token_id, torch.long),
+        "token_types": full(IGNORE, torch.long),
+        "object_index": full(-1, torch.long),
+        "subset": full(NO_SUBSET, torch.long),
+        "coord_targets": full(-1, torch.long),
+        "closure": full(False, torch.bool),
+        "struct_multiplier": full(0.0, torch.float32),
+        "mm_token_type_ids": full(0, torch.long),
+        "segment_ids": full(-1, torch.long),
+        "text_position_ids": full(-1, torch.long),
+    }
+    per_token = ("input_ids", "token_types", "object_index", "subset", "coord_targets", "closure", "mm_token_type_ids")
+    segments: list[Segment] = []
+    samples: list[EncodedSample] = []
+    groups: list[BBoxGroup] = []
+    pixels: list[torch.Tensor] = []
+    grids: list[torch.Tensor] = []
+    for r, row in enumerate(rows):
+        start = 0
+        for k, s in enumerate(row):
+            n = len(s)
+            sl = slice(start, start + n)
+            for name in per_token:
+                out[name][r, sl] = getattr(s, name)
+            out["struct_multiplier"][r, sl] = float(s.struct_multiplier)
+            out["segment_ids"][r, sl] = k
+            out["text_position_ids"][r, sl] = torch.arange(n)
+            segments.append(Segment(row=r, start=start, length=n, sample_index=len(samples)))
+            for g in s.bbox_groups:
+                flat = tuple(r * T + start + p for p in g.coord_pos)
+                groups.append(BBoxGroup(flat, g.target_bins, g.subset, g.object_index))
+            if s.pixel_values is not None and s.pixel_values.numel():
+                pixels.append(s.pixel_values)
+                grids.append(s.image_grid_thw.reshape(-1, 3))
+            samples.append(s)
+            start += n
+    pixel_values = torch.cat(pixels) if pixels else torch.zeros(0)
+    image_grid_thw = torch.cat(grids).to(torch.long) if grids else torch.zeros(0, 3, dtype=torch.long)
+    return PackedBatch(
+        **out,
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        segments=segments,
+        samples=samples,
+        bbox_groups=groups,
+    )
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Batches of packed rows for static packing, deterministic per (seed, epoch), resumable.
+
+    samples:    ``Sequence[EncodedSample]`` (may be lazy, e.g. ``data.encoding.EncodedRecords``)
+    max_length: row budget in tokens (``training.max_length``)
+    batch_size: rows per batch
+    packing:    True -> first-fit-decreasing rows of several samples; False -> one sample per row
+    lengths:    sample lengths if known without encoding (``EncodedRecords.lengths()``); else read
+    num_replicas/rank: DDP sharding; each rank takes batches ``rank, rank + R, ...`` and every rank
+                gets the same number of batches (the last incomplete round is dropped and counted
+                in ``dropped_batches``)
+
+    Item ``i`` (and each step of iteration) is a list of rows, each a list of ``EncodedSample``,
+    ready for ``collate_rows``. Rows (not samples) are shuffled with ``Random(seed + epoch)``.
+    Iteration starts at the resume position and advances it; ``state_dict``/``load_state_dict``
+    save and restore ``(epoch, position)``.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[EncodedSample],
+        max_length: int,
+        batch_size: int,
+        packing: bool,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        lengths: Sequence[int] | None = None,
+        sources: Sequence[str] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        if batch_size <= 0:
+            raise PackingError(f"training.batch_size must be a positive integer, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise PackingError(f"rank {rank} outside 0..{num_replicas - 1}")
+        self.samples = samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_replicas = num_replicas
+        self.rank = rank
+        if lengths is None:
+            lengths = [len(s) for s in samples]
+        if len(lengths) != len(samples):
+            raise PackingError(f"{len(lengths)} lengths for {len(samples)} samples")
+        if packing:
+            self.rows = pack_lengths(lengths, max_length, sources=sources)
+        else:
+            pack_lengths(lengths, max_length, sources=sources)  # same too-long check
+            self.rows = [[i] for i in range(len(lengths))]
+        self.epoch = 0
+        self.position = 0  # batches of this rank already consumed in ``epoch``
+        n_batches = -(-len(self.rows) // batch_size)
+        self.dropped_batches = n_batches % num_replicas
+        self._len = n_batches // num_replicas
+        if self._len == 0:
+            raise PackingError(
+                f"{len(self.rows)} rows give no batch for {num_replicas} ranks at batch_size={batch_size}; "
+                "use more data or fewer ranks"
+            )
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _order(self, epoch: int) -> list[list[int]]:
+        order = list(range(len(self.rows)))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return batches[self.rank : self._len * self.num_replicas : self.num_replicas]
+
+    def batch_indices(self, i: int, epoch: int | None = None) -> list[list[int]]:
+        """Sample indices of batch ``i``: one inner list per row."""
+        rows = self._order(self.epoch if epoch is None else epoch)[i]
+        return [list(self.rows[r]) for r in rows]
+
+    def __getitem__(self, i: int) -> list[list[EncodedSample]]:
+        return [[self.samples[j] for j in row] for row in self.batch_indices(i)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.position = 0
+
+    def __iter__(self) -> Iterator[list[list[EncodedSample]]]:
+        """Yield the remaining batches of the current epoch, then move to the next epoch."""
+        order = self._order(self.epoch)
+        while self.position < self._len:
+            i = self.position
+            self.position += 1  # advance first: a checkpoint taken after this batch resumes after it
+            yield [[self.samples[j] for j in self.rows[r]] for r in order[i]]
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_rows": len(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_rows", len(self.rows)) != len(self.rows):
+            raise PackingError(
+                f"resume state has {state['num_rows']} packed rows but this dataset packs {len(self.rows)}; "
+                "the data, max_length or packing setting changed since the checkpoint"
+            )
+        if state.get("seed", self.seed) != self.seed:
+            raise PackingError(f"resume state seed {state['seed']} != data seed {self.seed}")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])

@@ -1,0 +1,303 @@
+"""The JSONL record contract: read, validate, convert pixel boxes to bins, order objects.
+
+One line per image::
+
+    {"image": "imgs/0001.png", "width": 640, "height": 480,
+     "objects": [{"desc": "black cat", "bbox_2d": [x1, y1, x2, y2]}, ...],
+     "image_id": "0001"}                                   # image_id optional
+
+``image`` is relative to ``image_root`` when given, else to the JSONL file's folder
+(absolute paths are kept). Boxes are pixels in the original image (``coords="pixel"``)
+or already bins 0..999 (``coords="bins"``). See docs/DATA.md for the full rule set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+
+from data.types import GTObject, Record
+
+NUM_BINS = 1000
+MAX_BIN = NUM_BINS - 1
+
+COORD_MODES = ("pixel", "bins")
+OBJECT_ORDERS = ("yx", "none")
+
+# Qwen special tokens (<|im_end|>, <|coord_5|>, <|image_pad|>, ...) are matched inside any text
+# by the tokenizer; inside a desc they would become control tokens and break the answer.
+_SPECIAL_TOKEN_RE = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+
+
+class DataError(ValueError):
+    """A record violates the JSONL contract. ``source`` is ``file:line``, ``reason`` a short code."""
+
+    def __init__(self, source: str, field_name: str, reason: str, detail: str):
+        self.source = source
+        self.field = field_name
+        self.reason = reason
+        self.detail = detail
+        super().__init__(
+            f"{source}: field {field_name!r}: {detail} [{reason}]. Fix the record, or set "
+            f"data.skip_invalid: true to skip such lines (they are counted in the DataReport)."
+        )
+
+
+@dataclass
+class DataReport:
+    """What ``read_jsonl`` read, kept, skipped (per reason) and truncated. Nothing is dropped silently."""
+
+    path: str
+    lines: int = 0  # non-blank lines seen
+    blank_lines: int = 0
+    records: int = 0  # records kept
+    objects: int = 0  # objects kept (after max_objects truncation)
+    empty_records: int = 0  # kept records without objects
+    skipped: Counter = field(default_factory=Counter)  # reason -> lines skipped
+    skipped_examples: list[str] = field(default_factory=list)  # first messages, for the log
+    truncated_records: int = 0  # records cut by max_objects
+    truncated_objects: int = 0  # objects removed by max_objects
+
+    @property
+    def skipped_total(self) -> int:
+        return int(sum(self.skipped.values()))
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.path}: {self.records} records, {self.objects} objects "
+            f"({self.empty_records} records without objects) from {self.lines} lines"
+        ]
+        if self.skipped:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
+            parts.append(f"skipped {self.skipped_total} lines ({reasons})")
+        if self.truncated_records:
+            parts.append(
+                f"max_objects truncated {self.truncated_records} records ({self.truncated_objects} objects removed)"
+            )
+        return "; ".join(parts)
+
+
+def pixel_to_bin(x: float, size: float) -> int:
+    """Pixel coordinate -> bin: ``clamp(round(999 * x / size), 0, 999)`` (SPEC §2).
+
+    ``round`` is Python's (ties to even), so ``x = size/2`` maps to bin 500 for any size.
+    """
+    return min(MAX_BIN, max(0, int(round(MAX_BIN * float(x) / float(size)))))
+
+
+def bin_to_pixel(k: int | float, size: float) -> float:
+    """Bin (0..999, or a continuous decoded value in bin units) -> pixels: ``k / 999 * size``."""
+    return float(k) / MAX_BIN * float(size)
+
+
+def fraction_to_bin(f: float) -> int:
+    """Fraction of the image side -> bin: ``clamp(round(999 * f), 0, 999)``."""
+    return min(MAX_BIN, max(0, int(round(MAX_BIN * float(f)))))
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_pos_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _parse_object(obj: object, j: int, width: int, height: int, coords: str, source: str) -> GTObject:
+    where = f"objects[{j}]"
+    if not isinstance(obj, dict):
+        raise DataError(source, where, "bad_object", f"must be an object, got {type(obj).__name__}")
+    if "desc" not in obj:
+        raise DataError(source, f"{where}.desc", "missing_desc", "missing; every object needs a non-empty desc")
+    desc = obj["desc"]
+    if not isinstance(desc, str):
+        raise DataError(source, f"{where}.desc", "bad_desc", f"must be a string, got {type(desc).__name__}")
+    if not desc.strip():
+        raise DataError(source, f"{where}.desc", "empty_desc", f"is empty or whitespace ({desc!r})")
+    if _SPECIAL_TOKEN_RE.search(desc):
+        raise DataError(
+            source,
+            f"{where}.desc",
+            "special_token_in_desc",
+            f"{desc!r} contains special-token text (<|...|>), which the tokenizer would turn into a control token",
+        )
+    if "bbox_2d" not in obj:
+        raise DataError(source, f"{where}.bbox_2d", "missing_bbox", "missing; expected [x1, y1, x2, y2]")
+    box = obj["bbox_2d"]
+    if not isinstance(box, list) or len(box) != 4:
+        n = len(box) if isinstance(box, list) else type(box).__name__
+        raise DataError(source, f"{where}.bbox_2d", "bad_bbox_arity", f"must be a list of 4 numbers, got {n}")
+    if not all(_is_number(v) for v in box):
+        raise DataError(source, f"{where}.bbox_2d", "bad_bbox_value", f"values must be finite numbers, got {box}")
+    x1, y1, x2, y2 = box
+    if x2 < x1 or y2 < y1:
+        raise DataError(
+            source, f"{where}.bbox_2d", "inverted_box", f"needs x1 <= x2 and y1 <= y2, got {box} (x2 < x1 or y2 < y1)"
+        )
+    if coords == "bins":
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in box) or min(box) < 0 or max(box) > MAX_BIN:
+            raise DataError(
+                source, f"{where}.bbox_2d", "box_outside_image", f"bins must be integers in 0..{MAX_BIN}, got {box}"
+            )
+        return GTObject(desc=unicodedata.normalize("NFC", desc), bins=(x1, y1, x2, y2))
+    # No tolerance: a pixel box must lie inside [0, width] x [0, height]. Converters clip
+    # (COCO boxes sometimes overshoot by a fraction of a pixel) so the contract stays exact.
+    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+        raise DataError(
+            source,
+            f"{where}.bbox_2d",
+            "box_outside_image",
+            f"box {box} is outside the image [0, {width}] x [0, {height}] (no tolerance; clip in the converter)",
+        )
+    bins = (pixel_to_bin(x1, width), pixel_to_bin(y1, height), pixel_to_bin(x2, width), pixel_to_bin(y2, height))
+    # NFC: Qwen's tokenizer normalises to NFC, so a decoded answer can only ever hold NFC text;
+    # storing GT descs in NFC keeps GT and parsed predictions comparable (eval categories).
+    return GTObject(desc=unicodedata.normalize("NFC", desc), bins=bins)
+
+
+def order_objects(objects: list[GTObject] | tuple[GTObject, ...]) -> list[GTObject]:
+    """Top-to-bottom then left-to-right on bins ``(y1, x1)``, then desc, then ``(y2, x2)`` (total order)."""
+    return sorted(objects, key=lambda o: (o.bins[1], o.bins[0], o.desc, o.bins[3], o.bins[2]))
+
+
+def parse_record(
+    line: str,
+    source: str,
+    *,
+    base_dir: str,
+    coords: str = "pixel",
+    object_order: str = "yx",
+    check_images: bool = True,
+) -> Record:
+    """Validate one JSONL line into a ``Record`` (bins, ordered). Raises ``DataError`` naming ``source``."""
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(source, "<line>", "not_json", f"line is not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(raw, dict):
+        raise DataError(source, "<line>", "not_object", f"line must be a JSON object, got {type(raw).__name__}")
+    for key in ("image", "width", "height", "objects"):
+        if key not in raw:
+            raise DataError(source, key, "missing_field", "missing; required: image, width, height, objects")
+    width, height = raw["width"], raw["height"]
+    for key, v in (("width", width), ("height", height)):
+        if not _is_pos_int(v):
+            raise DataError(source, key, "bad_size", f"must be a positive integer (pixels), got {v!r}")
+    image = raw["image"]
+    if not isinstance(image, str) or not image:
+        raise DataError(source, "image", "bad_image", f"must be a non-empty path string, got {image!r}")
+    image_path = image if os.path.isabs(image) else os.path.normpath(os.path.join(base_dir, image))
+    if check_images and not os.path.isfile(image_path):
+        raise DataError(source, "image", "missing_image", f"image file not found: {image_path}")
+    objs = raw["objects"]
+    if not isinstance(objs, list):
+        raise DataError(source, "objects", "bad_objects", f"must be a list, got {type(objs).__name__}")
+    objects = [_parse_object(o, j, width, height, coords, source) for j, o in enumerate(objs)]
+    if object_order == "yx":
+        objects = order_objects(objects)
+    image_id = raw.get("image_id", image)
+    if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
+        raise DataError(source, "image_id", "bad_image_id", f"must be a string or integer, got {image_id!r}")
+    return Record(
+        image_path=image_path,
+        width=width,
+        height=height,
+        objects=tuple(objects),
+        image_id=str(image_id),
+        source=source,
+    )
+
+
+def read_jsonl(
+    path: str | os.PathLike,
+    *,
+    image_root: str | os.PathLike | None = None,
+    coords: str = "pixel",
+    object_order: str = "yx",
+    max_objects: int | None = None,
+    skip_invalid: bool = False,
+    check_images: bool = True,
+) -> tuple[list[Record], DataReport]:
+    """Read and validate a JSONL file of records (contract in the module docstring and docs/DATA.md).
+
+    Pixel boxes become bins ``k = clamp(round(999*x/width), 0, 999)``. Objects are ordered by
+    ``(y1, x1)`` in bins, then desc, unless ``object_order="none"``. ``max_objects`` keeps the first
+    objects after ordering. ``skip_invalid=False`` raises ``DataError`` (``file:line``, field) at the
+    first bad line; ``True`` skips bad lines and counts each reason in the report. Duplicate
+    ``image_id`` (default: the ``image`` string) is an error: eval keys predictions by it.
+    """
+    if coords not in COORD_MODES:
+        raise ValueError(f"data.coords={coords!r} is not allowed; allowed: {', '.join(COORD_MODES)}")
+    if object_order not in OBJECT_ORDERS:
+        raise ValueError(f"data.object_order={object_order!r} is not allowed; allowed: {', '.join(OBJECT_ORDERS)}")
+    if max_objects is not None and (not isinstance(max_objects, int) or max_objects < 0):
+        raise ValueError(f"data.max_objects must be null or an integer >= 0, got {max_objects!r}")
+    path = os.fspath(path)
+    base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
+    report = DataReport(path=path)
+    records: list[Record] = []
+    seen_ids: dict[str, str] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                report.blank_lines += 1
+                continue
+            report.lines += 1
+            source = f"{path}:{lineno}"
+            try:
+                rec = parse_record(
+                    line,
+                    source,
+                    base_dir=base_dir,
+                    coords=coords,
+                    object_order=object_order,
+                    check_images=check_images,
+                )
+                if rec.image_id in seen_ids:
+                    raise DataError(
+                        source,
+                        "image_id",
+                        "duplicate_image_id",
+                        f"{rec.image_id!r} already used at {seen_ids[rec.image_id]}; give each line a unique image_id",
+                    )
+            except DataError as e:
+                if not skip_invalid:
+                    raise
+                report.skipped[e.reason] += 1
+                if len(report.skipped_examples) < 20:
+                    report.skipped_examples.append(str(e))
+                continue
+            seen_ids[rec.image_id] = source
+            if max_objects is not None and len(rec.objects) > max_objects:
+                report.truncated_records += 1
+                report.truncated_objects += len(rec.objects) - max_objects
+                rec = Record(
+                    image_path=rec.image_path,
+                    width=rec.width,
+                    height=rec.height,
+                    objects=rec.objects[:max_objects],
+                    image_id=rec.image_id,
+                    source=rec.source,
+                )
+            records.append(rec)
+            report.records += 1
+            report.objects += len(rec.objects)
+            report.empty_records += int(not rec.objects)
+    return records, report
+
+
+def record_to_json(record: Record, *, relative_to: str | None = None) -> dict:
+    """A ``Record`` back to a JSONL dict with **bin** boxes (read it back with ``coords="bins"``)."""
+    image = record.image_path if relative_to is None else os.path.relpath(record.image_path, relative_to)
+    return {
+        "image": image,
+        "width": record.width,
+        "height": record.height,
+        "image_id": record.image_id,
+        "objects": [{"desc": o.desc, "bbox_2d": list(o.bins)} for o in record.objects],
+    }
