@@ -1,0 +1,216 @@
+"""Shared forward preamble for Stage-1 and both Stage-2 forwards: packed position ids, vision once,
+hidden states (never full-vocabulary logits).
+
+Packing is exact (DESIGN): a packed row gives the same per-token hidden states as its samples run
+alone, because we pass 4-row position ids — row 0 = text positions restarting at 0 per segment (the
+attention-mask builder turns the restarts into a block-diagonal causal mask), rows 1-3 = each
+segment's own multimodal (t, h, w) rope positions — with ``attention_mask=None`` and no cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from data.types import PackedBatch
+from model.vocab import CoordVocab
+
+
+def unwrap_vlm(model):
+    """The ``Qwen3VLForConditionalGeneration`` inside ``model`` (DDP ``.module`` and ``HiddenStatesModel`` unwrapped)."""
+    seen = 0
+    while seen < 8:
+        if isinstance(model, HiddenStatesModel):
+            model = model.vlm
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+        seen += 1
+    return model
+
+
+def _image_runs(mm_token_type_ids: torch.Tensor) -> int:
+    """Number of contiguous runs of image tokens (value 1) in a 1-D type tensor: one run per image."""
+    return sum(1 for key, _ in itertools.groupby(mm_token_type_ids.tolist()) if key == 1)
+
+
+def position_ids_for_batch(vlm, batch: PackedBatch) -> torch.Tensor:
+    """LongTensor ``[4, B, T]`` of position ids for a packed batch.
+
+    Row 0 is ``batch.text_position_ids``; rows 1-3 are ``get_rope_index`` of each segment alone (its
+    slice of ``input_ids`` / ``mm_token_type_ids`` and its own ``image_grid_thw`` rows, which are
+    consumed in row-major segment order). Padding positions continue each row's last position + 1, ...
+    (they attend only to themselves and earlier tokens and are never read).
+    """
+    core = unwrap_vlm(vlm).model
+    input_ids, mm = batch.input_ids, batch.mm_token_type_ids
+    bsz, seq = input_ids.shape
+    pos = torch.zeros(4, bsz, seq, dtype=torch.long, device=input_ids.device)
+    pos[0] = batch.text_position_ids
+    grids = batch.image_grid_thw
+    n_grids = 0 if grids is None else int(grids.shape[0])
+    used = 0
+    last = [-1] * bsz
+    end = [0] * bsz
+    for seg in sorted(batch.segments, key=lambda s: (s.row, s.start)):
+        sl = slice(seg.start, seg.start + seg.length)
+        seg_ids = input_ids[seg.row, sl].unsqueeze(0)
+        seg_mm = mm[seg.row, sl].unsqueeze(0)
+        n_img = _image_runs(seg_mm[0])
+        if used + n_img > n_grids:
+            raise ValueError(
+                f"segment {seg} has {n_img} image runs but only {n_grids - used} image_grid_thw rows are left; "
+                "PackedBatch.image_grid_thw must list every segment's images in row-major segment order"
+            )
+        seg_grid = grids[used : used + n_img] if n_img else None
+        used += n_img
+        rope, _ = core.get_rope_index(seg_ids, mm_token_type_ids=seg_mm, image_grid_thw=seg_grid)
+        pos[1:, seg.row, sl] = rope[:, 0]
+        last[seg.row] = max(last[seg.row], int(rope.max()))
+        end[seg.row] = max(end[seg.row], seg.start + seg.length)
+    if used != n_grids:
+        raise ValueError(f"PackedBatch has {n_grids} image_grid_thw rows but its segments hold {used} images")
+    for row in range(bsz):
+        if end[row] < seq:
+            pad = torch.arange(seq - end[row], device=pos.device) + last[row] + 1
+            pos[1:, row, end[row] :] = pad
+    return pos
+
+
+def compute_vision(vlm, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor):
+    """Run the vision tower once; pass the result as ``vision=`` (``mm_encoder_outputs={"image": enc}``) to reuse it.
+
+    ``pixel_values`` ``[P, D]`` flattened patches, ``image_grid_thw`` ``[N_img, 3]``. Gradients flow
+    through the result when the vision tower is trainable.
+    """
+    core = unwrap_vlm(vlm).model
+    return core.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+
+
+def embed_tokens(vlm, input_ids: torch.Tensor) -> torch.Tensor:
+    """Input embeddings ``[B, T, H]`` of ``input_ids`` ``[B, T]`` (image pads stay pad embeddings)."""
+    return unwrap_vlm(vlm).get_input_embeddings()(input_ids)
+
+
+def coord_embedding_rows(vlm, coord_vocab: CoordVocab) -> torch.Tensor:
+    """The 1000 coord rows ``[1000, H]`` of the input-embedding table (a differentiable slice view)."""
+    weight = unwrap_vlm(vlm).get_input_embeddings().weight
+    return weight[coord_vocab.first_id : coord_vocab.end_id]
+
+
+def coord_lm_head_rows(vlm, coord_vocab: CoordVocab) -> torch.Tensor:
+    """The 1000 coord rows ``[1000, H]`` of the LM head (a differentiable slice view)."""
+    weight = unwrap_vlm(vlm).get_output_embeddings().weight
+    return weight[coord_vocab.first_id : coord_vocab.end_id]
+
+
+class HiddenStatesModel(torch.nn.Module):
+    """Training-time wrapper returning final normed hidden states, never logits.
+
+    It is what the trainer hands to ``accelerator.prepare`` (so DDP sees this forward); generation and
+    ``save_pretrained`` use ``.vlm`` (the ``Qwen3VLForConditionalGeneration``).
+    """
+
+    def __init__(self, vlm):
+        super().__init__()
+        self.vlm = vlm
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """LM head weight ``[V_rows, H]`` (rows >= tokenizer size are unused padding rows)."""
+        return self.vlm.get_output_embeddings().weight
+
+    @property
+    def input_embeddings(self) -> torch.nn.Embedding:
+        return self.vlm.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        vision=None,
+    ) -> torch.Tensor:
+        """Final normed hidden states ``[B, T, H]``.
+
+        Give exactly one of ``input_ids`` ``[B, T]`` / ``inputs_embeds`` ``[B, T, H]`` (the latter must keep
+        the ``<|image_pad|>`` embedding at image positions: that is how image slots are found).
+        ``position_ids`` ``[4, B, T]`` from ``position_ids_for_batch`` (required: 3-D rope cannot be
+        recovered from a packed row). Give ``pixel_values`` to run the vision tower here, or ``vision``
+        (from ``compute_vision``) to reuse one run; not both.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("HiddenStatesModel.forward needs exactly one of input_ids / inputs_embeds")
+        if position_ids is None or position_ids.dim() != 3 or position_ids.shape[0] != 4:
+            got = None if position_ids is None else tuple(position_ids.shape)
+            raise ValueError(
+                f"position_ids must be [4, B, T] from model.forward.position_ids_for_batch (got {got}); "
+                "3-row positions let packed segments attend to each other"
+            )
+        if pixel_values is not None and vision is not None:
+            raise ValueError("pass either pixel_values or vision (precomputed by compute_vision), not both")
+        if pixel_values is not None and pixel_values.numel() == 0:
+            # collate_rows gives an empty tensor for text-only batches
+            pixel_values, image_grid_thw = None, None
+        kwargs = {}
+        if vision is not None:
+            # A fresh dict each call: the library writes into the one it is given.
+            kwargs["mm_encoder_outputs"] = {"image": vision}
+        out = self.vlm.model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=None,
+            mm_token_type_ids=mm_token_type_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            use_cache=False,
+            **kwargs,
+        )
+        return out.last_hidden_state
+
+
+def logits_at(hidden: torch.Tensor, flat_positions: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits ``[N, R]`` at ``flat_positions`` ``[N]`` (``row * T + pos``) of ``hidden`` ``[B, T, H]`` against ``weight`` ``[R, H]``.
+
+    Pass the full LM head for token CE, or ``coord_lm_head_rows`` for the 1000 coord logits; only the
+    requested positions are projected (never ``[B, T, V]``).
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions)
+    return flat @ weight.to(flat.dtype).T
+
+
+def hidden_states(
+    model,
+    batch: PackedBatch,
+    inputs_embeds: torch.Tensor | None = None,
+    vision=None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Final hidden states ``[B, T, H]`` of a packed batch: the one-call form of the preamble.
+
+    ``model`` is the (possibly accelerate/DDP-wrapped) ``HiddenStatesModel``, called through its
+    wrapper so DDP sees the forward; a bare Qwen3-VL is wrapped on the fly. ``inputs_embeds``
+    ``[B, T, H]`` replaces ``batch.input_ids`` (Channel-A soft coord slots); ``vision`` (from
+    ``compute_vision``) replaces running the vision tower on ``batch.pixel_values``;
+    ``position_ids`` ``[4, B, T]`` can be passed to reuse them across N forwards.
+    """
+    inner = model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+    if not isinstance(inner, HiddenStatesModel):
+        model = HiddenStatesModel(unwrap_vlm(model))
+    pos = position_ids if position_ids is not None else position_ids_for_batch(model, batch)
+    has_images = batch.pixel_values is not None and batch.pixel_values.numel() > 0
+    kwargs = {"vision": vision} if vision is not None else {"pixel_values": batch.pixel_values if has_images else None}
+    return model(
+        input_ids=batch.input_ids if inputs_embeds is None else None,
+        inputs_embeds=inputs_embeds,
+        position_ids=pos,
+        mm_token_type_ids=batch.mm_token_type_ids,
+        image_grid_thw=batch.image_grid_thw if has_images else None,
+        **kwargs,
+    )

@@ -1,0 +1,164 @@
+"""Load a Qwen3-VL checkpoint (model + tokenizer + image processor), make sure it has the coord
+tokens, freeze parts of it, and save it back.
+
+AutoProcessor is not used: for Qwen3-VL it builds a video processor that needs torchvision. The
+tokenizer and image processor are loaded separately and travel together in ``LoadedModel``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from model.vocab import COORD_INITS, CoordVocab, coord_vocab_from_tokenizer, ensure_coord_tokens
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass
+class LoadedModel:
+    """What ``load_model_and_processors`` returns; unpacks as ``model, tokenizer, image_processor, coord_vocab``."""
+
+    model: Any  # Qwen3VLForConditionalGeneration
+    tokenizer: Any
+    image_processor: Any
+    coord_vocab: CoordVocab
+    added_coord_tokens: bool = False
+
+    def __iter__(self):
+        return iter((self.model, self.tokenizer, self.image_processor, self.coord_vocab))
+
+
+def _check_attn(attn_implementation: str) -> None:
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)}, got {attn_implementation!r}"
+        )
+    if attn_implementation == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package: "
+                "`pip install flash-attn --no-build-isolation` (CUDA only), or set model.attn_implementation=sdpa"
+            ) from e
+
+
+def _load_image_processor(name_or_path: str):
+    from transformers import AutoImageProcessor
+
+    try:
+        # The PIL backend needs no torchvision (not installed here).
+        return AutoImageProcessor.from_pretrained(name_or_path, backend="pil")
+    except TypeError:
+        return AutoImageProcessor.from_pretrained(name_or_path)
+
+
+def load_model_and_processors(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    add_coord_tokens: bool = True,
+    coord_init: str = "sincos",
+) -> LoadedModel:
+    """Load a Qwen3-VL checkpoint from a local dir or HF id.
+
+    ``add_coord_tokens=True`` adds the 1000 coord tokens when missing (resizing without shrinking and
+    initialising the rows with ``coord_init``); ``False`` requires them to be present already.
+    The model is returned in eval mode on CPU in ``dtype``; the trainer moves and wraps it.
+    """
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if coord_init not in COORD_INITS:
+        raise ValueError(f"model.coord_tokens.init must be one of {list(COORD_INITS)}, got {coord_init!r}")
+    _check_attn(attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    image_processor = _load_image_processor(name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(
+        name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+    )
+    if add_coord_tokens:
+        vocab, added = ensure_coord_tokens(tokenizer, model, init=coord_init)
+    else:
+        try:
+            vocab = coord_vocab_from_tokenizer(tokenizer)
+        except ValueError as e:
+            raise ValueError(f"{e} (or set model.coord_tokens.add_if_missing=true)") from e
+        added = False
+        rows = model.get_input_embeddings().weight.shape[0]
+        if rows < vocab.end_id:
+            raise ValueError(
+                f"{name_or_path}: embedding table has {rows} rows but coord ids reach {vocab.end_id - 1}; "
+                "set model.coord_tokens.add_if_missing=true to resize it"
+            )
+    _ensure_generation_ids(model, tokenizer)
+    model.eval()
+    return LoadedModel(model, tokenizer, image_processor, vocab, added)
+
+
+def _ensure_generation_ids(model, tokenizer) -> None:
+    """Generation must stop at ``<|im_end|>`` (the answer's end token) and pad with the tokenizer's pad."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = gen.eos_token_id
+    eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if im_end is not None and im_end not in eos_list:
+        gen.eos_token_id = [im_end, *eos_list]
+    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+
+
+def _count(params) -> int:
+    return int(sum(p.numel() for p in params))
+
+
+def apply_freeze(model, vision: bool, merger: bool, language_model: bool) -> dict[str, int]:
+    """Freeze parts of a Qwen3-VL model (True = frozen; ``model.freeze.*`` in the config).
+
+    ``vision``: the vision tower except its mergers; ``merger``: the patch merger and the deepstack
+    mergers (vision → LM projection); ``language_model``: the text decoder, its embeddings and the LM
+    head. Returns parameter counts ``{"trainable", "frozen", "total"}`` (shared tensors counted once).
+    """
+    from model.forward import unwrap_vlm
+
+    vlm = unwrap_vlm(model)
+    visual = vlm.model.visual
+    merger_ids = set()
+    for name in ("merger", "deepstack_merger_list"):
+        sub = getattr(visual, name, None)
+        if sub is not None:
+            merger_ids |= {id(p) for p in sub.parameters()}
+    visual_ids = {id(p) for p in visual.parameters()}
+    for p in vlm.parameters():
+        if id(p) in merger_ids:
+            frozen = merger
+        elif id(p) in visual_ids:
+            frozen = vision
+        else:
+            frozen = language_model
+        p.requires_grad_(not frozen)
+    params = list(vlm.parameters())  # deduplicated by nn.Module (tied weights once)
+    trainable = _count(p for p in params if p.requires_grad)
+    total = _count(params)
+    return {"trainable": trainable, "frozen": total - trainable, "total": total}
+
+
+def save_checkpoint_model(model, tokenizer, image_processor, out_dir: str) -> str:
+    """``save_pretrained`` model (unwrapped), tokenizer and image processor into ``out_dir``; returns it."""
+    import os
+
+    from model.forward import unwrap_vlm
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    image_processor.save_pretrained(out_dir)
+    unwrap_vlm(model).save_pretrained(out_dir)
+    return out_dir

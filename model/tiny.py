@@ -1,0 +1,275 @@
+"""A tiny random Qwen3-VL with a real byte-level BPE tokenizer, for tests and the CPU demo.
+
+Everything is deterministic: the BPE is trained on a built-in corpus, the model weights come from
+``torch.manual_seed(seed)``. The tokenizer mirrors the real Qwen3-VL layout: regular BPE vocabulary,
+then the 26 Qwen special tokens in Qwen order, then the 1000 coord tokens; the model's embedding
+table has more rows than the tokenizer has entries (as real checkpoints do).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from data.coordjson import coord_token_texts
+
+# The 26 special tokens of a real Qwen3-VL tokenizer (ids 151643..151668 there), in Qwen order.
+QWEN_SPECIAL_TOKENS: tuple[str, ...] = tuple(
+    "<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> "
+    "<|box_end|> <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> "
+    "<|image_pad|> <|video_pad|> <tool_call> </tool_call> <|fim_prefix|> <|fim_middle|> "
+    "<|fim_suffix|> <|fim_pad|> <|repo_name|> <|file_sep|> <tool_response> </tool_response> "
+    "<think> </think>".split()
+)
+
+# Qwen3-VL-style ChatML. Content is a string or a list of {"type": "image"} / {"type": "text", "text": ...}
+# items; an image renders as the vision block whose single <|image_pad|> the encoder expands to the
+# image's token count. No default system message (Qwen3-VL has none).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif item['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Image budget of the tiny processor: a 64x64 image is a 4x4 grid of 16-px patches → 2x2 = 4 image tokens.
+TINY_MIN_PIXELS = 32 * 32
+TINY_MAX_PIXELS = 64 * 64
+
+_TINY_BPE_VOCAB = 600
+_COLOURS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple", "grey", "brown")
+_SHAPES = ("circle", "square", "triangle", "rectangle", "star", "cat", "dog", "car", "person", "cup")
+_PROMPTS = (
+    "Detect all objects in the image. Answer with one line of JSON: "
+    '{"objects": [{"desc": ..., "bbox_2d": [x1, y1, x2, y2]}]} with coordinates as coord tokens.',
+    "Locate every object and list its description and bounding box.",
+)
+
+
+def _tiny_corpus() -> list[str]:
+    """Deterministic CoordJSON-like training text (numbers stand in for the later-added coord tokens)."""
+    lines = list(_PROMPTS)
+    for i, colour in enumerate(_COLOURS):
+        for j, shape in enumerate(_SHAPES):
+            a, b = (7 * i + 3 * j) % 1000, (11 * j + 5 * i) % 1000
+            obj = f'{{"desc": "{colour} {shape}", "bbox_2d": [{a}, {b}, {a + 40}, {b + 60}]}}'
+            nxt = f'{{"desc": "small {shape}", "bbox_2d": [{b}, {a}, {b + 9}, {a + 9}]}}'
+            lines.append(f'{{"objects": [{obj}, {nxt}]}}')
+    lines.append('{"objects": []}')
+    lines.append('a "quoted" desc, with {braces} and [brackets]: ok')
+    return lines
+
+
+def build_tiny_tokenizer():
+    """Byte-level BPE (~600 regular tokens) + the 26 Qwen specials + 1000 coord tokens, as PreTrainedTokenizerFast.
+
+    pad = ``<|endoftext|>``, eos = ``<|im_end|>``, chat template ``QWEN_VL_CHAT_TEMPLATE``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_TINY_BPE_VOCAB,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS], special_tokens=True)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in coord_token_texts()], special_tokens=True)
+    tok.pad_token = "<|endoftext|>"
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = QWEN_VL_CHAT_TEMPLATE
+    tok.padding_side = "right"
+    return tok
+
+
+def build_tiny_image_processor(min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS):
+    """Qwen2-VL image processor (PIL backend) with Qwen3-VL geometry: patch 16, merge 2, temporal 2.
+
+    ``min_pixels`` / ``max_pixels`` bound the resized image area in pixels.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    )
+
+
+def tiny_qwen3vl_config(
+    tokenizer,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vision_depth: int = 2,
+    vision_hidden: int = 32,
+    vision_heads: int = 2,
+    intermediate: int = 128,
+    row_multiple: int = 64,
+    vocab_size: int | None = None,
+    tie_word_embeddings: bool = False,
+):
+    """Qwen3VLConfig for a tiny random model matching ``tokenizer``.
+
+    Special ids (image/video pad, vision start/end, eos, pad) come from the tokenizer. The row count
+    is ``vocab_size`` when given (e.g. 151,936 as in Qwen3-VL), else ``len(tokenizer)`` rounded up to
+    ``row_multiple`` plus one extra block: more rows than tokenizer entries, like real checkpoints.
+    ``mrope_section`` sums to ``head_dim / 2``; deepstack taps the first ``vision_depth - 1`` blocks.
+    """
+    from transformers import Qwen3VLConfig
+
+    if hidden % heads:
+        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+    head_dim = hidden // heads
+    half = head_dim // 2
+    if half < 3:
+        raise ValueError(f"head_dim {head_dim} too small for 3-axis mrope; use hidden/heads >= 6")
+    # Qwen3-VL's split is [24, 20, 20] of 64; keep the same shape: t gets the remainder.
+    hw = (half * 20) // 64 or 1
+    mrope = [half - 2 * hw, hw, hw]
+    ids = tokenizer.convert_tokens_to_ids
+    if vocab_size is None:
+        vocab_size = (len(tokenizer) + row_multiple - 1) // row_multiple * row_multiple + row_multiple
+    text_config = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=ids("<|endoftext|>"),
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"),
+    )
+    vision_config = dict(
+        depth=vision_depth,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_heads=vision_heads,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=hidden,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=list(range(max(vision_depth - 1, 1))),
+    )
+    cfg = Qwen3VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    cfg.eos_token_id = ids("<|im_end|>")
+    cfg.pad_token_id = ids("<|endoftext|>")
+    return cfg
+
+
+def _tiny_generation_config(tokenizer):
+    from transformers import GenerationConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    return GenerationConfig(
+        eos_token_id=[ids("<|im_end|>"), ids("<|endoftext|>")],
+        pad_token_id=ids("<|endoftext|>"),
+        do_sample=False,
+    )
+
+
+def build_tiny_in_memory(seed: int = 0, coord_tokens: bool = True, **config_kwargs):
+    """(model, tokenizer, image_processor): tiny random Qwen3-VL in fp32, eval mode, weights seeded by ``seed``.
+
+    ``coord_tokens=False`` builds the tokenizer WITHOUT the 1000 coord tokens (to test adding them).
+    """
+    from transformers import Qwen3VLForConditionalGeneration
+
+    tok = _cached_tokenizer(coord_tokens)
+    cfg = tiny_qwen3vl_config(tok, **config_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(cfg)
+    model.generation_config = _tiny_generation_config(tok)
+    model.eval()
+    return model, tok, build_tiny_image_processor()
+
+
+def _cached_tokenizer(coord_tokens: bool):
+    """A fresh copy of the tiny tokenizer (BPE training is cached; copies keep callers independent)."""
+    import copy
+
+    global _TOKENIZER_CACHE
+    if _TOKENIZER_CACHE is None:
+        _TOKENIZER_CACHE = build_tiny_tokenizer()
+    tok = copy.deepcopy(_TOKENIZER_CACHE)
+    if not coord_tokens:
+        tok = _without_coord_tokens(tok)
+    return tok
+
+
+_TOKENIZER_CACHE = None
+
+
+def _without_coord_tokens(tok):
+    """Same tokenizer with the coord tokens removed (the BPE + 26 specials only)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tok.backend_tokenizer.to_str())
+    coord = set(coord_token_texts())
+    state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] not in coord]
+    out = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)))
+    out.pad_token = "<|endoftext|>"
+    out.eos_token = "<|im_end|>"
+    out.chat_template = QWEN_VL_CHAT_TEMPLATE
+    out.padding_side = "right"
+    return out
+
+
+_CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+
+
+def _is_complete_checkpoint(out_dir: str) -> bool:
+    if not all(os.path.isfile(os.path.join(out_dir, f)) for f in _CHECKPOINT_FILES):
+        return False
+    return any(f.endswith(".safetensors") for f in os.listdir(out_dir))
+
+
+def build_tiny_checkpoint(out_dir: str, seed: int = 0, coord_tokens: bool = True, **config_kwargs) -> str:
+    """Save a tiny checkpoint (model + tokenizer + image processor) with ``save_pretrained`` into ``out_dir``.
+
+    Idempotent: when ``out_dir`` already holds a complete checkpoint it is left as is.
+    """
+    if _is_complete_checkpoint(out_dir):
+        return out_dir
+    model, tok, proc = build_tiny_in_memory(seed=seed, coord_tokens=coord_tokens, **config_kwargs)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save_pretrained(out_dir)
+    proc.save_pretrained(out_dir)
+    # Model last: its weights file marks the checkpoint complete (see _is_complete_checkpoint).
+    model.save_pretrained(out_dir)
+    return out_dir

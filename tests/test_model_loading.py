@@ -1,0 +1,179 @@
+"""Tiny checkpoint round trip, generation with an image, freezing, saving, and scripts/add_coord_tokens.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from model.loading import apply_freeze, load_model_and_processors, save_checkpoint_model
+from model.tiny import build_tiny_checkpoint
+from model.vocab import CoordVocab
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "ckpt"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def bare_ckpt(tmp_path_factory):
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "bare"), seed=0, coord_tokens=False)
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_checkpoint_is_idempotent(ckpt):
+    stamp = {f: os.path.getmtime(os.path.join(ckpt, f)) for f in os.listdir(ckpt)}
+    assert build_tiny_checkpoint(ckpt, seed=123) == ckpt
+    assert {f: os.path.getmtime(os.path.join(ckpt, f)) for f in os.listdir(ckpt)} == stamp
+
+
+def test_round_trip_and_generate_with_image(ckpt):
+    loaded = load_model_and_processors(ckpt)
+    model, tok, proc, vocab = loaded  # unpacks like a tuple
+    assert not loaded.added_coord_tokens
+    assert vocab == CoordVocab(first_id=tok.convert_tokens_to_ids("<|coord_0|>"))
+    assert model.get_input_embeddings().weight.shape[0] > len(tok)  # more rows than entries, kept
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert tok.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
+
+    img = Image.new("RGB", (64, 64), (10, 200, 10))
+    vis = proc(images=[img], return_tensors="pt")
+    n_img = int(vis["image_grid_thw"].prod()) // proc.merge_size**2
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Detect."}]}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * n_img)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    mm = (enc["input_ids"] == model.config.image_token_id).long()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            mm_token_type_ids=mm,
+            pixel_values=vis["pixel_values"],
+            image_grid_thw=vis["image_grid_thw"],
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+        )
+    L = enc["input_ids"].shape[1]
+    assert out.shape == (1, L + 6)
+    assert torch.equal(out[0, :L], enc["input_ids"][0])
+    new = out[0, L:]
+    assert ((new >= 0) & (new < model.config.text_config.vocab_size)).all()
+    # greedy's first token is the argmax of our own hidden-states path at the last prompt position
+    from data.types import PackedBatch, Segment
+    from model.forward import HiddenStatesModel, logits_at, position_ids_for_batch
+
+    batch = PackedBatch(
+        input_ids=enc["input_ids"],
+        token_types=None,
+        object_index=None,
+        subset=None,
+        coord_targets=None,
+        closure=None,
+        struct_multiplier=None,
+        mm_token_type_ids=mm,
+        segment_ids=torch.zeros_like(mm),
+        text_position_ids=torch.arange(L)[None],
+        pixel_values=vis["pixel_values"],
+        image_grid_thw=vis["image_grid_thw"],
+        segments=[Segment(0, 0, L, 0)],
+        samples=[],
+        bbox_groups=[],
+    )
+    hs = HiddenStatesModel(model)
+    with torch.no_grad():
+        h = hs(
+            input_ids=batch.input_ids,
+            position_ids=position_ids_for_batch(model, batch),
+            mm_token_type_ids=mm,
+            pixel_values=batch.pixel_values,
+            image_grid_thw=batch.image_grid_thw,
+        )
+    assert int(logits_at(h, torch.tensor([L - 1]), hs.lm_head_weight).argmax()) == int(new[0])
+
+
+def test_load_options_fail_fast(ckpt, bare_ckpt, monkeypatch):
+    with pytest.raises(ValueError, match="model.dtype"):
+        load_model_and_processors(ckpt, dtype="fp8")
+    with pytest.raises(ValueError, match="model.attn_implementation"):
+        load_model_and_processors(ckpt, attn_implementation="flash")
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes `import flash_attn` raise ImportError
+    with pytest.raises(ImportError, match="pip install flash-attn"):
+        load_model_and_processors(ckpt, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="add_if_missing"):
+        load_model_and_processors(bare_ckpt, add_coord_tokens=False)
+
+
+def test_bf16_load(ckpt):
+    model = load_model_and_processors(ckpt, dtype="bfloat16").model
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_apply_freeze_counts(ckpt):
+    model = load_model_and_processors(ckpt).model
+    visual = model.model.visual
+    n_merger = sum(p.numel() for p in visual.merger.parameters()) + sum(
+        p.numel() for p in visual.deepstack_merger_list.parameters()
+    )
+    n_visual = sum(p.numel() for p in visual.parameters())
+    n_total = sum(p.numel() for p in model.parameters())
+    counts = apply_freeze(model, vision=True, merger=False, language_model=True)
+    assert counts == {"trainable": n_merger, "frozen": n_total - n_merger, "total": n_total}
+    assert all(p.requires_grad for p in visual.merger.parameters())
+    assert not visual.patch_embed.proj.weight.requires_grad and not model.lm_head.weight.requires_grad
+    counts = apply_freeze(model, vision=False, merger=True, language_model=False)
+    assert counts["frozen"] == n_merger and counts["trainable"] == n_total - n_merger
+    counts = apply_freeze(model, vision=True, merger=True, language_model=False)
+    assert counts["trainable"] == n_total - n_visual
+    assert apply_freeze(model, False, False, False)["frozen"] == 0
+
+
+def test_save_checkpoint_model_round_trip(ckpt, tmp_path):
+    model, tok, proc, vocab = load_model_and_processors(ckpt)
+    with torch.no_grad():
+        model.lm_head.weight[vocab.first_id] += 1.0  # a change that must survive the save
+    before = _params(model)
+    out = save_checkpoint_model(model, tok, proc, str(tmp_path / "saved"))
+    again = load_model_and_processors(out)
+    after = _params(again.model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert again.coord_vocab == vocab and len(again.tokenizer) == len(tok)
+
+
+def test_add_coord_tokens_script(bare_ckpt, tmp_path, capsys):
+    from scripts.add_coord_tokens import main
+
+    src = load_model_and_processors(bare_ckpt, add_coord_tokens=True)  # in memory only; bare_ckpt untouched
+    assert src.added_coord_tokens
+    out = str(tmp_path / "with_coords")
+    assert main([bare_ckpt, "--out", out]) == 0
+    assert "coord tokens added" in capsys.readouterr().out
+    loaded = load_model_and_processors(out, add_coord_tokens=False)  # must already have them
+    tok, model, vocab = loaded.tokenizer, loaded.model, loaded.coord_vocab
+    assert vocab.first_id == len(tok) - 1000 and tok.convert_tokens_to_ids("<|im_end|>") < vocab.first_id
+    assert model.get_input_embeddings().weight.shape[0] >= vocab.end_id
+    assert all(len(tok(f"<|coord_{k}|>", add_special_tokens=False)["input_ids"]) == 1 for k in (0, 1, 500, 999))
+    # the original checkpoint's vocabulary rows are kept, and the script output equals the in-memory add
+    from transformers import AutoModelForImageTextToText
+
+    orig = AutoModelForImageTextToText.from_pretrained(bare_ckpt)
+    emb0 = orig.get_input_embeddings().weight
+    emb = model.get_input_embeddings().weight
+    assert torch.equal(emb[: vocab.first_id], emb0[: vocab.first_id])
+    torch.testing.assert_close(
+        emb[vocab.first_id : vocab.end_id], src.model.get_input_embeddings().weight[vocab.first_id : vocab.end_id]
+    )
+    # running it again on its own output reports the tokens as present
+    assert main([out, "--out", str(tmp_path / "again")]) == 0
+    assert "already present" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([out, "--out", out])

@@ -1,0 +1,62 @@
+"""The tiny random Qwen3-VL builder: deterministic, Qwen-shaped config, fast."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from model.tiny import build_tiny_image_processor, build_tiny_in_memory, build_tiny_tokenizer, tiny_qwen3vl_config
+
+
+def test_tokenizer_is_deterministic():
+    a, b = build_tiny_tokenizer(), build_tiny_tokenizer()
+    assert a.get_vocab() == b.get_vocab()
+    text = '{"objects": [{"desc": "red circle", "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}]}'
+    ids = a(text, add_special_tokens=False)["input_ids"]
+    assert ids == b(text, add_special_tokens=False)["input_ids"]
+    assert a.decode(ids) == text  # byte-level BPE round-trips exactly
+
+
+def test_config_is_qwen_shaped():
+    tok = build_tiny_tokenizer()
+    cfg = tiny_qwen3vl_config(tok, hidden=64, heads=4)
+    tc, vc = cfg.text_config, cfg.vision_config
+    ids = tok.convert_tokens_to_ids
+    assert (cfg.image_token_id, cfg.video_token_id) == (ids("<|image_pad|>"), ids("<|video_pad|>"))
+    assert (cfg.vision_start_token_id, cfg.vision_end_token_id) == (ids("<|vision_start|>"), ids("<|vision_end|>"))
+    assert sum(tc.rope_parameters["mrope_section"]) == tc.head_dim // 2 == 8
+    assert all(0 <= i < vc.depth for i in vc.deepstack_visual_indexes)
+    assert tc.vocab_size > len(tok) and tc.vocab_size % 64 == 0
+    assert vc.out_hidden_size == tc.hidden_size
+    assert (vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size) == (16, 2, 2)
+
+
+def test_in_memory_build_is_fast_and_seeded():
+    build_tiny_in_memory(seed=0)  # warm the tokenizer cache and imports
+    t0 = time.perf_counter()
+    m1, tok, proc = build_tiny_in_memory(seed=3)
+    assert time.perf_counter() - t0 < 1.0
+    m2, _, _ = build_tiny_in_memory(seed=3)
+    m3, _, _ = build_tiny_in_memory(seed=4)
+    p1, p2, p3 = (dict(m.named_parameters()) for m in (m1, m2, m3))
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+    assert not all(torch.equal(p1[k], p3[k]) for k in p1)
+    # the global RNG is not consumed by building
+    torch.manual_seed(7)
+    x = torch.rand(3)
+    torch.manual_seed(7)
+    build_tiny_in_memory(seed=1)
+    assert torch.equal(torch.rand(3), x)
+    # each call gets its own tokenizer: mutating one leaves the next build alone
+    tok.add_tokens(["zzzunique"])
+    assert "zzzunique" not in build_tiny_in_memory()[1].get_vocab()
+
+
+def test_image_processor_geometry():
+    from PIL import Image
+
+    proc = build_tiny_image_processor()
+    out = proc(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, 4, 4]]  # 64 px / 16 px patches; 4 tokens after 2x2 merge
+    assert out["pixel_values"].shape == (16, 3 * 2 * 16 * 16)
