@@ -1,0 +1,603 @@
+"""Load a YAML experiment into a validated, defaults-filled, frozen :class:`Config`.
+
+Steps (docs/CONFIG.md):
+
+1. read the file and its ``extends:`` parents (paths relative to the file that names
+   them; maps merge recursively, lists and scalars replace; cycles are reported with
+   the chain);
+2. apply ``--set dotted.key=value`` overrides (values parsed as YAML; ``a.b[0].c``
+   indexes lists; new keys may be created so that validation reports them);
+3. reject legacy trainer variants, validate against ``configs/schema/root.json``
+   (JSON Schema draft 2020-12, ``additionalProperties: false`` everywhere);
+4. fill the schema ``default`` values, run the cross-field checks;
+5. resolve the objective pipeline with ``pipeline.manifest.resolve_pipeline`` on the
+   merged user tree (before defaults, so "was this knob written?" stays answerable);
+6. build the frozen dataclass tree of ``configs/types.py``.
+
+YAML is read with YAML 1.2 scalars: ``1e-5`` is a float and only ``true``/``false``
+are booleans (so ``mixed_precision: no`` is the string ``"no"``), and a key written
+twice in one map is an error instead of the last one silently winning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import fields, is_dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from configs.errors import ConfigError, did_you_mean
+from configs.types import CONFIG_META_FIELDS, Config, freeze, thaw
+
+SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
+ROOT_SCHEMA = "root.json"
+SCHEMA_BASE_URI = "https://coordexp.local/schema/"
+
+VARIANTS = ("stage1", "stage2_two_channel", "stage2_rollout_aligned")
+STAGE2_VARIANTS = ("stage2_two_channel", "stage2_rollout_aligned")
+LEGACY_VARIANTS = {"stage2_ab_training": "stage2_two_channel", "rollout_matching_sft": "stage2_rollout_aligned"}
+
+RESOLVED_FILENAME = "config.resolved.yaml"
+MERGED_FILENAME = "config.merged.yaml"
+PIPELINE_FILENAME = "pipeline.json"
+
+# ---------------------------------------------------------------- YAML (1.2 scalars, no duplicate keys)
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 bools/floats and duplicate-key detection."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# A float needs a dot or an exponent (plain digits stay ints, which resolve first).
+_YamlLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[0-9][0-9_]*[eE][-+]?[0-9]+)
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml_value(text: str) -> Any:
+    """Parse one override value the way a YAML file would (``1e-5`` -> float, ``[1, 2]`` -> list)."""
+    return yaml.load(text, Loader=_YamlLoader)  # _YamlLoader is a SafeLoader
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc}") from exc
+    try:
+        tree = yaml.load(text, Loader=_YamlLoader)  # _YamlLoader is a SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError("", f"{where}: invalid YAML: {problem}") from exc
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError("", f"{path}:1: a config file must be a YAML map at top level, got {_type_name(tree)}")
+    return tree
+
+
+# ---------------------------------------------------------------- extends + merge
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: maps merge recursively, everything else (lists too) replaces."""
+    out = copy.deepcopy(dict(base))
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(path) :], path))
+        raise ConfigError("extends", f"cycle in extends: {cycle}; remove one of these extends entries")
+    tree = _read_yaml(path)
+    parents = tree.pop("extends", None)
+    if parents is None:
+        return tree
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) and p for p in parents):
+        raise ConfigError("extends", f"{path}: expected a path or a list of paths (relative to this file), got {parents!r}")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        parent_path = Path(parent).expanduser()
+        if not parent_path.is_absolute():
+            parent_path = path.parent / parent_path
+        if not parent_path.is_file():
+            raise ConfigError("extends", f"{path}: extends {parent!r}, but {parent_path} does not exist (paths are relative to the file that names them)")
+        merged = deep_merge(merged, _load_tree(parent_path, (*chain, path)))
+    return deep_merge(merged, tree)
+
+
+# ---------------------------------------------------------------- overrides
+
+_OVERRIDE_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_\-]*)((?:\[[0-9]+\])*)$")
+_INDEX = re.compile(r"\[([0-9]+)\]")
+
+
+def format_key(parts: Sequence[str | int]) -> str:
+    """``["a", "b", 0, "c"]`` -> ``"a.b[0].c"`` (the dotted form used in every ConfigError)."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """``"a.b[0].c=1"`` -> ``(["a", "b", 0, "c"], 1)``; the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    usage = "expected KEY=VALUE with KEY like training.lr or stage2_ab.pipeline.objective[0].weight"
+    if not sep or not key:
+        raise ConfigError("--set", f"{text!r}: {usage}")
+    parts: list[str | int] = []
+    for piece in key.split("."):
+        match = _OVERRIDE_PART.match(piece)
+        if match is None:
+            raise ConfigError("--set", f"{text!r}: bad key segment {piece!r}; {usage}")
+        parts.append(match.group(1))
+        parts.extend(int(i) for i in _INDEX.findall(match.group(2)))
+    try:
+        parsed = parse_yaml_value(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(format_key(parts), f"--set value {value!r} is not valid YAML: {exc}") from exc
+    return parts, parsed
+
+
+def apply_override(tree: dict[str, Any], text: str) -> None:
+    """Set one ``KEY=VALUE`` in ``tree`` in place, creating missing maps (and a list at index 0)."""
+    parts, value = parse_override(text)
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        here = format_key(parts[: depth + 1])
+        fresh: Any = None if last else ([] if isinstance(parts[depth + 1], int) else {})
+        if isinstance(part, int):
+            if not isinstance(node, list):
+                raise ConfigError(here, f"--set {text!r}: [{part}] indexes a list, but {format_key(parts[:depth])} is {_type_name(node)}")
+            if part > len(node):
+                raise ConfigError(here, f"--set {text!r}: index {part} is out of range (the list has {len(node)} items; index {len(node)} appends)")
+            if part == len(node):
+                node.append(value if last else fresh)
+            elif last:
+                node[part] = value
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(here, f"--set {text!r}: {format_key(parts[:depth])} is {_type_name(node)}, not a map")
+            if last:
+                node[part] = value
+            elif not isinstance(node.get(part), (dict, list)):
+                node[part] = fresh
+        if not last:
+            node = node[part]
+
+
+# ---------------------------------------------------------------- schema
+
+
+@lru_cache(maxsize=1)
+def _schemas() -> tuple[Draft202012Validator, Registry]:
+    resources = []
+    for file in sorted(SCHEMA_DIR.glob("*.json")):
+        contents = json.loads(file.read_text(encoding="utf-8"))
+        Draft202012Validator.check_schema(contents)
+        if contents.get("$id") != SCHEMA_BASE_URI + file.name:
+            raise RuntimeError(f"{file}: $id must be {SCHEMA_BASE_URI + file.name!r}")
+        resources.append((contents["$id"], Resource.from_contents(contents, default_specification=DRAFT202012)))
+    registry = Registry().with_resources(resources)
+    root = registry.contents(SCHEMA_BASE_URI + ROOT_SCHEMA)
+    return Draft202012Validator(root, registry=registry), registry
+
+
+def root_schema() -> dict[str, Any]:
+    """The root JSON Schema (refs to the per-surface files are resolved by :func:`schema_at`)."""
+    return _schemas()[0].schema
+
+
+def _deref(schema: Mapping[str, Any], resolver: Any) -> tuple[dict[str, Any], Any]:
+    """Follow ``$ref``; keywords next to the ``$ref`` (description, default) win over the target's."""
+    schema = dict(schema)
+    while "$ref" in schema:
+        target = resolver.lookup(schema.pop("$ref"))
+        schema = {**target.contents, **schema}
+        resolver = target.resolver
+    return schema, resolver
+
+
+def _root_node() -> tuple[dict[str, Any], Any]:
+    validator, registry = _schemas()
+    return _deref(validator.schema, registry.resolver(base_uri=SCHEMA_BASE_URI + ROOT_SCHEMA))
+
+
+def schema_at(parts: Sequence[str | int]) -> dict[str, Any] | None:
+    """The (dereferenced) subschema at a key path, or None where the schema does not describe it."""
+    schema, resolver = _root_node()
+    for part in parts:
+        if isinstance(part, int):
+            sub = schema.get("items")
+        else:
+            sub = schema.get("properties", {}).get(part)
+        if not isinstance(sub, Mapping):
+            return None
+        schema, resolver = _deref(sub, resolver)
+    return schema
+
+
+_TYPE_WORDS = {
+    "object": "a map",
+    "array": "a list",
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true/false",
+    "null": "null",
+}
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, Mapping):
+        return "a map"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return type(value).__name__
+
+
+def _range_text(schema: Mapping[str, Any]) -> str:
+    lo = "[" + repr(schema["minimum"]) if "minimum" in schema else ("(" + repr(schema["exclusiveMinimum"]) if "exclusiveMinimum" in schema else "(-inf")
+    hi = repr(schema["maximum"]) + "]" if "maximum" in schema else (repr(schema["exclusiveMaximum"]) + ")" if "exclusiveMaximum" in schema else "inf)")
+    return f"{lo}, {hi}"
+
+
+def _expected_types(schema: Mapping[str, Any]) -> str:
+    types_ = schema.get("type")
+    types_ = [types_] if isinstance(types_, str) else list(types_ or [])
+    return " or ".join(_TYPE_WORDS.get(t, t) for t in types_)
+
+
+def _explain(error: ValidationError) -> list[tuple[str, str]]:
+    """One or more ``(dotted key, message)`` for a jsonschema error."""
+    parts = list(error.absolute_path)
+    key = format_key(parts)
+    schema = error.schema if isinstance(error.schema, Mapping) else {}
+    kind = error.validator
+    value = error.instance
+    if kind == "additionalProperties":
+        allowed = sorted(schema.get("properties", {}))
+        out = []
+        for extra in sorted(k for k in value if k not in schema.get("properties", {})):
+            out.append((format_key([*parts, extra]), f"unknown key{did_you_mean(str(extra), allowed)}; allowed keys here: {', '.join(allowed)}"))
+        return out
+    if kind == "required":
+        missing = [k for k in error.validator_value if k not in value]
+        return [(format_key([*parts, k]), "missing required key") for k in missing]
+    if kind == "type":
+        return [(key, f"expected {_expected_types(schema)}, got {_type_name(value)}")]
+    if kind == "enum":
+        allowed = ", ".join("null" if v is None else repr(v) for v in schema["enum"])
+        hint = did_you_mean(value, [v for v in schema["enum"] if isinstance(v, str)]) if isinstance(value, str) else ""
+        return [(key, f"expected one of {allowed}, got {_type_name(value)}{hint}")]
+    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        return [(key, f"expected a value in {_range_text(schema)}, got {value!r}")]
+    if kind in ("minItems", "maxItems"):
+        lo, hi = schema.get("minItems"), schema.get("maxItems")
+        size = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo or 0} to {hi}")
+        return [(key, f"expected a list of {size} items, got {len(value)}")]
+    if kind == "uniqueItems":
+        return [(key, f"items must be unique, got {value!r}")]
+    if kind == "minLength":
+        return [(key, "expected a non-empty string")]
+    return [(key, error.message)]
+
+
+def validate_tree(tree: Mapping[str, Any]) -> None:
+    """Validate a merged user tree against the root schema; raise the first problem (and list the rest)."""
+    validator, _ = _schemas()
+    problems: list[tuple[str, str]] = []
+    for error in validator.iter_errors(tree):
+        problems.extend(_explain(error))
+    if not problems:
+        return
+    problems.sort()
+    key, message = problems[0]
+    if len(problems) > 1:
+        rest = "; ".join(f"{k}: {m}" for k, m in problems[1:11])
+        more = f" (+{len(problems) - 11} more)" if len(problems) > 11 else ""
+        message += f"\nother problems: {rest}{more}"
+    raise ConfigError(key, message)
+
+
+def fill_defaults(tree: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``tree`` with every schema ``default`` filled in.
+
+    Missing maps whose schema has properties are created and filled; a missing key
+    without a ``default`` and without properties stays absent.
+    """
+    out = copy.deepcopy(tree)
+    _fill(out, *_root_node())
+    return out
+
+
+def _fill(instance: Any, schema: Mapping[str, Any], resolver: Any) -> None:
+    if isinstance(instance, dict):
+        for key, sub in schema.get("properties", {}).items():
+            sub, sub_resolver = _deref(sub, resolver)
+            if key not in instance:
+                if "default" in sub:
+                    instance[key] = copy.deepcopy(sub["default"])
+                elif "properties" in sub:
+                    instance[key] = {}
+                else:
+                    continue
+            _fill(instance[key], sub, sub_resolver)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), Mapping):
+        items, items_resolver = _deref(schema["items"], resolver)
+        for item in instance:
+            _fill(item, items, items_resolver)
+
+
+# ---------------------------------------------------------------- variant + cross-field checks
+
+
+def _variant_of(tree: Mapping[str, Any]) -> Any:
+    custom = tree.get("custom")
+    return custom.get("trainer_variant") if isinstance(custom, Mapping) else None
+
+
+def _check_legacy(tree: Mapping[str, Any]) -> None:
+    variant = _variant_of(tree)
+    if isinstance(variant, str) and variant in LEGACY_VARIANTS:
+        new = LEGACY_VARIANTS[variant]
+        raise ConfigError(
+            "custom.trainer_variant",
+            f"{variant!r} is a legacy name that is no longer accepted; use {new!r} (custom.trainer_variant: {new})",
+        )
+
+
+def _check_expect(variant: str, expect: str | None, path: Path | None) -> None:
+    if expect not in (None, "stage1", "stage2"):
+        raise ValueError(f"load_config(expect=...) must be None, 'stage1' or 'stage2', got {expect!r}")
+    where = f" --config {path}" if path is not None else ""
+    if expect == "stage1" and variant != "stage1":
+        raise ConfigError(
+            "custom.trainer_variant",
+            f"{variant!r} is a Stage-2 trainer variant; run it with train_stage2.py{where} (train_stage1.py needs custom.trainer_variant absent or null)",
+        )
+    if expect == "stage2" and variant == "stage1":
+        raise ConfigError(
+            "custom.trainer_variant",
+            f"missing: train_stage2.py needs custom.trainer_variant: {' | '.join(STAGE2_VARIANTS)}; for a Stage-1 config run train_stage1.py{where}",
+        )
+
+
+def check_cross_fields(resolved: Mapping[str, Any]) -> None:
+    """Checks that involve more than one key (the schema covers single-key types and ranges)."""
+    model, data, training = resolved["model"], resolved["data"], resolved["training"]
+    if model["tiny"]["enabled"] and model["name_or_path"] is not None:
+        raise ConfigError(
+            "model.name_or_path",
+            f"both model.name_or_path ({model['name_or_path']!r}) and model.tiny.enabled are set; set model.name_or_path: null to use the tiny model, or model.tiny.enabled: false",
+        )
+    if not model["tiny"]["enabled"] and model["name_or_path"] is None:
+        raise ConfigError(
+            "model.name_or_path",
+            "missing required key: set model.name_or_path to a Qwen3-VL checkpoint (HF id or local dir), or model.tiny.enabled: true",
+        )
+    synthetic = data["synthetic"]["enabled"]
+    if not synthetic and data["train_jsonl"] is None:
+        raise ConfigError("data.train_jsonl", "missing required key (a JSONL file, docs/DATA.md); or set data.synthetic.enabled: true for the built-in shapes data")
+    if synthetic:
+        for key in ("train_jsonl", "val_jsonl"):
+            if data[key] is not None:
+                raise ConfigError(
+                    f"data.{key}",
+                    f"data.synthetic.enabled writes its own train/val JSONL under data.synthetic.out_dir; set data.{key}: null or data.synthetic.enabled: false",
+                )
+    if data["min_pixels"] is not None and data["max_pixels"] is not None and data["min_pixels"] > data["max_pixels"]:
+        raise ConfigError("data.min_pixels", f"must be <= data.max_pixels ({data['max_pixels']}), got {data['min_pixels']}")
+    if training["warmup_steps"] > 0 and training["warmup_ratio"] > 0:
+        raise ConfigError(
+            "training.warmup_ratio",
+            f"both training.warmup_steps ({training['warmup_steps']}) and training.warmup_ratio ({training['warmup_ratio']}) are set; keep one and set the other to 0",
+        )
+
+
+# ---------------------------------------------------------------- dataclass construction
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(inner, value, key)
+    if is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is Any or origin in (Mapping, dict) or tp in (Mapping, dict):
+        return freeze(value)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        return tuple(_convert(t, v, f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], key: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if cls is Config and f.name in CONFIG_META_FIELDS:
+            continue
+        if f.name not in data:
+            # Only reachable when configs/types.py and configs/schema/ disagree.
+            raise RuntimeError(f"{format_key([*([key] if key else []), f.name])}: no value after defaults; configs/types.py and configs/schema/ are out of sync")
+        kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{key}.{f.name}" if key else f.name)
+    return kwargs if cls is Config else cls(**kwargs)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def merge_config_tree(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The merged user tree: ``path`` with its ``extends`` chain, then ``overrides`` (no validation)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file {path} does not exist")
+    tree = _load_tree(path, ())
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a sequence of 'KEY=VALUE' strings, not a single string")
+    for text in overrides:
+        if text.partition("=")[0].strip().split(".")[0].split("[")[0] == "extends":
+            raise ConfigError("extends", f"--set {text!r}: extends is resolved before overrides; edit the file's extends: list instead")
+        apply_override(tree, text)
+    return tree
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = (), *, expect: str | None = None) -> Config:
+    """Load, merge, override, validate, default, cross-check and freeze a config.
+
+    ``expect``: ``"stage1"`` (train_stage1.py: a Stage-2 variant fails), ``"stage2"``
+    (train_stage2.py: a missing variant fails) or None (any variant).
+    Raises :class:`ConfigError` naming the dotted key for every user error.
+    """
+    raw = merge_config_tree(path, overrides)
+    return build_config(raw, path=Path(path), expect=expect)
+
+
+def build_config(raw: Mapping[str, Any], *, path: Path | None = None, expect: str | None = None) -> Config:
+    """Validate and freeze an already merged user tree (what :func:`load_config` does after merging)."""
+    raw = copy.deepcopy(dict(raw))
+    raw.pop("extends", None)
+    _check_legacy(raw)
+    validate_tree(raw)
+    variant = _variant_of(raw) or "stage1"
+    _check_expect(variant, expect, path)
+    resolved = fill_defaults(raw)
+    check_cross_fields(resolved)
+
+    from pipeline.manifest import resolve_pipeline  # imported here: configs/ must not import pipeline/ at load
+
+    resolved_pipeline = resolve_pipeline(copy.deepcopy(raw), variant)
+    sections = _build(Config, resolved, "")
+    return Config(
+        **sections,
+        raw=freeze(raw),
+        resolved=freeze(resolved),
+        path=path,
+        variant=variant,
+        pipeline=resolved_pipeline,
+    )
+
+
+def _pipeline_payload(pipeline: Any) -> dict[str, Any] | None:
+    """``ResolvedPipeline.to_dict()`` (module lists, extra, variant, source, checksum), or None."""
+    to_dict = getattr(pipeline, "to_dict", None)
+    return thaw(to_dict()) if callable(to_dict) else None
+
+
+def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
+    """Write ``config.resolved.yaml`` (full tree with defaults), ``config.merged.yaml``
+    (the merged user tree: ``load_config`` on it reproduces this config) and
+    ``pipeline.json`` (resolved module lists + checksum) into ``run_dir``.
+
+    Returns the path of ``config.resolved.yaml``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    header = f"# CoordExp config, variant {cfg.variant}, loaded from {cfg.path}\n"
+    out = run_dir / RESOLVED_FILENAME
+    out.write_text(header + "# every default filled in; for reference (reload config.merged.yaml to rerun)\n" + _dump(cfg.resolved), encoding="utf-8")
+    (run_dir / MERGED_FILENAME).write_text(header + "# merged user tree (extends + --set applied)\n" + _dump(cfg.raw), encoding="utf-8")
+    payload = _pipeline_payload(cfg.pipeline)
+    if payload is not None:
+        (run_dir / PIPELINE_FILENAME).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return out
+
+
+def _dump(tree: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(thaw(tree), sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--config PATH`` (required) and repeatable ``--set KEY=VALUE`` (dest ``overrides``)."""
+    parser.add_argument("--config", required=True, type=Path, metavar="PATH", help="experiment YAML (see docs/CONFIG.md)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key after extends, e.g. --set training.lr=2e-5 --set stage2_ab.pipeline.objective[0].weight=0.5 (repeatable; values parsed as YAML)",
+    )
+    return parser
+
+
+def load_config_from_args(args: argparse.Namespace, *, expect: str | None = None) -> Config:
+    """``load_config(args.config, args.overrides, expect=expect)`` for parsers built with :func:`add_config_args`."""
+    return load_config(args.config, args.overrides, expect=expect)
