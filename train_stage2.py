@@ -1,0 +1,194 @@
+"""Stage-2: Two-Channel (Expectation/Rollout) or Rollout-Aligned teacher forcing.
+
+    python train_stage2.py --config configs/demo/stage2_shapes.yaml
+    accelerate launch --config_file configs/accelerate/ddp.yaml train_stage2.py --config configs/stage2_two_channel/qwen3vl_2b.yaml
+
+``custom.trainer_variant`` picks the variant:
+- ``stage2_two_channel``: the router (SPEC §6, Bresenham on the optimizer step) makes each
+  optimizer step an Expectation step (Channel-A: N forwards feeding the model its own coord
+  beliefs, vision once) or a Rollout step (Channel-B: generate, parse, match, append missed GT,
+  one teacher-forced forward);
+- ``stage2_rollout_aligned``: every step is a Rollout step.
+Both run the same objective modules through the same executor; only the contexts differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import torch
+
+from configs import load_config
+from configs.loader import add_config_args
+from data.packing import collate_rows
+from model.forward import HiddenStatesModel
+from pipeline.context import TeacherForcingContext
+from pipeline.executor import run_pipeline
+from pipeline.forwards import expectation_forward, rollout_forward
+from rollout.backends import HFGenerationBackend
+from rollout.step import MatchingConfig, prepare_rollout_batch
+from training.aggregator import MetricAggregator
+from training.checkpoint import load_training_state, save_training_state
+from training.optim import build_optimizer, build_scheduler
+from training.progress import TrainProgress
+from training.router import CHANNEL_A, CHANNEL_B, ChannelRouter
+from training.session import (
+    batch_metrics,
+    encoded,
+    forever,
+    load_model,
+    load_records,
+    make_encoder,
+    make_tracker,
+    make_train_dataset,
+    model_saver,
+    resolve_checkpoint,
+    run_eval,
+    should,
+    start_run,
+)
+
+TWO_CHANNEL = "stage2_two_channel"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_config_args(parser).parse_args(argv)
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (so every rank takes the same channel)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run Stage-2; returns the last optimizer step's metrics (for tests)."""
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides, expect="stage2")
+    t, sab, rm = cfg.training, cfg.stage2_ab, cfg.rollout_matching
+    two_channel = cfg.variant == TWO_CHANNEL
+    run = start_run(cfg)
+    accelerator = run.accelerator
+
+    # ---- model: any checkpoint (normally the Stage-1 output), or the resumed one
+    loaded = load_model(cfg, resolve_checkpoint(cfg, resume_model_dir=run.resume_dir / "model" if run.resume_dir else None))
+    pad_id = loaded.tokenizer.pad_token_id
+
+    # ---- data: GT micro-batches; Rollout steps roll out the same micro-batches' records
+    splits = load_records(cfg)
+    encoder = make_encoder(cfg, loaded)
+    dataset = make_train_dataset(cfg, encoded(splits.train, encoder), accelerator)
+
+    # ---- optimizer, scheduler, prepare
+    model = HiddenStatesModel(loaded.model)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, t.adam_betas, t.adam_eps)
+    scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.warmup_ratio, t.max_steps, t.min_lr_ratio)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    vlm = accelerator.unwrap_model(model).vlm
+    coord_ids = loaded.coord_vocab.ids.to(accelerator.device)
+
+    # ---- channel router, rollout backend, decode mode of the geometry loss
+    router = ChannelRouter(sab.schedule.b_ratio if two_channel else 1.0,
+                           sab.fallback.on_rollout_failure if two_channel else "fail")
+    backend = HFGenerationBackend(
+        vlm, loaded.tokenizer, max_new_tokens=rm.decoding.max_new_tokens, temperature=rm.decoding.temperature,
+        top_p=rm.decoding.top_p, top_k=rm.decoding.top_k, batch_size=rm.decoding.batch_size,
+        seed=rm.decoding.seed + accelerator.process_index,
+    )
+    matching = MatchingConfig(rm.matching.iou_gate, rm.matching.fp_cost, rm.matching.fn_cost)
+    token_ce = next(m for m in cfg.pipeline.objective if m.name == "token_ce")
+    drop_multiplier = float(token_ce.config["rollout_drop_invalid_struct_ce_multiplier"])
+    decode_mode = sab.coord_decode_mode if two_channel else rm.coord_decode_mode
+
+    start_step = 0
+    if run.resume_dir is not None:
+        state = load_training_state(run.resume_dir, optimizer, scheduler, accelerator=accelerator)
+        dataset.load_state_dict(state.data_state)
+        router.load_state_dict(state.router_state)
+        start_step = state.step
+        run.logger.info("resumed from %s at step %d", run.resume_dir, start_step)
+
+    tracker = make_tracker(cfg, run)
+    aggregator = MetricAggregator(accelerator)
+    progress = TrainProgress(t.max_steps, start_step, accelerator.is_main_process, cfg.run.log_every, desc=cfg.variant)
+    save = model_saver(accelerator, model, vlm, loaded)
+    data_iter = forever(dataset)
+    metrics: dict = {}
+    model.train()
+    for step in range(start_step, t.max_steps):
+        step_start, tokens = time.perf_counter(), 0
+        # One channel for the whole accumulation window, the same on every rank.
+        channel, rerouted = router.channel_for(step), False
+        window = [next(data_iter) for _ in range(t.gradient_accumulation_steps)]
+        rollouts, error = [], None
+        if channel == CHANNEL_B:
+            try:
+                rollouts = [
+                    prepare_rollout_batch(
+                        [s.record for row in rows for s in row], encoder=encoder, backend=backend,
+                        coord_vocab=loaded.coord_vocab, matching=matching,
+                        drop_invalid_struct_ce_multiplier=drop_multiplier, max_length=t.max_length,
+                        packing=t.packing, pad_token_id=pad_id,
+                    )
+                    for rows in window
+                ]
+            except Exception as exc:  # noqa: BLE001 - routed to the configured fallback (default: re-raise)
+                error = exc
+            if any_rank(accelerator, error is not None):
+                channel, rerouted = router.fallback_channel(step, error), True
+
+        for i, rows in enumerate(window):
+            with accelerator.accumulate(model):
+                forward_start = time.perf_counter()
+                if channel == CHANNEL_A:
+                    batch = collate_rows(rows, pad_id).to(accelerator.device)
+                    fwd = expectation_forward(
+                        model, vlm, batch, coord_ids, n_iter=sab.n_softctx_iter, embed_mode=sab.coord_ctx_embed_mode,
+                        grad_mode=sab.softctx_grad_mode, temperature=sab.softctx_temperature,
+                    )
+                    step_metrics = {}
+                else:
+                    batch = rollouts[i].batch.to(accelerator.device)
+                    fwd = rollout_forward(model, vlm, batch)
+                    step_metrics = dict(rollouts[i].metrics)
+                ctx = TeacherForcingContext(channel=channel, batch=batch, hidden=fwd.hidden,
+                                            lm_head_weight=vlm.get_output_embeddings().weight,
+                                            coord_token_ids=coord_ids, coord_decode_mode=decode_mode)
+                result = run_pipeline(cfg.pipeline, ctx)
+                accelerator.backward(result.loss)
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    result.metrics["train/grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step_metrics["time/forward_backward_s"] = time.perf_counter() - forward_start
+                step_metrics["stage2/forwards_total"] = float(fwd.num_forwards)
+            tokens += batch.num_tokens
+            aggregator.add({**result.metrics, **step_metrics, **batch_metrics(batch)})
+        router.record(step, channel, rerouted)
+        aggregator.add({"time/step_s": time.perf_counter() - step_start})
+        metrics = aggregator.reduce({**router.metrics(), "train/lr": scheduler.get_last_lr()[0]})
+        done = step + 1
+        progress.update(done, loss=metrics.get("loss/total"), lr=metrics.get("train/lr"), tokens=tokens)
+
+        if should(t.eval_every, done, t.max_steps):
+            metrics.update(run_eval(cfg, accelerator=accelerator, vlm=vlm, loaded=loaded, encoder=encoder,
+                                    val=splits.val, run_dir=run.run_dir, step=done))
+        tracker.log(done, metrics)
+        if should(t.save_every, done, t.max_steps):
+            save_training_state(run.run_dir, accelerator=accelerator, model_save_fn=save, optimizer=optimizer,
+                                scheduler=scheduler, step=done, data_state=dataset.state_dict(),
+                                router_state=router.state_dict(), save_total_limit=t.save_total_limit)
+    progress.close()
+    tracker.finish()
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

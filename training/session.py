@@ -1,0 +1,253 @@
+"""Recipe building blocks shared by ``train_stage1.py`` and ``train_stage2.py``.
+
+Each function does one visible step of a recipe (resolve the checkpoint, load the
+model, read the data, build the packed dataset, save a checkpoint, run an eval) so
+that the recipes themselves read top to bottom without repeating this code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.encoding import ChatEncoder, EncodedRecords
+from data.records import read_jsonl
+from data.types import Record
+from model.loading import LoadedModel, apply_freeze, load_model_and_processors
+
+logger = logging.getLogger("coordexp")
+
+
+@dataclass
+class RunContext:
+    """What every recipe sets up first: the accelerator, the run dir, the logger, the pipeline identity."""
+
+    accelerator: Any
+    run_dir: Path
+    logger: logging.Logger
+    identity: dict
+    resume_dir: Path | None
+
+
+def start_run(cfg) -> RunContext:
+    """Accelerator + seed, run dir, resolved config, start-up log of config path / run name / seed /
+    pipeline identity (SPEC §5.3), and the checkpoint to resume from (``training.resume_from``)."""
+    from configs.loader import save_resolved
+    from training.checkpoint import find_latest_checkpoint
+    from training.setup import log_run_header, make_accelerator, make_run_dir, setup_logging
+
+    t = cfg.training
+    accelerator = make_accelerator(t.mixed_precision, t.gradient_accumulation_steps, cfg.run.seed)
+    run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name)
+    run_logger = setup_logging(run_dir, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_resolved(cfg, run_dir)
+    identity = cfg.pipeline.to_dict()
+    log_run_header(run_logger, config_path=cfg.path, run_name=cfg.run.name, seed=cfg.run.seed,
+                   pipeline_identity=identity, run_dir=run_dir if accelerator.is_main_process else None)
+    resume_dir = None
+    if t.resume_from:
+        resume_dir = find_latest_checkpoint(run_dir) if t.resume_from == "latest" else Path(t.resume_from)
+        if resume_dir is None:
+            raise FileNotFoundError(f"training.resume_from=latest: no checkpoint-<step> under {run_dir}")
+    return RunContext(accelerator, run_dir, run_logger, identity, resume_dir)
+
+
+def make_tracker(cfg, run: RunContext):
+    from training.tracking import Tracker
+
+    tr = cfg.run.tracker
+    return Tracker(run.run_dir, tr.backend, tr.mode, tr.project, tr.entity, cfg.run.name,
+                   config={"config": cfg.resolved, "pipeline": run.identity}, tags=tr.tags,
+                   is_main_process=run.accelerator.is_main_process)
+
+
+def make_train_dataset(cfg, samples: EncodedRecords, accelerator):
+    """Static packing over the whole train set (SPEC Stage-1 policy), sharded by rank, resumable."""
+    from data.packing import PackedDataset
+
+    t = cfg.training
+    dataset = PackedDataset(
+        samples, t.max_length, t.batch_size, t.packing, seed=cfg.run.seed,
+        lengths=samples.lengths(), sources=samples.sources(),
+        num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+    )
+    logger.info("data: %d packed rows, %d micro-batches per epoch per rank", len(dataset.rows), len(dataset))
+    return dataset
+
+
+def forever(dataset):
+    """Micro-batches across epochs (``PackedDataset`` advances its epoch at the end of each pass)."""
+    while True:
+        yield from dataset
+
+
+def should(every: int, done: int, max_steps: int) -> bool:
+    """Periodic action after ``done`` optimizer steps: every ``every`` steps (0 = never) and at the end."""
+    return bool(every and done % every == 0) or done == max_steps
+
+
+def resolve_checkpoint(cfg, *, resume_model_dir: Path | None = None) -> str:
+    """The directory (or HF id) to load weights from: a resumed checkpoint, the tiny builder, or ``model.name_or_path``."""
+    if resume_model_dir is not None:
+        return str(resume_model_dir)
+    if cfg.model.tiny.enabled:
+        from model.tiny import build_tiny_checkpoint
+
+        return build_tiny_checkpoint(cfg.model.tiny.dir, seed=cfg.model.tiny.seed)
+    path = cfg.model.name_or_path
+    if not path:
+        raise ValueError("model.name_or_path: set a checkpoint dir / HF id, or model.tiny.enabled: true")
+    if (path.startswith((".", "/")) or Path(path).parts[:1] == ("runs",)) and not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"model.name_or_path={path!r} is not a directory; for the demo configs run the Stage-1 demo first "
+            "(python train_stage1.py --config configs/demo/stage1_shapes.yaml)"
+        )
+    return path
+
+
+def load_model(cfg, name_or_path: str) -> LoadedModel:
+    """Load model + tokenizer + image processor, add coord tokens, apply freeze and checkpointing switches."""
+    loaded = load_model_and_processors(
+        name_or_path,
+        dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        add_coord_tokens=cfg.model.coord_tokens.add_if_missing,
+        coord_init=cfg.model.coord_tokens.init,
+    )
+    counts = apply_freeze(
+        loaded.model,
+        vision=cfg.model.freeze.vision,
+        merger=cfg.model.freeze.merger,
+        language_model=cfg.model.freeze.language_model,
+    )
+    logger.info("model %s: %s", name_or_path, counts)
+    if cfg.model.gradient_checkpointing:
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loaded.model.config.use_cache = False
+    loaded.model.train()
+    return loaded
+
+
+@dataclass
+class DataSplits:
+    train: list[Record]
+    val: list[Record]
+
+
+def load_records(cfg) -> DataSplits:
+    """Read (or synthesise, then read) the train/val JSONL files; reports are logged, never silent."""
+    d = cfg.data
+    train_path, val_path = d.train_jsonl, d.val_jsonl
+    if d.synthetic.enabled:
+        from data.shapes import make_shapes_dataset
+
+        train_path, val_path = make_shapes_dataset(
+            d.synthetic.out_dir,
+            d.synthetic.num_train,
+            d.synthetic.num_val,
+            image_size=d.synthetic.image_size,
+            max_shapes=d.synthetic.max_shapes,
+            seed=d.synthetic.seed,
+        )
+
+    def read(path):
+        if not path:
+            return []
+        records, report = read_jsonl(
+            path,
+            image_root=d.image_root,
+            coords=d.coords,
+            object_order=d.object_order,
+            max_objects=d.max_objects,
+            skip_invalid=d.skip_invalid,
+        )
+        logger.info("data: %s", report.summary())
+        return records
+
+    return DataSplits(train=read(train_path), val=read(val_path))
+
+
+def make_encoder(cfg, loaded: LoadedModel) -> ChatEncoder:
+    return ChatEncoder(
+        loaded.tokenizer,
+        loaded.image_processor,
+        prompt=cfg.data.prompt,
+        system_prompt=cfg.data.system_prompt,
+        min_pixels=cfg.data.min_pixels,
+        max_pixels=cfg.data.max_pixels,
+    )
+
+
+def encoded(records: list[Record], encoder: ChatEncoder) -> EncodedRecords:
+    return EncodedRecords(records, encoder)
+
+
+def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel):
+    """``model_save_fn`` for ``training.checkpoint.save_training_state``: weights + tokenizer + image processor.
+
+    The state dict is gathered through ``accelerator.get_state_dict`` on every rank (FSDP / ZeRO-3
+    shards need all of them); only the main process writes.
+    """
+
+    def save(model_dir: Path) -> None:
+        full = accelerator.get_state_dict(prepared_model)
+        prefix = "vlm."
+        state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in full.items()}
+        if accelerator.is_main_process:
+            vlm.save_pretrained(str(model_dir), state_dict=state_dict, save_function=accelerator.save)
+            loaded.tokenizer.save_pretrained(str(model_dir))
+            loaded.image_processor.save_pretrained(str(model_dir))
+
+    return save
+
+
+def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder, val: list[Record], run_dir: Path, step: int) -> dict[str, Any]:
+    """In-loop rollout eval on the validation records (SPEC §8); returns ``eval/rollout/*`` metrics."""
+    if not val:
+        return {}
+    from eval.inloop import run_rollout_eval
+
+    records = val if cfg.eval.max_samples is None else val[: cfg.eval.max_samples]
+    rm = cfg.rollout_matching
+    was_training = vlm.training
+    with torch.no_grad():
+        metrics = run_rollout_eval(
+            vlm,
+            loaded.tokenizer,
+            loaded.coord_vocab,
+            encoder,
+            records,
+            backend_kwargs=dict(
+                max_new_tokens=rm.decoding.max_new_tokens,
+                temperature=0.0,
+                batch_size=cfg.eval.batch_size,
+                seed=rm.decoding.seed,
+            ),
+            matching=dict(iou_gate=rm.matching.iou_gate, fp_cost=rm.matching.fp_cost, fn_cost=rm.matching.fn_cost),
+            eval_detection=dict(
+                enabled=rm.eval_detection.enabled,
+                score_mode=rm.eval_detection.score_mode,
+                score_include_desc=rm.eval_detection.score_include_desc,
+            ),
+            out_dir=run_dir / "eval" / f"step_{step}",
+            accelerator=accelerator,
+        )
+    vlm.train(was_training)
+    return metrics
+
+
+def batch_metrics(batch) -> dict[str, float]:
+    """Token and packing counters of one micro-batch (SPEC §9 names)."""
+    from losses.registry import IGNORE
+
+    return {
+        "train/tokens_total": float(batch.num_tokens),
+        "train/supervised_tokens_total": float((batch.token_types != IGNORE).sum()),
+        "packing/segments_total": float(len(batch.segments)),
+        "packing/fill_frac": batch.num_tokens / max(batch.input_ids.numel(), 1),
+    }
