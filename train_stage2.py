@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     batch = rollouts[i].batch.to(accelerator.device)
                     fwd = rollout_forward(model, vlm, batch)
                     step_metrics = dict(rollouts[i].metrics)
-                ctx = TeacherForcingContext(channel=channel, batch=batch, hidden=fwd.hidden,
+                # Rollout-Aligned has no channels: every module runs (channel None).
+                ctx = TeacherForcingContext(channel=channel if two_channel else None, batch=batch, hidden=fwd.hidden,
                                             lm_head_weight=vlm.get_output_embeddings().weight,
                                             coord_token_ids=coord_ids, coord_decode_mode=decode_mode)
                 result = run_pipeline(cfg.pipeline, ctx)

@@ -1,0 +1,26 @@
+"""The objective pipeline: manifests, module registry, TeacherForcingContext, executor (SPEC §5).
+
+Forward strategies live in ``pipeline.forwards`` (imported explicitly by trainers; it needs the
+model package). Nothing here imports wandb, pycocotools or vLLM.
+"""
+
+from pipeline.context import PipelineError, TeacherForcingContext
+from pipeline.executor import PipelineResult, reset_diagnostics_state, run_pipeline
+from pipeline.manifest import FLAT_OBJECTIVE_KNOBS, ModuleSpec, ResolvedPipeline, resolve_pipeline
+from pipeline.registry import DIAGNOSTICS_MODULES, OBJECTIVE_MODULES, get_module, register_module
+
+__all__ = [
+    "DIAGNOSTICS_MODULES",
+    "FLAT_OBJECTIVE_KNOBS",
+    "OBJECTIVE_MODULES",
+    "ModuleSpec",
+    "PipelineError",
+    "PipelineResult",
+    "ResolvedPipeline",
+    "TeacherForcingContext",
+    "get_module",
+    "register_module",
+    "reset_diagnostics_state",
+    "resolve_pipeline",
+    "run_pipeline",
+]

@@ -1,0 +1,119 @@
+"""Forward strategies: which forwards a step runs and which context each one fills.
+
+- ``gt_forward``: one teacher-forced forward on the batch tokens (Stage-1, and the
+  rollout forward of Channel-B / Rollout-Aligned on rollout-built batches).
+- ``expectation_forward``: Channel-A. Forward 0 on GT tokens gives the ``gt``
+  context; forwards 1..N-1 replace every coord *input* slot by a context
+  embedding built from the previous forward's coord distribution at the
+  preceding position; the last forward is ``self_context``. The vision tower runs
+  once per call and its output is reused by every forward.
+
+All forwards return final hidden states ``[B, T, H]``; losses project only the
+positions they need (see ``losses/ce.py``). ``model`` is what the trainer got
+back from ``accelerator.prepare`` (a ``model.forward.HiddenStatesModel``,
+possibly DDP-wrapped); ``vlm`` is the unwrapped Qwen3-VL model (for the vision
+tower, the embedding table and rope indices, which need no DDP hooks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data.types import PackedBatch
+from losses.ce import coord_logits as project_coord_logits
+from losses.ce import hidden_at_logit_pos
+from losses.coord import context_embeddings
+from losses.registry import COORD, GT, ROLLOUT, SELF_CONTEXT
+from model.forward import compute_vision, embed_tokens, position_ids_for_batch
+
+EMBED_MODES = ("soft", "st", "hard")
+GRAD_MODES = ("unroll", "em_detach")
+
+
+@dataclass
+class ForwardResult:
+    """Hidden states per context (``[B, T, H]`` each) and how many model forwards ran."""
+
+    hidden: dict[str, torch.Tensor]
+    num_forwards: int
+
+
+def _forward(model, batch: PackedBatch, position_ids, vision, *, inputs_embeds=None) -> torch.Tensor:
+    kwargs = dict(
+        position_ids=position_ids,
+        mm_token_type_ids=batch.mm_token_type_ids,
+        image_grid_thw=batch.image_grid_thw,
+        vision=vision,
+    )
+    if inputs_embeds is None:
+        return model(input_ids=batch.input_ids, **kwargs)
+    return model(inputs_embeds=inputs_embeds, **kwargs)
+
+
+def gt_forward(model, vlm, batch: PackedBatch, *, context: str = GT) -> ForwardResult:
+    """One teacher-forced forward; the hidden states fill ``context`` (``gt`` or ``rollout``)."""
+    if context not in (GT, ROLLOUT):
+        raise ValueError(f"gt_forward fills context 'gt' or 'rollout', not {context!r}")
+    position_ids = position_ids_for_batch(vlm, batch)
+    vision = compute_vision(vlm, batch.pixel_values, batch.image_grid_thw)
+    hidden = _forward(model, batch, position_ids, vision)
+    return ForwardResult(hidden={context: hidden}, num_forwards=1)
+
+
+def rollout_forward(model, vlm, batch: PackedBatch) -> ForwardResult:
+    """Channel-B / Rollout-Aligned: one teacher-forced forward on rollout-built sequences."""
+    return gt_forward(model, vlm, batch, context=ROLLOUT)
+
+
+def expectation_forward(
+    model,
+    vlm,
+    batch: PackedBatch,
+    coord_token_ids: torch.Tensor,
+    *,
+    n_iter: int = 2,
+    embed_mode: str = "st",
+    grad_mode: str = "unroll",
+    temperature: float = 1.0,
+) -> ForwardResult:
+    """Channel-A Expectation step (SPEC §6): N full forwards, vision once.
+
+    ``coord_token_ids``: ``[1000]`` ids of ``<|coord_0..999|>`` (their input
+    embedding rows are the table ``E`` of SPEC §4). Coord input positions are the
+    GT coord tokens (``token_types == COORD``); their context embedding comes from
+    the coord distribution read at ``coord_in_pos - 1`` of the previous forward.
+    Text, struct and image inputs stay GT. ``n_iter == 1`` is plain teacher forcing:
+    ``self_context`` is then the ``gt`` forward itself.
+    """
+    if n_iter < 1:
+        raise ValueError(f"stage2_ab.n_softctx_iter must be >= 1, got {n_iter}")
+    if embed_mode not in EMBED_MODES:
+        raise ValueError(f"stage2_ab.coord_ctx_embed_mode must be one of {EMBED_MODES}, got {embed_mode!r}")
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"stage2_ab.softctx_grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+
+    position_ids = position_ids_for_batch(vlm, batch)
+    vision = compute_vision(vlm, batch.pixel_values, batch.image_grid_thw)
+    hidden = _forward(model, batch, position_ids, vision)
+    result = {GT: hidden}
+    if n_iter == 1:
+        result[SELF_CONTEXT] = hidden
+        return ForwardResult(hidden=result, num_forwards=1)
+
+    B, T = batch.input_ids.shape
+    coord_in = (batch.token_types == COORD).reshape(-1).nonzero(as_tuple=True)[0]  # flat positions [N]
+    rows, cols = coord_in // T, coord_in % T
+    base_embeds = embed_tokens(vlm, batch.input_ids)
+    table = embed_tokens(vlm, coord_token_ids)  # E: [1000, H] coord rows of the input table
+    lm_weight = vlm.get_output_embeddings().weight
+    for _ in range(1, n_iter):
+        logits = project_coord_logits(hidden_at_logit_pos(hidden, coord_in), lm_weight, coord_token_ids)
+        if grad_mode == "em_detach":
+            logits = logits.detach()
+        ctx_embeds = context_embeddings(logits, table, embed_mode, temperature)
+        embeds = base_embeds.index_put((rows, cols), ctx_embeds.to(base_embeds.dtype))
+        hidden = _forward(model, batch, position_ids, vision, inputs_embeds=embeds)
+    result[SELF_CONTEXT] = hidden
+    return ForwardResult(hidden=result, num_forwards=n_iter)

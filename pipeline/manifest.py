@@ -1,0 +1,582 @@
+"""Objective pipeline manifests: parse, validate, default, and fingerprint (SPEC §5, §5.1-§5.3).
+
+``resolve_pipeline(raw, variant)`` turns the merged user YAML (a plain nested mapping, *before*
+schema defaults are filled, so "written" means "present in raw") into a
+:class:`ResolvedPipeline`: the ordered objective and diagnostics module lists with every module
+config default applied, plus the ``extra`` identity keys (variant, decode/embed modes) that enter
+the checksum. Every problem raises ``configs.errors.ConfigError`` with a dotted key such as
+``stage2_ab.pipeline.objective[2].config.sof_ce_weight``.
+
+Where a pipeline lives per variant:
+
+    stage1                  -> stage1.pipeline
+    stage2_two_channel      -> stage2_ab.pipeline
+    stage2_rollout_aligned  -> rollout_matching.pipeline
+
+A pipeline value of ``null`` counts as omitted (so ``--set stage2_ab.pipeline=null`` returns to
+the default manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from configs.errors import ConfigError, did_you_mean
+from pipeline.registry import DIAGNOSTICS, OBJECTIVE, KeyRule, ModuleDef, get_module, known_modules
+
+STAGE1 = "stage1"
+STAGE2_TWO_CHANNEL = "stage2_two_channel"
+STAGE2_ROLLOUT_ALIGNED = "stage2_rollout_aligned"
+VARIANTS: tuple[str, ...] = (STAGE1, STAGE2_TWO_CHANNEL, STAGE2_ROLLOUT_ALIGNED)
+
+PIPELINE_LOCATIONS: dict[str, str] = {
+    STAGE1: "stage1.pipeline",
+    STAGE2_TWO_CHANNEL: "stage2_ab.pipeline",
+    STAGE2_ROLLOUT_ALIGNED: "rollout_matching.pipeline",
+}
+
+ENTRY_KEYS: tuple[str, ...] = ("name", "enabled", "weight", "channels", "config")
+CHANNEL_ORDER: tuple[str, ...] = ("A", "B")
+
+# ST / decode modes that change what the objective computes: part of the pipeline identity.
+MODE_KEYS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
+    STAGE1: {},
+    STAGE2_TWO_CHANNEL: {
+        "stage2_ab.coord_ctx_embed_mode": ("st", ("soft", "st", "hard")),
+        "stage2_ab.coord_decode_mode": ("exp", ("exp", "st")),
+    },
+    STAGE2_ROLLOUT_ALIGNED: {
+        "rollout_matching.coord_decode_mode": ("exp", ("exp", "st")),
+    },
+}
+
+# custom.coord_soft_ce_w1 sub-key -> coord_reg config key (SPEC §5.2). "enabled" maps to the
+# coord_reg entry's own ``enabled`` key (an entry key, not a config key).
+_SOFT_CE_W1_MAP: dict[str, str] = {
+    "enabled": "enabled",
+    "ce_weight": "coord_ce_weight",
+    "soft_ce_weight": "soft_ce_weight",
+    "w1_weight": "w1_weight",
+    "gate_weight": "coord_gate_weight",
+    "temperature": "temperature",
+    "target_sigma": "target_sigma",
+    "target_truncate": "target_truncate",
+}
+# Defaults of custom.coord_soft_ce_w1 (configs/schema/custom.json); repeated here because raw
+# has no defaults filled in.
+_SOFT_CE_W1_DEFAULTS: dict[str, Any] = {
+    "enabled": False,
+    "ce_weight": 0.0,
+    "soft_ce_weight": 1.0,
+    "w1_weight": 1.0,
+    "gate_weight": 1.0,
+    "temperature": 1.0,
+    "target_sigma": 2.0,
+    "target_truncate": None,
+}
+_SOFT_CE_W1_KNOBS: dict[str, str] = {f"custom.coord_soft_ce_w1.{k}": f"coord_reg.{v}" for k, v in _SOFT_CE_W1_MAP.items()}
+
+# Two-Channel flat knob -> (module.config_key, default). desc_ce_weight feeds two token_ce keys.
+_TWO_CHANNEL_FLAT: dict[str, tuple[str, Any]] = {
+    "stage2_ab.desc_ce_weight": ("token_ce.desc_ce_weight", 1.0),
+    "stage2_ab.fmt_struct_ce_weight": ("token_ce.self_context_struct_ce_weight", 0.1),
+    "stage2_ab.channel_b.drop_invalid_struct_ce_multiplier": ("token_ce.rollout_drop_invalid_struct_ce_multiplier", 1.0),
+    "stage2_ab.bbox_smoothl1_weight": ("bbox_geo.smoothl1_weight", 1.0),
+    "stage2_ab.bbox_ciou_weight": ("bbox_geo.ciou_weight", 1.0),
+    "stage2_ab.coord_ce_weight": ("coord_reg.coord_ce_weight", 0.0),
+    "stage2_ab.coord_el1_weight": ("coord_reg.coord_el1_weight", 0.0),
+    "stage2_ab.coord_ehuber_weight": ("coord_reg.coord_ehuber_weight", 0.0),
+    "stage2_ab.coord_huber_delta": ("coord_reg.coord_huber_delta", 0.001),
+    "stage2_ab.coord_entropy_weight": ("coord_reg.coord_entropy_weight", 0.0),
+    "stage2_ab.coord_gate_weight": ("coord_reg.coord_gate_weight", 0.0),
+    "stage2_ab.text_gate_weight": ("coord_reg.text_gate_weight", 0.0),
+}
+
+FLAT_OBJECTIVE_KNOBS: dict[str, dict[str, str]] = {
+    STAGE1: dict(_SOFT_CE_W1_KNOBS),
+    STAGE2_TWO_CHANNEL: {**{k: v[0] for k, v in _TWO_CHANNEL_FLAT.items()}, **_SOFT_CE_W1_KNOBS},
+    STAGE2_ROLLOUT_ALIGNED: dict(_SOFT_CE_W1_KNOBS),
+}
+"""Per variant: every flat objective knob (dotted key in raw) -> the ``module.config_key`` that
+replaces it in a written pipeline (``coord_reg.enabled`` is the entry's ``enabled`` key). When a
+pipeline is written, each of these present in raw is rejected; so is a bare
+``custom.coord_soft_ce_w1`` block."""
+
+DEFAULT_OBJECTIVE_ORDER: tuple[str, ...] = ("token_ce", "bbox_geo", "coord_reg")
+DEFAULT_DIAGNOSTICS: tuple[str, ...] = ("coord_diag",)
+
+
+# ---------------------------------------------------------------------------- contracts
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One resolved pipeline entry. ``config`` has every default applied (read-only mapping).
+
+    ``channels``: subset of ("A", "B") in that order; only Stage-2 Two-Channel scopes by it.
+    """
+
+    name: str
+    enabled: bool = True
+    weight: float = 1.0
+    channels: tuple[str, ...] = CHANNEL_ORDER
+    config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalised entry of SPEC §5.3 (``weight`` float, channels in A,B order, floats finite, -0.0 -> 0.0)."""
+        return {
+            "name": self.name,
+            "enabled": bool(self.enabled),
+            "weight": _canon_value(float(self.weight), f"{self.name}.weight"),
+            "channels": [c for c in CHANNEL_ORDER if c in self.channels],
+            "config": {k: _canon_value(v, f"{self.name}.config.{k}") for k, v in sorted(self.config.items())},
+        }
+
+
+@dataclass(frozen=True)
+class ResolvedPipeline:
+    """The objective of one run: ordered module lists, identity extras and where it came from.
+
+    ``source`` is ``"default"`` (built from flat knobs, SPEC §5.2) or ``"explicit"`` (written).
+    ``extra`` holds ``variant`` and the decode/embed modes under their full dotted names.
+    """
+
+    variant: str
+    objective: tuple[ModuleSpec, ...]
+    diagnostics: tuple[ModuleSpec, ...]
+    extra: Mapping[str, Any]
+    source: str
+
+    def identity(self) -> dict[str, Any]:
+        """The object the checksum is taken of: ``{"objective", "diagnostics", "extra"}``."""
+        return {
+            "objective": [m.to_dict() for m in self.objective],
+            "diagnostics": [m.to_dict() for m in self.diagnostics],
+            "extra": {k: _canon_value(v, f"extra.{k}") for k, v in sorted(self.extra.items())},
+        }
+
+    def canonical_json(self) -> str:
+        """``json.dumps(identity, sort_keys=True, separators=(",", ":"))``; NaN/Inf raise ValueError."""
+        return json.dumps(self.identity(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    @property
+    def checksum(self) -> str:
+        """sha256 hex of :meth:`canonical_json` (SPEC §5.3)."""
+        return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Identity plus ``variant``, ``source`` and ``checksum``: what the trainer logs and saves."""
+        return {"variant": self.variant, "source": self.source, **self.identity(), "checksum": self.checksum}
+
+    def module_names(self) -> dict[str, list[str]]:
+        """Enabled module names per list, in run order (for the start-up log line)."""
+        return {
+            "objective": [m.name for m in self.objective if m.enabled],
+            "diagnostics": [m.name for m in self.diagnostics if m.enabled],
+        }
+
+
+def _canon_value(value: Any, where: str) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"pipeline value {where} = {value!r} is not finite; NaN/Inf cannot be fingerprinted")
+        return 0.0 if value == 0.0 else value  # -0.0 -> 0.0
+    if isinstance(value, Mapping):
+        return {str(k): _canon_value(v, f"{where}.{k}") for k, v in sorted(value.items())}
+    if isinstance(value, Sequence):
+        return [_canon_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise ValueError(f"pipeline value {where} has type {type(value).__name__}; expected bool/int/float/str/null")
+
+
+# ---------------------------------------------------------------------------- raw access
+
+_MISSING = object()
+
+
+def _lookup(raw: Mapping[str, Any], dotted: str) -> Any:
+    """Value at ``dotted`` in raw, or _MISSING when any level is absent."""
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _is_written(raw: Mapping[str, Any], dotted: str) -> bool:
+    value = _lookup(raw, dotted)
+    return value is not _MISSING and value is not None
+
+
+def _is_seq(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+# ---------------------------------------------------------------------------- value checks
+
+
+def _check_config_value(mod: ModuleDef, key: str, value: Any, where: str) -> Any:
+    """Validate one module config value; return it normalised (ints -> float for float keys)."""
+    default = mod.defaults[key]
+    rule = mod.rules.get(key, KeyRule())
+    if value is None:
+        if rule.nullable:
+            return None
+        raise ConfigError(where, f"must not be null (default {default!r})")
+    if rule.integer:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+                value = int(value)
+            else:
+                extra = " or null" if rule.nullable else ""
+                raise ConfigError(where, f"must be an integer{extra}, got {value!r}")
+    elif isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(where, f"must be true or false, got {value!r}")
+        return value
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(where, f"must be a string, got {value!r}")
+        return value
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(where, f"must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(where, f"must be a finite number, got {value!r}")
+    if rule.minimum is not None:
+        if rule.exclusive_minimum and not value > rule.minimum:
+            raise ConfigError(where, f"must be > {rule.minimum}, got {value!r}")
+        if not rule.exclusive_minimum and not value >= rule.minimum:
+            raise ConfigError(where, f"must be >= {rule.minimum}, got {value!r}")
+    if rule.maximum is not None and not value <= rule.maximum:
+        raise ConfigError(where, f"must be <= {rule.maximum}, got {value!r}")
+    return value
+
+
+def _module_config(mod: ModuleDef, written: Mapping[str, Any], where: str) -> MappingProxyType:
+    """Defaults of ``mod`` overlaid with ``written`` (validated); unknown keys raise."""
+    out = dict(mod.defaults)
+    allowed = sorted(mod.defaults)
+    for key, value in written.items():
+        if key not in mod.defaults:
+            allowed_txt = ", ".join(allowed) if allowed else "none (this module takes no config)"
+            raise ConfigError(
+                f"{where}.{key}",
+                f"unknown config key for module {mod.name!r}{did_you_mean(str(key), allowed)}; allowed keys: {allowed_txt}",
+            )
+        out[key] = _check_config_value(mod, key, value, f"{where}.{key}")
+    return MappingProxyType(out)
+
+
+# ---------------------------------------------------------------------------- explicit pipelines
+
+
+def _parse_entry(entry: Any, where: str, list_kind: str, variant: str) -> ModuleSpec:
+    if not isinstance(entry, Mapping):
+        raise ConfigError(where, f"each module entry must be a mapping with keys {', '.join(ENTRY_KEYS)}; got {entry!r}")
+    for key in entry:
+        if key not in ENTRY_KEYS:
+            raise ConfigError(
+                f"{where}.{key}",
+                f"unknown module entry key{did_you_mean(str(key), ENTRY_KEYS)}; allowed: {', '.join(ENTRY_KEYS)} "
+                "(module knobs go under 'config')",
+            )
+    if "name" not in entry:
+        raise ConfigError(f"{where}.name", "is required (the module to run)")
+    name = entry["name"]
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}.name", f"must be a non-empty string, got {name!r}")
+    try:
+        mod = get_module(name)
+    except KeyError:
+        known = known_modules()
+        raise ConfigError(
+            f"{where}.name", f"unknown module {name!r}{did_you_mean(name, known)}; known modules: {', '.join(known)}"
+        ) from None
+    if mod.kind != list_kind:
+        other = "diagnostics" if list_kind == OBJECTIVE else "objective"
+        raise ConfigError(
+            f"{where}.name",
+            f"{name!r} is a {mod.kind} module and cannot be listed under '{list_kind}'; move it to '{other}'",
+        )
+
+    enabled = entry.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}.enabled", f"must be true or false, got {enabled!r}")
+
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ConfigError(f"{where}.weight", f"must be a number >= 0, got {weight!r}")
+    weight = float(weight)
+    if not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"{where}.weight", f"must be a finite number >= 0, got {weight!r}")
+    if list_kind == DIAGNOSTICS and weight != 1.0:
+        raise ConfigError(f"{where}.weight", "diagnostics modules add no loss; remove 'weight' from this entry")
+
+    channels_raw = entry.get("channels", list(CHANNEL_ORDER))
+    if not _is_seq(channels_raw) or not channels_raw:
+        raise ConfigError(f"{where}.channels", f"must be a non-empty list drawn from [A, B], got {channels_raw!r}")
+    for c in channels_raw:
+        if c not in CHANNEL_ORDER:
+            raise ConfigError(f"{where}.channels", f"unknown channel {c!r}; allowed: A, B")
+    if len(set(channels_raw)) != len(channels_raw):
+        raise ConfigError(f"{where}.channels", f"lists a channel twice: {list(channels_raw)!r}")
+    channels = tuple(c for c in CHANNEL_ORDER if c in channels_raw)
+    if variant == STAGE1 and channels != CHANNEL_ORDER:
+        raise ConfigError(f"{where}.channels", "channels only scope modules in stage2_two_channel; Stage-1 runs every "
+                          "module, so remove 'channels' (or disable the module with enabled: false)")
+    if variant == STAGE2_ROLLOUT_ALIGNED and "B" not in channels:
+        raise ConfigError(f"{where}.channels", "stage2_rollout_aligned steps are all rollout (channel B) steps; a module "
+                          "scoped to [A] would never run: use [B], [A, B] or enabled: false")
+
+    written_cfg = entry.get("config", {})
+    if written_cfg is None:
+        written_cfg = {}
+    if not isinstance(written_cfg, Mapping):
+        raise ConfigError(f"{where}.config", f"must be a mapping of module knobs, got {written_cfg!r}")
+    config = _module_config(mod, written_cfg, f"{where}.config")
+    return ModuleSpec(name=name, enabled=enabled, weight=weight, channels=channels, config=config)
+
+
+def _parse_list(value: Any, where: str, list_kind: str, variant: str) -> tuple[ModuleSpec, ...]:
+    if not _is_seq(value):
+        raise ConfigError(where, f"must be a list of module entries, got {value!r}")
+    specs: list[ModuleSpec] = []
+    first_at: dict[str, int] = {}
+    for i, entry in enumerate(value):
+        spec = _parse_entry(entry, f"{where}[{i}]", list_kind, variant)
+        if spec.name in first_at:
+            raise ConfigError(
+                f"{where}[{i}].name",
+                f"duplicate module {spec.name!r} (first listed at {where}[{first_at[spec.name]}]); each module runs once",
+            )
+        first_at[spec.name] = i
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _parse_explicit(pipe: Any, loc: str, variant: str) -> tuple[tuple[ModuleSpec, ...], tuple[ModuleSpec, ...]]:
+    if not isinstance(pipe, Mapping):
+        raise ConfigError(loc, f"must be a mapping with keys objective, diagnostics; got {pipe!r}")
+    for key in pipe:
+        if key not in (OBJECTIVE, DIAGNOSTICS):
+            raise ConfigError(f"{loc}.{key}", f"unknown key{did_you_mean(str(key), (OBJECTIVE, DIAGNOSTICS))}; "
+                              "allowed: objective, diagnostics")
+    if OBJECTIVE not in pipe or pipe[OBJECTIVE] is None:
+        raise ConfigError(f"{loc}.objective", "is required when a pipeline is written (list at least one objective "
+                          "module, e.g. [{name: token_ce}])")
+    objective = _parse_list(pipe[OBJECTIVE], f"{loc}.objective", OBJECTIVE, variant)
+    if not any(m.enabled for m in objective):
+        raise ConfigError(f"{loc}.objective", "has no enabled module: the step would have no loss")
+    diag_raw = pipe.get(DIAGNOSTICS)
+    diagnostics = () if diag_raw is None else _parse_list(diag_raw, f"{loc}.diagnostics", DIAGNOSTICS, variant)
+    return objective, diagnostics
+
+
+# ---------------------------------------------------------------------------- default manifests
+
+
+def _flat(raw: Mapping[str, Any], dotted: str, default: Any) -> Any:
+    value = _lookup(raw, dotted)
+    return default if value is _MISSING or value is None else value
+
+
+def _soft_ce_w1(raw: Mapping[str, Any], variant: str) -> dict[str, Any]:
+    block = _lookup(raw, "custom.coord_soft_ce_w1")
+    if block is _MISSING or block is None:
+        block = {}
+    if not isinstance(block, Mapping):
+        raise ConfigError("custom.coord_soft_ce_w1", f"must be a mapping, got {block!r}")
+    for key in block:
+        if key not in _SOFT_CE_W1_DEFAULTS:
+            raise ConfigError(f"custom.coord_soft_ce_w1.{key}", f"unknown key{did_you_mean(str(key), _SOFT_CE_W1_DEFAULTS)}; "
+                              f"allowed: {', '.join(_SOFT_CE_W1_DEFAULTS)}")
+    out = {k: block.get(k, d) for k, d in _SOFT_CE_W1_DEFAULTS.items()}
+    if not isinstance(out["enabled"], bool):
+        raise ConfigError("custom.coord_soft_ce_w1.enabled", f"must be true or false, got {out['enabled']!r}")
+    if variant == STAGE2_TWO_CHANNEL:
+        # Two-Channel takes coord CE and the coord gate from its own flat knobs (SPEC §5.2);
+        # accepting these here would silently do nothing.
+        for key, replacement in (("ce_weight", "stage2_ab.coord_ce_weight"), ("gate_weight", "stage2_ab.coord_gate_weight")):
+            if key in block:
+                raise ConfigError(f"custom.coord_soft_ce_w1.{key}", f"is not used by stage2_two_channel; set {replacement} instead")
+    return out
+
+
+def _build(name: str, values: Mapping[str, tuple[Any, str]], *, enabled: bool = True) -> ModuleSpec:
+    """Default-manifest entry: ``values`` maps config key -> (value, dotted source key for errors)."""
+    mod = get_module(name)
+    cfg = dict(mod.defaults)
+    for key, (value, src) in values.items():
+        cfg[key] = _check_config_value(mod, key, value, src)
+    return ModuleSpec(name=name, enabled=enabled, weight=1.0, channels=CHANNEL_ORDER, config=MappingProxyType(cfg))
+
+
+def _coord_reg_from_soft(soft: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
+    src = "custom.coord_soft_ce_w1."
+    return {
+        "coord_ce_weight": (soft["ce_weight"], src + "ce_weight"),
+        "soft_ce_weight": (soft["soft_ce_weight"], src + "soft_ce_weight"),
+        "w1_weight": (soft["w1_weight"], src + "w1_weight"),
+        "coord_gate_weight": (soft["gate_weight"], src + "gate_weight"),
+        "temperature": (soft["temperature"], src + "temperature"),
+        "target_sigma": (soft["target_sigma"], src + "target_sigma"),
+        "target_truncate": (soft["target_truncate"], src + "target_truncate"),
+        "text_gate_weight": (0.0, "coord_reg.text_gate_weight"),
+    }
+
+
+def _default_manifest(raw: Mapping[str, Any], variant: str) -> tuple[ModuleSpec, ...]:
+    soft = _soft_ce_w1(raw, variant)
+    if variant == STAGE2_TWO_CHANNEL:
+        v = {flat: (_flat(raw, flat, default), flat) for flat, (_, default) in _TWO_CHANNEL_FLAT.items()}
+        desc = v["stage2_ab.desc_ce_weight"]
+        token_ce = _build("token_ce", {
+            "desc_ce_weight": desc,
+            "rollout_fn_desc_weight": desc,
+            "self_context_struct_ce_weight": v["stage2_ab.fmt_struct_ce_weight"],
+            "rollout_drop_invalid_struct_ce_multiplier": v["stage2_ab.channel_b.drop_invalid_struct_ce_multiplier"],
+        })
+        bbox_geo = _build("bbox_geo", {
+            "smoothl1_weight": v["stage2_ab.bbox_smoothl1_weight"],
+            "ciou_weight": v["stage2_ab.bbox_ciou_weight"],
+        })
+        reg: dict[str, tuple[Any, str]] = {
+            target.split(".", 1)[1]: v[flat]
+            for flat, (target, _) in _TWO_CHANNEL_FLAT.items()
+            if target.startswith("coord_reg.")
+        }
+        src = "custom.coord_soft_ce_w1."
+        if soft["enabled"]:
+            for key in ("soft_ce_weight", "w1_weight", "temperature", "target_sigma", "target_truncate"):
+                reg[key] = (soft[key], src + key)
+            reg["self_context_soft_ce_weight"] = (soft["soft_ce_weight"], src + "soft_ce_weight")
+        else:
+            reg["soft_ce_weight"] = (0.0, "coord_reg.soft_ce_weight")
+            reg["w1_weight"] = (0.0, "coord_reg.w1_weight")
+            reg["self_context_soft_ce_weight"] = (0.05, "coord_reg.self_context_soft_ce_weight")
+        return (token_ce, bbox_geo, _build("coord_reg", reg))
+
+    if variant == STAGE2_ROLLOUT_ALIGNED:
+        token_ce = _build("token_ce", {})
+        bbox_geo = _build("bbox_geo", {})
+        reg = _coord_reg_from_soft(soft) if soft["enabled"] else {}
+        return (token_ce, bbox_geo, _build("coord_reg", reg, enabled=soft["enabled"]))
+
+    # Stage-1: geometry only when asked for (an explicit pipeline); coord_reg either the
+    # soft-CE/W1 mapping or the CE-only baseline (coord_ce + coord_gate = plain next-token CE).
+    token_ce = _build("token_ce", {})
+    bbox_geo = _build("bbox_geo", {}, enabled=False)
+    if soft["enabled"]:
+        reg = _coord_reg_from_soft(soft)
+    else:
+        ce_only = "coord_reg (CE-only baseline)"
+        reg = {k: (0.0, ce_only) for k in get_module("coord_reg").defaults if k.endswith("_weight")}
+        reg["coord_ce_weight"] = (1.0, ce_only)
+        reg["coord_gate_weight"] = (1.0, ce_only)
+    return (token_ce, bbox_geo, _build("coord_reg", reg))
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def _check_guardrails(raw: Mapping[str, Any], variant: str) -> None:
+    own = PIPELINE_LOCATIONS[variant]
+    for other_variant, loc in PIPELINE_LOCATIONS.items():
+        if other_variant != variant and _is_written(raw, loc):
+            shown = "null (Stage-1)" if variant == STAGE1 else variant
+            raise ConfigError(
+                loc,
+                f"is only read by custom.trainer_variant={other_variant if other_variant != STAGE1 else 'null (Stage-1)'}, "
+                f"but this config runs custom.trainer_variant={shown}; move the module lists to {own} "
+                f"(or change custom.trainer_variant)",
+            )
+
+
+def _check_no_flat_knobs(raw: Mapping[str, Any], variant: str) -> None:
+    loc = PIPELINE_LOCATIONS[variant]
+    for flat, target in FLAT_OBJECTIVE_KNOBS[variant].items():
+        if _lookup(raw, flat) is not _MISSING:
+            module, key = target.split(".", 1)
+            if key == "enabled":
+                what = "entry key 'enabled' (and the soft_ce_weight / w1_weight config keys)"
+            elif flat == "stage2_ab.desc_ce_weight":
+                what = "config keys 'desc_ce_weight' and 'rollout_fn_desc_weight'"
+            else:
+                what = f"config key '{key}'"
+            raise ConfigError(
+                flat,
+                f"is a flat objective knob, but {loc} is written (one config mode at a time): delete {flat} and "
+                f"set {what} of module '{module}' in {loc}.objective instead",
+            )
+    if _lookup(raw, "custom.coord_soft_ce_w1") is not _MISSING:
+        mapping = ", ".join(f"{k} -> coord_reg.{v}" for k, v in _SOFT_CE_W1_MAP.items())
+        raise ConfigError(
+            "custom.coord_soft_ce_w1",
+            f"is a flat objective block, but {loc} is written: delete it and configure module 'coord_reg' in "
+            f"{loc}.objective ({mapping})",
+        )
+
+
+def _extra(raw: Mapping[str, Any], variant: str) -> MappingProxyType:
+    extra: dict[str, Any] = {"variant": variant}
+    for dotted, (default, allowed) in MODE_KEYS[variant].items():
+        value = _flat(raw, dotted, default)
+        if value not in allowed:
+            raise ConfigError(dotted, f"must be one of {', '.join(allowed)}, got {value!r}{did_you_mean(str(value), allowed)}")
+        extra[dotted] = value
+    return MappingProxyType(extra)
+
+
+def resolve_pipeline(raw: Mapping[str, Any], variant: str) -> ResolvedPipeline:
+    """Resolve the objective of ``variant`` from the merged user config ``raw`` (no defaults filled).
+
+    Written pipeline -> parsed and validated (``source="explicit"``); omitted -> the default
+    manifest of SPEC §5.2 from the flat knobs (``source="default"``). Raises ConfigError.
+    """
+    if variant not in VARIANTS:
+        raise ConfigError("custom.trainer_variant", f"unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    if not isinstance(raw, Mapping):
+        raise ConfigError("", f"config root must be a mapping, got {type(raw).__name__}")
+    for section in ("stage1", "stage2_ab", "rollout_matching", "custom"):
+        value = _lookup(raw, section)
+        if value is not _MISSING and value is not None and not isinstance(value, Mapping):
+            raise ConfigError(section, f"must be a mapping, got {value!r}")
+    _check_guardrails(raw, variant)
+    loc = PIPELINE_LOCATIONS[variant]
+    extra = _extra(raw, variant)
+    if _is_written(raw, loc):
+        _check_no_flat_knobs(raw, variant)
+        objective, diagnostics = _parse_explicit(_lookup(raw, loc), loc, variant)
+        source = "explicit"
+    else:
+        objective = _default_manifest(raw, variant)
+        diagnostics = tuple(_build(name, {}) for name in DEFAULT_DIAGNOSTICS)
+        source = "default"
+    resolved = ResolvedPipeline(variant=variant, objective=objective, diagnostics=diagnostics, extra=extra, source=source)
+    resolved.canonical_json()  # NaN/Inf or unserialisable values fail here, at config load
+    return resolved
+
+
+__all__ = [
+    "DEFAULT_DIAGNOSTICS",
+    "DEFAULT_OBJECTIVE_ORDER",
+    "FLAT_OBJECTIVE_KNOBS",
+    "MODE_KEYS",
+    "PIPELINE_LOCATIONS",
+    "VARIANTS",
+    "ModuleSpec",
+    "ResolvedPipeline",
+    "resolve_pipeline",
+]

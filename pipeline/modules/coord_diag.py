@@ -1,0 +1,60 @@
+"""``coord_diag`` (diagnostics): how the coord distributions look where geometry reads them.
+
+Context: ``gt`` (Stage-1), ``self_context`` (Channel-A), ``rollout`` (matched + FN coords).
+Runs under no_grad (the executor); all values are means over the N coord positions with a
+target, plus one counter. Keys (SPEC §9 classes: ``_mean``/``_frac`` mean-like, ``_total`` summed):
+
+- ``coord_diag/entropy_mean``: entropy of p = softmax(s) over the 1000 coord bins (nats)
+- ``coord_diag/exp_argmax_gap_mean``: |expectation decode − argmax/999| (fractions): the
+  forward gap the ST bridge hides (0 for a one-hot distribution)
+- ``coord_diag/exp_abs_err_mean``: |expectation decode − target/999| (fractions)
+- ``coord_diag/bin_acc_frac``: fraction with |argmax − target| <= ``bin_tolerance`` bins
+- ``coord_diag/coord_mass_mean``: probability mass of the full softmax on the coord vocabulary
+  (only when ``coord_mass``: it needs a full-vocabulary logsumexp at every coord position)
+- ``coord_diag/coord_positions_total``: N
+"""
+
+from __future__ import annotations
+
+import torch
+
+from losses.coord import coord_probs, expectation_decode
+from losses.coord_reg import entropy
+from losses.registry import NUM_COORD_BINS
+from pipeline.context import TeacherForcingContext
+from pipeline.registry import DIAGNOSTICS, KeyRule, ModuleOutput, register_module
+
+DEFAULTS = {"bin_tolerance": 0, "coord_mass": True}
+RULES = {
+    "bin_tolerance": KeyRule(minimum=0, integer=True, doc="bins of slack for coord_diag/bin_acc_frac"),
+    "coord_mass": KeyRule(doc="emit coord_diag/coord_mass_mean (costs one full-vocabulary logsumexp per coord)"),
+}
+
+
+@register_module(
+    "coord_diag",
+    DIAGNOSTICS,
+    DEFAULTS,
+    "Coord entropy, expectation-vs-argmax gap, expectation error, bin accuracy and coord mass at geometry coord positions.",
+    rules=RULES,
+)
+def coord_diag(ctx: TeacherForcingContext, spec) -> ModuleOutput:
+    context = ctx.geometry_context()
+    targets = ctx.coord_targets()
+    n = targets.pos.numel()
+    metrics: dict[str, torch.Tensor | float] = {"coord_diag/coord_positions_total": float(n)}
+    if n == 0:
+        return ModuleOutput(metrics=metrics)
+    logits = ctx.coord_logits(context).detach()
+    x_exp = expectation_decode(logits)
+    argmax = coord_probs(logits).argmax(dim=-1)
+    scale = NUM_COORD_BINS - 1
+    metrics["coord_diag/entropy_mean"] = entropy(logits).mean()
+    metrics["coord_diag/exp_argmax_gap_mean"] = (x_exp - argmax.float() / scale).abs().mean()
+    metrics["coord_diag/exp_abs_err_mean"] = (x_exp - targets.bins.float() / scale).abs().mean()
+    tol = int(spec.config["bin_tolerance"])
+    metrics["coord_diag/bin_acc_frac"] = ((argmax - targets.bins).abs() <= tol).float().mean()
+    if spec.config["coord_mass"]:
+        full = ctx.coord_full_lse(context).detach()
+        metrics["coord_diag/coord_mass_mean"] = (torch.logsumexp(logits, dim=-1) - full).clamp_max(0.0).exp().mean()
+    return ModuleOutput(metrics=metrics)

@@ -1,0 +1,39 @@
+"""``token_stats`` (diagnostics): supervised token counts per type — the template for a new module.
+
+How a module is built (copy this file):
+
+1. pick a unique name and a kind (OBJECTIVE returns a loss, DIAGNOSTICS only metrics);
+2. ``DEFAULTS`` is the config allowlist with defaults ({} = takes no config), ``RULES`` add
+   type/range checks; both are enforced at config load by ``pipeline.manifest``;
+3. the function takes ``(ctx, spec)`` and reads only ``ctx``'s derived views (masks, coord
+   targets, cached coord logits), never raw rollout meta, and never calls collectives;
+4. metric keys carry a reduction-class suffix (SPEC §9): ``_total`` counts are summed over
+   micro-steps and ranks, ``_mean``/``_frac`` averaged;
+5. import the file in ``pipeline/modules/__init__.py`` and document it in
+   docs/training/METRICS_LOSSES.md.
+
+Keys: ``token_stats/{struct,desc,coord,eos}_tokens_total``: tokens with token-CE weight > 0
+under the run's ``token_ce`` knobs in the first context of the step (``gt`` or ``rollout``);
+coord tokens are those with a coord target (they feed geo / coord_reg, never token CE).
+"""
+
+from __future__ import annotations
+
+from losses.registry import COORD, DESC, EOS, GT, ROLLOUT, STRUCT, TOKEN_TYPE_NAMES
+from pipeline.context import MODE_ROLLOUT, TeacherForcingContext
+from pipeline.registry import DIAGNOSTICS, ModuleOutput, register_module
+
+
+@register_module("token_stats", DIAGNOSTICS, {}, "Supervised token counts per type (token_stats/<type>_tokens_total).")
+def token_stats(ctx: TeacherForcingContext, spec) -> ModuleOutput:
+    context = ROLLOUT if ctx.mode == MODE_ROLLOUT else GT
+    masks = ctx.token_ce_masks(context, ctx.token_ce_weights)
+    tt = ctx.batch.token_types
+    supervised = {
+        STRUCT: (masks.struct > 0) & (tt == STRUCT),
+        DESC: masks.desc > 0,
+        EOS: (masks.struct > 0) & (tt == EOS),
+        COORD: ctx.batch.coord_targets >= 0,
+    }
+    metrics = {f"token_stats/{TOKEN_TYPE_NAMES[t]}_tokens_total": float(m.sum()) for t, m in supervised.items()}
+    return ModuleOutput(metrics=metrics)

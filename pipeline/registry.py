@@ -1,0 +1,139 @@
+"""Module registry of the objective pipeline (SPEC §5, §5.1).
+
+Two plain dicts, filled by :func:`register_module` when ``pipeline.modules`` is imported:
+
+- ``OBJECTIVE_MODULES``: modules that return a loss (``token_ce``, ``bbox_geo``, ``coord_reg``);
+- ``DIAGNOSTICS_MODULES``: modules that only return metrics (``coord_diag``, ``token_stats``).
+
+A module is a function ``fn(ctx: TeacherForcingContext, spec: ModuleSpec) -> ModuleOutput``.
+Its ``defaults`` dict is also its config allowlist: ``pipeline.manifest`` rejects any other
+config key and fills the missing ones from it. ``rules`` add type/range checks per key; a key
+without a rule takes its type from its default (bool, int or float; ints are accepted for floats).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+OBJECTIVE = "objective"
+DIAGNOSTICS = "diagnostics"
+KINDS: tuple[str, ...] = (OBJECTIVE, DIAGNOSTICS)
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """Extra checks of one module config key (applied at config load, before a model is built).
+
+    ``integer``: the value must be an int (bools rejected). ``nullable``: ``None`` is allowed.
+    ``minimum`` / ``maximum``: inclusive bounds; ``exclusive_minimum`` makes the lower one strict.
+    ``doc``: one line for docs/training/METRICS_LOSSES.md.
+    """
+
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    integer: bool = False
+    nullable: bool = False
+    doc: str = ""
+
+
+@dataclass
+class ModuleOutput:
+    """What a module returns for one micro-step.
+
+    loss     scalar tensor (objective modules; the executor multiplies it by the entry weight),
+             None for diagnostics.
+    metrics  metric key -> scalar tensor or float, detached by the executor. Keys follow SPEC §9:
+             ``loss/*`` only through ``losses.registry.loss_key``; diagnostics keys end in a
+             reduction-class suffix (``_mean``, ``_frac``, ``_total``, ...).
+    """
+
+    loss: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModuleDef:
+    """A registered module: its function, kind, config defaults (= allowlist), rules and doc."""
+
+    name: str
+    kind: str
+    fn: Callable[..., ModuleOutput]
+    defaults: Mapping[str, Any]
+    rules: Mapping[str, KeyRule]
+    doc: str
+
+
+OBJECTIVE_MODULES: dict[str, ModuleDef] = {}
+DIAGNOSTICS_MODULES: dict[str, ModuleDef] = {}
+_BY_KIND: dict[str, dict[str, ModuleDef]] = {OBJECTIVE: OBJECTIVE_MODULES, DIAGNOSTICS: DIAGNOSTICS_MODULES}
+
+
+def register_module(
+    name: str,
+    kind: str,
+    defaults: Mapping[str, Any],
+    doc: str,
+    *,
+    rules: Mapping[str, KeyRule] | None = None,
+) -> Callable[[Callable[..., ModuleOutput]], Callable[..., ModuleOutput]]:
+    """Decorator: register ``fn(ctx, spec) -> ModuleOutput`` as module ``name`` of ``kind``.
+
+    Raises ValueError on an unknown kind, a name registered before (in either dict), or a
+    rule for a key that has no default.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"module kind {kind!r} unknown; allowed: {', '.join(KINDS)}")
+    rules = dict(rules or {})
+    stray = sorted(set(rules) - set(defaults))
+    if stray:
+        raise ValueError(f"module {name!r}: rules for keys without a default: {stray}; add them to defaults")
+
+    def decorate(fn: Callable[..., ModuleOutput]) -> Callable[..., ModuleOutput]:
+        if name in OBJECTIVE_MODULES or name in DIAGNOSTICS_MODULES:
+            raise ValueError(f"pipeline module {name!r} is already registered; module names must be unique")
+        _BY_KIND[kind][name] = ModuleDef(
+            name=name,
+            kind=kind,
+            fn=fn,
+            defaults=MappingProxyType(dict(defaults)),
+            rules=MappingProxyType(rules),
+            doc=doc,
+        )
+        return fn
+
+    return decorate
+
+
+def unregister_module(name: str) -> None:
+    """Remove a module (tests that register throwaway modules clean up with this)."""
+    OBJECTIVE_MODULES.pop(name, None)
+    DIAGNOSTICS_MODULES.pop(name, None)
+
+
+def known_modules() -> list[str]:
+    """Every registered module name, objective first, each group sorted."""
+    _ensure_builtin()
+    return sorted(OBJECTIVE_MODULES) + sorted(DIAGNOSTICS_MODULES)
+
+
+def get_module(name: str) -> ModuleDef:
+    """The registered module ``name``; raises KeyError listing the known names."""
+    _ensure_builtin()
+    if name in OBJECTIVE_MODULES:
+        return OBJECTIVE_MODULES[name]
+    if name in DIAGNOSTICS_MODULES:
+        return DIAGNOSTICS_MODULES[name]
+    raise KeyError(
+        f"unknown pipeline module {name!r}; known objective modules: {', '.join(sorted(OBJECTIVE_MODULES))}; "
+        f"known diagnostics modules: {', '.join(sorted(DIAGNOSTICS_MODULES))}"
+    )
+
+
+def _ensure_builtin() -> None:
+    # The built-in modules register themselves on import; importing here (not at the top)
+    # avoids an import cycle (the modules import this file).
+    import pipeline.modules  # noqa: F401
