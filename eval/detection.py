@@ -1,0 +1,479 @@
+"""The one COCO helper (SPEC §8): in-memory GT-vs-prediction records in, COCO bbox metrics out.
+
+The offline CLI (``eval.evaluate``), the in-loop evaluator (``eval.inloop``) and both
+Stage-2 trainers call :func:`evaluate_detection`; no COCO preparation code lives
+anywhere else.
+
+Record format (one per image; a ``Mapping`` or a :class:`DetectionRecord`)::
+
+    {"image_id": "000123" | 123,          # any str/int, unique across records
+     "width": 640, "height": 480,         # original image size in pixels
+     "coords": "pixel",                   # optional: "pixel" (default) or "bins"
+     "image": "images/000123.jpg",        # optional, used by eval.visualize
+     "gt":   [{"desc": "black cat", "bbox_2d": [x1, y1, x2, y2]}, ...],
+     "pred": [{"desc": "black cat", "bbox_2d": [x1, y1, x2, y2], "score": 0.93}, ...]}
+
+Boxes are pixel corners ``[x1, y1, x2, y2]`` in the original image, or, when the
+record (or the ``coords=`` argument) says ``"bins"``, integer bins 0..999 that are
+converted with ``pixel = bin / 999 * size`` (SPEC §2). A missing ``score`` is 1.0.
+Other keys (``raw_text``, ``parse_valid`` ...) are carried by the JSONL but ignored here.
+
+Categories are the distinct *normalised* GT desc strings (strip, lower-case, collapse
+runs of whitespace). A predicted desc outside that set cannot match any GT; it is
+counted in ``pred_unknown_desc_count`` and is a false positive for F1 (COCO AP
+ignores detections of categories without GT anyway). Degenerate boxes (zero or
+negative width/height) are kept (they can never reach IoU > 0) and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COORD_MODES = ("pixel", "bins")
+BACKENDS = ("pycocotools", "faster_coco_eval")
+
+# COCO summary order (COCOeval.stats indices 0..11).
+COCO_METRIC_NAMES: tuple[str, ...] = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl",
+    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+)  # fmt: skip
+
+# COCO's area ranges (pixels²) used to count GT per size bucket, so an APs of 0.0
+# can be told apart from "no small GT at all" (COCO's -1, reported as 0.0 here).
+_SMALL_MAX = 32.0**2
+_MEDIUM_MAX = 96.0**2
+
+_WS = re.compile(r"\s+")
+
+
+def normalize_desc(desc: str) -> str:
+    """Category key of a desc: stripped, lower-cased, whitespace runs collapsed to one space."""
+    return _WS.sub(" ", str(desc).strip().lower())
+
+
+def bins_to_pixels(bins: Sequence[float], width: float, height: float) -> tuple[float, float, float, float]:
+    """Bins ``[x1, y1, x2, y2]`` (0..999) -> pixels in an image of ``width`` x ``height``.
+
+    Bin ``k`` is the fraction ``k / 999`` of the side (SPEC §2).
+    """
+    x1, y1, x2, y2 = (float(b) for b in bins)
+    return (x1 / 999.0 * width, y1 / 999.0 * height, x2 / 999.0 * width, y2 / 999.0 * height)
+
+
+# --------------------------------------------------------------------------- contracts
+@dataclass(frozen=True)
+class DetectionObject:
+    """One GT or predicted object; ``bbox_2d`` in pixels ``[x1, y1, x2, y2]``; ``score`` None on GT."""
+
+    desc: str
+    bbox_2d: tuple[float, float, float, float]
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class DetectionRecord:
+    """GT vs predictions of one image. Boxes are pixels unless ``coords == "bins"``."""
+
+    image_id: str | int
+    width: int
+    height: int
+    gt: tuple[DetectionObject, ...] = ()
+    pred: tuple[DetectionObject, ...] = ()
+    coords: str = "pixel"
+    image: str | None = None
+
+
+@dataclass
+class DetectionReport:
+    """Result of :func:`evaluate_detection`.
+
+    metrics: ``AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl`` (COCO,
+        in [0, 1]; COCO's "undefined" -1 is reported as 0.0, see the ``gt_*_count``
+        counters) plus ``F1@<iou>``, ``precision@<iou>``, ``recall@<iou>``.
+    per_category: normalised GT desc -> AP (IoU .50:.95, all areas, 100 dets).
+    counters: integer counts (images, objects, unknown descs, degenerate boxes, F1 TP/FP/FN ...).
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_category: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    backend: str = "pycocotools"
+    f1_iou: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- parsing
+def _fail(where: str, msg: str) -> ValueError:
+    return ValueError(f"{where}: {msg}")
+
+
+def _parse_box(value: Any, where: str) -> tuple[float, float, float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        raise _fail(where, f"bbox_2d must be a list of 4 numbers [x1, y1, x2, y2], got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise _fail(where, f"bbox_2d must hold 4 finite numbers, got {value!r}")
+        out.append(float(v))
+    return (out[0], out[1], out[2], out[3])
+
+
+def _parse_object(obj: Any, where: str, is_pred: bool) -> DetectionObject:
+    if isinstance(obj, DetectionObject):
+        return obj
+    if not isinstance(obj, Mapping):
+        raise _fail(where, f"object must be a mapping with desc and bbox_2d, got {type(obj).__name__}")
+    if "desc" not in obj or "bbox_2d" not in obj:
+        raise _fail(where, f"object needs keys 'desc' and 'bbox_2d', got keys {sorted(obj)}")
+    score = None
+    if is_pred:
+        raw = obj.get("score", None)
+        if raw is not None:
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(float(raw)):
+                raise _fail(where, f"score must be a finite number, got {raw!r}")
+            score = float(raw)
+    return DetectionObject(desc=str(obj["desc"]), bbox_2d=_parse_box(obj["bbox_2d"], where), score=score)
+
+
+def to_detection_record(rec: Mapping | DetectionRecord, *, coords: str = "pixel", where: str = "record") -> DetectionRecord:
+    """Validate one record (mapping or dataclass) and return it as a :class:`DetectionRecord`.
+
+    ``coords`` is the default when the record has no ``coords`` key. Errors name ``where``
+    (e.g. ``predictions.jsonl:12``) and the field.
+    """
+    if isinstance(rec, DetectionRecord):
+        if rec.coords not in COORD_MODES:
+            raise _fail(where, f"coords must be one of {COORD_MODES}, got {rec.coords!r}")
+        return rec
+    if not isinstance(rec, Mapping):
+        raise _fail(where, f"record must be a mapping or DetectionRecord, got {type(rec).__name__}")
+    for key in ("image_id", "width", "height"):
+        if key not in rec:
+            raise _fail(where, f"missing required key {key!r} (record keys: {sorted(rec)})")
+    width, height = rec["width"], rec["height"]
+    for name, v in (("width", width), ("height", height)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise _fail(where, f"{name} must be a positive number of pixels, got {v!r}")
+    mode = rec.get("coords", coords)
+    if mode not in COORD_MODES:
+        raise _fail(where, f"coords must be one of {COORD_MODES}, got {mode!r}")
+    lists = {}
+    for key in ("gt", "pred"):
+        items = rec.get(key, [])
+        if items is None:
+            items = []
+        if not isinstance(items, (list, tuple)):
+            raise _fail(where, f"{key!r} must be a list of objects, got {type(items).__name__}")
+        lists[key] = tuple(
+            _parse_object(o, f"{where} {key}[{i}]", is_pred=(key == "pred")) for i, o in enumerate(items)
+        )
+    return DetectionRecord(
+        image_id=rec["image_id"],
+        width=int(width) if float(width).is_integer() else width,
+        height=int(height) if float(height).is_integer() else height,
+        gt=lists["gt"],
+        pred=lists["pred"],
+        coords=mode,
+        image=rec.get("image"),
+    )
+
+
+def _pixel_box(obj: DetectionObject, rec: DetectionRecord) -> tuple[float, float, float, float]:
+    if rec.coords == "bins":
+        return bins_to_pixels(obj.bbox_2d, rec.width, rec.height)
+    return obj.bbox_2d
+
+
+def _is_degenerate(box: Sequence[float]) -> bool:
+    return not (box[2] > box[0] and box[3] > box[1])
+
+
+def _xywh(box: Sequence[float]) -> list[float]:
+    # Degenerate boxes become zero-area boxes: IoU 0 with everything, never a crash.
+    return [box[0], box[1], max(0.0, box[2] - box[0]), max(0.0, box[3] - box[1])]
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two pixel boxes ``[x1, y1, x2, y2]`` (continuous, no +1; 0 for degenerate boxes)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
+    area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+    union = area_a + area_b - inter
+    return inter / union if union > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- F1
+def _greedy_f1_counts(
+    gts: list[tuple[str, tuple[float, ...]]], preds: list[tuple[str, tuple[float, ...], float]], iou_thr: float
+) -> int:
+    """True positives of one image: per category, predictions in descending score order
+    (stable) each take the still-unmatched GT with the highest IoU >= ``iou_thr``."""
+    tp = 0
+    order = sorted(range(len(preds)), key=lambda i: -preds[i][2])
+    taken = [False] * len(gts)
+    for i in order:
+        cat, box, _ = preds[i]
+        best, best_j = -1.0, -1
+        for j, (gcat, gbox) in enumerate(gts):
+            if taken[j] or gcat != cat:
+                continue
+            iou = box_iou(box, gbox)
+            if iou >= iou_thr and iou > best:
+                best, best_j = iou, j
+        if best_j >= 0:
+            taken[best_j] = True
+            tp += 1
+    return tp
+
+
+# --------------------------------------------------------------------------- COCO
+def _coco_classes(backend: str):
+    if backend == "pycocotools":
+        try:
+            from pycocotools.coco import COCO
+            from pycocotools.cocoeval import COCOeval
+        except ImportError as e:  # pragma: no cover - pycocotools is in requirements.txt
+            raise ImportError("backend='pycocotools' needs pycocotools: pip install pycocotools") from e
+        return COCO, COCOeval
+    if backend == "faster_coco_eval":
+        try:
+            from faster_coco_eval import COCO
+            from faster_coco_eval import COCOeval_faster as COCOeval
+        except ImportError as e:
+            raise ImportError(
+                "backend='faster_coco_eval' needs the faster-coco-eval package: pip install faster-coco-eval "
+                "(or use backend='pycocotools')"
+            ) from e
+        return COCO, COCOeval
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _run_coco(
+    backend: str,
+    images: list[dict],
+    categories: list[dict],
+    gt_anns: list[dict],
+    dt_anns: list[dict],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run COCOeval (bbox); returns (stats[12], precision[T, R, K, A, M])."""
+    COCO, COCOeval = _coco_classes(backend)
+    sink = io.StringIO()
+    # COCO prints progress on every call; silence it so logs stay one line per step.
+    with contextlib.redirect_stdout(sink):
+        dataset = {"images": images, "categories": categories, "annotations": gt_anns}
+        if backend == "faster_coco_eval":
+            # faster-coco-eval's COCO takes the dict itself; loadRes fills id/area/iscrowd.
+            coco_gt = COCO(dataset)
+            coco_dt = coco_gt.loadRes([{k: a[k] for k in ("image_id", "category_id", "bbox", "score")} for a in dt_anns])
+        else:
+            coco_gt = COCO()
+            coco_gt.dataset = dataset
+            coco_gt.createIndex()
+            # Build the detection set directly (not loadRes): the same fields loadRes would set,
+            # without its file / list special cases.
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": images, "categories": categories, "annotations": dt_anns}
+            coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return np.asarray(ev.stats, dtype=np.float64), np.asarray(ev.eval["precision"])
+
+
+def _zero_metrics(f1_keys: tuple[str, str, str]) -> dict[str, float]:
+    out = {k: 0.0 for k in COCO_METRIC_NAMES}
+    for k in f1_keys:
+        out[k] = 0.0
+    return out
+
+
+def evaluate_detection(
+    records: Sequence[Mapping | DetectionRecord],
+    *,
+    iou_type: str = "bbox",
+    backend: str = "pycocotools",
+    f1_iou: float = 0.5,
+    coords: str = "pixel",
+) -> DetectionReport:
+    """COCO bbox metrics + greedy F1 over GT-vs-prediction records (see module docstring).
+
+    Args:
+        records: one per image, mapping or :class:`DetectionRecord`; ``image_id`` unique.
+        iou_type: only ``"bbox"``.
+        backend: ``"pycocotools"`` or ``"faster_coco_eval"`` (optional package).
+        f1_iou: IoU threshold of the F1/precision/recall metrics (Rex-Omni style: per
+            image and category, predictions greedily by descending score take the unmatched
+            GT of highest IoU >= f1_iou; unknown-desc predictions are false positives).
+        coords: default box unit for records without a ``coords`` key: ``"pixel"`` or ``"bins"``.
+
+    An empty prediction set (or no GT at all) gives 0.0 metrics, not an exception.
+    """
+    if iou_type != "bbox":
+        raise ValueError(f"iou_type must be 'bbox' (the only type CoordExp predicts), got {iou_type!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if coords not in COORD_MODES:
+        raise ValueError(f"coords must be one of {COORD_MODES}, got {coords!r}")
+    if not (0.0 < float(f1_iou) <= 1.0):
+        raise ValueError(f"f1_iou must be in (0, 1], got {f1_iou!r}")
+    f1_keys = (f"F1@{f1_iou:g}", f"precision@{f1_iou:g}", f"recall@{f1_iou:g}")
+
+    recs = [to_detection_record(r, coords=coords, where=f"records[{i}]") for i, r in enumerate(records)]
+    seen: dict[Any, int] = {}
+    for i, r in enumerate(recs):
+        key = str(r.image_id)
+        if key in seen:
+            raise ValueError(
+                f"records[{i}]: image_id {r.image_id!r} already used by records[{seen[key]}]; "
+                "each image must appear once (merge its gt/pred lists)"
+            )
+        seen[key] = i
+
+    cat_names = sorted({normalize_desc(o.desc) for r in recs for o in r.gt})
+    cat_ids = {name: k + 1 for k, name in enumerate(cat_names)}
+
+    counters = {
+        "images": len(recs),
+        "categories": len(cat_names),
+        "gt_objects": 0,
+        "pred_objects": 0,
+        "pred_unknown_desc_count": 0,
+        "pred_degenerate_count": 0,
+        "pred_default_score_count": 0,
+        "gt_degenerate_count": 0,
+        "gt_small_count": 0,
+        "gt_medium_count": 0,
+        "gt_large_count": 0,
+        "images_without_pred_count": 0,
+        "images_without_gt_count": 0,
+        "f1_tp_count": 0,
+        "f1_fp_count": 0,
+        "f1_fn_count": 0,
+    }
+    images, gt_anns, dt_anns = [], [], []
+    for img_idx, r in enumerate(recs, start=1):
+        images.append({"id": img_idx, "width": r.width, "height": r.height})
+        counters["gt_objects"] += len(r.gt)
+        counters["pred_objects"] += len(r.pred)
+        counters["images_without_pred_count"] += int(len(r.pred) == 0)
+        counters["images_without_gt_count"] += int(len(r.gt) == 0)
+        gts_img = []
+        for o in r.gt:
+            box = _pixel_box(o, r)
+            cat = normalize_desc(o.desc)
+            xywh = _xywh(box)
+            area = xywh[2] * xywh[3]
+            counters["gt_degenerate_count"] += int(_is_degenerate(box))
+            bucket = "small" if area < _SMALL_MAX else "medium" if area < _MEDIUM_MAX else "large"
+            counters[f"gt_{bucket}_count"] += 1
+            gt_anns.append(
+                {"id": len(gt_anns) + 1, "image_id": img_idx, "category_id": cat_ids[cat],
+                 "bbox": xywh, "area": area, "iscrowd": 0}
+            )  # fmt: skip
+            gts_img.append((cat, box))
+        preds_img = []
+        for o in r.pred:
+            box = _pixel_box(o, r)
+            cat = normalize_desc(o.desc)
+            score = 1.0 if o.score is None else float(o.score)
+            counters["pred_default_score_count"] += int(o.score is None)
+            counters["pred_degenerate_count"] += int(_is_degenerate(box))
+            if cat not in cat_ids:
+                counters["pred_unknown_desc_count"] += 1
+                continue
+            xywh = _xywh(box)
+            dt_anns.append(
+                {"id": len(dt_anns) + 1, "image_id": img_idx, "category_id": cat_ids[cat],
+                 "bbox": xywh, "area": xywh[2] * xywh[3], "iscrowd": 0, "score": score}
+            )  # fmt: skip
+            preds_img.append((cat, box, score))
+        tp = _greedy_f1_counts(gts_img, preds_img, float(f1_iou))
+        counters["f1_tp_count"] += tp
+        counters["f1_fp_count"] += len(r.pred) - tp  # unknown-desc predictions are FP too
+        counters["f1_fn_count"] += len(r.gt) - tp
+
+    metrics = _zero_metrics(f1_keys)
+    per_category = {name: 0.0 for name in cat_names}
+    if gt_anns and dt_anns:
+        stats, precision = _run_coco(backend, images, [{"id": i, "name": n} for n, i in cat_ids.items()], gt_anns, dt_anns)
+        for name, v in zip(COCO_METRIC_NAMES, stats):
+            metrics[name] = float(v) if v >= 0 else 0.0
+        # precision: [T iou, R recall, K cat, A area(all=0), M maxDets(100=last)]
+        for name, cid in cat_ids.items():
+            p = precision[:, :, cid - 1, 0, -1]
+            valid = p[p > -1]
+            per_category[name] = float(valid.mean()) if valid.size else 0.0
+
+    tp, fp, fn = counters["f1_tp_count"], counters["f1_fp_count"], counters["f1_fn_count"]
+    prec = tp / (tp + fp) if tp + fp > 0 else 0.0
+    rec = tp / (tp + fn) if tp + fn > 0 else 0.0
+    metrics[f1_keys[0]] = 2 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0
+    metrics[f1_keys[1]] = prec
+    metrics[f1_keys[2]] = rec
+    return DetectionReport(metrics=metrics, per_category=per_category, counters=counters, backend=backend, f1_iou=float(f1_iou))
+
+
+# --------------------------------------------------------------------------- JSONL I/O
+def record_to_json(rec: Mapping | DetectionRecord) -> dict[str, Any]:
+    """A record as the JSON object written to predictions.jsonl (one line per image)."""
+    r = to_detection_record(rec)
+    out: dict[str, Any] = {"image_id": r.image_id}
+    if r.image is not None:
+        out["image"] = r.image
+    out.update({"width": r.width, "height": r.height, "coords": r.coords})
+    out["gt"] = [{"desc": o.desc, "bbox_2d": list(o.bbox_2d)} for o in r.gt]
+    out["pred"] = [
+        {"desc": o.desc, "bbox_2d": list(o.bbox_2d), **({} if o.score is None else {"score": o.score})} for o in r.pred
+    ]
+    return out
+
+
+def write_predictions_jsonl(path: str | Path, records: Sequence[Mapping | DetectionRecord], extra: Sequence[Mapping] | None = None) -> Path:
+    """Write one JSON line per record; ``extra[i]`` (optional) adds keys such as ``raw_text``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for i, rec in enumerate(records):
+            line = record_to_json(rec)
+            if extra is not None:
+                for k, v in extra[i].items():
+                    line.setdefault(k, v)
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_predictions_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read predictions.jsonl; every line is validated, errors name ``file:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"predictions file not found: {path}")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+            to_detection_record(obj, where=where)  # validate now so errors carry file:line
+            out.append(obj)
+    return out

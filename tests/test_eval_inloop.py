@@ -1,0 +1,231 @@
+"""eval.inloop (+ eval.infer): rollouts -> parse -> match -> eval/rollout/* and the run-dir files.
+
+A scripted backend replays the GT answer tokens (the tokenizer, parser, matcher and COCO are all
+real), so the expected numbers are known; one test drives the real HF backend on the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+
+from configs.types import EvalDetectionConfig
+from data.encoding import ChatEncoder
+from data.records import read_jsonl
+from data.shapes import make_shapes_dataset
+from eval import evaluate as evaluate_cli
+from eval import infer, inloop
+from eval.detection import read_predictions_jsonl
+from model.tiny import build_tiny_checkpoint, build_tiny_in_memory
+from model.vocab import coord_vocab_from_tokenizer
+from rollout.types import GenerationOutput
+
+COCO_LIKE = ("AP", "AR", "per_category", "F1@")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    _, val = make_shapes_dataset(root, num_train=1, num_val=5, image_size=64, max_shapes=3)
+    records, _ = read_jsonl(val)
+    model, tok, proc = build_tiny_in_memory()
+    encoder = ChatEncoder(tok, proc, prompt="Detect all objects.")
+    return {"model": model, "tok": tok, "vocab": coord_vocab_from_tokenizer(tok), "encoder": encoder,
+            "records": records, "val": val}  # fmt: skip
+
+
+class ReplayBackend:
+    """Generates the GT answer of each prompt's record, every token with probability ``prob(record)``."""
+
+    def __init__(self, encoder, prob=lambda rec: 0.9):
+        self.encoder = encoder
+        self.prob = prob
+        self.calls: list[str] = []
+        self.batch_size = 2
+
+    def generate(self, prompts):
+        out = []
+        for p in prompts:
+            rec = p.record
+            self.calls.append(rec.image_id)
+            full = self.encoder.encode(rec)
+            ids = full.input_ids[full.prompt_len :].tolist()
+            lp = math.log(self.prob(rec))
+            out.append(GenerationOutput(token_ids=ids, token_logprobs=[lp] * len(ids), finished=True))
+        return out
+
+
+REPLAY = object()  # default backend of _run: replay the GT answers
+
+
+def _run(tiny, tmp_path, backend=REPLAY, **kw):
+    kw.setdefault("eval_detection", {"enabled": True, "score_mode": "token_prob"})
+    return inloop.run_rollout_eval(
+        tiny["model"], tiny["tok"], tiny["vocab"], tiny["encoder"], tiny["records"],
+        backend=ReplayBackend(tiny["encoder"]) if backend is REPLAY else backend,
+        matching={"iou_gate": 0.3}, out_dir=tmp_path / "eval" / "step_7", step=7, **kw,
+    )  # fmt: skip
+
+
+def test_perfect_rollouts_give_full_scores_and_files(tiny, tmp_path):
+    payload = _run(tiny, tmp_path)
+    n_gt = sum(len(r.objects) for r in tiny["records"])
+    assert payload["eval/rollout/mAP"] == pytest.approx(1.0)
+    assert isinstance(payload["eval/rollout/mAP"], float)
+    for k in ("precision", "recall", "f1", "parse_valid_rate", "finished_rate", "matched_iou_mean"):
+        assert payload[f"eval/rollout/{k}"] == pytest.approx(1.0), k
+    assert payload["eval/rollout/matched_total"] == n_gt == payload["eval/rollout/gt_objects_total"]
+    assert payload["eval/rollout/gt_per_sample"] == pytest.approx(n_gt / 5)
+    assert payload["eval/rollout/samples_total"] == 5
+    # mAP is the only COCO key; no internal "_" keys leak
+    assert [k for k in payload if any(c in k.split("/")[-1] for c in COCO_LIKE)] == ["eval/rollout/mAP"]
+    assert not any(k.split("/")[-1].startswith("_") for k in payload)
+
+    out = tmp_path / "eval" / "step_7"
+    lines = read_predictions_jsonl(out / "predictions.jsonl")
+    assert [line["image_id"] for line in lines] == [r.image_id for r in tiny["records"]]
+    rec0 = tiny["records"][0]
+    assert lines[0]["image"] == rec0.image_path and lines[0]["parse_valid"] is True
+    k = rec0.objects[0].bins  # GT written in pixels: bin / 999 * size
+    assert lines[0]["gt"][0]["bbox_2d"] == pytest.approx([k[0] / 999 * 64, k[1] / 999 * 64, k[2] / 999 * 64, k[3] / 999 * 64])
+    assert lines[0]["pred"][0]["score"] == pytest.approx(0.9)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["metrics"]["AP"] == pytest.approx(1.0) and saved["step"] == 7
+    assert saved["rollout"]["eval/rollout/mAP"] == payload["eval/rollout/mAP"]
+    assert set(saved["per_category"]) == {o.desc for r in tiny["records"] for o in r.objects}
+
+    # the offline evaluator on the written file reproduces the in-loop report exactly
+    assert evaluate_cli.main(["--predictions", str(out / "predictions.jsonl"), "--out", str(tmp_path / "m.json")]) == 0
+    offline = json.loads((tmp_path / "m.json").read_text())
+    assert offline["metrics"] == saved["metrics"]
+    assert offline["per_category"] == saved["per_category"]
+    assert offline["counters"] == saved["counters"]
+
+
+def test_token_prob_scores_reach_the_predictions(tiny, tmp_path):
+    probs = {r.image_id: 0.2 + 0.1 * i for i, r in enumerate(tiny["records"])}
+    _run(tiny, tmp_path, backend=ReplayBackend(tiny["encoder"], prob=lambda rec: probs[rec.image_id]))
+    for line in read_predictions_jsonl(tmp_path / "eval" / "step_7" / "predictions.jsonl"):
+        assert line["pred"]
+        assert [p["score"] for p in line["pred"]] == pytest.approx([probs[line["image_id"]]] * len(line["pred"]))
+    _run(tiny, tmp_path, backend=ReplayBackend(tiny["encoder"]), eval_detection={"score_mode": "constant"})
+    for line in read_predictions_jsonl(tmp_path / "eval" / "step_7" / "predictions.jsonl"):
+        assert all(p["score"] == 1.0 for p in line["pred"])
+
+
+def test_coco_failure_gives_zero_map_and_a_warning(tiny, tmp_path, monkeypatch, caplog):
+    def boom(*a, **k):
+        raise RuntimeError("pycocotools exploded")
+
+    monkeypatch.setattr(inloop, "evaluate_detection", boom)
+    with caplog.at_level(logging.WARNING, logger="eval.inloop"):
+        payload = _run(tiny, tmp_path)
+    assert payload["eval/rollout/mAP"] == 0.0 and isinstance(payload["eval/rollout/mAP"], float)
+    assert payload["eval/rollout/precision"] == pytest.approx(1.0)  # the rest of the eval still counts
+    assert any("COCO evaluation failed" in r.getMessage() and "exploded" in r.getMessage() for r in caplog.records)
+    saved = json.loads((tmp_path / "eval" / "step_7" / "metrics.json").read_text())
+    assert "exploded" in saved["coco_error"]
+
+
+def test_detection_disabled_emits_no_map(tiny, tmp_path):
+    # the typed config dataclass works as well as a mapping
+    cfg = EvalDetectionConfig(enabled=False, metrics="coco", score_mode="token_prob", score_include_desc=False)
+    payload = _run(tiny, tmp_path, eval_detection=cfg)
+    assert "eval/rollout/mAP" not in payload
+    assert payload["eval/rollout/recall"] == pytest.approx(1.0)
+    assert (tmp_path / "eval" / "step_7" / "predictions.jsonl").is_file()
+
+
+class FakeAccelerator:
+    def __init__(self, rank, world):
+        self.process_index, self.num_processes, self.is_main_process = rank, world, rank == 0
+
+
+def test_ddp_shards_are_gathered_once_in_dataset_order(tiny, tmp_path, monkeypatch):
+    single = _run(tiny, tmp_path / "single")
+    # Rank 1 of 2 owns records 1 and 3; the gather also returns a padded duplicate (as
+    # gather_for_metrics-style padding would) that must be dropped.
+    other = inloop.predict_records(tiny["model"], tiny["tok"], tiny["vocab"], tiny["encoder"], tiny["records"],
+                                   indices=[1, 3], backend=ReplayBackend(tiny["encoder"]))  # fmt: skip
+    monkeypatch.setattr(inloop, "_gather_object", lambda local: list(local) + other + [other[-1]])
+    broadcasts = []
+    monkeypatch.setattr(inloop, "_broadcast_object", lambda v: broadcasts.append(v) or v)
+    backend = ReplayBackend(tiny["encoder"])
+    payload = _run(tiny, tmp_path / "ddp", backend=backend, accelerator=FakeAccelerator(0, 2))
+    ids = [r.image_id for r in tiny["records"]]
+    assert backend.calls == [ids[0], ids[2], ids[4]]  # rank 0 generated only its shard
+    assert payload == single
+    assert broadcasts == [pytest.approx(1.0)]
+    lines = read_predictions_jsonl(tmp_path / "ddp" / "eval" / "step_7" / "predictions.jsonl")
+    assert [line["image_id"] for line in lines] == ids
+    # a lost shard fails loudly instead of silently evaluating fewer images
+    monkeypatch.setattr(inloop, "_gather_object", lambda local: list(local))
+    with pytest.raises(RuntimeError, match="lost 2 of 5 images"):
+        _run(tiny, tmp_path / "lost", accelerator=FakeAccelerator(0, 2))
+
+
+def test_real_hf_backend_on_tiny_model(tiny, tmp_path):
+    model = tiny["model"]
+    model.train()
+    payload = _run(tiny, tmp_path, backend=None, backend_kwargs={"max_new_tokens": 6, "batch_size": 3})
+    assert model.training  # mode restored
+    model.eval()
+    assert isinstance(payload["eval/rollout/mAP"], float) and 0.0 <= payload["eval/rollout/mAP"] <= 1.0
+    assert 0.0 <= payload["eval/rollout/parse_valid_rate"] <= 1.0
+    assert payload["eval/rollout/samples_total"] == 5
+    lines = read_predictions_jsonl(tmp_path / "eval" / "step_7" / "predictions.jsonl")
+    assert len(lines) == 5 and all(isinstance(line["raw_text"], str) for line in lines)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        _run(tiny, tmp_path, backend=None, backend_kwargs={})
+
+
+def test_infer_cli_writes_predictions(tiny, tmp_path, capsys):
+    ckpt = build_tiny_checkpoint(str(tmp_path / "ckpt"))
+    out = tmp_path / "preds.jsonl"
+    rc = infer.main(["--checkpoint", ckpt, "--jsonl", tiny["val"], "--out", str(out), "--batch-size", "2",
+                     "--max-new-tokens", "4", "--limit", "3", "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    lines = read_predictions_jsonl(out)
+    assert [line["image_id"] for line in lines] == [r.image_id for r in tiny["records"][:3]]
+    assert all(line["gt"] for line in lines)
+    printed = capsys.readouterr().out
+    assert "eval/rollout/parse_valid_rate" in printed and "python -m eval.evaluate" in printed
+
+
+def _ddp_worker(rank, world, port, queue):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    local = [inloop.SampleResult(index=i, image_id=str(i), image="", width=1, height=1, gt=[], pred=[], raw_text="",
+                                 parse_valid=True, finished=True, matched_iou_sum=0.0)
+             for i in range(rank, 5, world)]  # fmt: skip
+    res = inloop.gather_results(local, 5, acc)
+    value = inloop._broadcast_object(0.25 if acc.is_main_process else None)
+    queue.put((rank, [r.index for r in res], value))
+
+
+@pytest.mark.slow
+def test_real_two_process_gather_and_broadcast():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert got == [(0, [0, 1, 2, 3, 4], 0.25), (1, [0, 1, 2, 3, 4], 0.25)]
