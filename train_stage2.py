@@ -165,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
                     result.metrics["train/grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:  # the schedule counts optimizer steps, not micro-steps
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step_metrics["time/forward_backward_s"] = time.perf_counter() - forward_start
                 step_metrics["stage2/forwards_total"] = float(fwd.num_forwards)

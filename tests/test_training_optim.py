@@ -1,0 +1,129 @@
+"""AdamW parameter groups and lr schedules, values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from training.optim import build_optimizer, build_scheduler, resolve_warmup, split_decay_params
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.proj = nn.Linear(4, 4)  # weight decays, bias does not
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight  # tied: one tensor, no decay
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def test_decay_groups():
+    model = _Toy()
+    decay, no_decay = split_decay_params(model)
+    assert [id(p) for p in decay] == [id(model.proj.weight)]
+    assert {id(p) for p in no_decay} == {
+        id(model.embed.weight),
+        id(model.proj.bias),
+        id(model.norm.weight),
+        id(model.norm.bias),
+    }
+    assert len(no_decay) == 4  # tied head weight counted once
+
+
+def test_adamw_decays_only_decay_group():
+    model = _Toy()
+    opt = build_optimizer(model, lr=0.1, weight_decay=0.5, betas=(0.9, 0.99), eps=1e-8)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's update is 0; only decoupled decay acts
+    opt.step()
+    # AdamW: p <- p * (1 - lr * wd) = p * 0.95 for the decay group
+    torch.testing.assert_close(model.proj.weight, before["proj.weight"] * 0.95)
+    torch.testing.assert_close(model.proj.bias, before["proj.bias"])
+    torch.testing.assert_close(model.embed.weight, before["embed.weight"])
+    torch.testing.assert_close(model.norm.weight, before["norm.weight"])
+
+
+def test_optimizer_errors():
+    with pytest.raises(ValueError, match="training.lr"):
+        build_optimizer(_Toy(), lr=0.0)
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer(frozen, lr=1e-3)
+
+
+def _lrs(kind, steps, **kw):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, kind, **kw)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_cosine_with_warmup_and_floor():
+    lrs = _lrs("cosine", 11, warmup_steps=2, max_steps=10, min_lr_ratio=0.1)
+    # warmup (s+1)/2; then 0.1 + 0.9 * 0.5 * (1 + cos(pi * (s-2)/8))
+    assert lrs[0] == pytest.approx(0.5)
+    assert lrs[1] == pytest.approx(1.0)
+    assert lrs[2] == pytest.approx(1.0)
+    assert lrs[4] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.sqrt(0.5)))  # 0.8681980...
+    assert lrs[4] == pytest.approx(0.868198, abs=1e-6)
+    assert lrs[6] == pytest.approx(0.55)
+    assert lrs[10] == pytest.approx(0.1)
+
+
+def test_linear_no_warmup():
+    assert _lrs("linear", 6, max_steps=4) == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+
+
+def test_constant_with_warmup_ratio():
+    # warmup = ceil(0.25 * 8) = 2
+    assert _lrs("constant", 4, warmup_ratio=0.25, max_steps=8) == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    assert resolve_warmup(0, 0.1, 15) == 2  # ceil(1.5)
+
+
+def test_scheduler_state_dict_round_trip():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = build_scheduler(opt, "cosine", warmup_steps=1, max_steps=5)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched2 = build_scheduler(opt2, "cosine", warmup_steps=1, max_steps=5)
+    sched2.load_state_dict(sched.state_dict())
+    opt2.param_groups[0]["lr"] = sched2.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    opt2.step()
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+    # step 4: progress (4-1)/4 -> 2 * 0.5 * (1 + cos(3pi/4))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 + math.cos(3 * math.pi / 4))
+
+
+@pytest.mark.parametrize(
+    ("kw", "fragment"),
+    [
+        ({"kind": "step"}, "training.lr_scheduler"),
+        ({"warmup_steps": 2, "warmup_ratio": 0.1}, "not both"),
+        ({"warmup_steps": 20}, "exceeds training.max_steps"),
+        ({"min_lr_ratio": 1.5}, "training.min_lr_ratio"),
+        ({"max_steps": 0}, "training.max_steps"),
+    ],
+)
+def test_scheduler_errors(kw, fragment):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    args = {"kind": "cosine", "max_steps": 10, **kw}
+    with pytest.raises(ValueError, match=fragment):
+        build_scheduler(opt, **args)

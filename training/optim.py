@@ -1,0 +1,123 @@
+"""AdamW with the usual no-decay groups, and the lr schedules of ``training.lr_scheduler``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+def split_decay_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Trainable parameters split into (decay, no_decay).
+
+    No decay on: any parameter with fewer than 2 dims (biases, norm scales),
+    the weights of ``nn.Embedding`` modules and of any module whose class name
+    contains ``Norm`` (Qwen3's RMSNorm). Embedding rows include the 1000 coord
+    tokens: decaying them would pull rarely-seen bins towards 0 between their
+    updates. A tied LM head shares the embedding tensor and so is not decayed
+    either; parameters shared between modules appear once.
+    """
+    no_decay_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) or "Norm" in type(module).__name__:
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay, seen = [], [], set()
+    for param in model.parameters():  # parameters() already de-duplicates shared tensors
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (no_decay if param.ndim < 2 or id(param) in no_decay_ids else decay).append(param)
+    return decay, no_decay
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: group 0 decays by ``weight_decay``, group 1 never decays."""
+    if not lr > 0:
+        raise ValueError(f"training.lr must be > 0, got {lr}")
+    if weight_decay < 0:
+        raise ValueError(f"training.weight_decay must be >= 0, got {weight_decay}")
+    decay, no_decay = split_decay_params(model)
+    if not decay and not no_decay:
+        raise ValueError("build_optimizer: the model has no trainable parameters (all requires_grad=False)")
+    groups = [
+        {"params": decay, "weight_decay": float(weight_decay)},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def resolve_warmup(warmup_steps: int, warmup_ratio: float, max_steps: int) -> int:
+    """Warmup length in optimizer steps: ``warmup_steps``, or ``ceil(warmup_ratio * max_steps)``."""
+    if warmup_steps and warmup_ratio:
+        raise ValueError("set training.warmup_steps or training.warmup_ratio, not both")
+    if warmup_steps < 0 or not 0 <= warmup_ratio < 1:
+        raise ValueError(
+            f"training.warmup_steps must be >= 0 and warmup_ratio in [0, 1); got {warmup_steps}, {warmup_ratio}"
+        )
+    warmup = warmup_steps or math.ceil(warmup_ratio * max_steps)
+    if warmup > max_steps:
+        raise ValueError(f"training.warmup_steps ({warmup}) exceeds training.max_steps ({max_steps})")
+    return warmup
+
+
+def lr_factor(step: int, kind: str, warmup: int, max_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based).
+
+    Warmup: ``(step + 1) / warmup`` for ``step < warmup`` — linear, reaching 1
+    on the last warmup step; the first step is not wasted at lr 0. Then with
+    ``progress = (step - warmup) / (max_steps - warmup)`` clamped to [0, 1]:
+    cosine ``m + (1-m)·½(1+cos(π·progress))``, linear ``m + (1-m)(1-progress)``,
+    constant ``1``, where ``m = min_lr_ratio``.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(max((step - warmup) / max(1, max_steps - warmup), 0.0), 1.0)
+    if kind == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif kind == "linear":
+        decay = 1.0 - progress
+    else:
+        raise ValueError(f"training.lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {kind!r}")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    kind: str = "cosine",
+    warmup_steps: int = 0,
+    warmup_ratio: float = 0.0,
+    max_steps: int = 1,
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """``LambdaLR`` with :func:`lr_factor`; call ``scheduler.step()`` once per optimizer step.
+
+    It counts optimizer steps (``training.max_steps``), not micro-steps or
+    samples: step it only when ``accelerator.sync_gradients``, and do not let
+    accelerate step it ``num_processes`` times per call (``make_accelerator``
+    sets ``step_scheduler_with_optimizer=False``).
+    """
+    if kind not in SCHEDULERS:
+        raise ValueError(f"training.lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {kind!r}")
+    if max_steps < 1:
+        raise ValueError(f"training.max_steps must be >= 1, got {max_steps}")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"training.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    warmup = resolve_warmup(warmup_steps, warmup_ratio, max_steps)
+
+    def factor(step: int) -> float:
+        return lr_factor(step, kind, warmup, max_steps, min_lr_ratio)
+
+    return LambdaLR(optimizer, factor)

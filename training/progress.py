@@ -1,0 +1,65 @@
+"""tqdm progress bar for the training loop: loss, lr and tokens/s on the main process."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+class TrainProgress:
+    """Progress over optimizer steps.
+
+    ``update(step, loss=..., lr=..., tokens=...)`` once per optimizer step:
+    ``step`` is the number of optimizer steps done (1-based), ``tokens`` the
+    supervised-or-input tokens this step processed on this rank (the caller
+    decides which; the postfix says ``tok/s``). Throughput is measured over
+    the steps since the bar was created, so a resume does not count the
+    skipped steps. Disabled (no output at all) off the main process.
+    """
+
+    def __init__(
+        self, total: int, initial: int = 0, is_main_process: bool = True, refresh_every: int = 1, desc: str = "train"
+    ):
+        if refresh_every < 1:
+            raise ValueError(f"run.log_every must be >= 1, got {refresh_every}")
+        self.enabled = is_main_process
+        self.refresh_every = refresh_every
+        self._tokens = 0.0
+        self._start = time.perf_counter()
+        self._last_step = initial
+        self.postfix: dict[str, str] = {}
+        self._bar: Any = None
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+    def update(
+        self, step: int, loss: float | None = None, lr: float | None = None, tokens: float = 0
+    ) -> dict[str, str]:
+        """Advance to ``step`` and return the postfix shown (also off the main process, for tests/logs)."""
+        self._tokens += float(tokens)
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        postfix = {}
+        if loss is not None:
+            postfix["loss"] = f"{float(loss):.4f}"
+        if lr is not None:
+            postfix["lr"] = f"{float(lr):.2e}"
+        postfix["tok/s"] = f"{self._tokens / elapsed:.0f}"
+        self.postfix = postfix
+        if self._bar is not None:
+            self._bar.update(step - self._last_step)
+            if step % self.refresh_every == 0:
+                self._bar.set_postfix(postfix, refresh=True)
+        self._last_step = step
+        return postfix
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the bar (main process only)."""
+        if self._bar is not None:
+            self._bar.write(message)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

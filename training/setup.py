@@ -1,0 +1,104 @@
+"""Accelerator, seed, run directory and logging set-up shared by both trainers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+LOGGER_NAME = "coordexp"
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1, seed: int = 42, **kwargs: Any):
+    """``accelerate.Accelerator`` + ``set_seed(seed)`` (same seed on every rank: identical model init).
+
+    ``kwargs`` go to ``Accelerator`` unchanged. Per-rank randomness (rollout
+    sampling) should derive its own generator from ``seed`` and the rank.
+
+    ``step_scheduler_with_optimizer`` defaults to False: our schedules count
+    optimizer steps, and a prepared scheduler would otherwise be stepped
+    ``num_processes`` times per call. Call ``scheduler.step()`` once per
+    optimizer step (when ``accelerator.sync_gradients``).
+    """
+    kwargs.setdefault("step_scheduler_with_optimizer", False)
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(
+            f"training.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {mixed_precision!r}"
+        )
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"training.gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, **kwargs
+    )
+    set_seed(seed)
+    return accelerator
+
+
+def make_run_dir(output_dir: str | Path, run_name: str, exist_ok: bool = True) -> Path:
+    """Create and return ``<output_dir>/<run_name>`` (``run.output_dir`` / ``run.name``).
+
+    ``exist_ok=False`` refuses to reuse a directory that already has
+    ``metrics.jsonl`` (use it when not resuming, so two runs never mix logs).
+    """
+    if not run_name or "/" in run_name or run_name in (".", ".."):
+        raise ValueError(f"run.name must be a plain directory name, got {run_name!r}")
+    run_dir = Path(output_dir) / run_name
+    if not exist_ok and (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run (metrics.jsonl); choose another run.name or resume with training.resume_from: latest"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def setup_logging(
+    run_dir: str | Path | None = None, is_main_process: bool = True, level: int = logging.INFO
+) -> logging.Logger:
+    """The ``coordexp`` logger: stderr on the main process (WARNING elsewhere), plus ``<run_dir>/train.log``."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(level if is_main_process else logging.WARNING)
+    for handler in list(logger.handlers):  # idempotent: tests and notebooks call this repeatedly
+        logger.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if run_dir is not None and is_main_process:
+        file_handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
+    logger.propagate = False
+    return logger
+
+
+def log_run_header(
+    logger: logging.Logger,
+    *,
+    config_path: str | Path | None,
+    run_name: str,
+    seed: int,
+    pipeline_identity: Mapping[str, Any] | None = None,
+    run_dir: str | Path | None = None,
+) -> None:
+    """Log config path, run name, seed and the pipeline identity (SPEC §5.3).
+
+    ``pipeline_identity`` is the normalised manifest dict including its
+    ``checksum``; with ``run_dir`` it is also saved as ``pipeline_identity.json``.
+    """
+    logger.info("config: %s", config_path)
+    logger.info("run: %s  seed: %d", run_name, seed)
+    if pipeline_identity is not None:
+        text = json.dumps(dict(pipeline_identity), sort_keys=True, default=str)
+        logger.info("pipeline: %s", text)
+        if run_dir is not None:
+            Path(run_dir, "pipeline_identity.json").write_text(
+                json.dumps(dict(pipeline_identity), indent=2, sort_keys=True, default=str) + "\n"
+            )

@@ -1,0 +1,149 @@
+"""Experiment tracking: ``metrics.jsonl`` always, wandb when asked (``run.tracker``).
+
+Only the main process writes; on other ranks every method is a no-op, so the
+trainer can call them unconditionally.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BACKENDS = ("none", "wandb")
+MODES = ("online", "offline")
+
+
+def _scalar(key: str, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metric {key!r}: expected a scalar, got shape {tuple(value.shape)}")
+        return float(value.detach().float().cpu().item())
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__}") from None
+
+
+class Tracker:
+    """One run's metric sink.
+
+    ``metrics.jsonl`` gets one line per :meth:`log` call, ``{"step": N, **metrics}``
+    with keys sorted; it is opened in append mode, so a resumed run continues
+    the same file (lines of steps after the resume point are not removed).
+    Non-finite floats are written as ``NaN`` / ``Infinity`` (Python's json
+    reads them; the value is never dropped).
+
+    ``backend="wandb"`` imports wandb here (only then); ``mode="offline"`` sets
+    ``WANDB_MODE=offline`` before ``wandb.init`` and writes under ``run_dir``.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        backend: str = "none",
+        mode: str = "offline",
+        project: str = "coordexp",
+        entity: str | None = None,
+        run_name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        tags: Iterable[str] = (),
+        is_main_process: bool = True,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"run.tracker.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if mode not in MODES:
+            raise ValueError(f"run.tracker.mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.run_dir = Path(run_dir)
+        self.backend = backend
+        self.is_main_process = is_main_process
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.config_path = self.run_dir / "tracker_config.json"
+        self._config: dict[str, Any] = {}
+        self._file = None
+        self._wandb_run = None
+        if not is_main_process:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.metrics_path, "a", encoding="utf-8")  # closed in finish()
+        if backend == "wandb":
+            try:
+                import wandb
+            except ImportError as exc:
+                raise ImportError(
+                    "run.tracker.backend: wandb needs `pip install wandb` (or set backend: none)"
+                ) from exc
+            if mode == "offline":
+                os.environ["WANDB_MODE"] = "offline"
+            self._wandb_run = wandb.init(
+                project=project,
+                entity=entity,
+                name=run_name,
+                config=dict(config or {}),
+                tags=list(tags),
+                dir=str(self.run_dir),
+                mode=mode,
+            )
+        if config:
+            self.log_config(config)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Append one optimizer step's metrics (``step`` is the 1-based count of optimizer steps done)."""
+        if not self.is_main_process:
+            return
+        if self._file is None:
+            raise RuntimeError("Tracker.log after finish()")
+        if "step" in metrics:
+            raise ValueError("metric key 'step' is reserved for the optimizer step in metrics.jsonl")
+        row = {key: _scalar(key, value) for key, value in metrics.items()}
+        line = {"step": int(step), **dict(sorted(row.items()))}
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+        if self._wandb_run is not None:
+            self._wandb_run.log(row, step=int(step))
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """Merge ``config`` (e.g. the resolved config, pipeline identity) into ``tracker_config.json`` and wandb."""
+        if not self.is_main_process:
+            return
+        self._config.update(config)
+        self.config_path.write_text(json.dumps(self._config, indent=2, sort_keys=True, default=str) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.config.update(dict(config), allow_val_change=True)
+
+    def finish(self) -> None:
+        """Close the file and the wandb run; safe to call twice."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Parse ``metrics.jsonl`` (for plots and tests); a bad line raises with file:line."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+    return rows
+
+
+def is_finite_row(row: Mapping[str, Any]) -> bool:
+    """True if every numeric value of a metrics row is finite (handy for NaN guards in tests)."""
+    return all(not isinstance(v, float) or math.isfinite(v) for v in row.values())
