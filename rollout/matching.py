@@ -1,0 +1,126 @@
+"""Hungarian matching of valid rollout predictions to GT boxes, with an IoU gate (SPEC §6).
+
+Boxes are bins ``[x1, y1, x2, y2]`` (0..999); IoU is computed in bin space (continuous areas,
+no +1, like ``eval.detection.box_iou``). Cost of a pair is ``1 - IoU``; a pair with
+``IoU < iou_gate`` is infeasible. Leaving a prediction unmatched costs ``fp_cost``, leaving a GT
+unmatched ``fn_cost``: the problem is solved exactly on the augmented ``(P+G) x (G+P)`` matrix
+
+    [ C (P x G)            | fp_cost on diag (P x P) ]
+    [ fn_cost on diag (GxG) | 0 (G x P)               ]
+
+with ``scipy.optimize.linear_sum_assignment``.
+
+Ties: pair costs are quantised to integer units of 1e-6 (IoUs equal to 6 decimals are ties, so
+float noise cannot decide a match), then every entry is scaled by ``K`` and pair ``(i, j)`` gets
+the tie-break ``i * G + j`` added (``K`` exceeds the largest possible sum of tie-breaks, so
+the tie-break never overrides a real cost difference). Among equally good assignments the
+one with the smallest sum of ``i * G + j`` wins: lower-indexed predictions/GTs are preferred
+when only some of them can be matched. The matrix is integer-valued in float64, exact while
+``K * cost`` stays below 2**53 (``P, G`` up to a few hundred); beyond that the tie-break is
+dropped and ties are left to the solver, which is still deterministic for a given input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from rollout.types import MatchResult
+
+_QUANT = 1_000_000  # cost units per 1.0
+_EXACT = float(2**53)
+
+
+def iou_matrix(pred_bins, gt_bins) -> np.ndarray:
+    """``[P, G]`` IoU in bin space. Degenerate (zero-area) boxes have IoU 0 with everything,
+    except an exact copy of themselves (IoU 1), so a degenerate GT can still be matched."""
+    p = np.asarray(pred_bins, dtype=np.float64).reshape(-1, 4)
+    g = np.asarray(gt_bins, dtype=np.float64).reshape(-1, 4)
+    iw = np.minimum(p[:, None, 2], g[None, :, 2]) - np.maximum(p[:, None, 0], g[None, :, 0])
+    ih = np.minimum(p[:, None, 3], g[None, :, 3]) - np.maximum(p[:, None, 1], g[None, :, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_p = np.clip(p[:, 2] - p[:, 0], 0, None) * np.clip(p[:, 3] - p[:, 1], 0, None)
+    area_g = np.clip(g[:, 2] - g[:, 0], 0, None) * np.clip(g[:, 3] - g[:, 1], 0, None)
+    union = area_p[:, None] + area_g[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    same = (p[:, None, :] == g[None, :, :]).all(-1)
+    return np.where(same, 1.0, iou)
+
+
+def _check_boxes(name: str, boxes) -> np.ndarray:
+    arr = np.asarray(boxes, dtype=np.float64)
+    if arr.size == 0:
+        return arr.reshape(0, 4)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"{name} must be [N, 4] bins (x1, y1, x2, y2), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains non-finite values")
+    return arr
+
+
+def hungarian_match(
+    pred_bins: Sequence[Sequence[int]],
+    gt_bins: Sequence[Sequence[int]],
+    *,
+    iou_gate: float = 0.3,
+    fp_cost: float = 1.0,
+    fn_cost: float = 1.0,
+) -> MatchResult:
+    """Match ``pred_bins [P, 4]`` to ``gt_bins [G, 4]`` (bins); see the module docstring.
+
+    iou_gate: ``rollout_matching.matching.iou_gate``, pairs with IoU below it never match (0..1)
+    fp_cost / fn_cost: cost of leaving a prediction / a GT unmatched (> 0)
+    Returns pairs sorted by prediction index, plus unmatched prediction (fp) and GT (fn) indices.
+    """
+    if not 0.0 <= iou_gate <= 1.0:
+        raise ValueError(f"rollout_matching.matching.iou_gate must be in [0, 1], got {iou_gate}")
+    if fp_cost <= 0 or fn_cost <= 0:
+        raise ValueError(f"rollout_matching.matching fp_cost/fn_cost must be > 0, got {fp_cost}/{fn_cost}")
+    p_arr = _check_boxes("pred_bins", pred_bins)
+    g_arr = _check_boxes("gt_bins", gt_bins)
+    P, G = p_arr.shape[0], g_arr.shape[0]
+    if P == 0 or G == 0:
+        return MatchResult(pairs=[], fp=list(range(P)), fn=list(range(G)), ious=[], num_pred=P, num_gt=G)
+
+    iou = iou_matrix(p_arr, g_arr)
+    feasible = iou >= iou_gate
+    pair_units = np.rint((1.0 - iou) * _QUANT)
+    fp_units = float(np.rint(fp_cost * _QUANT))
+    fn_units = float(np.rint(fn_cost * _QUANT))
+    K = float(min(P, G) * P * G + 1)
+    worst = (max(float(pair_units.max()), fp_units, fn_units) + 1.0) * (P + G)
+    tie = (np.arange(P)[:, None] * G + np.arange(G)[None, :]).astype(np.float64)
+    if worst * K + K >= _EXACT:
+        K, tie = 1.0, np.zeros_like(tie)
+
+    n = P + G
+    big = np.full((n, n), np.inf)
+    big[:P, :G] = np.where(feasible, pair_units * K + tie, np.inf)
+    big[np.arange(P), G + np.arange(P)] = fp_units * K
+    big[P + np.arange(G), np.arange(G)] = fn_units * K
+    big[P:, G:] = 0.0
+    rows, cols = linear_sum_assignment(big)
+
+    pairs: list[tuple[int, int]] = []
+    matched_p: set[int] = set()
+    matched_g: set[int] = set()
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        if r < P and c < G:
+            pairs.append((r, c))
+            matched_p.add(r)
+            matched_g.add(c)
+    pairs.sort()
+    return MatchResult(
+        pairs=pairs,
+        fp=[i for i in range(P) if i not in matched_p],
+        fn=[j for j in range(G) if j not in matched_g],
+        ious=[float(iou[i, j]) for i, j in pairs],
+        num_pred=P,
+        num_gt=G,
+    )
+
+
+__all__ = ["hungarian_match", "iou_matrix"]

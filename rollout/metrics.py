@@ -1,0 +1,72 @@
+"""Rollout counters for one micro-step, named as SPEC §9 requires.
+
+Counters (``*_total``, ``*_count``, ``*_num``, ``*_den``) are summed by the aggregator over
+micro-steps and ranks; ``rollout/precision|recall|f1`` are re-derived there from the summed
+``matched/valid_pred/gt`` totals (``training.aggregator.ROLLOUT_DERIVED``), so the values emitted
+here are only this micro-step's view with the same conventions (0 when the denominator is 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rollout.types import DROP_REASONS, MatchResult, ParsedRollout
+
+
+def rollout_counters(
+    parsed_list: Sequence[ParsedRollout], match_list: Sequence[MatchResult], gt_counts: Sequence[int]
+) -> dict[str, float]:
+    """Metrics of a batch of rollouts (one entry per sample in each sequence).
+
+    Keys: ``rollout/{fn_appended,gt_objects,valid_pred_objects,fp,fn,matched}_total``,
+    ``rollout/{gt,pred}_per_sample`` (means over samples), ``rollout/{precision,recall,f1}``,
+    ``rollout/parse_valid_rate`` (fraction of samples whose container was found and closed with
+    no object dropped), ``rollout/drop_<reason>_count`` for every reason in ``DROP_REASONS``,
+    ``rollout/{container_missing,eos_missing}_count``, and the internal
+    ``rollout/_parse_valid_num`` / ``rollout/_samples_den`` for an exact step-level rate.
+    """
+    if not len(parsed_list) == len(match_list) == len(gt_counts):
+        raise ValueError(
+            f"rollout_counters needs one match and one GT count per rollout, got {len(parsed_list)} rollouts, "
+            f"{len(match_list)} matches, {len(gt_counts)} GT counts"
+        )
+    n = len(parsed_list)
+    matched = sum(len(m.pairs) for m in match_list)
+    fp = sum(len(m.fp) for m in match_list)
+    fn = sum(len(m.fn) for m in match_list)
+    valid = sum(len(p.valid_objects) for p in parsed_list)
+    gt = sum(int(g) for g in gt_counts)
+    for p, m, g in zip(parsed_list, match_list, gt_counts):
+        if len(m.pairs) + len(m.fp) != len(p.valid_objects) or len(m.pairs) + len(m.fn) != int(g):
+            raise ValueError("a MatchResult does not belong to its rollout / GT count (pairs + fp != valid preds)")
+    drops = dict.fromkeys(DROP_REASONS, 0)
+    for p in parsed_list:
+        for reason, c in p.drop_reasons.items():
+            drops[reason] = drops.get(reason, 0) + c
+    parse_valid = sum(1 for p in parsed_list if p.parse_valid)
+    precision = matched / valid if valid else 0.0
+    recall = matched / gt if gt else 0.0
+    out: dict[str, float] = {
+        "rollout/fn_appended_total": float(fn),
+        "rollout/gt_objects_total": float(gt),
+        "rollout/valid_pred_objects_total": float(valid),
+        "rollout/fp_total": float(fp),
+        "rollout/fn_total": float(fn),
+        "rollout/matched_total": float(matched),
+        "rollout/gt_per_sample": gt / n if n else 0.0,
+        "rollout/pred_per_sample": valid / n if n else 0.0,
+        "rollout/precision": precision,
+        "rollout/recall": recall,
+        "rollout/f1": 2.0 * matched / (valid + gt) if valid + gt else 0.0,
+        "rollout/parse_valid_rate": parse_valid / n if n else 0.0,
+        "rollout/container_missing_count": float(sum(1 for p in parsed_list if not p.container_found)),
+        "rollout/eos_missing_count": float(sum(1 for p in parsed_list if not p.eos_found)),
+        "rollout/_parse_valid_num": float(parse_valid),
+        "rollout/_samples_den": float(n),
+    }
+    for reason, c in drops.items():
+        out[f"rollout/drop_{reason}_count"] = float(c)
+    return out
+
+
+__all__ = ["rollout_counters"]
