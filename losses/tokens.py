@@ -59,19 +59,21 @@ def assign_token_types(offsets: Sequence[tuple[int, int]], char_types: Sequence[
     return [int(t) for t in types]
 
 
-def find_outermost_closure(text: str) -> int | None:
-    """Char index of the ``}`` closing the first top-level JSON object in ``text``.
+def find_outermost_closure(text: str, start: int = 0) -> int | None:
+    """Char index of the ``}`` closing the first top-level JSON object in ``text[start:]``.
 
     String-aware stack scan: braces/brackets inside ``"..."`` do not count, a backslash
     escapes the next character inside a string, and ``<|...|>`` special-token text outside
     strings (coord tokens, ``<|im_end|>``) is skipped whole. A closer that does not match
     the top of the stack is ignored (salvaged rollout text can be malformed; skipping keeps
     the scan from closing the object early). Returns None when the object never closes.
+    This is the one brace scan of the code base: the rollout parser uses it to find the end
+    of each object, the encoder and the rollout builder to find the closure token.
     """
     stack: list[str] = []
     in_string = False
     escaped = False
-    i = 0
+    i = start
     n = len(text)
     while i < n:
         c = text[i]

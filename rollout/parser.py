@@ -31,7 +31,7 @@ import numpy as np
 
 from data.coordjson import COORD_TOKEN_FMT
 from losses.registry import COORD, DESC, STRUCT
-from losses.tokens import char_span_to_tokens
+from losses.tokens import char_span_to_tokens, find_outermost_closure
 from rollout.types import DROP_REASONS, ParsedObject, ParsedRollout
 
 _WS = " \t\n\r"
@@ -204,45 +204,11 @@ class _Scanner:
     def match_object(self, start: int) -> int | None:
         """End (exclusive) of the ``{...}`` starting at ``start``; None when the text ends first.
 
-        Same rules as ``losses.tokens.find_outermost_closure``: string-aware, ``<|...|>`` outside
-        strings skipped whole, a closer that does not match the top of the stack is ignored.
+        ``losses.tokens.find_outermost_closure`` from ``start`` (the one brace scan): string-aware,
+        ``<|...|>`` outside strings skipped whole, a closer that does not match the top is ignored.
         """
-        text, n = self.text, self.n
-        stack: list[str] = []
-        in_string = escaped = False
-        i = start
-        while i < n:
-            c = text[i]
-            if in_string:
-                if escaped:
-                    escaped = False
-                elif c == "\\":
-                    escaped = True
-                elif c == '"':
-                    in_string = False
-                i += 1
-                continue
-            if c == "<" and text.startswith("<|", i):
-                j = text.find("|>", i + 2)
-                if j != -1:
-                    i = j + 2
-                    continue
-            if c == '"':
-                if stack:
-                    in_string = True
-            elif c == "{":
-                stack.append("{")
-            elif c == "[":
-                if stack:
-                    stack.append("[")
-            elif c in "}]":
-                want = "{" if c == "}" else "["
-                if stack and stack[-1] == want:
-                    stack.pop()
-                    if not stack:
-                        return i + 1
-            i += 1
-        return None
+        close = find_outermost_closure(self.text, start)
+        return None if close is None else close + 1
 
     # ---- tolerant JSON pieces inside one complete object [lo, hi); raise _BadJSON when malformed
     def string(self, p: int, hi: int) -> int:
