@@ -18,6 +18,7 @@ import argparse
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from configs import load_config
@@ -64,6 +65,16 @@ def any_rank(accelerator, flag: bool) -> bool:
         return flag
     t = torch.tensor([int(flag)], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def rollout_seed(seed: int, step: int, rank: int) -> int:
+    """Sampling seed of one rank's rollouts at optimizer step ``step`` (0-based).
+
+    A pure function of ``(rollout_matching.decoding.seed, step, rank)``: a resumed run samples
+    exactly the rollouts the uninterrupted run would have, with no generator state to checkpoint,
+    and ranks never share a stream.
+    """
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -127,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         window = [next(data_iter) for _ in range(t.gradient_accumulation_steps)]
         rollouts, error = [], None
         if channel == CHANNEL_B:
+            backend.generator.manual_seed(rollout_seed(rm.decoding.seed, step, accelerator.process_index))
             try:
                 rollouts = [
                     prepare_rollout_batch(

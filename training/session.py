@@ -8,6 +8,7 @@ that the recipes themselves read top to bottom without repeating this code.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,18 @@ def start_run(cfg) -> RunContext:
     from training.setup import log_run_header, make_accelerator, make_run_dir, setup_logging
 
     t = cfg.training
-    accelerator = make_accelerator(t.mixed_precision, t.gradient_accumulation_steps, cfg.run.seed)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # `accelerate launch --multi_gpu` on a machine without CUDA sets WORLD_SIZE but accelerate then picks
+    # no backend: every process would run alone and believe it is the main process (duplicate logs,
+    # racing checkpoint writes). Multi-process without GPUs means CPU DDP over gloo.
+    cpu = world > 1 and not torch.cuda.is_available()
+    accelerator = make_accelerator(t.mixed_precision, t.gradient_accumulation_steps, cfg.run.seed,
+                                   **({"cpu": True} if cpu else {}))
+    if accelerator.num_processes != world:
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es) "
+            f"({accelerator.distributed_type}); check the accelerate launch config (configs/accelerate/)"
+        )
     run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name)
     run_logger = setup_logging(run_dir, accelerator.is_main_process)
     if accelerator.is_main_process:

@@ -1,0 +1,122 @@
+"""Shared pieces of the recipe end-to-end tests (``tests/test_recipe_*.py``).
+
+``RecipeEnv`` is built once per session by the ``recipe_env`` fixture in ``tests/conftest.py``: one
+tiny random Qwen3-VL checkpoint and one small synthetic shapes dataset, both under pytest's tmp
+dir. ``recipe_argv`` turns a demo config plus small-run overrides into the ``argv`` of
+``train_stage1.main`` / ``train_stage2.main``, with every output path under the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo"
+STAGE1_DEMO = DEMO / "stage1_shapes.yaml"
+STAGE2_DEMO = DEMO / "stage2_shapes.yaml"
+STAGE2_ALIGNED_DEMO = DEMO / "stage2_rollout_aligned_shapes.yaml"
+
+# Small enough for a CPU test, big enough that a micro-batch packs two samples.
+SHAPES = {"num_train": 8, "num_val": 2, "image_size": 32, "max_shapes": 3, "seed": 0}
+
+
+@dataclass(frozen=True)
+class RecipeEnv:
+    tiny_dir: Path  # complete tiny checkpoint (model + tokenizer + image processor, coord tokens added)
+    shapes_dir: Path  # data/shapes dataset made with SHAPES
+
+
+def build_recipe_env(root: Path) -> RecipeEnv:
+    from data.shapes import make_shapes_dataset
+    from model.tiny import build_tiny_checkpoint
+
+    tiny = Path(build_tiny_checkpoint(str(root / "tiny_qwen3vl"), seed=0))
+    make_shapes_dataset(root / "shapes", **SHAPES)
+    return RecipeEnv(tiny_dir=tiny, shapes_dir=root / "shapes")
+
+
+def recipe_argv(env: RecipeEnv, config: Path, out_dir: Path, *, name: str, max_steps: int, **sets) -> list[str]:
+    """``--config config --set ...`` for a short run writing only under ``out_dir``.
+
+    ``sets`` are extra overrides with ``__`` for ``.`` (``training__save_every=2``); they win
+    over the defaults below. Values are written as YAML scalars (``True`` -> ``true``).
+    """
+    overrides = {
+        "run.output_dir": str(out_dir),
+        "run.name": name,
+        # Both stages load the shared tiny checkpoint (the tiny builder is idempotent on a complete dir).
+        "model.name_or_path": None,
+        "model.tiny.enabled": True,
+        "model.tiny.dir": str(env.tiny_dir),
+        "data.synthetic.enabled": True,
+        "data.synthetic.out_dir": str(env.shapes_dir),
+        **{f"data.synthetic.{k}": v for k, v in SHAPES.items()},
+        "training.max_steps": max_steps,
+        "training.warmup_steps": 0,
+        "rollout_matching.decoding.max_new_tokens": 8,
+        "rollout_matching.decoding.batch_size": 2,
+        "eval.max_samples": 1,
+        "eval.batch_size": 1,
+    }
+    overrides.update({k.replace("__", "."): v for k, v in sets.items()})
+    argv = ["--config", str(config)]
+    for key, value in overrides.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif value is None:
+            value = "null"
+        argv += ["--set", f"{key}={value}"]
+    return argv
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    """``metrics.jsonl`` of a run, one dict per line."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+ROLLOUT_PAYLOAD = (
+    "rollout/fn_appended_total",
+    "rollout/gt_objects_total",
+    "rollout/valid_pred_objects_total",
+    "rollout/fp_total",
+    "rollout/fn_total",
+    "rollout/matched_total",
+    "rollout/gt_per_sample",
+    "rollout/pred_per_sample",
+    "rollout/precision",
+    "rollout/recall",
+    "rollout/f1",
+    "rollout/parse_valid_rate",
+)
+STAGE2_ROUTER_KEYS = ("stage2/b_ratio_realized", "stage2/channel_a_count", "stage2/channel_b_count")
+
+
+def assert_metrics_contract(rows: list[dict]) -> None:
+    """Every emitted key of every ``metrics.jsonl`` row meets SPEC §3/§9 naming rules."""
+    import re
+
+    from training.aggregator import KEY_CLASSES, check_log_row, check_metric_key
+
+    assert rows, "no metrics rows"
+    counter_suffix = re.compile(r"_(total|count|sum|num|den)$")
+    for row in rows:
+        check_log_row(row)  # raises naming the offending key
+        for key, value in row.items():
+            if key == "step":
+                continue
+            assert check_metric_key(key) in KEY_CLASSES
+            assert check_metric_key(key) != "internal", key
+            assert not key.rsplit("/", 1)[-1].startswith("_"), key
+            assert "loss_" not in key and not re.search(r"_loss(/|$)", key), f"alias spelling {key}"
+            if key.startswith("loss/"):
+                assert not counter_suffix.search(key), f"loss key with a counter suffix: {key}"
+            assert finite(value), f"step {row['step']}: {key}={value!r} is not a finite float"
+        assert any(k.startswith("time/") for k in row), f"step {row['step']}: no time/* key"

@@ -1,0 +1,115 @@
+"""Long end-to-end runs (``pytest -m slow tests/test_recipe_slow.py``): the real demo configs, and
+2-process DDP (CPU gloo through ``accelerate launch``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import train_stage1
+import train_stage2
+from tests._recipe_helpers import (
+    REPO,
+    ROLLOUT_PAYLOAD,
+    STAGE1_DEMO,
+    STAGE2_ALIGNED_DEMO,
+    STAGE2_DEMO,
+    assert_metrics_contract,
+    finite,
+    read_rows,
+    recipe_argv,
+)
+from training.router import is_rollout_step
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+@pytest.mark.slow
+def test_demo_configs_end_to_end(tmp_path, monkeypatch):
+    """configs/demo/stage1_shapes.yaml (120 steps), then both Stage-2 demos from its checkpoint.
+
+    Only paths are overridden (all under tmp); every training knob is the demo's own.
+    """
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    paths = ["--set", f"run.output_dir={runs}", "--set", f"data.synthetic.out_dir={tmp_path / 'shapes'}"]
+    train_stage1.main(["--config", str(STAGE1_DEMO), *paths, "--set", f"model.tiny.dir={tmp_path / 'tiny'}"])
+    rows = read_rows(runs / "demo_stage1")
+    assert [r["step"] for r in rows] == list(range(1, 121))
+    assert_metrics_contract(rows)
+    k = len(rows) // 10
+    first, last = _mean([r["loss/total"] for r in rows[:k]]), _mean([r["loss/total"] for r in rows[-k:]])
+    assert last < first, f"Stage-1 demo did not learn: mean loss/total first 10% {first:.4f}, last 10% {last:.4f}"
+    assert [r["step"] for r in rows if "eval/rollout/mAP" in r] == [60, 120]
+    ckpt = runs / "demo_stage1" / "checkpoint-120" / "model"
+    assert (ckpt / "config.json").is_file()
+
+    stage2_paths = [*paths, "--set", f"model.name_or_path={ckpt}"]
+    train_stage2.main(["--config", str(STAGE2_DEMO), *stage2_paths])
+    rows2 = read_rows(runs / "demo_stage2")
+    assert [r["step"] for r in rows2] == list(range(1, 21))
+    assert_metrics_contract(rows2)
+    for row in rows2:
+        assert row["stage2/channel_b_count"] == float(is_rollout_step(row["step"] - 1, 0.5))
+        assert finite(row["loss/total"])
+    assert rows2[-1]["stage2/b_ratio_realized"] == pytest.approx(0.5)
+    assert [r["step"] for r in rows2 if "eval/rollout/mAP" in r] == [10, 20]
+
+    train_stage2.main(["--config", str(STAGE2_ALIGNED_DEMO), *stage2_paths])
+    rows3 = read_rows(runs / "demo_stage2_rollout_aligned")
+    assert [r["step"] for r in rows3] == list(range(1, 11))
+    assert_metrics_contract(rows3)
+    for row in rows3:
+        assert row["stage2/channel_b_count"] == 1
+        for key in ROLLOUT_PAYLOAD:
+            assert finite(row[key]), (row["step"], key)
+    print(f"stage1 demo mean loss/total: first 10% {first:.4f} -> last 10% {last:.4f}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(script: str, argv: list[str], cwd) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(REPO / script), *argv,
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{script} under DDP failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_stage1_and_stage2(recipe_env, tmp_path):
+    """2 CPU processes (gloo): both recipes finish; metrics.jsonl has exactly one line per step."""
+    s1 = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="ddp_s1", max_steps=3,
+                     training__eval_every=0, training__save_every=0)
+    _launch("train_stage1.py", s1, tmp_path)
+    rows = read_rows(tmp_path / "ddp_s1")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert_metrics_contract(rows)
+    # Each rank packs its own 2 samples per micro-batch; counters are summed over the 2 ranks.
+    assert all(r["packing/segments_total"] == 4 for r in rows)
+    assert (tmp_path / "ddp_s1" / "checkpoint-3" / "rng_1.pt").is_file()
+
+    s2 = recipe_argv(recipe_env, STAGE2_DEMO, tmp_path, name="ddp_s2", max_steps=3,
+                     stage2_ab__schedule__b_ratio=0.5, training__eval_every=0, training__save_every=0)
+    _launch("train_stage2.py", s2, tmp_path)
+    rows2 = read_rows(tmp_path / "ddp_s2")
+    assert [r["step"] for r in rows2] == [1, 2, 3]
+    assert_metrics_contract(rows2)
+    assert [r["stage2/channel_b_count"] for r in rows2] == [0.0, 1.0, 0.0]
+    for key in ROLLOUT_PAYLOAD:
+        assert finite(rows2[1][key]), key

@@ -1,0 +1,186 @@
+"""End-to-end Stage-1 recipe on the tiny model: run dir layout, checkpoints, eval, metrics, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_stage1
+from tests._recipe_helpers import STAGE1_DEMO, assert_metrics_contract, finite, read_rows, recipe_argv
+
+
+class SimulatedCrash(Exception):
+    """Stands in for a killed job."""
+
+
+STAGE1_LOSS_KEYS = ("loss/total", "loss/struct_ce", "loss/desc_ce", "loss/coord_token_ce", "loss/coord_reg")
+
+
+@pytest.fixture(scope="module")
+def stage1_run(recipe_env, tmp_path_factory):
+    """4 optimizer steps, eval at step 2 and at the end, a checkpoint every 2 steps."""
+    out = tmp_path_factory.mktemp("stage1_run")
+    argv = recipe_argv(recipe_env, STAGE1_DEMO, out, name="s1", max_steps=4,
+                       training__eval_every=2, training__save_every=2, training__warmup_steps=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(out)  # anything written to a relative path lands in tmp, never in the repo
+        last = train_stage1.main(argv)
+    return out / "s1", last
+
+
+def test_stage1_run_dir_layout(stage1_run):
+    run_dir, _ = stage1_run
+    for name in ("config.resolved.yaml", "pipeline.json", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    for step in (2, 4):
+        ev = run_dir / "eval" / f"step_{step}"
+        preds = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines() if line.strip()]
+        assert len(preds) == 1  # eval.max_samples=1
+        assert isinstance(json.loads((ev / "metrics.json").read_text()), dict)
+        ckpt = run_dir / f"checkpoint-{step}"
+        assert (ckpt / "trainer_state.json").is_file()
+        assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step
+        assert (ckpt / "model" / "config.json").is_file()
+    assert not (run_dir / "eval" / "step_1").exists() and not (run_dir / "checkpoint-1").exists()
+
+
+def test_stage1_metrics_one_line_per_step(stage1_run):
+    run_dir, last = stage1_run
+    rows = read_rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        for key in STAGE1_LOSS_KEYS:
+            assert finite(row[key]), (row["step"], key)
+        has_eval = row["step"] in (2, 4)
+        assert ("eval/rollout/mAP" in row) == has_eval
+        if has_eval:
+            assert isinstance(row["eval/rollout/mAP"], float)
+            assert 0.0 <= row["eval/rollout/mAP"] <= 1.0
+    # main() returns what was logged for the last step.
+    assert {k: v for k, v in rows[-1].items() if k != "step"} == pytest.approx(last)
+
+
+def test_stage1_metrics_contract(stage1_run):
+    rows = read_rows(stage1_run[0])
+    assert_metrics_contract(rows)
+    for row in rows:
+        assert row["loss/total"] > 0
+        assert "train/lr" in row and "time/step_s" in row
+
+
+def test_stage1_checkpoint_loads_with_transformers_and_generates(stage1_run, recipe_env):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from data.encoding import ChatEncoder
+    from data.records import read_jsonl
+    from model.loading import load_model_and_processors
+
+    model_dir = stage1_run[0] / "checkpoint-4" / "model"
+    hf_model = AutoModelForImageTextToText.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tok.convert_tokens_to_ids(["<|coord_0|>", "<|coord_999|>"])
+    assert ids[1] - ids[0] == 999  # coord tokens saved with the checkpoint, contiguous
+    assert hf_model.get_input_embeddings().weight.shape[0] >= len(tok)
+
+    # Training changed the weights: the checkpoint is not the untouched tiny init.
+    init = AutoModelForImageTextToText.from_pretrained(str(recipe_env.tiny_dir))
+    trained, start = hf_model.get_output_embeddings().weight, init.get_output_embeddings().weight
+    assert trained.shape == start.shape and not torch.equal(trained, start)
+
+    model, tokenizer, image_processor, coord_vocab = load_model_and_processors(str(model_dir), add_coord_tokens=False)
+    assert len(coord_vocab.ids) == 1000
+    encoder = ChatEncoder(tokenizer, image_processor, prompt="Detect all objects.")
+    records, _ = read_jsonl(recipe_env.shapes_dir / "val.jsonl")
+    prompt = encoder.encode_prompt(records[0])
+    n = prompt.input_ids.shape[0]
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prompt.input_ids[None],
+            attention_mask=torch.ones(1, n, dtype=torch.long),
+            mm_token_type_ids=prompt.mm_token_type_ids[None],
+            pixel_values=prompt.pixel_values,
+            image_grid_thw=prompt.image_grid_thw.reshape(-1, 3),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    assert torch.equal(out[0, :n], prompt.input_ids)
+    assert n < out.shape[1] <= n + 4
+
+
+def test_stage1_lr_schedule_counts_optimizer_steps_under_accumulation(recipe_env, tmp_path, monkeypatch):
+    """With gradient accumulation the scheduler steps once per optimizer step, not per micro-step.
+
+    linear, warmup 0, max_steps 2, lr 1e-3: after optimizer step 1 the factor is 1 - 1/2, so
+    ``train/lr`` (the lr of the next step) is 5e-4; stepping per micro-step would give 0.
+    """
+    monkeypatch.chdir(tmp_path)
+    argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="ga", max_steps=2,
+                       training__gradient_accumulation_steps=2, training__lr_scheduler="linear",
+                       training__lr=1e-3, training__min_lr_ratio=0.0, training__eval_every=0,
+                       training__save_every=0)
+    train_stage1.main(argv)
+    rows = read_rows(tmp_path / "ga")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["train/lr"] == pytest.approx(5e-4, rel=1e-9)
+    assert rows[1]["train/lr"] == pytest.approx(0.0, abs=1e-12)
+    # Counters sum over the 2 micro-steps: 2 micro-batches of 2 packed samples each.
+    assert rows[0]["packing/segments_total"] == 4
+
+
+def test_stage1_resume_reproduces_uninterrupted_losses(recipe_env, tmp_path, monkeypatch):
+    """6 uninterrupted steps vs. the same run killed after step 3 (checkpoint-3) and resumed
+    with ``training.resume_from=latest``: steps 4-6 log the same losses (rtol 1e-5).
+
+    The interruption is a crash in step 4's pipeline call, so both runs have the same
+    config (cosine schedule over 6 steps) and the epoch boundary (4 micro-batches per epoch)
+    falls inside the resumed part.
+    """
+    monkeypatch.chdir(tmp_path)
+
+    def argv(name, **sets):
+        return recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name=name, max_steps=6, training__warmup_steps=1,
+                           training__save_every=3, training__eval_every=0, **sets)
+
+    train_stage1.main(argv("full"))
+    full = read_rows(tmp_path / "full")
+
+    calls = {"n": 0}
+    real_run_pipeline = train_stage1.run_pipeline
+
+    def crash_at_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise SimulatedCrash("optimizer step 4")
+        return real_run_pipeline(*args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train_stage1, "run_pipeline", crash_at_step_4)
+        with pytest.raises(SimulatedCrash):
+            train_stage1.main(argv("resumed"))
+    assert [r["step"] for r in read_rows(tmp_path / "resumed")] == [1, 2, 3]
+    assert (tmp_path / "resumed" / "checkpoint-3" / "trainer_state.json").is_file()
+
+    train_stage1.main(argv("resumed", training__resume_from="latest"))
+    resumed = read_rows(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    loss_keys = sorted(k for k in full[0] if k.startswith("loss/"))
+    assert "loss/total" in loss_keys
+    for a, b in zip(full, resumed):
+        assert a["step"] == b["step"]
+        assert a["train/lr"] == pytest.approx(b["train/lr"], rel=1e-12)
+        assert a["train/tokens_total"] == b["train/tokens_total"]
+        for key in loss_keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+
+
+def test_stage1_resume_latest_without_checkpoint_fails(recipe_env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="empty", max_steps=2,
+                       training__resume_from="latest")
+    with pytest.raises(FileNotFoundError, match="resume_from"):
+        train_stage1.main(argv)
+    assert not Path(tmp_path / "empty" / "metrics.jsonl").exists()
