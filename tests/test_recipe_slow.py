@@ -12,6 +12,7 @@ import pytest
 
 import train_stage1
 import train_stage2
+from configs import load_config
 from tests._recipe_helpers import (
     REPO,
     ROLLOUT_PAYLOAD,
@@ -32,7 +33,7 @@ def _mean(xs):
 
 @pytest.mark.slow
 def test_demo_configs_end_to_end(tmp_path, monkeypatch):
-    """configs/demo/stage1_shapes.yaml (120 steps), then both Stage-2 demos from its checkpoint.
+    """configs/demo/stage1_shapes.yaml, then both Stage-2 demos from its checkpoint.
 
     Only paths are overridden (all under tmp); every training knob is the demo's own.
     """
@@ -41,13 +42,15 @@ def test_demo_configs_end_to_end(tmp_path, monkeypatch):
     paths = ["--set", f"run.output_dir={runs}", "--set", f"data.synthetic.out_dir={tmp_path / 'shapes'}"]
     train_stage1.main(["--config", str(STAGE1_DEMO), *paths, "--set", f"model.tiny.dir={tmp_path / 'tiny'}"])
     rows = read_rows(runs / "demo_stage1")
-    assert [r["step"] for r in rows] == list(range(1, 121))
+    demo = load_config(STAGE1_DEMO).training
+    assert [r["step"] for r in rows] == list(range(1, demo.max_steps + 1))
     assert_metrics_contract(rows)
     k = len(rows) // 10
     first, last = _mean([r["loss/total"] for r in rows[:k]]), _mean([r["loss/total"] for r in rows[-k:]])
     assert last < first, f"Stage-1 demo did not learn: mean loss/total first 10% {first:.4f}, last 10% {last:.4f}"
-    assert [r["step"] for r in rows if "eval/rollout/mAP" in r] == [60, 120]
-    ckpt = runs / "demo_stage1" / "checkpoint-120" / "model"
+    evals = list(range(demo.eval_every, demo.max_steps + 1, demo.eval_every))
+    assert [r["step"] for r in rows if "eval/rollout/mAP" in r] == evals
+    ckpt = runs / "demo_stage1" / f"checkpoint-{demo.max_steps}" / "model"
     assert (ckpt / "config.json").is_file()
 
     stage2_paths = [*paths, "--set", f"model.name_or_path={ckpt}"]
