@@ -24,30 +24,19 @@ import torch
 from configs import load_config
 from configs.loader import add_config_args
 from data.packing import collate_rows
-from model.forward import HiddenStatesModel
 from pipeline.context import TeacherForcingContext
 from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, rollout_forward
 from rollout.backends import HFGenerationBackend
 from rollout.step import MatchingConfig, prepare_rollout_batch
-from training.aggregator import MetricAggregator
-from training.checkpoint import load_training_state, save_training_state
-from training.optim import build_optimizer, build_scheduler
-from training.progress import TrainProgress
 from training.router import CHANNEL_A, CHANNEL_B, ChannelRouter
 from training.session import (
+    backward_and_step,
     batch_metrics,
-    encoded,
+    finish_run,
+    finish_step,
     forever,
-    load_model,
-    load_records,
-    make_encoder,
-    make_tracker,
-    make_train_dataset,
-    model_saver,
-    resolve_checkpoint,
-    run_eval,
-    should,
+    setup_training,
     start_run,
 )
 
@@ -83,56 +72,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = load_config(args.config, args.overrides, expect="stage2")
     t, sab, rm = cfg.training, cfg.stage2_ab, cfg.rollout_matching
     two_channel = cfg.variant == TWO_CHANNEL
-    run = start_run(cfg)
+    run = start_run(cfg)  # accelerator, run dir, resolved config, pipeline identity, resume point
     accelerator = run.accelerator
-
-    # ---- model: any checkpoint (normally the Stage-1 output), or the resumed one
-    loaded = load_model(cfg, resolve_checkpoint(cfg, resume_model_dir=run.resume_dir / "model" if run.resume_dir else None))
-    pad_id = loaded.tokenizer.pad_token_id
-
-    # ---- data: GT micro-batches; Rollout steps roll out the same micro-batches' records
-    splits = load_records(cfg)
-    encoder = make_encoder(cfg, loaded)
-    dataset = make_train_dataset(cfg, encoded(splits.train, encoder), accelerator)
-
-    # ---- optimizer, scheduler, prepare
-    model = HiddenStatesModel(loaded.model)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, t.adam_betas, t.adam_eps)
-    scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.warmup_ratio, t.max_steps, t.min_lr_ratio)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    vlm = accelerator.unwrap_model(model).vlm
-    coord_ids = loaded.coord_vocab.ids.to(accelerator.device)
+    # model (normally the Stage-1 output) -> GT data (Rollout steps roll out the same micro-batches'
+    # records) -> optimizer -> prepare -> resume
+    s = setup_training(cfg, run, desc=cfg.variant)
+    lm_head = s.vlm.get_output_embeddings().weight
 
     # ---- channel router, rollout backend, decode mode of the geometry loss
     router = ChannelRouter(sab.schedule.b_ratio if two_channel else 1.0,
                            sab.fallback.on_rollout_failure if two_channel else "fail")
+    if s.resume_state is not None:
+        router.load_state_dict(s.resume_state.router_state)
     backend = HFGenerationBackend(
-        vlm, loaded.tokenizer, max_new_tokens=rm.decoding.max_new_tokens, temperature=rm.decoding.temperature,
-        top_p=rm.decoding.top_p, top_k=rm.decoding.top_k, batch_size=rm.decoding.batch_size,
-        seed=rm.decoding.seed + accelerator.process_index,
+        s.vlm, s.loaded.tokenizer, max_new_tokens=rm.decoding.max_new_tokens, temperature=rm.decoding.temperature,
+        top_p=rm.decoding.top_p, top_k=rm.decoding.top_k, batch_size=rm.decoding.batch_size, seed=rm.decoding.seed,
     )
     matching = MatchingConfig(rm.matching.iou_gate, rm.matching.fp_cost, rm.matching.fn_cost)
     token_ce = next(m for m in cfg.pipeline.objective if m.name == "token_ce")
     drop_multiplier = float(token_ce.config["rollout_drop_invalid_struct_ce_multiplier"])
     decode_mode = sab.coord_decode_mode if two_channel else rm.coord_decode_mode
 
-    start_step = 0
-    if run.resume_dir is not None:
-        state = load_training_state(run.resume_dir, optimizer, scheduler, accelerator=accelerator)
-        dataset.load_state_dict(state.data_state)
-        router.load_state_dict(state.router_state)
-        start_step = state.step
-        run.logger.info("resumed from %s at step %d", run.resume_dir, start_step)
-
-    tracker = make_tracker(cfg, run)
-    aggregator = MetricAggregator(accelerator)
-    progress = TrainProgress(t.max_steps, start_step, accelerator.is_main_process, cfg.run.log_every, desc=cfg.variant)
-    save = model_saver(accelerator, model, vlm, loaded)
-    data_iter = forever(dataset)
+    data_iter = forever(s.dataset)
     metrics: dict = {}
-    model.train()
-    for step in range(start_step, t.max_steps):
-        step_start, tokens = time.perf_counter(), 0
+    for step in range(s.start_step, t.max_steps):
+        started, tokens = time.perf_counter(), 0
         # One channel for the whole accumulation window, the same on every rank.
         channel, rerouted = router.channel_for(step), False
         window = [next(data_iter) for _ in range(t.gradient_accumulation_steps)]
@@ -142,10 +106,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             try:
                 rollouts = [
                     prepare_rollout_batch(
-                        [s.record for row in rows for s in row], encoder=encoder, backend=backend,
-                        coord_vocab=loaded.coord_vocab, matching=matching,
+                        [sample.record for row in rows for sample in row], encoder=s.encoder, backend=backend,
+                        coord_vocab=s.loaded.coord_vocab, matching=matching,
                         drop_invalid_struct_ce_multiplier=drop_multiplier, max_length=t.max_length,
-                        packing=t.packing, pad_token_id=pad_id,
+                        packing=t.packing, pad_token_id=s.pad_id,
                     )
                     for rows in window
                 ]
@@ -155,52 +119,35 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 channel, rerouted = router.fallback_channel(step, error), True
 
         for i, rows in enumerate(window):
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(s.model):
                 forward_start = time.perf_counter()
                 if channel == CHANNEL_A:
-                    batch = collate_rows(rows, pad_id).to(accelerator.device)
+                    batch = collate_rows(rows, s.pad_id).to(accelerator.device)
                     fwd = expectation_forward(
-                        model, vlm, batch, coord_ids, n_iter=sab.n_softctx_iter, embed_mode=sab.coord_ctx_embed_mode,
-                        grad_mode=sab.softctx_grad_mode, temperature=sab.softctx_temperature,
+                        s.model, s.vlm, batch, s.coord_ids, n_iter=sab.n_softctx_iter,
+                        embed_mode=sab.coord_ctx_embed_mode, grad_mode=sab.softctx_grad_mode,
+                        temperature=sab.softctx_temperature,
                     )
                     step_metrics = {}
                 else:
                     batch = rollouts[i].batch.to(accelerator.device)
-                    fwd = rollout_forward(model, vlm, batch)
+                    fwd = rollout_forward(s.model, s.vlm, batch)
                     step_metrics = dict(rollouts[i].metrics)
                 # Rollout-Aligned has no channels: every module runs (channel None).
                 ctx = TeacherForcingContext(channel=channel if two_channel else None, batch=batch, hidden=fwd.hidden,
-                                            lm_head_weight=vlm.get_output_embeddings().weight,
-                                            coord_token_ids=coord_ids, coord_decode_mode=decode_mode)
+                                            lm_head_weight=lm_head, coord_token_ids=s.coord_ids,
+                                            coord_decode_mode=decode_mode)
                 result = run_pipeline(cfg.pipeline, ctx)
-                accelerator.backward(result.loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    result.metrics["train/grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
-                optimizer.step()
-                if accelerator.sync_gradients:  # the schedule counts optimizer steps, not micro-steps
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)
                 step_metrics["time/forward_backward_s"] = time.perf_counter() - forward_start
                 step_metrics["stage2/forwards_total"] = float(fwd.num_forwards)
             tokens += batch.num_tokens
-            aggregator.add({**result.metrics, **step_metrics, **batch_metrics(batch)})
+            s.aggregator.add({**result.metrics, **step_metrics, **batch_metrics(batch)})
         router.record(step, channel, rerouted)
-        aggregator.add({"time/step_s": time.perf_counter() - step_start})
-        metrics = aggregator.reduce({**router.metrics(), "train/lr": scheduler.get_last_lr()[0]})
-        done = step + 1
-        progress.update(done, loss=metrics.get("loss/total"), lr=metrics.get("train/lr"), tokens=tokens)
-
-        if should(t.eval_every, done, t.max_steps):
-            metrics.update(run_eval(cfg, accelerator=accelerator, vlm=vlm, loaded=loaded, encoder=encoder,
-                                    val=splits.val, run_dir=run.run_dir, step=done))
-        tracker.log(done, metrics)
-        if should(t.save_every, done, t.max_steps):
-            save_training_state(run.run_dir, accelerator=accelerator, model_save_fn=save, optimizer=optimizer,
-                                scheduler=scheduler, step=done, data_state=dataset.state_dict(),
-                                router_state=router.state_dict(), save_total_limit=t.save_total_limit)
-    progress.close()
-    tracker.finish()
-    accelerator.wait_for_everyone()
+        # reduce metrics (+ router gauges), progress, eval / log / save (with the router state) when due
+        metrics = finish_step(cfg, run, s, step, started=started, tokens=tokens,
+                              step_values=router.metrics(), router_state=router.state_dict())
+    finish_run(run, s)
     return metrics
 
 

@@ -263,3 +263,107 @@ def batch_metrics(batch) -> dict[str, float]:
         "packing/segments_total": float(len(batch.segments)),
         "packing/fill_frac": batch.num_tokens / max(batch.input_ids.numel(), 1),
     }
+
+
+@dataclass
+class TrainingSetup:
+    """Everything a recipe's loop touches, built by :func:`setup_training` in recipe order."""
+
+    loaded: LoadedModel
+    splits: DataSplits
+    encoder: ChatEncoder
+    dataset: Any  # data.packing.PackedDataset
+    model: Any  # accelerate-prepared model.forward.HiddenStatesModel
+    vlm: Any  # the unwrapped Qwen3-VL model (generation, embeddings, LM head, save_pretrained)
+    optimizer: Any
+    scheduler: Any
+    coord_ids: torch.Tensor  # [1000] coord token ids on the accelerator device
+    pad_id: int
+    start_step: int
+    resume_state: Any  # training.checkpoint.TrainerState when resuming, else None
+    tracker: Any
+    aggregator: Any
+    progress: Any
+    save_model: Any  # model_save_fn for save_training_state
+
+
+def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
+    """Model (a resumed run loads the checkpoint's weights) -> data (static packing, sharded by rank)
+    -> AdamW + schedule -> ``accelerator.prepare`` -> resume optimizer/scheduler/RNG/data position ->
+    tracker, aggregator, progress bar."""
+    from model.forward import HiddenStatesModel
+    from training.aggregator import MetricAggregator
+    from training.checkpoint import load_training_state
+    from training.optim import build_optimizer, build_scheduler
+    from training.progress import TrainProgress
+
+    t, accelerator = cfg.training, run.accelerator
+    loaded = load_model(cfg, resolve_checkpoint(cfg, resume_model_dir=run.resume_dir / "model" if run.resume_dir else None))
+    splits = load_records(cfg)
+    encoder = make_encoder(cfg, loaded)
+    dataset = make_train_dataset(cfg, encoded(splits.train, encoder), accelerator)
+
+    model = HiddenStatesModel(loaded.model)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, t.adam_betas, t.adam_eps)
+    scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.warmup_ratio, t.max_steps, t.min_lr_ratio)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    vlm = accelerator.unwrap_model(model).vlm
+
+    start_step, state = 0, None
+    if run.resume_dir is not None:
+        state = load_training_state(run.resume_dir, optimizer, scheduler, accelerator=accelerator)
+        dataset.load_state_dict(state.data_state)
+        start_step = state.step
+        run.logger.info("resumed from %s at step %d", run.resume_dir, start_step)
+    model.train()
+    return TrainingSetup(
+        loaded=loaded, splits=splits, encoder=encoder, dataset=dataset, model=model, vlm=vlm,
+        optimizer=optimizer, scheduler=scheduler, coord_ids=loaded.coord_vocab.ids.to(accelerator.device),
+        pad_id=loaded.tokenizer.pad_token_id, start_step=start_step, resume_state=state,
+        tracker=make_tracker(cfg, run), aggregator=MetricAggregator(accelerator),
+        progress=TrainProgress(t.max_steps, start_step, accelerator.is_main_process, cfg.run.log_every, desc=desc),
+        save_model=model_saver(accelerator, model, vlm, loaded),
+    )
+
+
+def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, metrics: dict, max_grad_norm: float) -> None:
+    """Backward one micro-step inside ``accelerator.accumulate``; clip, step and schedule on the sync step."""
+    accelerator = run.accelerator
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        metrics["train/grad_norm"] = float(accelerator.clip_grad_norm_(s.model.parameters(), max_grad_norm))
+    s.optimizer.step()  # a no-op inside the accumulation window (accelerate)
+    if accelerator.sync_gradients:  # the schedule counts optimizer steps, not micro-steps
+        s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+
+
+def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: float, tokens: int,
+                step_values: dict | None = None, router_state: dict | None = None) -> dict:
+    """End of optimizer step ``step`` (0-based): reduce metrics over micro-steps and ranks, update the
+    progress bar, eval / log / save when due. Returns the logged metrics."""
+    import time
+
+    from training.checkpoint import save_training_state
+
+    t = cfg.training
+    s.aggregator.add({"time/step_s": time.perf_counter() - started})
+    metrics = s.aggregator.reduce({**(step_values or {}), "train/lr": s.scheduler.get_last_lr()[0]})
+    done = step + 1
+    s.progress.update(done, loss=metrics.get("loss/total"), lr=metrics.get("train/lr"), tokens=tokens)
+    if should(t.eval_every, done, t.max_steps):
+        metrics.update(run_eval(cfg, accelerator=run.accelerator, vlm=s.vlm, loaded=s.loaded, encoder=s.encoder,
+                                val=s.splits.val, run_dir=run.run_dir, step=done))
+    s.tracker.log(done, metrics)
+    if should(t.save_every, done, t.max_steps):
+        save_training_state(run.run_dir, accelerator=run.accelerator, model_save_fn=s.save_model,
+                            optimizer=s.optimizer, scheduler=s.scheduler, step=done,
+                            data_state=s.dataset.state_dict(), router_state=router_state,
+                            save_total_limit=t.save_total_limit)
+    return metrics
+
+
+def finish_run(run: RunContext, s: TrainingSetup) -> None:
+    s.progress.close()
+    s.tracker.finish()
+    run.accelerator.wait_for_everyone()
