@@ -184,3 +184,27 @@ def test_stage1_resume_latest_without_checkpoint_fails(recipe_env, tmp_path, mon
     with pytest.raises(FileNotFoundError, match="resume_from"):
         train_stage1.main(argv)
     assert not Path(tmp_path / "empty" / "metrics.jsonl").exists()
+
+
+def test_stage1_coco_failure_logs_zero_map_and_training_goes_on(recipe_env, tmp_path, monkeypatch, caplog):
+    """Seed §6B.3: a COCO failure inside the in-loop eval gives ``eval/rollout/mAP == 0.0`` plus a
+    warning, and the run continues past that eval to its last step."""
+    import logging
+
+    import eval.inloop
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("pycocotools exploded")
+
+    monkeypatch.setattr(eval.inloop, "evaluate_detection", boom)
+    monkeypatch.chdir(tmp_path)
+    argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="coco_fail", max_steps=3,
+                       training__eval_every=1, training__save_every=0, training__warmup_steps=1)
+    with caplog.at_level(logging.WARNING):
+        train_stage1.main(argv)
+    rows = read_rows(tmp_path / "coco_fail")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["eval/rollout/mAP"] == 0.0 and isinstance(row["eval/rollout/mAP"], float)
+        assert finite(row["loss/total"])
+    assert sum("exploded" in r.getMessage() for r in caplog.records) >= 3
