@@ -23,6 +23,7 @@ import torch
 
 from configs import load_config
 from configs.loader import add_config_args
+from data.encoding import prompt_of
 from data.packing import collate_rows
 from pipeline.context import TeacherForcingContext
 from pipeline.executor import run_pipeline
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 rollouts = [
                     prepare_rollout_batch(
                         [sample.record for row in rows for sample in row], encoder=s.encoder, backend=backend,
+                        prompts=[prompt_of(sample) for row in rows for sample in row],
                         coord_vocab=s.loaded.coord_vocab, matching=matching,
                         drop_invalid_struct_ce_multiplier=drop_multiplier, max_length=t.max_length,
                         packing=t.packing, pad_token_id=s.pad_id,

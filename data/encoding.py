@@ -277,3 +277,25 @@ class EncodedRecords(Sequence):
 
     def sources(self) -> list[str]:
         return [r.source for r in self.records]
+
+
+def prompt_of(sample: EncodedSample) -> EncodedSample:
+    """The prompt part of an encoded sample (what generation starts from), reusing its image tensors.
+
+    Equal to ``ChatEncoder.encode_prompt(sample.record)`` without decoding and processing the image
+    again: Stage-2 Rollout steps roll out the GT micro-batch they were handed.
+    """
+    n = sample.prompt_len
+    return EncodedSample(
+        input_ids=sample.input_ids[:n],
+        token_types=torch.full((n,), IGNORE, dtype=torch.long),
+        object_index=torch.full((n,), -1, dtype=torch.long),
+        subset=torch.full((n,), NO_SUBSET, dtype=torch.long),
+        coord_targets=torch.full((n,), -1, dtype=torch.long),
+        closure=torch.zeros(n, dtype=torch.bool),
+        mm_token_type_ids=sample.mm_token_type_ids[:n],
+        pixel_values=sample.pixel_values,
+        image_grid_thw=sample.image_grid_thw,
+        prompt_len=n,
+        record=sample.record,
+    )

@@ -43,6 +43,7 @@ def prepare_rollout_batch(
     records: Sequence[Record],
     *,
     encoder,
+    prompts: Sequence[EncodedSample] | None = None,
     backend: GenerationBackend,
     coord_vocab,
     matching: MatchingConfig,
@@ -53,7 +54,8 @@ def prepare_rollout_batch(
 ) -> RolloutBatch:
     """Roll out ``records`` and build the teacher-forced rollout batch.
 
-    Packing on: sequences are packed into rows of at most ``max_length`` tokens
+    ``prompts``: the records' prompt samples when already encoded (``data.encoding.prompt_of`` of the
+    GT micro-batch); otherwise they are encoded here. Packing on: sequences are packed into rows of at most ``max_length`` tokens
     (a longer sequence raises with its length); off: one sequence per row. All
     rows form one ``PackedBatch`` (one forward).
     """
@@ -61,7 +63,10 @@ def prepare_rollout_batch(
         raise ValueError("prepare_rollout_batch: no records to roll out")
     tokenizer = encoder.tokenizer
     t0 = time.perf_counter()
-    prompts = [encoder.encode_prompt(r) for r in records]
+    if prompts is None:
+        prompts = [encoder.encode_prompt(r) for r in records]
+    elif len(prompts) != len(records):
+        raise ValueError(f"prepare_rollout_batch: {len(prompts)} prompts for {len(records)} records")
     outputs = backend.generate(prompts)
     t1 = time.perf_counter()
     parsed_list, matches, samples = [], [], []

@@ -190,3 +190,15 @@ def test_tricky_descs_keep_types_spans_and_closure(encoder, record):
     (c,) = s.closure.nonzero().flatten().tolist()
     a, b = offsets[c - p]
     assert a <= len(r.text) - 1 < b and c == len(s) - 2
+
+
+def test_prompt_of_equals_encode_prompt(encoder, record):
+    """``prompt_of`` cuts the prompt off an encoded sample without touching the image again."""
+    from data.encoding import prompt_of
+
+    full = encoder.encode(record)
+    a, b = prompt_of(full), encoder.encode_prompt(record)
+    for name in ("input_ids", "token_types", "object_index", "subset", "coord_targets", "closure",
+                 "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.prompt_len == b.prompt_len == len(a) and a.record == record
