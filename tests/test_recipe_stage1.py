@@ -208,3 +208,17 @@ def test_stage1_coco_failure_logs_zero_map_and_training_goes_on(recipe_env, tmp_
         assert row["eval/rollout/mAP"] == 0.0 and isinstance(row["eval/rollout/mAP"], float)
         assert finite(row["loss/total"])
     assert sum("exploded" in r.getMessage() for r in caplog.records) >= 3
+
+
+def test_sharded_engines_fail_fast_with_the_fix():
+    """FSDP / DeepSpeed would hand the losses sharded LM-head weights: refuse at start-up, naming ddp.yaml."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from training.session import _check_supported_sharding
+
+    _check_supported_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(NotImplementedError, match="configs/accelerate/ddp.yaml"):
+            _check_supported_sharding(SimpleNamespace(distributed_type=kind))

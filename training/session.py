@@ -49,6 +49,7 @@ def start_run(cfg) -> RunContext:
     cpu = world > 1 and not torch.cuda.is_available()
     accelerator = make_accelerator(t.mixed_precision, t.gradient_accumulation_steps, cfg.run.seed,
                                    **({"cpu": True} if cpu else {}))
+    _check_supported_sharding(accelerator)
     if accelerator.num_processes != world:
         raise RuntimeError(
             f"launched with WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es) "
@@ -67,6 +68,25 @@ def start_run(cfg) -> RunContext:
         if resume_dir is None:
             raise FileNotFoundError(f"training.resume_from=latest: no checkpoint-<step> under {run_dir}")
     return RunContext(accelerator, run_dir, run_logger, identity, resume_dir)
+
+
+def _check_supported_sharding(accelerator) -> None:
+    """Fail fast on sharded engines the recipes do not support yet.
+
+    The losses project hidden states through the LM head and Channel-A reads the input embedding
+    table *outside* the wrapped forward, and checkpoints save the optimizer from the main process:
+    both assume every rank holds full parameters and full optimizer state (DDP). FSDP and DeepSpeed
+    shard them, so they would compute with empty/sharded weights or save partial optimizer state.
+    """
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise NotImplementedError(
+            f"accelerate distributed_type={kind}: the CoordExp recipes support DDP only for now (the loss reads "
+            "the LM head outside the wrapped forward and checkpoints save a full optimizer state). Launch with "
+            "configs/accelerate/ddp.yaml, and use model.gradient_checkpointing / model.freeze.* to fit memory."
+        )
 
 
 def make_tracker(cfg, run: RunContext):
