@@ -431,6 +431,24 @@ def _check_expect(variant: str, expect: str | None, path: Path | None) -> None:
         )
 
 
+# Sections a variant never reads: writing one is a mistake that would otherwise be silently ignored.
+_UNUSED_SECTIONS = {
+    "stage1": {"stage2_ab": "train_stage1.py reads no stage2_ab keys; Stage-2 configs set custom.trainer_variant"},
+    "stage2_rollout_aligned": {
+        "stage2_ab": "stage2_rollout_aligned reads its knobs from rollout_matching "
+        "(pipeline, coord_decode_mode, decoding, matching); stage2_ab is the Two-Channel surface",
+        "stage1": "Stage-2 reads no stage1 keys",
+    },
+    "stage2_two_channel": {"stage1": "Stage-2 reads no stage1 keys"},
+}
+
+
+def _check_unused_sections(raw: Mapping[str, Any], variant: str) -> None:
+    for section, why in _UNUSED_SECTIONS.get(variant, {}).items():
+        if raw.get(section):
+            raise ConfigError(section, f"has no effect under variant {variant}: {why}; remove it")
+
+
 def check_cross_fields(resolved: Mapping[str, Any]) -> None:
     """Checks that involve more than one key (the schema covers single-key types and ranges)."""
     model, data, training = resolved["model"], resolved["data"], resolved["training"]
@@ -538,6 +556,7 @@ def build_config(raw: Mapping[str, Any], *, path: Path | None = None, expect: st
     validate_tree(raw)
     variant = _variant_of(raw) or "stage1"
     _check_expect(variant, expect, path)
+    _check_unused_sections(raw, variant)
     resolved = fill_defaults(raw)
     check_cross_fields(resolved)
 

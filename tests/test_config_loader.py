@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import dataclasses
 import pickle
 import textwrap
@@ -146,7 +147,8 @@ def test_range_errors_state_the_range(tmp_path, override, key, range_text):
     ],
 )
 def test_range_bounds_that_are_allowed(tmp_path, override):
-    load_config(write(tmp_path, "c.yaml", MINIMAL), [override])
+    variant = ["custom.trainer_variant=stage2_two_channel"] if override.startswith("stage2_ab.") else []
+    load_config(write(tmp_path, "c.yaml", MINIMAL), [*variant, override])
 
 
 def test_several_problems_are_all_reported(tmp_path):
@@ -580,3 +582,19 @@ def test_decode_mode_changes_pipeline_checksum(tmp_path):
     exp = load_config(path)
     st = load_config(path, ["stage2_ab.coord_decode_mode=st"])
     assert exp.pipeline.checksum != st.pipeline.checksum
+
+
+@pytest.mark.parametrize(
+    ("variant", "section"),
+    [("stage2_rollout_aligned", "stage2_ab"), ("stage2_rollout_aligned", "stage1"), ("stage2_two_channel", "stage1"), (None, "stage2_ab")],
+)
+def test_section_a_variant_never_reads_is_rejected(tmp_path, variant, section):
+    """A written section the variant ignores would be a silent no-op: it fails at load, naming the section."""
+    body = {"stage2_ab": {"schedule": {"b_ratio": 0.5}}, "stage1": {"pipeline": {"objective": [{"name": "token_ce"}]}}}[section]
+    tree = {"model": {"tiny": {"enabled": True}}, "data": {"synthetic": {"enabled": True}}, section: body}
+    if variant is not None:
+        tree["custom"] = {"trainer_variant": variant}
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(tree))  # JSON is YAML
+    with pytest.raises(ConfigError, match=rf"^{section}: has no effect under variant"):
+        load_config(path)
