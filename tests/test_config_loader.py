@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import dataclasses
+import json
 import pickle
 import textwrap
 from pathlib import Path
