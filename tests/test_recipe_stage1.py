@@ -222,3 +222,26 @@ def test_sharded_engines_fail_fast_with_the_fix():
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         with pytest.raises(NotImplementedError, match="configs/accelerate/ddp.yaml"):
             _check_supported_sharding(SimpleNamespace(distributed_type=kind))
+
+
+def test_stage1_resume_drops_lines_logged_after_the_checkpoint(recipe_env, tmp_path, monkeypatch):
+    """A run killed in step 6 logged steps 4-5 past checkpoint-3; the resumed run re-logs them once."""
+    monkeypatch.chdir(tmp_path)
+    argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="dup", max_steps=6, training__warmup_steps=1,
+                       training__save_every=3, training__eval_every=0)
+    calls = {"n": 0}
+    real_run_pipeline = train_stage1.run_pipeline
+
+    def crash_at_step_6(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise SimulatedCrash("optimizer step 6")
+        return real_run_pipeline(*args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train_stage1, "run_pipeline", crash_at_step_6)
+        with pytest.raises(SimulatedCrash):
+            train_stage1.main(argv)
+    assert [r["step"] for r in read_rows(tmp_path / "dup")] == [1, 2, 3, 4, 5]
+    train_stage1.main([*argv, "--set", "training.resume_from=latest"])
+    assert [r["step"] for r in read_rows(tmp_path / "dup")] == [1, 2, 3, 4, 5, 6]

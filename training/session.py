@@ -335,6 +335,13 @@ def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
         dataset.load_state_dict(state.data_state)
         start_step = state.step
         run.logger.info("resumed from %s at step %d", run.resume_dir, start_step)
+        if accelerator.is_main_process:
+            from training.tracking import truncate_metrics_after
+
+            dropped = truncate_metrics_after(run.run_dir / "metrics.jsonl", start_step)
+            if dropped:
+                run.logger.info("metrics.jsonl: dropped %d line(s) logged after step %d by the interrupted run",
+                                dropped, start_step)
     model.train()
     return TrainingSetup(
         loaded=loaded, splits=splits, encoder=encoder, dataset=dataset, model=model, vlm=vlm,

@@ -144,6 +144,24 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def truncate_metrics_after(path: str | Path, step: int) -> int:
+    """Drop the lines of ``metrics.jsonl`` logged after optimizer step ``step``; return how many.
+
+    A run resumed from ``checkpoint-<step>`` re-logs the steps after it; lines that an interrupted
+    run wrote past its last checkpoint would otherwise appear twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    rows = read_metrics(path)
+    keep = [r for r in rows if int(r.get("step", 0)) <= step]
+    if len(keep) != len(rows):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep), encoding="utf-8")
+        tmp.replace(path)
+    return len(rows) - len(keep)
+
+
 def is_finite_row(row: Mapping[str, Any]) -> bool:
     """True if every numeric value of a metrics row is finite (handy for NaN guards in tests)."""
     return all(not isinstance(v, float) or math.isfinite(v) for v in row.values())
