@@ -264,7 +264,7 @@ def test_extends_relative_paths_several_levels(tmp_path):
         tmp_path,
         "base/root.yaml",
         """
-        model: {name_or_path: /root/ckpt, freeze: {vision: true, merger: true}}
+        model: {name_or_path: /path/to/ckpt, freeze: {vision: true, merger: true}}
         data: {train_jsonl: root.jsonl}
         training: {lr: 1.0e-4, max_steps: 10, adam_betas: [0.8, 0.9]}
         run: {tracker: {tags: [a, b, c]}}
@@ -295,7 +295,7 @@ def test_extends_relative_paths_several_levels(tmp_path):
     assert cfg.run.tracker.tags == ("mid",)  # lists replace
     assert cfg.training.adam_betas == (0.8, 0.9)
     assert "extends" not in cfg.raw
-    assert cfg.raw["model"] == {"name_or_path": "/root/ckpt", "freeze": {"vision": False, "merger": True}}
+    assert cfg.raw["model"] == {"name_or_path": "/path/to/ckpt", "freeze": {"vision": False, "merger": True}}
 
 
 def test_extends_list_applies_in_order(tmp_path):
