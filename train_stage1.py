@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 from configs import load_config
 from configs.loader import add_config_args
-from data.packing import collate_rows
 from pipeline.context import TeacherForcingContext
 from pipeline.executor import run_pipeline
 from pipeline.forwards import gt_forward
@@ -23,7 +22,7 @@ from training.session import (
     batch_metrics,
     finish_run,
     finish_step,
-    forever,
+    micro_batches,
     setup_training,
     start_run,
 )
@@ -45,12 +44,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     s = setup_training(cfg, run, desc="stage1")
     lm_head = s.vlm.get_output_embeddings().weight
 
-    data_iter = forever(s.dataset)
+    data_iter = micro_batches(cfg, s)
     metrics: dict = {}
     for step in range(s.start_step, t.max_steps):
         started, tokens = time.perf_counter(), 0
         for _ in range(t.gradient_accumulation_steps):
-            batch = collate_rows(next(data_iter), s.pad_id).to(accelerator.device)
+            batch = next(data_iter).to(accelerator.device)
             with accelerator.accumulate(s.model):
                 fwd = gt_forward(s.model, s.vlm, batch)
                 ctx = TeacherForcingContext(channel=None, batch=batch, hidden=fwd.hidden,

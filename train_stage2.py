@@ -24,7 +24,6 @@ import torch
 from configs import load_config
 from configs.loader import add_config_args
 from data.encoding import prompt_of
-from data.packing import collate_rows
 from pipeline.context import TeacherForcingContext
 from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, rollout_forward
@@ -36,7 +35,7 @@ from training.session import (
     batch_metrics,
     finish_run,
     finish_step,
-    forever,
+    micro_batches,
     setup_training,
     start_run,
 )
@@ -94,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     drop_multiplier = float(token_ce.config["rollout_drop_invalid_struct_ce_multiplier"])
     decode_mode = sab.coord_decode_mode if two_channel else rm.coord_decode_mode
 
-    data_iter = forever(s.dataset)
+    data_iter = micro_batches(cfg, s)
     metrics: dict = {}
     for step in range(s.start_step, t.max_steps):
         started, tokens = time.perf_counter(), 0
@@ -107,24 +106,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
             try:
                 rollouts = [
                     prepare_rollout_batch(
-                        [sample.record for row in rows for sample in row], encoder=s.encoder, backend=backend,
-                        prompts=[prompt_of(sample) for row in rows for sample in row],
+                        [sample.record for sample in gt.samples], encoder=s.encoder, backend=backend,
+                        prompts=[prompt_of(sample) for sample in gt.samples],
                         coord_vocab=s.loaded.coord_vocab, matching=matching,
                         drop_invalid_struct_ce_multiplier=drop_multiplier, max_length=t.max_length,
                         packing=t.packing, pad_token_id=s.pad_id,
                     )
-                    for rows in window
+                    for gt in window
                 ]
             except Exception as exc:  # noqa: BLE001 - routed to the configured fallback (default: re-raise)
                 error = exc
             if any_rank(accelerator, error is not None):
                 channel, rerouted = router.fallback_channel(step, error), True
 
-        for i, rows in enumerate(window):
+        for i, gt in enumerate(window):
             with accelerator.accumulate(s.model):
                 forward_start = time.perf_counter()
                 if channel == CHANNEL_A:
-                    batch = collate_rows(rows, s.pad_id).to(accelerator.device)
+                    batch = gt.to(accelerator.device)
                     fwd = expectation_forward(
                         s.model, s.vlm, batch, s.coord_ids, n_iter=sab.n_softctx_iter,
                         embed_mode=sab.coord_ctx_embed_mode, grad_mode=sab.softctx_grad_mode,

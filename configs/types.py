@@ -154,6 +154,7 @@ class DataConfig:
     prompt: str
     system_prompt: str | None
     skip_invalid: bool
+    num_workers: int  # DataLoader workers that encode + collate micro-batches (0 = in process)
     synthetic: SyntheticDataConfig
 
 

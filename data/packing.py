@@ -233,3 +233,49 @@ class PackedDataset(torch.utils.data.Dataset):
             raise PackingError(f"resume state seed {state['seed']} != data seed {self.seed}")
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+
+
+class _EpochBatches(torch.utils.data.Dataset):
+    """Batch ``i`` of one epoch of a ``PackedDataset``, encoded and collated (runs in loader workers)."""
+
+    def __init__(self, dataset: PackedDataset, epoch: int, pad_token_id: int):
+        self.dataset, self.epoch, self.pad_token_id = dataset, epoch, pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> PackedBatch:
+        samples = self.dataset.samples
+        rows = [[samples[j] for j in row] for row in self.dataset.batch_indices(i, self.epoch)]
+        return collate_rows(rows, self.pad_token_id)
+
+
+def _as_is(batch):
+    return batch
+
+
+def iterate_batches(dataset: PackedDataset, pad_token_id: int, *, num_workers: int = 0) -> Iterator[PackedBatch]:
+    """Collated micro-batches of ``dataset`` forever, from its current ``(epoch, position)`` on.
+
+    ``num_workers > 0`` (``data.num_workers``) decodes images, runs the image processor and
+    collates in DataLoader worker processes, prefetching ahead of the training step; the order is
+    the same as with 0 workers. ``dataset.position`` advances as each batch is handed out, so a
+    checkpoint taken after a step resumes right after it.
+    """
+    if num_workers < 0:
+        raise PackingError(f"data.num_workers must be >= 0, got {num_workers}")
+    while True:
+        epoch, start = dataset.epoch, dataset.position
+        view = _EpochBatches(dataset, epoch, pad_token_id)
+        order = list(range(start, len(dataset)))
+        if num_workers > 0 and order:
+            loader = torch.utils.data.DataLoader(
+                view, batch_size=None, sampler=order, num_workers=num_workers, collate_fn=_as_is
+            )
+            batches: Iterator[PackedBatch] = iter(loader)
+        else:
+            batches = (view[i] for i in order)
+        for i, batch in zip(order, batches):
+            dataset.position = i + 1
+            yield batch
+        dataset.set_epoch(epoch + 1)

@@ -245,3 +245,19 @@ def test_stage1_resume_drops_lines_logged_after_the_checkpoint(recipe_env, tmp_p
     assert [r["step"] for r in read_rows(tmp_path / "dup")] == [1, 2, 3, 4, 5]
     train_stage1.main([*argv, "--set", "training.resume_from=latest"])
     assert [r["step"] for r in read_rows(tmp_path / "dup")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_stage1_loader_workers_give_the_same_run(recipe_env, tmp_path, monkeypatch):
+    """data.num_workers moves encoding + collation into DataLoader workers without changing the run."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(name, workers):
+        argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name=name, max_steps=3, training__warmup_steps=1,
+                           training__eval_every=0, training__save_every=0, data__num_workers=workers)
+        train_stage1.main(argv)
+        return read_rows(tmp_path / name)
+
+    inline, workers = run("w0", 0), run("w2", 2)
+    for a, b in zip(inline, workers, strict=True):
+        assert a["train/tokens_total"] == b["train/tokens_total"]
+        assert b["loss/total"] == pytest.approx(a["loss/total"], rel=1e-6)

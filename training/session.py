@@ -112,10 +112,11 @@ def make_train_dataset(cfg, samples: EncodedRecords, accelerator):
     return dataset
 
 
-def forever(dataset):
-    """Micro-batches across epochs (``PackedDataset`` advances its epoch at the end of each pass)."""
-    while True:
-        yield from dataset
+def micro_batches(cfg, s: TrainingSetup):
+    """Collated micro-batches across epochs on ``data.num_workers`` loader workers (resumable)."""
+    from data.packing import iterate_batches
+
+    return iterate_batches(s.dataset, s.pad_id, num_workers=cfg.data.num_workers)
 
 
 def should(every: int, done: int, max_steps: int) -> bool:
