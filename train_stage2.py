@@ -104,16 +104,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if channel == CHANNEL_B:
             backend.generator.manual_seed(rollout_seed(rm.decoding.seed, step, accelerator.process_index))
             try:
-                rollouts = [
-                    prepare_rollout_batch(
-                        [sample.record for sample in gt.samples], encoder=s.encoder, backend=backend,
-                        prompts=[prompt_of(sample) for sample in gt.samples],
-                        coord_vocab=s.loaded.coord_vocab, matching=matching,
-                        drop_invalid_struct_ce_multiplier=drop_multiplier, max_length=t.max_length,
-                        packing=t.packing, pad_token_id=s.pad_id,
-                    )
-                    for gt in window
-                ]
+                with accelerator.autocast():  # generate in the training precision
+                    rollouts = [
+                        prepare_rollout_batch(
+                            [sample.record for sample in gt.samples], encoder=s.encoder, backend=backend,
+                            prompts=[prompt_of(sample) for sample in gt.samples],
+                            coord_vocab=s.loaded.coord_vocab, matching=matching,
+                            drop_invalid_struct_ce_multiplier=drop_multiplier, max_length=t.max_length,
+                            packing=t.packing, pad_token_id=s.pad_id,
+                        )
+                        for gt in window
+                    ]
             except Exception as exc:  # noqa: BLE001 - routed to the configured fallback (default: re-raise)
                 error = exc
             if any_rank(accelerator, error is not None):

@@ -248,7 +248,7 @@ def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder
     records = val if cfg.eval.max_samples is None else val[: cfg.eval.max_samples]
     rm = cfg.rollout_matching
     was_training = vlm.training
-    with torch.no_grad():
+    with torch.no_grad(), accelerator.autocast():  # generate in the training precision
         metrics = run_rollout_eval(
             vlm,
             loaded.tokenizer,
