@@ -46,21 +46,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     data_iter = micro_batches(cfg, s)
     metrics: dict = {}
-    for step in range(s.start_step, t.max_steps):
-        started, tokens = time.perf_counter(), 0
-        for _ in range(t.gradient_accumulation_steps):
-            batch = next(data_iter).to(accelerator.device)
-            with accelerator.accumulate(s.model):
-                fwd = gt_forward(s.model, s.vlm, batch)
-                ctx = TeacherForcingContext(channel=None, batch=batch, hidden=fwd.hidden,
-                                            lm_head_weight=lm_head, coord_token_ids=s.coord_ids)
-                result = run_pipeline(cfg.pipeline, ctx)
-                backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)
-            tokens += batch.num_tokens
-            s.aggregator.add({**result.metrics, **batch_metrics(batch)})
-        # reduce metrics, progress, eval / log / save when due
-        metrics = finish_step(cfg, run, s, step, started=started, tokens=tokens)
-    finish_run(run, s)
+    try:
+        for step in range(s.start_step, t.max_steps):
+            started, tokens = time.perf_counter(), 0
+            for _ in range(t.gradient_accumulation_steps):
+                batch = next(data_iter).to(accelerator.device)
+                with accelerator.accumulate(s.model):
+                    fwd = gt_forward(s.model, s.vlm, batch)
+                    ctx = TeacherForcingContext(channel=None, batch=batch, hidden=fwd.hidden,
+                                                lm_head_weight=lm_head, coord_token_ids=s.coord_ids)
+                    result = run_pipeline(cfg.pipeline, ctx)
+                    backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)
+                tokens += batch.num_tokens
+                s.aggregator.add({**result.metrics, **batch_metrics(batch)})
+            # reduce metrics, progress, eval / log / save when due
+            metrics = finish_step(cfg, run, s, step, started=started, tokens=tokens)
+    finally:  # close the progress bar and the metrics file even when a step raises
+        finish_run(run, s)
+    run.accelerator.wait_for_everyone()
     return metrics
 
 

@@ -95,61 +95,64 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     data_iter = micro_batches(cfg, s)
     metrics: dict = {}
-    for step in range(s.start_step, t.max_steps):
-        started, tokens = time.perf_counter(), 0
-        # One channel for the whole accumulation window, the same on every rank.
-        channel, rerouted = router.channel_for(step), False
-        window = [next(data_iter) for _ in range(t.gradient_accumulation_steps)]
-        rollouts, error = [], None
-        if channel == CHANNEL_B:
-            backend.generator.manual_seed(rollout_seed(rm.decoding.seed, step, accelerator.process_index))
-            try:
-                with accelerator.autocast():  # generate in the training precision
-                    rollouts = [
-                        prepare_rollout_batch(
-                            [sample.record for sample in gt.samples], encoder=s.encoder, backend=backend,
-                            prompts=[prompt_of(sample) for sample in gt.samples],
-                            coord_vocab=s.loaded.coord_vocab, matching=matching,
-                            drop_invalid_struct_ce_multiplier=drop_multiplier, max_length=t.max_length,
-                            packing=t.packing, pad_token_id=s.pad_id,
-                        )
-                        for gt in window
-                    ]
-            except Exception as exc:  # noqa: BLE001 - routed to the configured fallback (default: re-raise)
-                error = exc
-            if any_rank(accelerator, error is not None):
-                channel, rerouted = router.fallback_channel(step, error), True
+    try:
+        for step in range(s.start_step, t.max_steps):
+            started, tokens = time.perf_counter(), 0
+            # One channel for the whole accumulation window, the same on every rank.
+            channel, rerouted = router.channel_for(step), False
+            window = [next(data_iter) for _ in range(t.gradient_accumulation_steps)]
+            rollouts, error = [], None
+            if channel == CHANNEL_B:
+                backend.generator.manual_seed(rollout_seed(rm.decoding.seed, step, accelerator.process_index))
+                try:
+                    with accelerator.autocast():  # generate in the training precision
+                        rollouts = [
+                            prepare_rollout_batch(
+                                [sample.record for sample in gt.samples], encoder=s.encoder, backend=backend,
+                                prompts=[prompt_of(sample) for sample in gt.samples],
+                                coord_vocab=s.loaded.coord_vocab, matching=matching,
+                                drop_invalid_struct_ce_multiplier=drop_multiplier, max_length=t.max_length,
+                                packing=t.packing, pad_token_id=s.pad_id,
+                            )
+                            for gt in window
+                        ]
+                except Exception as exc:  # noqa: BLE001 - routed to the configured fallback (default: re-raise)
+                    error = exc
+                if any_rank(accelerator, error is not None):
+                    channel, rerouted = router.fallback_channel(step, error), True
 
-        for i, gt in enumerate(window):
-            with accelerator.accumulate(s.model):
-                forward_start = time.perf_counter()
-                if channel == CHANNEL_A:
-                    batch = gt.to(accelerator.device)
-                    fwd = expectation_forward(
-                        s.model, s.vlm, batch, s.coord_ids, n_iter=sab.n_softctx_iter,
-                        embed_mode=sab.coord_ctx_embed_mode, grad_mode=sab.softctx_grad_mode,
-                        temperature=sab.softctx_temperature,
-                    )
-                    step_metrics = {}
-                else:
-                    batch = rollouts[i].batch.to(accelerator.device)
-                    fwd = rollout_forward(s.model, s.vlm, batch)
-                    step_metrics = dict(rollouts[i].metrics)
-                # Rollout-Aligned has no channels: every module runs (channel None).
-                ctx = TeacherForcingContext(channel=channel if two_channel else None, batch=batch, hidden=fwd.hidden,
-                                            lm_head_weight=lm_head, coord_token_ids=s.coord_ids,
-                                            coord_decode_mode=decode_mode)
-                result = run_pipeline(cfg.pipeline, ctx)
-                backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)
-                step_metrics["time/forward_backward_s"] = time.perf_counter() - forward_start
-                step_metrics["stage2/forwards_total"] = float(fwd.num_forwards)
-            tokens += batch.num_tokens
-            s.aggregator.add({**result.metrics, **step_metrics, **batch_metrics(batch)})
-        router.record(step, channel, rerouted)
-        # reduce metrics (+ router gauges), progress, eval / log / save (with the router state) when due
-        metrics = finish_step(cfg, run, s, step, started=started, tokens=tokens,
-                              step_values=router.metrics(), router_state=router.state_dict())
-    finish_run(run, s)
+            for i, gt in enumerate(window):
+                with accelerator.accumulate(s.model):
+                    forward_start = time.perf_counter()
+                    if channel == CHANNEL_A:
+                        batch = gt.to(accelerator.device)
+                        fwd = expectation_forward(
+                            s.model, s.vlm, batch, s.coord_ids, n_iter=sab.n_softctx_iter,
+                            embed_mode=sab.coord_ctx_embed_mode, grad_mode=sab.softctx_grad_mode,
+                            temperature=sab.softctx_temperature,
+                        )
+                        step_metrics = {}
+                    else:
+                        batch = rollouts[i].batch.to(accelerator.device)
+                        fwd = rollout_forward(s.model, s.vlm, batch)
+                        step_metrics = dict(rollouts[i].metrics)
+                    # Rollout-Aligned has no channels: every module runs (channel None).
+                    ctx = TeacherForcingContext(channel=channel if two_channel else None, batch=batch, hidden=fwd.hidden,
+                                                lm_head_weight=lm_head, coord_token_ids=s.coord_ids,
+                                                coord_decode_mode=decode_mode)
+                    result = run_pipeline(cfg.pipeline, ctx)
+                    backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)
+                    step_metrics["time/forward_backward_s"] = time.perf_counter() - forward_start
+                    step_metrics["stage2/forwards_total"] = float(fwd.num_forwards)
+                tokens += batch.num_tokens
+                s.aggregator.add({**result.metrics, **step_metrics, **batch_metrics(batch)})
+            router.record(step, channel, rerouted)
+            # reduce metrics (+ router gauges), progress, eval / log / save (with the router state) when due
+            metrics = finish_step(cfg, run, s, step, started=started, tokens=tokens,
+                                  step_values=router.metrics(), router_state=router.state_dict())
+    finally:  # close the progress bar and the metrics file even when a step raises
+        finish_run(run, s)
+    run.accelerator.wait_for_everyone()
     return metrics
 
 

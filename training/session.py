@@ -392,6 +392,6 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
 
 
 def finish_run(run: RunContext, s: TrainingSetup) -> None:
+    """Close the progress bar and the tracker (also on error; the recipe then waits for every rank)."""
     s.progress.close()
     s.tracker.finish()
-    run.accelerator.wait_for_everyone()
