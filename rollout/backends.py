@@ -25,6 +25,37 @@ class GenerationBackend(abc.ABC):
         """One ``GenerationOutput`` per prompt, in prompt order."""
 
 
+class _ChosenTokenLogprobs:
+    """Logits processor that records ``log_softmax(raw logits)[chosen token]`` step by step.
+
+    ``generate(output_logits=True)`` would keep a ``[B, V]`` tensor per generated step (with Qwen's
+    ~152k vocabulary, batch 8 and 512 steps: ~2.5 GB). This keeps one step's log-probabilities:
+    at step ``t`` the token chosen at ``t - 1`` is the last column of ``input_ids``. It must run
+    first in the processor list so it sees the raw logits (the backend applies temperature /
+    top-k / top-p itself, after it).
+    """
+
+    def __init__(self):
+        self.prev: torch.Tensor | None = None  # [B, V] log-probs of the step whose token is not known yet
+        self.chosen: list[torch.Tensor] = []  # per step: [B] log-prob of the chosen token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1:])
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, last: torch.Tensor) -> None:
+        if self.prev is not None:
+            self.chosen.append(self.prev.gather(1, last.to(self.prev.device)).squeeze(1).cpu())
+            self.prev = None
+
+    def finish(self, sequences: torch.Tensor, steps: int) -> torch.Tensor:
+        """``[B, steps]`` log-probs, given the final sequences (their last token closes the last step)."""
+        self._take(sequences[:, -1:])
+        out = torch.stack(self.chosen, dim=1) if self.chosen else torch.zeros((sequences.shape[0], 0))
+        return out[:, :steps]
+
+
 def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters())
     return p.device, p.dtype
@@ -121,19 +152,27 @@ class HFGenerationBackend(GenerationBackend):
         inputs = self._batch_inputs(prompts)
         L = inputs["input_ids"].shape[1]
         sample = self.temperature > 0
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        recorder = _ChosenTokenLogprobs()
+        processors = [recorder]  # first: it must see the raw logits
+        if sample:
+            processors.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k > 0:
+                processors.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                processors.append(TopPLogitsWarper(self.top_p))
         gen_kwargs = dict(
             max_new_tokens=self.max_new_tokens,
             do_sample=sample,
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
             use_cache=True,
-            output_logits=True,
             return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList(processors),
+            # our own warpers above; the model's generation_config defaults must not add theirs
+            temperature=None, top_p=None, top_k=None, repetition_penalty=None,
         )
-        if sample:
-            gen_kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        else:
-            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
         batch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
         inner = getattr(model, "model", None)
         old_rope = getattr(inner, "rope_deltas", None)
@@ -149,13 +188,9 @@ class HFGenerationBackend(GenerationBackend):
             if inner is not None and hasattr(inner, "rope_deltas"):
                 inner.rope_deltas = old_rope
         seqs = out.sequences[:, L:].cpu()
-        logits = out.logits  # tuple over steps of [B, V] raw logits
         steps = seqs.shape[1]
         # [B, steps] log-probability of each chosen token under the raw model distribution.
-        logp = torch.zeros((len(prompts), steps), dtype=torch.float32)
-        for t in range(steps):
-            step_lp = torch.log_softmax(logits[t].float(), dim=-1)
-            logp[:, t] = step_lp.gather(1, out.sequences[:, L + t : L + t + 1].to(step_lp.device)).squeeze(1).cpu()
+        logp = recorder.finish(out.sequences, steps)
         eos = torch.tensor(self.eos_token_ids)
         results: list[GenerationOutput] = []
         for i in range(len(prompts)):
