@@ -3,12 +3,16 @@
 Never builds ``[B, T, V]`` logits: the supervised positions are gathered first and
 projected through the LM head ``chunk_size`` rows at a time (Qwen3-VL's V is ~152k; a
 4k-token row of fp32 logits is ~2.5 GB). Logits are upcast to fp32 after the matmul.
+Under autograd each chunk is recomputed in backward (activation checkpointing), so no
+chunk's ``[chunk, V]`` logits stay alive between forward and backward: peak memory is one
+chunk, whatever the number of supervised tokens, for one extra LM-head matmul per chunk.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 _EPS = 1e-8
 
@@ -37,6 +41,25 @@ def hidden_at_logit_pos(hidden: torch.Tensor, token_pos: torch.Tensor) -> torch.
 
 
 gather_rows = hidden_at_logit_pos
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _chunk_ce(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(_project(rows, weight), targets, reduction="none")
+
+
+def _chunk_lse(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(_project(rows, weight), dim=-1)
+
+
+def _recomputed(fn, *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)``, recomputed in backward instead of keeping its ``[chunk, V]`` intermediates."""
+    if _needs_grad(*args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 def token_ce(
@@ -74,8 +97,7 @@ def token_ce(
     for lo in range(0, pos.numel(), chunk_size):
         sl = slice(lo, lo + chunk_size)
         rows = hidden_at_logit_pos(hidden, pos[sl])
-        logits = _project(rows, lm_head_weight)
-        ce = F.cross_entropy(logits, targets[sl], reduction="none")
+        ce = _recomputed(_chunk_ce, rows, lm_head_weight, targets[sl])
         total = total + (w[sl] * ce).sum()
     wsum = w.sum()
     return total / wsum.clamp_min(_EPS), wsum.detach()
@@ -86,7 +108,7 @@ def full_logsumexp(hidden_rows: torch.Tensor, lm_head_weight: torch.Tensor, chun
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     outs = [
-        torch.logsumexp(_project(hidden_rows[lo : lo + chunk_size], lm_head_weight), dim=-1)
+        _recomputed(_chunk_lse, hidden_rows[lo : lo + chunk_size], lm_head_weight)
         for lo in range(0, hidden_rows.shape[0], chunk_size)
     ]
     if not outs:

@@ -90,3 +90,34 @@ def test_hidden_at_logit_pos_and_projections():
     ids = torch.arange(150, 1150)
     torch.testing.assert_close(coord_logits(rows, w, ids), full[:, 150:1150])
     assert full_logsumexp(rows[:0], w).shape == (0,)
+
+
+def test_token_ce_keeps_no_chunk_logits_for_backward():
+    """Chunks are recomputed in backward: autograd saves no ``[chunk, V]`` logits between passes,
+    and the gradient equals the plain full-logits CE's."""
+    torch.manual_seed(0)
+    B, T, H, V, chunk = 2, 40, 8, 3000, 16
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    ids = torch.randint(0, V, (B, T))
+    w = torch.ones(B, T)
+    w[:, 0] = 0
+    saved_shapes = []
+
+    def pack(t):
+        saved_shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = token_ce(hidden, weight, ids, w, chunk_size=chunk)
+    assert saved_shapes and not [s for s in saved_shapes if len(s) == 2 and s[1] == V and s[0] <= chunk]
+    loss.backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+
+    hidden.grad = weight.grad = None
+    logits = hidden[:, :-1].reshape(-1, H) @ weight.T
+    ref = F.cross_entropy(logits, ids[:, 1:].reshape(-1))
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, g_h, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad, g_w, rtol=1e-4, atol=1e-6)
