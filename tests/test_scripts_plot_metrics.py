@@ -1,0 +1,95 @@
+"""scripts/plot_metrics.py: PIL plots of metrics.jsonl, key checks, smoothing and ticks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from scripts.plot_metrics import PALETTE, main, nice_ticks, smooth
+
+
+def _write_run(folder, rows):
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _two_runs(tmp_path):
+    a_rows, b_rows = [], []
+    for step in range(1, 21):
+        a = {"step": step, "loss/total": 3.0 / step, "loss/struct_ce": 1.0 / step, "train/lr": 1e-4}
+        b = {"step": step, "loss/total": 2.5 / step + 0.1, "loss/struct_ce": 0.8 / step}
+        if step % 5 == 0:  # eval keys only on eval steps
+            a["eval/rollout/mAP"] = 0.01 * step
+            b["eval/rollout/mAP"] = 0.02 * step
+        a_rows.append(a)
+        b_rows.append(b)
+    a_rows[3]["loss/struct_ce"] = float("nan")  # written as NaN by the tracker; counted, not drawn
+    run_a = _write_run(tmp_path / "run_a", a_rows)
+    run_b = _write_run(tmp_path / "run_b", b_rows)
+    return run_a, run_b
+
+
+def _count(img, box, color):
+    return sum(1 for px in img.crop(box).getdata() if px == color)
+
+
+def test_plot_two_runs_every_panel_drawn(tmp_path, capsys):
+    run_a, run_b = _two_runs(tmp_path)
+    out = tmp_path / "plots" / "m.png"
+    keys = ["loss/total", "loss/struct_ce", "eval/rollout/mAP"]
+    res = main(
+        [str(run_a), str(run_b / "metrics.jsonl"), "--keys", *keys, "--out", str(out), "--panel-size", "320", "200"]
+    )
+    # 3 panels, 2 per row -> 2 rows of 200 px; legend strip = 2 runs x 18 px + 8 px.
+    assert res.size == (640, 2 * 200 + 2 * 18 + 8)
+    img = Image.open(out).convert("RGB")
+    assert img.size == res.size
+    assert res.keys == keys and len(res.panels) == 3
+    assert res.nonfinite == {"loss/total": 0, "loss/struct_ce": 1, "eval/rollout/mAP": 0}
+    for box in res.panels:
+        # Each run's curve left its colour inside the plot area of every panel.
+        assert _count(img, box, PALETTE[0]) > 20
+        assert _count(img, box, PALETTE[1]) > 20
+    # The unused 4th grid cell stays blank.
+    assert _count(img, (330, 210, 630, 390), (255, 255, 255)) == 300 * 180
+    printed = capsys.readouterr().out
+    assert "loss/struct_ce: 1 non-finite" in printed
+
+
+def test_default_keys_are_losses_and_smoothing_draws(tmp_path):
+    run_a, run_b = _two_runs(tmp_path)
+    out = tmp_path / "d.png"
+    res = main([str(run_a), str(run_b), "--out", str(out), "--smooth", "5", "--cols", "1"])
+    assert res.keys == ["loss/total", "loss/struct_ce"]
+    assert res.size == (480, 2 * 300 + 2 * 18 + 8)
+    img = Image.open(out).convert("RGB")
+    for box in res.panels:
+        assert _count(img, box, PALETTE[0]) > 20 and _count(img, box, PALETTE[1]) > 20
+
+
+def test_unknown_key_lists_available(tmp_path):
+    run_a, _ = _two_runs(tmp_path)
+    with pytest.raises(ValueError) as exc:
+        main([str(run_a), "--keys", "loss/totl", "--out", str(tmp_path / "x.png")])
+    msg = str(exc.value)
+    assert "'loss/totl'" in msg and "did you mean 'loss/total'" in msg
+    assert "available keys: eval/rollout/mAP, loss/struct_ce, loss/total, train/lr" in msg
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_metrics_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+
+
+def test_smooth_and_ticks_by_hand():
+    # trailing mean over 2: [1, (1+3)/2, (3+5)/2, (5+7)/2]
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert smooth([1.0, 3.0], 1) == [1.0, 3.0]
+    # range 0..1, 5 ticks wanted: raw step 0.2 -> step 0.2
+    assert nice_ticks(0.0, 1.0) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    # range 3..47: raw step 8.8 -> 10; first tick ceil(0.3)*10 = 10
+    assert nice_ticks(3.0, 47.0) == [10.0, 20.0, 30.0, 40.0]
