@@ -97,6 +97,11 @@ def test_wandb_offline(tmp_path, monkeypatch):
     # the offline run lives under the run dir (its record file is written asynchronously by wandb's service)
     assert len(list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss/total": 0.25}]
+    # a resumed run (same run dir) continues the same wandb run
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    again = Tracker(tmp_path, backend="wandb", mode="offline", project="p", run_name="demo")
+    assert again._wandb_run.id == run_id
+    again.finish()
 
 
 # ------------------------------------------------------------------ progress

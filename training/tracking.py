@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ class Tracker:
     reads them; the value is never dropped).
 
     ``backend="wandb"`` imports wandb here (only then); ``mode="offline"`` sets
-    ``WANDB_MODE=offline`` before ``wandb.init`` and writes under ``run_dir``.
+    ``WANDB_MODE=offline`` before ``wandb.init`` and writes under ``run_dir``. The wandb run id
+    is kept in ``run_dir/wandb_run_id`` so a resumed run logs into the same wandb run.
     """
 
     def __init__(
@@ -84,6 +86,9 @@ class Tracker:
                 ) from exc
             if mode == "offline":
                 os.environ["WANDB_MODE"] = "offline"
+            # One wandb run per run dir: a resumed training run continues the same wandb run.
+            id_file = self.run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
             self._wandb_run = wandb.init(
                 project=project,
                 entity=entity,
@@ -92,7 +97,10 @@ class Tracker:
                 tags=list(tags),
                 dir=str(self.run_dir),
                 mode=mode,
+                id=run_id,
+                resume="allow",
             )
+            id_file.write_text(run_id + "\n")
         if config:
             self.log_config(config)
 
