@@ -10,7 +10,6 @@ from model.forward import (
     coord_lm_head_rows,
     embed_tokens,
     hidden_states,
-    logits_at,
     position_ids_for_batch,
     unwrap_vlm,
 )
@@ -44,7 +43,6 @@ __all__ = [
     "hidden_states",
     "init_coord_rows",
     "load_model_and_processors",
-    "logits_at",
     "position_ids_for_batch",
     "save_checkpoint_model",
     "tiny_qwen3vl_config",

@@ -175,16 +175,6 @@ class HiddenStatesModel(torch.nn.Module):
         return out.last_hidden_state
 
 
-def logits_at(hidden: torch.Tensor, flat_positions: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Logits ``[N, R]`` at ``flat_positions`` ``[N]`` (``row * T + pos``) of ``hidden`` ``[B, T, H]`` against ``weight`` ``[R, H]``.
-
-    Pass the full LM head for token CE, or ``coord_lm_head_rows`` for the 1000 coord logits; only the
-    requested positions are projected (never ``[B, T, V]``).
-    """
-    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions)
-    return flat @ weight.to(flat.dtype).T
-
-
 def hidden_states(
     model,
     batch: PackedBatch,

@@ -26,7 +26,7 @@ from losses.ce import coord_logits as project_coord_logits
 from losses.ce import hidden_at_logit_pos
 from losses.coord import context_embeddings
 from losses.registry import COORD, GT, ROLLOUT, SELF_CONTEXT
-from model.forward import compute_vision, embed_tokens, position_ids_for_batch
+from model.forward import compute_vision, embed_tokens, hidden_states, position_ids_for_batch
 
 EMBED_MODES = ("soft", "st", "hard")
 GRAD_MODES = ("unroll", "em_detach")
@@ -40,25 +40,13 @@ class ForwardResult:
     num_forwards: int
 
 
-def _forward(model, batch: PackedBatch, position_ids, vision, *, inputs_embeds=None) -> torch.Tensor:
-    kwargs = dict(
-        position_ids=position_ids,
-        mm_token_type_ids=batch.mm_token_type_ids,
-        image_grid_thw=batch.image_grid_thw,
-        vision=vision,
-    )
-    if inputs_embeds is None:
-        return model(input_ids=batch.input_ids, **kwargs)
-    return model(inputs_embeds=inputs_embeds, **kwargs)
-
-
 def gt_forward(model, vlm, batch: PackedBatch, *, context: str = GT) -> ForwardResult:
     """One teacher-forced forward; the hidden states fill ``context`` (``gt`` or ``rollout``)."""
     if context not in (GT, ROLLOUT):
         raise ValueError(f"gt_forward fills context 'gt' or 'rollout', not {context!r}")
     position_ids = position_ids_for_batch(vlm, batch)
     vision = compute_vision(vlm, batch.pixel_values, batch.image_grid_thw)
-    hidden = _forward(model, batch, position_ids, vision)
+    hidden = hidden_states(model, batch, vision=vision, position_ids=position_ids)
     return ForwardResult(hidden={context: hidden}, num_forwards=1)
 
 
@@ -96,7 +84,7 @@ def expectation_forward(
 
     position_ids = position_ids_for_batch(vlm, batch)
     vision = compute_vision(vlm, batch.pixel_values, batch.image_grid_thw)
-    hidden = _forward(model, batch, position_ids, vision)
+    hidden = hidden_states(model, batch, vision=vision, position_ids=position_ids)
     result = {GT: hidden}
     if n_iter == 1:
         result[SELF_CONTEXT] = hidden
@@ -114,6 +102,6 @@ def expectation_forward(
             logits = logits.detach()
         ctx_embeds = context_embeddings(logits, table, embed_mode, temperature)
         embeds = base_embeds.index_put((rows, cols), ctx_embeds.to(base_embeds.dtype))
-        hidden = _forward(model, batch, position_ids, vision, inputs_embeds=embeds)
+        hidden = hidden_states(model, batch, inputs_embeds=embeds, vision=vision, position_ids=position_ids)
     result[SELF_CONTEXT] = hidden
     return ForwardResult(hidden=result, num_forwards=n_iter)

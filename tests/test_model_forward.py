@@ -14,13 +14,17 @@ from model.forward import (
     coord_embedding_rows,
     coord_lm_head_rows,
     embed_tokens,
-    logits_at,
     position_ids_for_batch,
 )
 from model.tiny import build_tiny_in_memory
 from model.vocab import coord_vocab_from_tokenizer
 
 ATOL = 1e-5  # fp32, SDPA: packed vs unpacked differ by ~1e-7
+
+
+def logits_at(hidden: torch.Tensor, flat_positions: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Reference projection for the tests: rows of ``hidden`` [B, T, H] at flat positions times ``weight`` [R, H]."""
+    return hidden.reshape(-1, hidden.shape[-1])[flat_positions] @ weight.T
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def test_round_trip_and_generate_with_image(ckpt):
     assert ((new >= 0) & (new < model.config.text_config.vocab_size)).all()
     # greedy's first token is the argmax of our own hidden-states path at the last prompt position
     from data.types import PackedBatch, Segment
-    from model.forward import HiddenStatesModel, logits_at, position_ids_for_batch
+    from model.forward import HiddenStatesModel, position_ids_for_batch
 
     batch = PackedBatch(
         input_ids=enc["input_ids"],
@@ -97,7 +97,7 @@ def test_round_trip_and_generate_with_image(ckpt):
             pixel_values=batch.pixel_values,
             image_grid_thw=batch.image_grid_thw,
         )
-    assert int(logits_at(h, torch.tensor([L - 1]), hs.lm_head_weight).argmax()) == int(new[0])
+    assert int((h[0, L - 1] @ hs.lm_head_weight.T).argmax()) == int(new[0])
 
 
 def test_load_options_fail_fast(ckpt, bare_ckpt, monkeypatch):
