@@ -1,4 +1,4 @@
-"""Stage-2: Two-Channel (Expectation/Rollout) or Rollout-Aligned teacher forcing.
+"""Stage-2: Two-Channel Teacher Forcing (Expectation/Rollout) or Rollout-Aligned Teacher Forcing.
 
     python train_stage2.py --config configs/demo/stage2_shapes.yaml
     accelerate launch --config_file configs/accelerate/ddp.yaml train_stage2.py --config configs/stage2_two_channel/qwen3vl_2b.yaml
