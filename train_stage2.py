@@ -28,7 +28,7 @@ from pipeline.context import TeacherForcingContext
 from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, rollout_forward
 from rollout.backends import HFGenerationBackend
-from rollout.step import MatchingConfig, prepare_rollout_batch
+from rollout.step import MatchingConfig, prepare_rollout_batches
 from training.router import CHANNEL_A, CHANNEL_B, ChannelRouter
 from training.session import (
     backward_and_step,
@@ -106,16 +106,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 backend.generator.manual_seed(rollout_seed(rm.decoding.seed, step, accelerator.process_index))
                 try:
                     with accelerator.autocast():  # generate in the training precision
-                        rollouts = [
-                            prepare_rollout_batch(
-                                [sample.record for sample in gt.samples], encoder=s.encoder, backend=backend,
-                                prompts=[prompt_of(sample) for sample in gt.samples],
-                                coord_vocab=s.loaded.coord_vocab, matching=matching,
-                                drop_invalid_struct_ce_multiplier=drop_multiplier, max_length=t.max_length,
-                                packing=t.packing, pad_token_id=s.pad_id,
-                            )
-                            for gt in window
-                        ]
+                        # every micro-batch of the window in one generate call
+                        rollouts = prepare_rollout_batches(
+                            [[sample.record for sample in gt.samples] for gt in window], encoder=s.encoder,
+                            prompts=[[prompt_of(sample) for sample in gt.samples] for gt in window], backend=backend,
+                            coord_vocab=s.loaded.coord_vocab, matching=matching,
+                            drop_invalid_struct_ce_multiplier=drop_multiplier, max_length=t.max_length,
+                            packing=t.packing, pad_token_id=s.pad_id,
+                        )
                 except Exception as exc:  # noqa: BLE001 - routed to the configured fallback (default: re-raise)
                     error = exc
                 if any_rank(accelerator, error is not None):

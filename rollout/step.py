@@ -52,49 +52,81 @@ def prepare_rollout_batch(
     packing: bool,
     pad_token_id: int,
 ) -> RolloutBatch:
-    """Roll out ``records`` and build the teacher-forced rollout batch.
+    """Roll out one micro-batch of ``records``: :func:`prepare_rollout_batches` with one group."""
+    return prepare_rollout_batches(
+        [records], encoder=encoder, prompts=None if prompts is None else [prompts], backend=backend,
+        coord_vocab=coord_vocab, matching=matching, drop_invalid_struct_ce_multiplier=drop_invalid_struct_ce_multiplier,
+        max_length=max_length, packing=packing, pad_token_id=pad_token_id,
+    )[0]
 
-    ``prompts``: the records' prompt samples when already encoded (``data.encoding.prompt_of`` of the
-    GT micro-batch); otherwise they are encoded here. Packing on: sequences are packed into rows of at most ``max_length`` tokens
-    (a longer sequence raises with its length); off: one sequence per row. All
-    rows form one ``PackedBatch`` (one forward).
+
+def prepare_rollout_batches(
+    groups: Sequence[Sequence[Record]],
+    *,
+    encoder,
+    prompts: Sequence[Sequence[EncodedSample]] | None = None,
+    backend: GenerationBackend,
+    coord_vocab,
+    matching: MatchingConfig,
+    drop_invalid_struct_ce_multiplier: float,
+    max_length: int,
+    packing: bool,
+    pad_token_id: int,
+) -> list[RolloutBatch]:
+    """Roll out every micro-batch (``groups``) of an accumulation window and build one teacher-forced
+    rollout batch per micro-batch.
+
+    All prompts of the window go to the backend in one ``generate`` call (it batches them by
+    ``rollout_matching.decoding.batch_size``), so small micro-batches still fill generation
+    batches. ``prompts``: the groups' prompt samples when already encoded (``data.encoding.prompt_of``
+    of the GT micro-batches); otherwise they are encoded here. Packing on: each micro-batch's
+    sequences are packed into rows of at most ``max_length`` tokens (a longer sequence raises with
+    its length); off: one sequence per row. Each micro-batch's rows form one ``PackedBatch`` (one
+    forward). The window's generation time is reported on the first micro-batch.
     """
-    if not records:
-        raise ValueError("prepare_rollout_batch: no records to roll out")
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError("prepare_rollout_batches: every micro-batch needs at least one record to roll out")
     tokenizer = encoder.tokenizer
     t0 = time.perf_counter()
     if prompts is None:
-        prompts = [encoder.encode_prompt(r) for r in records]
-    elif len(prompts) != len(records):
-        raise ValueError(f"prepare_rollout_batch: {len(prompts)} prompts for {len(records)} records")
-    outputs = backend.generate(prompts)
-    t1 = time.perf_counter()
-    parsed_list, matches, samples = [], [], []
-    for record, prompt, out in zip(records, prompts, outputs):
-        parsed = parse_rollout(out.token_ids, tokenizer, coord_vocab)
-        gt_bins = [o.bins for o in record.objects]
-        match = hungarian_match(
-            parsed.pred_bins, gt_bins, iou_gate=matching.iou_gate, fp_cost=matching.fp_cost, fn_cost=matching.fn_cost
+        prompts = [[encoder.encode_prompt(r) for r in g] for g in groups]
+    elif [len(p) for p in prompts] != [len(g) for g in groups]:
+        raise ValueError(
+            f"prepare_rollout_batches: prompt counts {[len(p) for p in prompts]} != record counts {[len(g) for g in groups]}"
         )
-        sample = build_rollout_sample(
-            prompt, out.token_ids, parsed, match, record.objects, tokenizer, coord_vocab,
-            drop_invalid_struct_ce_multiplier=drop_invalid_struct_ce_multiplier,
-        )
-        sample.record = record
-        parsed_list.append(parsed)
-        matches.append(match)
-        samples.append(sample)
-    if packing:
-        batches = pack_rollout_samples(samples, max_length, pad_token_id, rows_per_batch=len(samples))
-        batch = batches[0]
-    else:
-        for i, s in enumerate(samples):
-            if len(s) > max_length:
-                raise ValueError(f"rollout sample {i} has {len(s)} tokens > training.max_length={max_length}")
-        batch = collate_rows([[s] for s in samples], pad_token_id)
-    t2 = time.perf_counter()
-    metrics = rollout_counters(parsed_list, matches, [len(r.objects) for r in records])
-    metrics["time/rollout_generate_s"] = t1 - t0
-    metrics["time/rollout_build_s"] = t2 - t1
-    metrics["rollout/generated_tokens_total"] = float(sum(len(o.token_ids) for o in outputs))
-    return RolloutBatch(batch=batch, samples=samples, metrics=metrics)
+    flat_outputs = backend.generate([p for group in prompts for p in group])
+    generate_s = time.perf_counter() - t0
+
+    results, start = [], 0
+    for g, (records, group_prompts) in enumerate(zip(groups, prompts)):
+        t1 = time.perf_counter()
+        outputs = flat_outputs[start : start + len(records)]
+        start += len(records)
+        parsed_list, matches, samples = [], [], []
+        for record, prompt, out in zip(records, group_prompts, outputs):
+            parsed = parse_rollout(out.token_ids, tokenizer, coord_vocab)
+            gt_bins = [o.bins for o in record.objects]
+            match = hungarian_match(
+                parsed.pred_bins, gt_bins, iou_gate=matching.iou_gate, fp_cost=matching.fp_cost, fn_cost=matching.fn_cost
+            )
+            sample = build_rollout_sample(
+                prompt, out.token_ids, parsed, match, record.objects, tokenizer, coord_vocab,
+                drop_invalid_struct_ce_multiplier=drop_invalid_struct_ce_multiplier,
+            )
+            sample.record = record
+            parsed_list.append(parsed)
+            matches.append(match)
+            samples.append(sample)
+        if packing:
+            batch = pack_rollout_samples(samples, max_length, pad_token_id, rows_per_batch=len(samples))[0]
+        else:
+            for i, s in enumerate(samples):
+                if len(s) > max_length:
+                    raise ValueError(f"rollout sample {i} has {len(s)} tokens > training.max_length={max_length}")
+            batch = collate_rows([[s] for s in samples], pad_token_id)
+        metrics = rollout_counters(parsed_list, matches, [len(r.objects) for r in records])
+        metrics["time/rollout_generate_s"] = generate_s if g == 0 else 0.0
+        metrics["time/rollout_build_s"] = time.perf_counter() - t1
+        metrics["rollout/generated_tokens_total"] = float(sum(len(o.token_ids) for o in outputs))
+        results.append(RolloutBatch(batch=batch, samples=samples, metrics=metrics))
+    return results

@@ -151,7 +151,7 @@ def _broken_prepare(*args, **kwargs):
 
 def test_rollout_failure_falls_back_to_expectation_when_configured(recipe_env, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_stage2, "prepare_rollout_batch", _broken_prepare)
+    monkeypatch.setattr(train_stage2, "prepare_rollout_batches", _broken_prepare)
     argv = recipe_argv(recipe_env, STAGE2_DEMO, tmp_path, name="fb", max_steps=2,
                        stage2_ab__schedule__b_ratio=0.5, stage2_ab__fallback__on_rollout_failure="expectation",
                        training__eval_every=0, training__save_every=0)
@@ -170,7 +170,7 @@ def test_rollout_failure_falls_back_to_expectation_when_configured(recipe_env, t
 
 def test_rollout_failure_fails_by_default(recipe_env, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_stage2, "prepare_rollout_batch", _broken_prepare)
+    monkeypatch.setattr(train_stage2, "prepare_rollout_batches", _broken_prepare)
     # b_ratio 1.0: the very first step is a Rollout step.
     argv = recipe_argv(recipe_env, STAGE2_DEMO, tmp_path, name="fail", max_steps=2,
                        stage2_ab__schedule__b_ratio=1.0, training__eval_every=0, training__save_every=0)

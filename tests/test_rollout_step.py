@@ -1,0 +1,37 @@
+"""``rollout.step``: a whole accumulation window is rolled out in one generate call and split back
+into one teacher-forced rollout batch per micro-batch, identical to rolling each out alone."""
+
+from __future__ import annotations
+
+import torch
+
+from data.encoding import prompt_of
+from rollout.step import MatchingConfig, prepare_rollout_batch, prepare_rollout_batches
+from tests.test_forwards_fixtures import FixedBackend, make_env, mixed_rollout_texts
+
+KW = dict(matching=MatchingConfig(), drop_invalid_struct_ce_multiplier=1.0, max_length=1024, packing=True)
+
+
+def test_window_in_one_generate_call_equals_micro_batches_alone(tmp_path):
+    env = make_env(tmp_path, num_train=4)
+    groups = [env.records[:2], env.records[2:]]
+    texts = [mixed_rollout_texts(g) for g in groups]
+
+    window_backend = FixedBackend(env.tokenizer, texts[0] + texts[1])
+    prompts = [[prompt_of(env.samples[i]) for i in range(2)], [prompt_of(env.samples[i]) for i in range(2, 4)]]
+    window = prepare_rollout_batches(groups, encoder=env.encoder, prompts=prompts, backend=window_backend,
+                                     coord_vocab=env.coord_vocab, pad_token_id=env.pad_id, **KW)
+    assert window_backend.calls == 1 and len(window) == 2
+
+    for g, (records, got) in enumerate(zip(groups, window)):
+        alone = prepare_rollout_batch(records, encoder=env.encoder, backend=FixedBackend(env.tokenizer, texts[g]),
+                                      coord_vocab=env.coord_vocab, pad_token_id=env.pad_id, **KW)
+        for name in ("input_ids", "token_types", "subset", "coord_targets", "closure", "struct_multiplier",
+                     "pixel_values", "image_grid_thw"):
+            assert torch.equal(getattr(got.batch, name), getattr(alone.batch, name)), (g, name)
+        for key, value in alone.metrics.items():
+            if not key.startswith("time/"):
+                assert got.metrics[key] == value, (g, key)
+    # the window's generation time is reported once (on the first micro-batch)
+    assert window[1].metrics["time/rollout_generate_s"] == 0.0
+    assert window[0].metrics["rollout/matched_total"] + window[1].metrics["rollout/matched_total"] > 0
