@@ -85,6 +85,7 @@ class RunConfig:
     output_dir: str
     seed: int
     log_every: int
+    overwrite: bool  # delete an existing run dir first (else a finished/used run dir is refused unless resuming)
     tracker: TrackerConfig
 
     @property

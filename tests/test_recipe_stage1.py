@@ -261,3 +261,17 @@ def test_stage1_loader_workers_give_the_same_run(recipe_env, tmp_path, monkeypat
     for a, b in zip(inline, workers, strict=True):
         assert a["train/tokens_total"] == b["train/tokens_total"]
         assert b["loss/total"] == pytest.approx(a["loss/total"], rel=1e-6)
+
+
+def test_a_used_run_dir_is_refused_unless_resuming_or_overwriting(recipe_env, tmp_path, monkeypatch):
+    """Two runs never interleave in one run dir: the second is refused with the fix, or replaces it."""
+    monkeypatch.chdir(tmp_path)
+    argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="again", max_steps=2, training__warmup_steps=1,
+                       training__eval_every=0, training__save_every=0)
+    train_stage1.main(argv)
+    with pytest.raises(FileExistsError, match="run.overwrite=true"):
+        train_stage1.main(argv)
+    (tmp_path / "again" / "stale.txt").write_text("from the first run")
+    train_stage1.main([*argv, "--set", "run.overwrite=true"])
+    assert [r["step"] for r in read_rows(tmp_path / "again")] == [1, 2]
+    assert not (tmp_path / "again" / "stale.txt").exists()

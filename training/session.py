@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,18 @@ def start_run(cfg) -> RunContext:
             f"launched with WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es) "
             f"({accelerator.distributed_type}); check the accelerate launch config (configs/accelerate/)"
         )
+    run_dir = cfg.run.run_dir
+    # Two runs in one dir would interleave metrics.jsonl and checkpoints: refuse unless told to replace it.
+    used = not t.resume_from and (run_dir / "metrics.jsonl").exists()
+    accelerator.wait_for_everyone()  # every rank looks before anything is deleted (barriers unconditional)
+    if used and not cfg.run.overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds a run (metrics.jsonl); pick another run.name, resume it with "
+            "--set training.resume_from=latest, or replace it with --set run.overwrite=true"
+        )
+    if used and accelerator.is_main_process:
+        shutil.rmtree(run_dir)
+    accelerator.wait_for_everyone()
     run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name)
     run_logger = setup_logging(run_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
