@@ -212,13 +212,22 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __iter__(self) -> Iterator[list[list[EncodedSample]]]:
         """Yield the remaining batches of the current epoch, then move to the next epoch."""
-        order = self._order(self.epoch)
-        while self.position < self._len:
-            i = self.position
-            self.position += 1  # advance first: a checkpoint taken after this batch resumes after it
-            yield [[self.samples[j] for j in self.rows[r]] for r in order[i]]
-        self.epoch += 1
-        self.position = 0
+        return self.epoch_items()
+
+    def epoch_items(self, items: Iterator | None = None) -> Iterator:
+        """Hand out the rest of the current epoch, advancing ``position`` as each item leaves, then
+        move to the next epoch. The one place the resume position moves.
+
+        ``items`` yields batch ``i``'s item for ``i = position, position + 1, ...`` (e.g. collated
+        batches from loader workers, see :func:`iterate_batches`); default: the batches' rows.
+        """
+        epoch, order = self.epoch, range(self.position, self._len)
+        if items is None:
+            items = (self[i] for i in order)
+        for i, item in zip(order, items):
+            self.position = i + 1  # advance first: a checkpoint taken after this batch resumes after it
+            yield item
+        self.set_epoch(epoch + 1)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_rows": len(self.rows)}
@@ -265,9 +274,8 @@ def iterate_batches(dataset: PackedDataset, pad_token_id: int, *, num_workers: i
     if num_workers < 0:
         raise PackingError(f"data.num_workers must be >= 0, got {num_workers}")
     while True:
-        epoch, start = dataset.epoch, dataset.position
-        view = _EpochBatches(dataset, epoch, pad_token_id)
-        order = list(range(start, len(dataset)))
+        view = _EpochBatches(dataset, dataset.epoch, pad_token_id)
+        order = list(range(dataset.position, len(dataset)))
         if num_workers > 0 and order:
             loader = torch.utils.data.DataLoader(
                 view, batch_size=None, sampler=order, num_workers=num_workers, collate_fn=_as_is
@@ -275,7 +283,4 @@ def iterate_batches(dataset: PackedDataset, pad_token_id: int, *, num_workers: i
             batches: Iterator[PackedBatch] = iter(loader)
         else:
             batches = (view[i] for i in order)
-        for i, batch in zip(order, batches):
-            dataset.position = i + 1
-            yield batch
-        dataset.set_epoch(epoch + 1)
+        yield from dataset.epoch_items(batches)
