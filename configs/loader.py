@@ -241,11 +241,6 @@ def _schemas() -> tuple[Draft202012Validator, Registry]:
     return Draft202012Validator(root, registry=registry), registry
 
 
-def root_schema() -> dict[str, Any]:
-    """The root JSON Schema (refs to the per-surface files are resolved by :func:`schema_at`)."""
-    return _schemas()[0].schema
-
-
 def _deref(schema: Mapping[str, Any], resolver: Any) -> tuple[dict[str, Any], Any]:
     """Follow ``$ref``; keywords next to the ``$ref`` (description, default) win over the target's."""
     schema = dict(schema)

@@ -95,11 +95,6 @@ def bin_to_pixel(k: int | float, size: float) -> float:
     return float(k) / MAX_BIN * float(size)
 
 
-def fraction_to_bin(f: float) -> int:
-    """Fraction of the image side -> bin: ``clamp(round(999 * f), 0, 999)``."""
-    return min(MAX_BIN, max(0, int(round(MAX_BIN * float(f)))))
-
-
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 

@@ -7,7 +7,6 @@ trainer can call them unconditionally.
 from __future__ import annotations
 
 import json
-import math
 import os
 import uuid
 from collections.abc import Iterable, Mapping
@@ -170,6 +169,3 @@ def truncate_metrics_after(path: str | Path, step: int) -> int:
     return len(rows) - len(keep)
 
 
-def is_finite_row(row: Mapping[str, Any]) -> bool:
-    """True if every numeric value of a metrics row is finite (handy for NaN guards in tests)."""
-    return all(not isinstance(v, float) or math.isfinite(v) for v in row.values())
