@@ -1,6 +1,6 @@
 """A tiny random Qwen3-VL with a real byte-level BPE tokenizer, for tests and the CPU demo.
 
-Everything is deterministic: the BPE is trained on a built-in corpus, the model weights come from
+Everything is deterministic: the BPE is trained on a built-in corpus (and committed as tiny_tokenizer.json), the model weights come from
 ``torch.manual_seed(seed)``. The tokenizer mirrors the real Qwen3-VL layout: regular BPE vocabulary,
 then the 26 Qwen special tokens in Qwen order, then the 1000 coord tokens; the model's embedding
 table has more rows than the tokenizer has entries (as real checkpoints do).
@@ -69,11 +69,14 @@ def _tiny_corpus() -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer():
-    """Byte-level BPE (~600 regular tokens) + the 26 Qwen specials + 1000 coord tokens, as PreTrainedTokenizerFast.
+# The trained tokenizer is committed beside this module: training the BPE costs seconds per process
+# (every test worker, every spawned DDP rank). `python scripts/make_tiny_tokenizer.py` regenerates the file;
+# tests/test_model_tiny.py fails when it no longer matches `train_tiny_tokenizer()`.
+TINY_TOKENIZER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_tokenizer.json")
 
-    pad = ``<|endoftext|>``, eos = ``<|im_end|>``, chat template ``QWEN_VL_CHAT_TEMPLATE``.
-    """
+
+def train_tiny_tokenizer():
+    """Train the tiny tokenizer from scratch (what ``TINY_TOKENIZER_FILE`` holds); see ``build_tiny_tokenizer``."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -90,11 +93,47 @@ def build_tiny_tokenizer():
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS], special_tokens=True)
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in coord_token_texts()], special_tokens=True)
+    return _qwen_wrapped(tok.backend_tokenizer)
+
+
+def build_tiny_tokenizer():
+    """Byte-level BPE (~600 regular tokens) + the 26 Qwen specials + 1000 coord tokens, as PreTrainedTokenizerFast.
+
+    pad = ``<|endoftext|>``, eos = ``<|im_end|>``, chat template ``QWEN_VL_CHAT_TEMPLATE``. Loaded from
+    ``TINY_TOKENIZER_FILE`` (milliseconds), identical to ``train_tiny_tokenizer()``.
+    """
+    from tokenizers import Tokenizer
+
+    return _qwen_wrapped(Tokenizer.from_file(TINY_TOKENIZER_FILE))
+
+
+def _qwen_wrapped(backend):
+    """PreTrainedTokenizerFast around a ``tokenizers.Tokenizer`` with the Qwen pad/eos/chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
     tok.pad_token = "<|endoftext|>"
     tok.eos_token = "<|im_end|>"
     tok.chat_template = QWEN_VL_CHAT_TEMPLATE
     tok.padding_side = "right"
     return tok
+
+
+def _tiny_tokenizer_text() -> str:
+    return train_tiny_tokenizer().backend_tokenizer.to_str(pretty=True) + "\n"
+
+
+def write_tiny_tokenizer_file(path: str = TINY_TOKENIZER_FILE) -> str:
+    """Train the tiny tokenizer and write its ``tokenizers`` JSON to ``path`` (the committed fixture)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(_tiny_tokenizer_text())
+    return path
+
+
+def tiny_tokenizer_is_current(path: str = TINY_TOKENIZER_FILE) -> bool:
+    """True when ``path`` holds exactly what ``train_tiny_tokenizer()`` produces now."""
+    with open(path, encoding="utf-8") as fh:
+        return fh.read() == _tiny_tokenizer_text()
 
 
 def build_tiny_image_processor(min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS):
@@ -237,17 +276,11 @@ def _without_coord_tokens(tok):
     import json
 
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
     state = json.loads(tok.backend_tokenizer.to_str())
     coord = set(coord_token_texts())
     state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] not in coord]
-    out = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)))
-    out.pad_token = "<|endoftext|>"
-    out.eos_token = "<|im_end|>"
-    out.chat_template = QWEN_VL_CHAT_TEMPLATE
-    out.padding_side = "right"
-    return out
+    return _qwen_wrapped(Tokenizer.from_str(json.dumps(state)))
 
 
 _CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
@@ -273,3 +306,4 @@ def build_tiny_checkpoint(out_dir: str, seed: int = 0, coord_tokens: bool = True
     # Model last: its weights file marks the checkpoint complete (see _is_complete_checkpoint).
     model.save_pretrained(out_dir)
     return out_dir
+

@@ -195,11 +195,15 @@ def test_infer_cli_writes_predictions(tiny, tmp_path, capsys):
     assert "eval/rollout/parse_valid_rate" in printed and "python -m eval.evaluate" in printed
 
 
-def _ddp_worker(rank, world, port, queue):
+def _ddp_worker(rank, world, store, queue):
     import os
+    from datetime import timedelta
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # fmt: skip
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    # Rendezvous through a FileStore (no TCP port to race for); Accelerator adopts the initialised group.
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
@@ -212,17 +216,13 @@ def _ddp_worker(rank, world, port, queue):
 
 
 @pytest.mark.slow
-def test_real_two_process_gather_and_broadcast():
-    import socket
-
+def test_real_two_process_gather_and_broadcast(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
+    store = f"file://{tmp_path / 'pg_store'}"
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, store, queue)) for r in range(2)]
     for p in procs:
         p.start()
     got = sorted(queue.get(timeout=120) for _ in procs)

@@ -6,7 +6,14 @@ import time
 
 import torch
 
-from model.tiny import build_tiny_image_processor, build_tiny_in_memory, build_tiny_tokenizer, tiny_qwen3vl_config
+from model.tiny import (
+    build_tiny_image_processor,
+    build_tiny_in_memory,
+    build_tiny_tokenizer,
+    tiny_qwen3vl_config,
+    tiny_tokenizer_is_current,
+    train_tiny_tokenizer,
+)
 
 
 def test_tokenizer_is_deterministic():
@@ -16,6 +23,19 @@ def test_tokenizer_is_deterministic():
     ids = a(text, add_special_tokens=False)["input_ids"]
     assert ids == b(text, add_special_tokens=False)["input_ids"]
     assert a.decode(ids) == text  # byte-level BPE round-trips exactly
+
+
+def test_committed_tokenizer_matches_a_fresh_training():
+    # model/tiny_tokenizer.json is what train_tiny_tokenizer() produces; regenerate it with
+    # `python scripts/make_tiny_tokenizer.py` when the corpus or the special tokens change.
+    assert tiny_tokenizer_is_current(), "stale model/tiny_tokenizer.json: run python scripts/make_tiny_tokenizer.py"
+    loaded, trained = build_tiny_tokenizer(), train_tiny_tokenizer()
+    assert loaded.get_vocab() == trained.get_vocab()
+    assert (loaded.pad_token, loaded.eos_token, loaded.chat_template) == (
+        trained.pad_token,
+        trained.eos_token,
+        trained.chat_template,
+    )
 
 
 def test_config_is_qwen_shaped():

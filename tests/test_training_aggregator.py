@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -208,12 +207,6 @@ def test_nan_is_propagated_not_dropped():
 # ------------------------------------------------------------ 2-rank gloo DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Rank-specific micro-steps: different key sets and different micro-step counts.
 _RANK_STEPS = {
     0: [
@@ -250,10 +243,10 @@ _EXPECTED = [
 ]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
-    )
+def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
+    # A FileStore rendezvous: no TCP port to pick, so no race with other processes on the machine.
+    store = f"file://{os.path.join(out_dir, 'pg_store')}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timedelta(seconds=30))
     try:
         agg = MetricAggregator()
         results = []
@@ -268,7 +261,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_two_gloo_ranks_different_keys_same_result(tmp_path):
-    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    ctx = mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 60
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

@@ -156,15 +156,14 @@ class _StateBox:
         self.state = dict(state)
 
 
-def _ddp_ckpt_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _ddp_ckpt_worker(rank: int, world: int, out_dir: str, store: str) -> None:
     import os
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
-    )
+    # A FileStore rendezvous: no TCP port to pick, so no race with other processes on the machine.
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timedelta(seconds=30))
     try:
         torch.manual_seed(rank)  # per-rank RNG streams differ
         opt, sched = _StateBox({"lr": 0.5}), _StateBox({"last_epoch": 1})
@@ -196,15 +195,12 @@ def _ddp_ckpt_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_save_per_rank_rng(tmp_path):
-    import socket
     import time
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.spawn(_ddp_ckpt_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False)
+    store = f"file://{tmp_path / 'pg_store'}"
+    ctx = mp.spawn(_ddp_ckpt_worker, args=(2, str(tmp_path), store), nprocs=2, join=False)
     deadline = time.monotonic() + 60
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
