@@ -201,7 +201,8 @@ def _ddp_worker(rank, world, store, queue):
 
     import torch.distributed as dist
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world))  # fmt: skip
     # Rendezvous through a FileStore (no TCP port to race for); Accelerator adopts the initialised group.
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     from accelerate import Accelerator
