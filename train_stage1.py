@@ -42,7 +42,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     accelerator = run.accelerator
     # model -> data (static packing over the whole train set, sharded by rank) -> optimizer -> prepare -> resume
     s = setup_training(cfg, run, desc="stage1")
-    lm_head = s.vlm.get_output_embeddings().weight
 
     data_iter = micro_batches(cfg, s)
     metrics: dict = {}
@@ -54,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 with accelerator.accumulate(s.model):
                     fwd = gt_forward(s.model, s.vlm, batch)
                     ctx = TeacherForcingContext(channel=None, batch=batch, hidden=fwd.hidden,
-                                                lm_head_weight=lm_head, coord_token_ids=s.coord_ids)
+                                                lm_head_weight=s.vlm.get_output_embeddings().weight, coord_token_ids=s.coord_ids)
                     result = run_pipeline(cfg.pipeline, ctx)
                     backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)
                 tokens += batch.num_tokens

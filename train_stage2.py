@@ -77,7 +77,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # model (normally the Stage-1 output) -> GT data (Rollout steps roll out the same micro-batches'
     # records) -> optimizer -> prepare -> resume
     s = setup_training(cfg, run, desc=cfg.variant)
-    lm_head = s.vlm.get_output_embeddings().weight
 
     # ---- channel router, rollout backend, decode mode of the geometry loss
     router = ChannelRouter(sab.schedule.b_ratio if two_channel else 1.0,
@@ -136,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         step_metrics = dict(rollouts[i].metrics)
                     # Rollout-Aligned has no channels: every module runs (channel None).
                     ctx = TeacherForcingContext(channel=channel if two_channel else None, batch=batch, hidden=fwd.hidden,
-                                                lm_head_weight=lm_head, coord_token_ids=s.coord_ids,
+                                                lm_head_weight=s.vlm.get_output_embeddings().weight, coord_token_ids=s.coord_ids,
                                                 coord_decode_mode=decode_mode)
                     result = run_pipeline(cfg.pipeline, ctx)
                     backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)

@@ -118,6 +118,23 @@ class FreezeConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+    vision: bool
+    merger: bool
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    type: str  # none | lora | coord_offset
+    coord_offset: bool
+    lora: LoraConfig
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str | None
     tiny: TinyModelConfig
@@ -126,6 +143,7 @@ class ModelConfig:
     coord_tokens: CoordTokensConfig
     gradient_checkpointing: bool
     freeze: FreezeConfig
+    adapter: AdapterConfig
 
 
 # ---------------------------------------------------------------- data

@@ -7,11 +7,13 @@ tokenizer and image processor are loaded separately and travel together in ``Loa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from model.adapters import apply_adapter, is_adapter_dir, load_adapter_weights, merge_adapter, read_adapter_config
 from model.vocab import COORD_INITS, CoordVocab, coord_vocab_from_tokenizer, ensure_coord_tokens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,8 +72,14 @@ def load_model_and_processors(
     ``add_coord_tokens=True`` adds the 1000 coord tokens when missing (resizing without shrinking and
     initialising the rows with ``coord_init``); ``False`` requires them to be present already.
     The model is returned in eval mode on CPU in ``dtype``; the trainer moves and wraps it.
+
+    A directory written by an adapter run (``adapter.json``, see ``model.adapters``) loads as its base
+    checkpoint with the adapter merged in: an ordinary model.
     """
     from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    if is_adapter_dir(name_or_path):
+        return _load_merged_adapter(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
 
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -100,6 +108,38 @@ def load_model_and_processors(
     _ensure_generation_ids(model, tokenizer)
     model.eval()
     return LoadedModel(model, tokenizer, image_processor, vocab, added)
+
+
+def _load_merged_adapter(adapter_dir: str, *, dtype: str, attn_implementation: str) -> LoadedModel:
+    """Base checkpoint recorded in ``adapter_dir/adapter.json`` + the adapter's tensors, merged."""
+    meta = read_adapter_config(adapter_dir)
+    if is_adapter_dir(meta.base):
+        raise ValueError(f"{adapter_dir}/adapter.json: its base {meta.base!r} is itself an adapter dir; merge it first")
+    if not os.path.isdir(meta.base) and meta.base.startswith((".", "/")):
+        raise FileNotFoundError(
+            f"{adapter_dir}/adapter.json: base checkpoint {meta.base!r} not found; it must exist to load this adapter "
+            "(or merge it where the base exists: python scripts/merge_adapter.py ADAPTER_DIR --out DIR)"
+        )
+    # Merge in fp32 (a bf16 W + B@A rounds the small LoRA update away), then cast.
+    loaded = load_model_and_processors(meta.base, dtype="float32", attn_implementation=attn_implementation,
+                                       add_coord_tokens=True, coord_init=meta.coord_init)
+    apply_adapter(loaded.model, meta.spec, loaded.coord_vocab)
+    load_adapter_weights(loaded.model, adapter_dir)
+    merge_adapter(loaded.model)
+    loaded.model.to(DTYPES[dtype]).eval()
+    return loaded
+
+
+def memory_summary(model) -> dict[str, float]:
+    """GiB of parameters (all / trainable) and of the AdamW state the trainable ones need (2 fp32 moments)."""
+    gib = 1024**3
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    return {
+        "params_gib": round(sum(p.numel() * p.element_size() for p in params) / gib, 4),
+        "trainable_params_gib": round(sum(p.numel() * p.element_size() for p in trainable) / gib, 4),
+        "adamw_state_gib": round(sum(2 * 4 * p.numel() for p in trainable) / gib, 4),
+    }
 
 
 def _ensure_generation_ids(model, tokenizer) -> None:

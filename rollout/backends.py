@@ -11,6 +11,7 @@ import abc
 from collections.abc import Sequence
 
 import torch
+from torch.nn.utils import parametrize
 
 from data.types import EncodedSample
 from rollout.parser import default_eos_id
@@ -122,8 +123,11 @@ class HFGenerationBackend(GenerationBackend):
 
     def generate(self, prompts: Sequence[EncodedSample]) -> list[GenerationOutput]:
         outputs: list[GenerationOutput] = []
-        for b in range(0, len(prompts), self.batch_size):
-            outputs.extend(self._generate_batch(list(prompts[b : b + self.batch_size])))
+        # Parametrized tables (coord-offset adapter, model/adapters.py) are rebuilt once per call, not
+        # once per decoded token; a no-op for a model without parametrizations.
+        with torch.no_grad(), parametrize.cached():
+            for b in range(0, len(prompts), self.batch_size):
+                outputs.extend(self._generate_batch(list(prompts[b : b + self.batch_size])))
         return outputs
 
     def _batch_inputs(self, prompts: list[EncodedSample]) -> dict:

@@ -19,7 +19,8 @@ import torch
 from data.encoding import ChatEncoder, EncodedRecords
 from data.records import read_jsonl
 from data.types import Record
-from model.loading import LoadedModel, apply_freeze, load_model_and_processors
+from model.adapters import apply_adapter, load_adapter_weights, save_adapter, spec_from_config
+from model.loading import LoadedModel, apply_freeze, load_model_and_processors, memory_summary
 
 logger = logging.getLogger("coordexp")
 
@@ -156,8 +157,10 @@ def resolve_checkpoint(cfg, *, resume_model_dir: Path | None = None) -> str:
     return path
 
 
-def load_model(cfg, name_or_path: str) -> LoadedModel:
-    """Load model + tokenizer + image processor, add coord tokens, apply freeze and checkpointing switches."""
+def load_model(cfg, name_or_path: str, *, adapter_weights: Path | None = None) -> LoadedModel:
+    """Load model + tokenizer + image processor, add coord tokens, apply freeze (or the adapter) and
+    checkpointing switches. ``adapter_weights``: a checkpoint's model dir whose adapter tensors a
+    resumed adapter run loads on top of the base ``name_or_path``."""
     loaded = load_model_and_processors(
         name_or_path,
         dtype=cfg.model.dtype,
@@ -165,13 +168,20 @@ def load_model(cfg, name_or_path: str) -> LoadedModel:
         add_coord_tokens=cfg.model.coord_tokens.add_if_missing,
         coord_init=cfg.model.coord_tokens.init,
     )
-    counts = apply_freeze(
-        loaded.model,
-        vision=cfg.model.freeze.vision,
-        merger=cfg.model.freeze.merger,
-        language_model=cfg.model.freeze.language_model,
-    )
+    spec = spec_from_config(cfg.model.adapter)
+    if spec.enabled:
+        counts = apply_adapter(loaded.model, spec, loaded.coord_vocab, seed=cfg.run.seed)
+        if adapter_weights is not None:
+            load_adapter_weights(loaded.model, adapter_weights)
+    else:
+        counts = apply_freeze(
+            loaded.model,
+            vision=cfg.model.freeze.vision,
+            merger=cfg.model.freeze.merger,
+            language_model=cfg.model.freeze.language_model,
+        )
     logger.info("model %s: %s", name_or_path, counts)
+    logger.info("model memory: %s", memory_summary(loaded.model))
     if cfg.model.gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loaded.model.config.use_cache = False
@@ -233,14 +243,23 @@ def encoded(records: list[Record], encoder: ChatEncoder) -> EncodedRecords:
     return EncodedRecords(records, encoder)
 
 
-def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel):
+def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel, *, adapter=None, base: str | None = None,
+                coord_init: str = "sincos"):
     """``model_save_fn`` for ``training.checkpoint.save_training_state``: weights + tokenizer + image processor.
 
     The state dict is gathered through ``accelerator.get_state_dict`` on every rank (FSDP / ZeRO-3
-    shards need all of them); only the main process writes.
+    shards need all of them); only the main process writes. Under an adapter (``adapter.enabled``) only
+    the adapter tensors are written, with ``base`` (the checkpoint they apply to) in ``adapter.json``.
     """
 
     def save(model_dir: Path) -> None:
+        if adapter is not None and adapter.enabled:
+            if accelerator.is_main_process:
+                base_ref = os.path.abspath(base) if base and os.path.isdir(base) else base
+                save_adapter(vlm, model_dir, adapter, base_ref, coord_init=coord_init)
+                loaded.tokenizer.save_pretrained(str(model_dir))
+                loaded.image_processor.save_pretrained(str(model_dir))
+            return
         full = accelerator.get_state_dict(prepared_model)
         prefix = "vlm."
         state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in full.items()}
@@ -332,7 +351,13 @@ def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     from training.progress import TrainProgress
 
     t, accelerator = cfg.training, run.accelerator
-    loaded = load_model(cfg, resolve_checkpoint(cfg, resume_model_dir=run.resume_dir / "model" if run.resume_dir else None))
+    resume_model_dir = run.resume_dir / "model" if run.resume_dir else None
+    if cfg.model.adapter.type != "none":  # the base comes from the config; the checkpoint holds the adapter
+        base = resolve_checkpoint(cfg)
+        loaded = load_model(cfg, base, adapter_weights=resume_model_dir)
+    else:
+        base = resolve_checkpoint(cfg, resume_model_dir=resume_model_dir)
+        loaded = load_model(cfg, base)
     splits = load_records(cfg)
     encoder = make_encoder(cfg, loaded)
     dataset = make_train_dataset(cfg, encoded(splits.train, encoder), accelerator)
@@ -363,7 +388,8 @@ def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
         pad_id=loaded.tokenizer.pad_token_id, start_step=start_step, resume_state=state,
         tracker=make_tracker(cfg, run), aggregator=MetricAggregator(accelerator),
         progress=TrainProgress(t.max_steps, start_step, accelerator.is_main_process, cfg.run.log_every, desc=desc),
-        save_model=model_saver(accelerator, model, vlm, loaded),
+        save_model=model_saver(accelerator, model, vlm, loaded, adapter=spec_from_config(cfg.model.adapter), base=base,
+                               coord_init=cfg.model.coord_tokens.init),
     )
 
 
