@@ -82,8 +82,10 @@ class SampleResult:
         """Debug keys written beside each predictions.jsonl line (ignored by the evaluator)."""
         drops = {k[len("rollout/drop_") : -len("_count")]: int(v) for k, v in self.counters.items()
                  if k.startswith("rollout/drop_") and v}  # fmt: skip
+        matched = self.counters.get("rollout/matched_total", 0.0)
         return {"raw_text": self.raw_text, "parse_valid": self.parse_valid, "finished": self.finished,
-                "drop_reasons": drops}  # fmt: skip
+                "drop_reasons": drops,
+                "matched_iou_mean": self.matched_iou_sum / matched if matched else None}  # fmt: skip
 
 
 _SUMMABLE = ("_total", "_count", "_num", "_den")

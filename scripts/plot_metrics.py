@@ -1,7 +1,7 @@
-"""Plot ``metrics.jsonl`` of one or more runs to a PNG (PIL only; matplotlib is not a dependency).
+"""Plot ``metrics.jsonl`` of one or more runs to a PNG (matplotlib, Agg backend).
 
     python scripts/plot_metrics.py runs/a runs/b/metrics.jsonl \
-        --keys loss/total eval/rollout/mAP --out plot.png [--smooth 20]
+        --keys loss/total eval/rollout/mAP [--out plot.png] [--smooth 20]
 
 One panel per key, optimizer step on x, one colour per run (labelled with the run folder name).
 A key missing from a row is skipped for that row: keys logged on every step are lines, keys
@@ -10,7 +10,8 @@ Default keys: ``loss/total`` and every other ``loss/*`` key found. Non-finite va
 tracker writes ``NaN``/``Infinity``) cannot be placed on an axis; they are counted in the panel
 title, never dropped silently. ``--smooth N`` draws the trailing mean of the last N points
 over the raw curve of dense keys (the raw curve stays visible in a light shade); sparse keys
-(eval) are never smoothed.
+(eval) are never smoothed. Without ``--out`` the PNG goes to ``<first run dir>/plots/metrics.png``.
+The recipes call :func:`plot_run` at the end of every run, which writes that file.
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ from dataclasses import dataclass, field
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-
 from configs.errors import did_you_mean  # noqa: E402
 from training.tracking import read_metrics  # noqa: E402
 
-# tab10: distinct on white; exact RGB values so tests can find each run's pixels.
+# matplotlib's tab10 as RGB: one colour per run, in this order.
 PALETTE = (
     (31, 119, 180),
     (255, 127, 14),
@@ -42,12 +41,10 @@ PALETTE = (
     (188, 189, 34),
     (23, 190, 207),
 )
-BACKGROUND = (255, 255, 255)
-AXIS = (0, 0, 0)
-GRID = (225, 225, 225)
-# Plot-area margins inside a panel (pixels): room for the title, y tick labels, x tick labels.
-MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 64, 16, 24, 34
-LEGEND_ROW_H = 18
+DPI = 100
+LEGEND_ROW_H = 18  # pixels per run in the legend strip under the panels
+# Keys the end-of-run plot adds to the losses when the run logged them.
+RUN_PLOT_EXTRA_KEYS = ("eval/rollout/mAP", "eval/rollout/parse_valid_rate", "coord_diag/coord_mass_mean", "train/lr")
 
 
 @dataclass
@@ -136,100 +133,36 @@ def smooth(values: list[float], n: int) -> list[float]:
     return out
 
 
-def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
-    """Round tick values (1, 2, 5 x 10^k steps) covering ``[lo, hi]``; about ``target`` of them."""
-    if hi <= lo:
-        return [lo]
-    raw = (hi - lo) / max(target, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    ticks, t = [], first
-    while t <= hi + step * 1e-9:
-        ticks.append(0.0 if abs(t) < step * 1e-9 else t)
-        t += step
-    return ticks
+def _rgb(c: tuple[int, int, int], lighten: float = 0.0) -> tuple[float, float, float]:
+    return tuple((x + (255 - x) * lighten) / 255 for x in c)
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.4g}"
-
-
-def _lighten(c: tuple[int, int, int], f: float = 0.65) -> tuple[int, int, int]:
-    return tuple(int(round(x + (255 - x) * f)) for x in c)
-
-
-def draw_panel(
-    draw: ImageDraw.ImageDraw,
-    font: ImageFont.ImageFont,
-    box: tuple[int, int, int, int],
-    key: str,
-    runs: list[Run],
-    smooth_n: int,
-) -> tuple[tuple[int, int, int, int], int]:
-    """Draw one key's panel inside ``box`` (pixels); returns ``(plot area box, non-finite count)``."""
-    x0, y0, x1, y1 = box
-    px0, py0, px1, py1 = x0 + MARGIN_LEFT, y0 + MARGIN_TOP, x1 - MARGIN_RIGHT, y1 - MARGIN_BOTTOM
-    data, nonfinite = [], 0
-    for run in runs:
+def draw_panel(ax, key: str, runs: list[Run], smooth_n: int) -> int:
+    """Draw one key's curves on ``ax``; returns the number of non-finite values left out."""
+    nonfinite, drawn = 0, False
+    for i, run in enumerate(runs):
         pts, nf = series(run, key)
         nonfinite += nf
-        # Sparse = present on only some rows of the run (eval keys): mark each point.
-        data.append((pts, len(pts) < sum(1 for r in run.rows if "step" in r)))
-    title = key + (f"  ({nonfinite} non-finite not drawn)" if nonfinite else "")
-    draw.text((px0, y0 + 4), title, fill=AXIS, font=font)
-    all_pts = [p for pts, _ in data for p in pts]
-    draw.rectangle((px0, py0, px1, py1), outline=AXIS)
-    if not all_pts:
-        draw.text((px0 + 8, py0 + 8), "no finite values", fill=AXIS, font=font)
-        return (px0, py0, px1, py1), nonfinite
-    xs, ys = [p[0] for p in all_pts], [p[1] for p in all_pts]
-    xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
-    if xhi == xlo:
-        xlo, xhi = xlo - 1, xhi + 1
-    if yhi == ylo:
-        pad = abs(ylo) * 0.05 or 1.0
-        ylo, yhi = ylo - pad, yhi + pad
-    ypad = (yhi - ylo) * 0.05  # keep extreme points off the frame
-    ylo, yhi = ylo - ypad, yhi + ypad
-    # Inner area leaves 4 px so lines and markers do not sit on the frame.
-    ix0, iy0, ix1, iy1 = px0 + 4, py0 + 4, px1 - 4, py1 - 4
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return (ix0 + (x - xlo) / (xhi - xlo) * (ix1 - ix0), iy1 - (y - ylo) / (yhi - ylo) * (iy1 - iy0))
-
-    for t in nice_ticks(ylo, yhi):
-        _, ty = to_px(xlo, t)
-        draw.line((px0 + 1, ty, px1 - 1, ty), fill=GRID)
-        draw.line((px0 - 4, ty, px0, ty), fill=AXIS)
-        label = _fmt(t)
-        w = draw.textlength(label, font=font)
-        draw.text((px0 - 6 - w, ty - 6), label, fill=AXIS, font=font)
-    for t in nice_ticks(xlo, xhi):
-        if t != int(t):
-            continue  # steps are integers
-        tx, _ = to_px(t, ylo)
-        draw.line((tx, py1, tx, py1 + 4), fill=AXIS)
-        label = str(int(t))
-        w = draw.textlength(label, font=font)
-        draw.text((tx - w / 2, py1 + 6), label, fill=AXIS, font=font)
-    draw.text((px1 - draw.textlength("step", font=font), py1 + 20), "step", fill=AXIS, font=font)
-    for i, (pts, sparse) in enumerate(data):
         if not pts:
             continue
-        color = PALETTE[i % len(PALETTE)]
+        drawn = True
+        # Sparse = present on only some rows of the run (eval keys): mark each point.
+        sparse = len(pts) < sum(1 for r in run.rows if "step" in r)
         steps, vals = [p[0] for p in pts], [p[1] for p in pts]
-        curves = [(vals, color)]
+        color = PALETTE[i % len(PALETTE)]
+        marker = "o" if sparse or len(pts) == 1 else None
         if smooth_n > 1 and not sparse:  # eval points are few and far apart: never averaged
-            curves = [(vals, _lighten(color)), (smooth(vals, smooth_n), color)]
-        for cvals, c in curves:
-            xy = [to_px(s, v) for s, v in zip(steps, cvals)]
-            if len(xy) > 1:
-                draw.line(xy, fill=c, width=2)
-            if sparse or len(xy) == 1:
-                for cx, cy in xy:
-                    draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=c)
-    return (px0, py0, px1, py1), nonfinite
+            ax.plot(steps, vals, color=_rgb(color, 0.65), linewidth=1.5)
+            vals = smooth(vals, smooth_n)
+        ax.plot(steps, vals, color=_rgb(color), linewidth=2, marker=marker, markersize=4)
+    ax.set_title(key + (f"  ({nonfinite} non-finite not drawn)" if nonfinite else ""), fontsize=9, loc="left")
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(True, color="0.88", linewidth=0.8)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # steps are integers
+    if not drawn:
+        ax.text(0.5, 0.5, "no finite values", transform=ax.transAxes, ha="center", va="center")
+    return nonfinite
 
 
 def plot(
@@ -242,36 +175,56 @@ def plot(
     cols: int = 2,
 ) -> PlotResult:
     """Draw ``keys`` (one panel each, ``cols`` per row, ``panel_size`` pixels) + a legend strip; save PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
     pw, ph = panel_size
     cols = max(1, min(cols, len(keys)))
     rows = math.ceil(len(keys) / cols)
     legend_h = LEGEND_ROW_H * len(runs) + 8
     size = (cols * pw, rows * ph + legend_h)
-    img = Image.new("RGB", size, BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
     result = PlotResult(out=out, size=size, keys=list(keys))
+    W, H = size
+    # Axes placed in pixels: each grid cell keeps room for the title, tick labels and the x label.
+    ml, mr, mt, mb = 64, 16, 24, 38
+    axes = []
     for j, key in enumerate(keys):
         r, c = divmod(j, cols)
-        area, nf = draw_panel(draw, font, (c * pw, r * ph, (c + 1) * pw, (r + 1) * ph), key, runs, smooth_n)
-        result.panels.append(area)
-        result.nonfinite[key] = nf
-    ly = rows * ph + 4
-    for i, run in enumerate(runs):
-        color = PALETTE[i % len(PALETTE)]
-        y = ly + i * LEGEND_ROW_H
-        draw.line((MARGIN_LEFT, y + 7, MARGIN_LEFT + 24, y + 7), fill=color, width=3)
-        draw.text((MARGIN_LEFT + 32, y), f"{run.label}  ({run.path})", fill=AXIS, font=font)
+        x0, y0 = c * pw + ml, r * ph + mt
+        w, h = pw - ml - mr, ph - mt - mb
+        ax = fig.add_axes((x0 / W, 1 - (y0 + h) / H, w / W, h / H))
+        result.nonfinite[key] = draw_panel(ax, key, runs, smooth_n)
+        result.panels.append((x0, y0, x0 + w, y0 + h))
+        axes.append(ax)
+    handles = [Line2D([], [], color=_rgb(PALETTE[i % len(PALETTE)]), linewidth=3) for i in range(len(runs))]
+    fig.legend(handles, [f"{run.label}  ({run.path})" for run in runs], loc="lower left", fontsize=8,
+               frameon=False, bbox_to_anchor=(ml / W, 0), borderaxespad=0.2, handlelength=2.5)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    img.save(out, format="PNG")
+    fig.savefig(out, format="png", dpi=DPI)
     return result
+
+
+def plot_run(run_dir: str | os.PathLike) -> str | None:
+    """The end-of-run plot: ``<run_dir>/plots/metrics.png`` with the losses and, when logged, eval mAP,
+    parse-valid rate, coord mass and lr. Returns the path, or None when the run logged no loss."""
+    run = load_run(str(run_dir))
+    avail = set(available_keys([run]))
+    if not any(k.startswith("loss/") for k in avail):
+        return None
+    keys = resolve_keys([run], None) + [k for k in RUN_PLOT_EXTRA_KEYS if k in avail]
+    out = os.path.join(str(run_dir), "plots", "metrics.png")
+    plot([run], keys, out, smooth_n=1, cols=3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> PlotResult:
     ap = argparse.ArgumentParser(description="Plot metrics.jsonl of one or more runs to a PNG")
     ap.add_argument("runs", nargs="+", help="run folders (holding metrics.jsonl) or metrics.jsonl files")
     ap.add_argument("--keys", nargs="+", default=None, help="metric keys (default: loss/total + every loss/* key)")
-    ap.add_argument("--out", required=True, help="output PNG path")
+    ap.add_argument("--out", default=None, help="output PNG path (default: <first run dir>/plots/metrics.png)")
     ap.add_argument("--smooth", type=int, default=1, help="trailing mean over N points (1 = raw only)")
     ap.add_argument("--panel-size", type=int, nargs=2, default=(480, 300), metavar=("W", "H"), help="pixels")
     ap.add_argument("--cols", type=int, default=2, help="panels per row")
@@ -279,12 +232,13 @@ def main(argv: list[str] | None = None) -> PlotResult:
     if args.smooth < 1:
         raise ValueError(f"--smooth must be an integer >= 1, got {args.smooth}")
     pw, ph = args.panel_size
-    if pw < MARGIN_LEFT + MARGIN_RIGHT + 40 or ph < MARGIN_TOP + MARGIN_BOTTOM + 40:
+    if pw < 120 or ph < 100:
         raise ValueError(f"--panel-size {pw} {ph} is too small; use at least 120 x 100 pixels")
     runs = [load_run(p) for p in args.runs]
     keys = resolve_keys(runs, args.keys)
-    result = plot(runs, keys, args.out, smooth_n=args.smooth, panel_size=(pw, ph), cols=args.cols)
-    print(f"wrote {args.out} ({result.size[0]}x{result.size[1]}): {', '.join(keys)}")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(runs[0].path)), "plots", "metrics.png")
+    result = plot(runs, keys, out, smooth_n=args.smooth, panel_size=(pw, ph), cols=args.cols)
+    print(f"wrote {out} ({result.size[0]}x{result.size[1]}): {', '.join(keys)}")
     for key, n in result.nonfinite.items():
         if n:
             print(f"  {key}: {n} non-finite values not drawn")

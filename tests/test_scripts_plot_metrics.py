@@ -1,4 +1,4 @@
-"""scripts/plot_metrics.py: PIL plots of metrics.jsonl, key checks, smoothing and ticks."""
+"""scripts/plot_metrics.py: matplotlib plots of metrics.jsonl, key checks, smoothing, the end-of-run plot."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from scripts.plot_metrics import PALETTE, main, nice_ticks, smooth
+from scripts.plot_metrics import PALETTE, main, plot_run, smooth
 
 
 def _write_run(folder, rows):
@@ -32,8 +32,9 @@ def _two_runs(tmp_path):
     return run_a, run_b
 
 
-def _count(img, box, color):
-    return sum(1 for px in img.crop(box).getdata() if px == color)
+def _count(img, box, color, tol: int = 12):
+    """Pixels of ``color`` (within ``tol`` per channel: lines are anti-aliased) inside ``box``."""
+    return sum(1 for px in img.crop(box).getdata() if all(abs(a - b) <= tol for a, b in zip(px, color)))
 
 
 def test_plot_two_runs_every_panel_drawn(tmp_path, capsys):
@@ -85,11 +86,29 @@ def test_missing_metrics_file(tmp_path):
         main([str(tmp_path), "--out", str(tmp_path / "x.png")])
 
 
-def test_smooth_and_ticks_by_hand():
+def test_smooth_by_hand():
     # trailing mean over 2: [1, (1+3)/2, (3+5)/2, (5+7)/2]
     assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert smooth([1.0, 3.0], 1) == [1.0, 3.0]
-    # range 0..1, 5 ticks wanted: raw step 0.2 -> step 0.2
-    assert nice_ticks(0.0, 1.0) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    # range 3..47: raw step 8.8 -> 10; first tick ceil(0.3)*10 = 10
-    assert nice_ticks(3.0, 47.0) == [10.0, 20.0, 30.0, 40.0]
+
+
+def test_default_out_is_the_run_dir(tmp_path):
+    run_a, run_b = _two_runs(tmp_path)
+    res = main([str(run_a), str(run_b)])
+    assert res.out == str(run_a / "plots" / "metrics.png")
+    assert (run_a / "plots" / "metrics.png").is_file()
+
+
+def test_end_of_run_plot_has_losses_and_eval_panels(tmp_path):
+    run_a, _ = _two_runs(tmp_path)
+    out = plot_run(run_a)
+    assert out == str(run_a / "plots" / "metrics.png")
+    img = Image.open(out).convert("RGB")
+    # losses first, then the extra keys the run logged (mAP, lr): 4 panels, 3 per row
+    assert img.size == (3 * 480, 2 * 300 + 18 + 8)
+    boxes = [(64 + c * 480, 24 + r * 300, 64 + c * 480 + 400, 24 + r * 300 + 238) for r, c in ((0, 0), (0, 1), (0, 2), (1, 0))]
+    for box in boxes:
+        assert _count(img, box, PALETTE[0]) > 20
+    # no loss logged yet: nothing to plot, no file
+    empty = _write_run(tmp_path / "empty", [{"step": 1, "train/lr": 0.1}])
+    assert plot_run(empty) is None and not (empty / "plots").exists()

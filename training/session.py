@@ -421,6 +421,9 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
     if should(t.eval_every, done, t.max_steps):
         metrics.update(run_eval(cfg, accelerator=run.accelerator, vlm=s.vlm, loaded=s.loaded, encoder=s.encoder,
                                 val=s.splits.val, run_dir=run.run_dir, step=done))
+        predictions = run.run_dir / "eval" / f"step_{done}" / "predictions.jsonl"
+        if predictions.is_file():
+            s.tracker.log_eval_media(done, predictions)
     s.tracker.log(done, metrics)
     if should(t.save_every, done, t.max_steps):
         save_training_state(run.run_dir, accelerator=run.accelerator, model_save_fn=s.save_model,
@@ -431,6 +434,14 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
 
 
 def finish_run(run: RunContext, s: TrainingSetup) -> None:
-    """Close the progress bar and the tracker (also on error; the recipe then waits for every rank)."""
+    """Close the progress bar and the tracker (also on error; the recipe then waits for every rank), and
+    draw ``plots/metrics.png`` into the run dir (main process; a plotting failure only warns)."""
     s.progress.close()
     s.tracker.finish()
+    if run.accelerator.is_main_process:
+        try:
+            from scripts.plot_metrics import plot_run
+
+            plot_run(run.run_dir)
+        except Exception as exc:  # noqa: BLE001 - the run's results are written; a plot must not fail it
+            run.logger.warning("plots/metrics.png not written: %s", exc)

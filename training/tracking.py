@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 BACKENDS = ("none", "wandb")
+MEDIA_IMAGES = 8  # eval images sent to wandb per in-loop eval
 MODES = ("online", "offline")
 
 
@@ -117,6 +118,39 @@ class Tracker:
         self._file.flush()
         if self._wandb_run is not None:
             self._wandb_run.log(row, step=int(step))
+
+    def log_eval_media(self, step: int, predictions_path: str | Path, max_images: int = MEDIA_IMAGES) -> None:
+        """wandb only: the first ``max_images`` eval images with GT (green) and predicted (red) boxes, drawn
+        as ``eval/visualize.py`` draws them, under ``eval/images``, and every prediction in a
+        ``wandb.Table`` under ``eval/predictions`` (image id, image, raw text, parsed objects, mean score,
+        matched IoU, parse validity). A no-op without wandb; a missing image file draws a grey canvas."""
+        if not self.is_main_process or self._wandb_run is None:
+            return
+        import wandb
+
+        from eval.detection import read_predictions_jsonl
+        from eval.visualize import render_record
+
+        path = Path(predictions_path)
+        records = read_predictions_jsonl(path)
+        root = path.parent
+        columns = ["image_id", "image", "raw_text", "objects", "n_pred", "n_gt", "mean_score", "matched_iou",
+                   "parse_valid"]
+        table = wandb.Table(columns=columns)
+        images = []
+        for i, rec in enumerate(records):
+            picture = wandb.Image(render_record(rec, root, cell_size=256, blank_missing=True),
+                                  caption=str(rec["image_id"])) if i < max_images else None
+            if picture is not None:
+                images.append(picture)
+            pred = rec.get("pred") or []
+            scores = [float(o["score"]) for o in pred if o.get("score") is not None]
+            table.add_data(str(rec["image_id"]), picture, rec.get("raw_text", ""),
+                           json.dumps([{"desc": o["desc"], "bbox_2d": o["bbox_2d"]} for o in pred]),
+                           len(pred), len(rec.get("gt") or []),
+                           sum(scores) / len(scores) if scores else None, rec.get("matched_iou_mean"),
+                           rec.get("parse_valid"))
+        self._wandb_run.log({"eval/images": images, "eval/predictions": table}, step=int(step))
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         """Merge ``config`` (e.g. the resolved config, pipeline identity) into ``tracker_config.json`` and wandb."""
