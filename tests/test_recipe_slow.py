@@ -116,3 +116,19 @@ def test_ddp_two_processes_stage1_and_stage2(recipe_env, tmp_path):
     assert [r["stage2/channel_b_count"] for r in rows2] == [0.0, 1.0, 0.0]
     for key in ROLLOUT_PAYLOAD:
         assert finite(rows2[1][key]), key
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_lora_stage1(recipe_env, tmp_path):
+    """LoRA + coord offsets under 2-process DDP: the run finishes, the checkpoint holds only the adapter,
+    and it merges into a model that loads like any other."""
+    from model.loading import load_model_and_processors
+
+    argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="ddp_lora", max_steps=2, model__adapter__type="lora",
+                       model__adapter__lora__r=4, training__eval_every=0, training__save_every=2)
+    _launch("train_stage1.py", argv, tmp_path)
+    assert [r["step"] for r in read_rows(tmp_path / "ddp_lora")] == [1, 2]
+    model_dir = tmp_path / "ddp_lora" / "checkpoint-2" / "model"
+    assert (model_dir / "adapter.safetensors").is_file() and not (model_dir / "model.safetensors").exists()
+    merged = load_model_and_processors(str(model_dir))
+    assert not any("lora_" in n for n, _ in merged.model.named_parameters())
