@@ -72,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = load_config(args.config, args.overrides, expect="stage2")
     t, sab, rm = cfg.training, cfg.stage2_ab, cfg.rollout_matching
     two_channel = cfg.variant == TWO_CHANNEL
+    # Flag value the rollout builder stamps on samples that dropped invalid objects; only token_ce
+    # reads it, so a pipeline without token_ce runs with the neutral 1.0.
+    drop_multiplier = next((float(m.config["rollout_drop_invalid_struct_ce_multiplier"])
+                            for m in cfg.pipeline.objective if m.name == "token_ce"), 1.0)
     run = start_run(cfg)  # accelerator, run dir, resolved config, pipeline identity, resume point
     accelerator = run.accelerator
     # model (normally the Stage-1 output) -> GT data (Rollout steps roll out the same micro-batches'
@@ -88,8 +92,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         top_p=rm.decoding.top_p, top_k=rm.decoding.top_k, batch_size=rm.decoding.batch_size, seed=rm.decoding.seed,
     )
     matching = MatchingConfig(rm.matching.iou_gate, rm.matching.fp_cost, rm.matching.fn_cost)
-    token_ce = next(m for m in cfg.pipeline.objective if m.name == "token_ce")
-    drop_multiplier = float(token_ce.config["rollout_drop_invalid_struct_ce_multiplier"])
     decode_mode = sab.coord_decode_mode if two_channel else rm.coord_decode_mode
 
     data_iter = micro_batches(cfg, s)
@@ -140,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     result = run_pipeline(cfg.pipeline, ctx)
                     backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)
                     step_metrics["time/forward_backward_s"] = time.perf_counter() - forward_start
+                    if i == 0 and (channel == CHANNEL_B or rerouted):  # ranks whose rollouts raised, summed
+                        step_metrics["stage2/rollout_error_count"] = float(error is not None)
                     step_metrics["stage2/forwards_total"] = float(fwd.num_forwards)
                 tokens += batch.num_tokens
                 s.aggregator.add({**result.metrics, **step_metrics, **batch_metrics(batch)})

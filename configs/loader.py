@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import re
 import types
 import typing
@@ -346,15 +347,35 @@ def _explain(error: ValidationError) -> list[tuple[str, str]]:
     return [(key, error.message)]
 
 
+def _non_finite(node: Any, parts: list[str | int]) -> list[tuple[str, str]]:
+    """``(dotted key, message)`` for every NaN / +-inf float anywhere in ``node``.
+
+    One rule for every number in the tree (schema keys, pipeline module configs, custom
+    extras): JSON Schema's ``number`` accepts NaN and inf, and a NaN passes every range
+    check (all comparisons are false), so it would surface much later naming no key.
+    """
+    if isinstance(node, float) and not math.isfinite(node):
+        return [(format_key(parts), f"expected a finite number, got {node!r}; NaN and inf are never valid config values, write a finite number")]
+    if isinstance(node, Mapping):
+        return [p for key, value in node.items() for p in _non_finite(value, [*parts, key])]
+    if isinstance(node, (list, tuple)):
+        return [p for i, value in enumerate(node) for p in _non_finite(value, [*parts, i])]
+    return []
+
+
 def validate_tree(tree: Mapping[str, Any]) -> None:
-    """Validate a merged user tree against the root schema; raise the first problem (and list the rest)."""
+    """Validate a merged user tree against the root schema; raise the first problem (and list the rest).
+
+    Non-finite numbers (NaN, +-inf) are rejected wherever they occur.
+    """
     validator, _ = _schemas()
     problems: list[tuple[str, str]] = []
     for error in validator.iter_errors(tree):
         problems.extend(_explain(error))
+    # Non-finite values first: they are reported even where the schema also complains nearby.
+    problems = sorted(_non_finite(tree, [])) + sorted(problems)
     if not problems:
         return
-    problems.sort()
     key, message = problems[0]
     if len(problems) > 1:
         rest = "; ".join(f"{k}: {m}" for k, m in problems[1:11])
@@ -473,6 +494,12 @@ def check_cross_fields(resolved: Mapping[str, Any]) -> None:
         raise ConfigError(
             "training.warmup_ratio",
             f"both training.warmup_steps ({training['warmup_steps']}) and training.warmup_ratio ({training['warmup_ratio']}) are set; keep one and set the other to 0",
+        )
+    if training["warmup_steps"] > training["max_steps"]:
+        raise ConfigError(
+            "training.warmup_steps",
+            f"must be <= training.max_steps ({training['max_steps']}), got {training['warmup_steps']}; "
+            f"lower training.warmup_steps, raise training.max_steps, or use training.warmup_ratio (a fraction of max_steps)",
         )
 
 

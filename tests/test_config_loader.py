@@ -233,6 +233,58 @@ def test_warmup_steps_and_ratio_are_exclusive(tmp_path):
     assert err.key == "training.warmup_ratio" and "training.warmup_steps" in str(err)
 
 
+def test_warmup_steps_above_max_steps_fails_at_load_with_fix(tmp_path):
+    err = error_of(write(tmp_path, "c.yaml", MINIMAL), ["training.max_steps=10", "training.warmup_steps=11"])
+    assert err.key == "training.warmup_steps"
+    assert "training.max_steps (10)" in str(err) and "got 11" in str(err) and "warmup_ratio" in str(err)
+    load_config(write(tmp_path, "ok.yaml", MINIMAL), ["training.max_steps=10", "training.warmup_steps=10"])
+
+
+def _number_keys() -> list[str]:
+    """Every key the schema types as a number (list items indexed [0])."""
+    from configs.loader import _deref, _root_node, format_key
+
+    out: list[str] = []
+
+    def walk(schema, resolver, parts):
+        kind = schema.get("type")
+        if "number" in ([kind] if isinstance(kind, str) else list(kind or [])):
+            out.append(format_key(parts))
+        for key, sub in schema.get("properties", {}).items():
+            walk(*_deref(sub, resolver), [*parts, key])
+        if isinstance(schema.get("items"), dict):
+            walk(*_deref(schema["items"], resolver), [*parts, 0])
+
+    walk(*_root_node(), [])
+    return out
+
+
+def test_schema_has_float_keys_to_check():
+    keys = _number_keys()
+    assert len(keys) > 30 and "training.lr" in keys and "stage2_ab.schedule.b_ratio" in keys and "rollout_matching.matching.iou_gate" in keys
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_number_rejected_for_every_float_key(tmp_path, value):
+    path = write(tmp_path, "c.yaml", MINIMAL)
+    for key in _number_keys():
+        err = error_of(path, [f"{key}={value}"])
+        assert err.key == key, (key, str(err))
+        assert "finite" in str(err)
+
+
+def test_non_finite_inside_pipeline_module_config_names_the_key(tmp_path):
+    path = write(tmp_path, "c.yaml", PIPELINE_CFG)
+    err = error_of(path, ["stage2_ab.pipeline.objective[0].config.desc_ce_weight=.nan"])
+    assert err.key == "stage2_ab.pipeline.objective[0].config.desc_ce_weight" and "finite" in str(err)
+
+
+def test_non_finite_written_in_the_yaml_file_is_rejected(tmp_path):
+    path = write(tmp_path, "c.yaml", MINIMAL + "training: {lr: .NaN}\nrollout_matching: {matching: {iou_gate: -.inf}}\n")
+    err = error_of(path)
+    assert err.key == "rollout_matching.matching.iou_gate" and "training.lr" in str(err)
+
+
 def test_min_pixels_not_above_max_pixels(tmp_path):
     err = error_of(write(tmp_path, "c.yaml", MINIMAL), ["data.min_pixels=4096", "data.max_pixels=1024"])
     assert err.key == "data.min_pixels"

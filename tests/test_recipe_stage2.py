@@ -78,7 +78,7 @@ def test_two_channel_takes_both_channels_and_emits_contract_keys(two_channel_run
         assert row["stage2/channel_a_count"] + row["stage2/channel_b_count"] == 1
         rollout_keys = [k for k in row if k.startswith("rollout/")]
         if row["stage2/channel_b_count"] == 1:
-            assert row["stage2/forwards_total"] == 1
+            assert row["stage2/forwards_total"] == 1 and row["stage2/rollout_error_count"] == 0
             for key in ROLLOUT_PAYLOAD:
                 assert finite(row[key]), (row["step"], key)
             drops = [k for k in rollout_keys if re.fullmatch(r"rollout/drop_[a-z0-9_]+_count", k)]
@@ -160,6 +160,10 @@ def test_rollout_failure_falls_back_to_expectation_when_configured(recipe_env, t
     assert_metrics_contract(rows)
     step1, step2 = rows
     assert step1["stage2/rollout_fallback_count"] == 0 and step1["stage2/channel_a_count"] == 1
+    assert "stage2/rollout_error_count" not in step1  # scheduled A: no rollout was attempted
+    assert step2["stage2/rollout_error_count"] == 1
+    log = (tmp_path / "fb" / "train.log").read_text()
+    assert "trains as an Expectation step" in log and "Traceback" in log and "rollout backend unavailable (test)" in log
     # Step 2 was scheduled on Channel-B; it trained as an Expectation step and says so.
     assert step2["stage2/rollout_fallback_count"] == 1
     assert step2["stage2/channel_a_count"] == 1 and step2["stage2/channel_b_count"] == 0
@@ -225,3 +229,17 @@ def test_sampled_rollouts_resume_exactly(recipe_env, tmp_path, monkeypatch):
         assert keys == sorted(k for k in b if k.startswith(("loss/", "rollout/")))
         for key in keys:
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+
+
+def test_stage2_pipeline_without_token_ce_trains(recipe_env, tmp_path, monkeypatch):
+    """An objective without token_ce (geometry + coord_reg only) runs; it used to stop with a bare
+    StopIteration after the model had loaded."""
+    monkeypatch.chdir(tmp_path)
+    argv = recipe_argv(recipe_env, STAGE2_ALIGNED_DEMO, tmp_path, name="no_ce", max_steps=1,
+                       training__eval_every=0, training__save_every=0,
+                       rollout_matching__pipeline="{objective: [{name: bbox_geo}, {name: coord_reg}], diagnostics: []}")
+    train_stage2.main(argv)
+    (row,) = read_rows(tmp_path / "no_ce")
+    assert_metrics_contract([row])
+    assert finite(row["loss/total"]) and finite(row["loss/geo"])
+    assert not any(k.startswith(("loss/struct_ce", "loss/desc_ce")) for k in row)

@@ -103,6 +103,50 @@ def test_metrics_per_step_counts_and_cumulative_ratio():
         check_metric_key(key)
 
 
+def _raised(message: str) -> RuntimeError:
+    try:
+        raise RuntimeError(message)
+    except RuntimeError as exc:
+        return exc
+
+
+def test_fallback_logs_traceback_rate_limited():
+    import logging
+
+    from training.router import FALLBACK_LOG_EVERY, FALLBACK_LOG_FIRST, should_log_failure
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    router = ChannelRouter(1.0, fallback="expectation")
+    logger, keep = logging.getLogger("coordexp"), Keep()
+    logger.addHandler(keep)
+    try:
+        for s in range(2 * FALLBACK_LOG_EVERY):
+            assert router.fallback_channel(s, _raised(f"generate broke at {s}")) == "A"
+    finally:
+        logger.removeHandler(keep)
+    expected_steps = [n - 1 for n in range(1, 2 * FALLBACK_LOG_EVERY + 1) if should_log_failure(n)]
+    assert expected_steps == [0, 1, 2, FALLBACK_LOG_EVERY - 1, 2 * FALLBACK_LOG_EVERY - 1]
+    assert len(keep.records) == FALLBACK_LOG_FIRST + 2
+    formatter = logging.Formatter()
+    for record, step in zip(keep.records, expected_steps):
+        text = formatter.format(record)
+        assert f"step {step} trains as an Expectation step" in text
+        assert "Traceback" in text and f"generate broke at {step}" in text and "_raised" in text
+    assert router.failures_seen == 2 * FALLBACK_LOG_EVERY
+
+
+def test_router_rejects_non_finite_b_ratio():
+    with pytest.raises(ValueError, match="stage2_ab.schedule.b_ratio"):
+        ChannelRouter(float("nan"))
+
+
 def test_router_metrics_through_aggregator_are_not_summed():
     router = ChannelRouter(1.0)
     agg = MetricAggregator()

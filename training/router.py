@@ -10,6 +10,8 @@ channel, and resume continues the same sequence.
 
 from __future__ import annotations
 
+import logging
+import math
 from fractions import Fraction
 from typing import Any
 
@@ -17,9 +19,20 @@ CHANNEL_A = "A"
 CHANNEL_B = "B"
 FALLBACKS = ("fail", "expectation")
 
+logger = logging.getLogger("coordexp")
+# Rerouted rollout failures log a traceback for the first few, then every Nth (all are counted).
+FALLBACK_LOG_FIRST = 3
+FALLBACK_LOG_EVERY = 100
+
+
+def should_log_failure(n: int) -> bool:
+    """Rate limit of the rerouted-failure traceback: the ``n``-th failure (1-based) of this process is logged
+    when ``n <= FALLBACK_LOG_FIRST`` or ``n`` is a multiple of ``FALLBACK_LOG_EVERY``."""
+    return n <= FALLBACK_LOG_FIRST or n % FALLBACK_LOG_EVERY == 0
+
 
 def _exact_ratio(b_ratio: float) -> Fraction:
-    if isinstance(b_ratio, bool) or not isinstance(b_ratio, (int, float, Fraction)):
+    if isinstance(b_ratio, bool) or not isinstance(b_ratio, (int, float, Fraction)) or not math.isfinite(b_ratio):
         raise ValueError(f"stage2_ab.schedule.b_ratio must be a number in [0, 1], got {b_ratio!r}")
     # The decimal as written in the config: 0.29 is 29/100, so floor(100*b) is
     # 29, not 28 from 28.999999999999996 in binary floating point.
@@ -63,6 +76,7 @@ class ChannelRouter:
         self.count_b = 0
         self.count_rerouted = 0  # scheduled B, trained A
         self.next_step = 0
+        self.failures_seen = 0  # fallback_channel calls in this process (drives the log rate limit; not checkpointed)
         self._last: tuple[str, bool] | None = None  # (channel, rerouted) of the last recorded step
 
     def channel_for(self, step: int) -> str:
@@ -73,7 +87,8 @@ class ChannelRouter:
         """Channel to use when scheduled Rollout step ``step`` cannot be built.
 
         Raises ``RuntimeError`` (chained to ``error``) under ``fallback="fail"``;
-        returns ``"A"`` under ``"expectation"``.
+        returns ``"A"`` under ``"expectation"`` and logs a warning with ``error``'s traceback,
+        rate-limited by :func:`should_log_failure` (``error`` None: another rank failed).
         """
         if self.channel_for(step) != CHANNEL_B:
             raise ValueError(f"step {step} is scheduled on Channel-A; only Rollout steps can fall back")
@@ -82,6 +97,17 @@ class ChannelRouter:
                 f"scheduled Rollout step {step} could not be built ({error!r}); set "
                 "stage2_ab.fallback.on_rollout_failure: expectation to train such steps as Expectation steps instead"
             ) from error
+        self.failures_seen += 1
+        n = self.failures_seen
+        if should_log_failure(n):
+            cause = "its rollout failed" if error is not None else "a rollout failed on another rank"
+            logger.warning(
+                "scheduled Rollout step %d trains as an Expectation step (stage2_ab.fallback.on_rollout_failure: "
+                "expectation): %s; failure %d of this process (tracebacks: first %d, then every %dth; every "
+                "rerouted step counts in stage2/rollout_fallback_count)",
+                step, cause, n, FALLBACK_LOG_FIRST, FALLBACK_LOG_EVERY,
+                exc_info=(type(error), error, error.__traceback__) if error is not None else None,
+            )
         return CHANNEL_A
 
     def record(self, step: int, channel_taken: str, rerouted: bool = False) -> None:
