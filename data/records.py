@@ -8,7 +8,10 @@ One line per image::
 
 ``image`` is relative to ``image_root`` when given, else to the JSONL file's folder
 (absolute paths are kept). Boxes are pixels in the original image (``coords="pixel"``)
-or already bins 0..999 (``coords="bins"``). See docs/DATA.md for the full rule set.
+or already bins 0..999 (``coords="bins"``); a box written as four coord tokens
+(``["<|coord_10|>", ...]``) is bins in either mode. Unknown keys are errors (only
+``bbox_2d`` geometry is read; a ``poly`` is refused, not ignored). See docs/DATA.md for the
+full rule set.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
+from configs.errors import did_you_mean
+from data.coordjson import parse_coord_token
 from data.types import GTObject, Record
 
 NUM_BINS = 1000
@@ -37,15 +42,14 @@ _SPECIAL_TOKEN_RE = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 class DataError(ValueError):
     """A record violates the JSONL contract. ``source`` is ``file:line``, ``reason`` a short code."""
 
-    def __init__(self, source: str, field_name: str, reason: str, detail: str):
+    SKIP_HINT = "Fix the record, or set data.skip_invalid: true to skip such lines (they are counted in the DataReport)."
+
+    def __init__(self, source: str, field_name: str, reason: str, detail: str, fix: str = SKIP_HINT):
         self.source = source
         self.field = field_name
         self.reason = reason
         self.detail = detail
-        super().__init__(
-            f"{source}: field {field_name!r}: {detail} [{reason}]. Fix the record, or set "
-            f"data.skip_invalid: true to skip such lines (they are counted in the DataReport)."
-        )
+        super().__init__(f"{source}: field {field_name!r}: {detail} [{reason}]. {fix}")
 
 
 @dataclass
@@ -103,10 +107,56 @@ def _is_pos_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
+RECORD_KEYS = ("image", "width", "height", "objects", "image_id")
+# Record keys that are allowed but not read: the LVIS per-image desc lists scripts/coco_to_jsonl.py keeps.
+RECORD_METADATA_KEYS = ("not_exhaustive_descs", "neg_descs")
+OBJECT_KEYS = ("desc", "bbox_2d")
+# Geometry other readers (the original CoordExp, LVIS/COCO tools) write next to or instead of a box.
+# Only bbox_2d is trained on; such a key is refused so polygon data is never silently boxed-only.
+UNSUPPORTED_GEOMETRY = ("poly", "polygon", "segmentation", "mask", "points", "line", "quad", "bbox")
+
+
+def _check_keys(raw: dict, allowed: tuple[str, ...], where: str, source: str) -> None:
+    """Every key of ``raw`` must be in ``allowed``: an ignored key would be data the user thinks is used."""
+    for key in raw:
+        if key in allowed:
+            continue
+        field_name = f"{where}.{key}" if where else str(key)
+        if where and key in UNSUPPORTED_GEOMETRY:
+            raise DataError(
+                source, field_name, "unsupported_geometry",
+                f"{key!r} geometry is not supported (polygons, masks and points are not read; only bbox_2d boxes are); "
+                f"convert each object to a bbox_2d (e.g. the polygon's bounding box) and remove {key!r}",
+            )
+        raise DataError(
+            source, field_name, "unknown_key",
+            f"unknown key{did_you_mean(str(key), allowed)}; allowed keys here: {', '.join(allowed)} "
+            f"(unknown keys are refused, not ignored; remove it)",
+        )
+
+
+def _lone_surrogate(text: str) -> bool:
+    """True if ``text`` holds a lone UTF-16 surrogate (a JSON ``\\ud800`` escape): not encodable text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _coord_token_box(box: list) -> tuple[int, int, int, int] | None:
+    """Bins of a box written as coord-token strings (``["<|coord_10|>", ...]``); None if it is not one."""
+    if not any(isinstance(v, str) for v in box):
+        return None
+    bins = [parse_coord_token(v) if isinstance(v, str) else None for v in box]
+    return None if any(b is None for b in bins) else tuple(bins)
+
+
 def _parse_object(obj: object, j: int, width: int, height: int, coords: str, source: str) -> GTObject:
     where = f"objects[{j}]"
     if not isinstance(obj, dict):
         raise DataError(source, where, "bad_object", f"must be an object, got {type(obj).__name__}")
+    _check_keys(obj, OBJECT_KEYS, where, source)
     if "desc" not in obj:
         raise DataError(source, f"{where}.desc", "missing_desc", "missing; every object needs a non-empty desc")
     desc = obj["desc"]
@@ -114,6 +164,12 @@ def _parse_object(obj: object, j: int, width: int, height: int, coords: str, sou
         raise DataError(source, f"{where}.desc", "bad_desc", f"must be a string, got {type(desc).__name__}")
     if not desc.strip():
         raise DataError(source, f"{where}.desc", "empty_desc", f"is empty or whitespace ({desc!r})")
+    if _lone_surrogate(desc):
+        raise DataError(
+            source, f"{where}.desc", "bad_desc",
+            f"{desc!r} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), which is not text; "
+            "fix the escape in the converter",
+        )
     if _SPECIAL_TOKEN_RE.search(desc):
         raise DataError(
             source,
@@ -127,8 +183,14 @@ def _parse_object(obj: object, j: int, width: int, height: int, coords: str, sou
     if not isinstance(box, list) or len(box) != 4:
         n = len(box) if isinstance(box, list) else type(box).__name__
         raise DataError(source, f"{where}.bbox_2d", "bad_bbox_arity", f"must be a list of 4 numbers, got {n}")
-    if not all(_is_number(v) for v in box):
-        raise DataError(source, f"{where}.bbox_2d", "bad_bbox_value", f"values must be finite numbers, got {box}")
+    token_bins = _coord_token_box(box)
+    if token_bins is not None:  # already bins, whatever data.coords says: the tokens name them
+        coords, box = "bins", list(token_bins)
+    elif not all(_is_number(v) for v in box):
+        raise DataError(
+            source, f"{where}.bbox_2d", "bad_bbox_value",
+            f"values must be 4 finite numbers or 4 coord tokens '<|coord_k|>' (k in 0..{MAX_BIN}), got {box}",
+        )
     x1, y1, x2, y2 = box
     if x2 < x1 or y2 < y1:
         raise DataError(
@@ -160,6 +222,20 @@ def order_objects(objects: list[GTObject] | tuple[GTObject, ...]) -> list[GTObje
     return sorted(objects, key=lambda o: (o.bins[1], o.bins[0], o.desc, o.bins[3], o.bins[2]))
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def parse_record(
     line: str,
     source: str,
@@ -171,11 +247,17 @@ def parse_record(
 ) -> Record:
     """Validate one JSONL line into a ``Record`` (bins, ordered). Raises ``DataError`` naming ``source``."""
     try:
-        raw = json.loads(line)
+        raw = json.loads(line, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise DataError(source, "<line>", "not_json", f"line is not JSON ({e.msg} at column {e.colno})") from None
+    except _DuplicateKey as e:
+        raise DataError(
+            source, e.key, "duplicate_key",
+            f"key {e.key!r} appears twice in one JSON object (JSON readers silently keep the last); keep one",
+        ) from None
     if not isinstance(raw, dict):
         raise DataError(source, "<line>", "not_object", f"line must be a JSON object, got {type(raw).__name__}")
+    _check_keys(raw, RECORD_KEYS + RECORD_METADATA_KEYS, "", source)
     for key in ("image", "width", "height", "objects"):
         if key not in raw:
             raise DataError(source, key, "missing_field", "missing; required: image, width, height, objects")
@@ -184,7 +266,7 @@ def parse_record(
         if not _is_pos_int(v):
             raise DataError(source, key, "bad_size", f"must be a positive integer (pixels), got {v!r}")
     image = raw["image"]
-    if not isinstance(image, str) or not image:
+    if not isinstance(image, str) or not image or _lone_surrogate(image):
         raise DataError(source, "image", "bad_image", f"must be a non-empty path string, got {image!r}")
     image_path = image if os.path.isabs(image) else os.path.normpath(os.path.join(base_dir, image))
     if check_images and not os.path.isfile(image_path):
@@ -196,7 +278,7 @@ def parse_record(
     if object_order == "yx":
         objects = order_objects(objects)
     image_id = raw.get("image_id", image)
-    if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
+    if not isinstance(image_id, (str, int)) or isinstance(image_id, bool) or (isinstance(image_id, str) and _lone_surrogate(image_id)):
         raise DataError(source, "image_id", "bad_image_id", f"must be a string or integer, got {image_id!r}")
     return Record(
         image_path=image_path,
@@ -237,14 +319,24 @@ def read_jsonl(
     report = DataReport(path=path)
     records: list[Record] = []
     seen_ids: dict[str, str] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
+    with open(path, "rb") as fh:
+        for lineno, raw_line in enumerate(fh, start=1):
+            source = f"{path}:{lineno}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = None
+                bad = DataError(
+                    source, "<line>", "not_utf8",
+                    f"line is not UTF-8 (byte {raw_line[e.start]:#04x} at byte offset {e.start}); re-encode the file as UTF-8",
+                )
+            if line is not None and not line.strip():
                 report.blank_lines += 1
                 continue
             report.lines += 1
-            source = f"{path}:{lineno}"
             try:
+                if line is None:
+                    raise bad
                 rec = parse_record(
                     line,
                     source,
@@ -283,6 +375,12 @@ def read_jsonl(
             report.records += 1
             report.objects += len(rec.objects)
             report.empty_records += int(not rec.objects)
+    if report.lines == 0:
+        raise DataError(
+            path, "<file>", "empty_file",
+            f"has no records ({report.blank_lines} blank lines); a JSONL file needs one record per line",
+            fix="Point the config at the right file, or remove the key if this split is not used.",
+        )
     return records, report
 
 

@@ -12,7 +12,7 @@ reader is given ``image_root``); ``image_id`` is the COCO id. A report is printe
 LVIS (``--format lvis``, or detected by ``--format auto``): the same COCO layout, but no
 ``iscrowd``, images carry ``coco_url`` instead of ``file_name`` (the file name is the URL's last
 path component) and per-image ``not_exhaustive_category_ids`` / ``neg_category_ids``. Both lists
-are kept in each record (extra keys, which the record contract ignores) as sorted category
+are kept in each record (metadata keys the record contract allows and does not read) as sorted category
 names, ``not_exhaustive_descs`` and ``neg_descs``, the desc vocabulary of the JSONL; their
 totals are counted in the report.
 """

@@ -94,6 +94,20 @@ BAD_LINES = [
     (_row([], height=-3), "height", "bad_size"),
     ("[1, 2]", "<line>", "not_object"),
     (_row([{"desc": "cat <|im_end|>", "bbox_2d": [0, 0, 1, 1]}]), "objects[0].desc", "special_token_in_desc"),
+    ('{"image": "a.png", "width": 0, "height": 4, "objects": [], "width": 64}', "width", "duplicate_key"),
+    ('{"image": "a.png", "width": 8, "height": 4, "objects": [{"desc": "a", "desc": "b", "bbox_2d": [0, 0, 1, 1]}]}',
+     "desc", "duplicate_key"),
+    ('{"image": "a.png", "width": 8, "height": 4, "objects": [{"desc": "cat \\ud800", "bbox_2d": [0, 0, 1, 1]}]}',
+     "objects[0].desc", "bad_desc"),
+    (_row([{"desc": "a", "bbox_2d": [0, 0, 1, 1], "poly": [0, 0, 1, 0, 1, 1]}]), "objects[0].poly", "unsupported_geometry"),
+    (_row([{"desc": "a", "poly": [0, 0, 1, 0, 1, 1]}]), "objects[0].poly", "unsupported_geometry"),
+    (_row([{"desc": "a", "bbox_2d": [0, 0, 1, 1], "colour": "red"}]), "objects[0].colour", "unknown_key"),
+    (_row([], widht=3), "widht", "unknown_key"),
+    (_row([{"desc": "a", "bbox_2d": ["<|coord_1|>", "<|coord_2|>", "<|coord_3|>", 4]}]), "objects[0].bbox_2d", "bad_bbox_value"),
+    (_row([{"desc": "a", "bbox_2d": ["<|coord_1|>", "<|coord_2|>", "<|coord_3|>", "<|coord_1000|>"]}]),
+     "objects[0].bbox_2d", "bad_bbox_value"),
+    (_row([{"desc": "a", "bbox_2d": ["<|coord_5|>", "<|coord_2|>", "<|coord_3|>", "<|coord_4|>"]}]),
+     "objects[0].bbox_2d", "inverted_box"),
 ]
 
 
@@ -147,3 +161,67 @@ def test_desc_is_nfc_normalised(tmp):
     objs = [{"desc": "cafe\u0301", "bbox_2d": [0, 0, 5, 5]}]
     recs, _ = read_jsonl(write_jsonl(str(tmp / "d.jsonl"), [_row(objs)]))
     assert recs[0].objects[0].desc == "caf\u00e9"
+
+
+def _write_bytes(path, lines: list[bytes]) -> str:
+    with open(path, "wb") as fh:
+        fh.write(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+def test_non_utf8_line_names_file_line_and_is_skippable(tmp):
+    import json
+
+    good = json.dumps(_row([{"desc": "ok", "bbox_2d": [0, 0, 1, 1]}])).encode()
+    bad = b'{"image": "b.png", "width": 8, "height": 8, "objects": [{"desc": "caf\xe9", "bbox_2d": [0, 0, 1, 1]}]}'
+    path = _write_bytes(tmp / "d.jsonl", [good, bad])
+    with pytest.raises(DataError) as ei:
+        read_jsonl(path)
+    assert (ei.value.source, ei.value.field, ei.value.reason) == (f"{path}:2", "<line>", "not_utf8")
+    assert f"{path}:2" in str(ei.value) and "0xe9" in str(ei.value) and "UTF-8" in str(ei.value)
+    recs, rep = read_jsonl(path, skip_invalid=True)
+    assert len(recs) == 1 and dict(rep.skipped) == {"not_utf8": 1} and rep.lines == 2
+
+
+def test_crlf_and_utf8_descs_still_read(tmp):
+    import json
+
+    row = json.dumps(_row([{"desc": "café ☕", "bbox_2d": [0, 0, 1, 1]}]), ensure_ascii=False).encode()
+    path = _write_bytes(tmp / "d.jsonl", [row + b"\r", b"\r"])
+    recs, rep = read_jsonl(path)
+    assert recs[0].objects[0].desc == "café ☕" and rep.blank_lines == 1 and rep.lines == 1
+
+
+def test_poly_message_says_polygons_are_not_supported(tmp):
+    path = write_jsonl(str(tmp / "d.jsonl"), [_row([{"desc": "a", "bbox_2d": [0, 0, 1, 1], "poly": [0, 0, 1, 1]}])])
+    with pytest.raises(DataError, match="not supported") as ei:
+        read_jsonl(path)
+    assert "bbox_2d" in str(ei.value) and "remove 'poly'" in str(ei.value)
+
+
+def test_unknown_key_suggests_and_lists_allowed(tmp):
+    path = write_jsonl(str(tmp / "d.jsonl"), [_row([], image_idd="x")])
+    with pytest.raises(DataError, match="did you mean 'image_id'") as ei:
+        read_jsonl(path)
+    assert "image, width, height, objects, image_id" in str(ei.value)
+
+
+@pytest.mark.parametrize("coords", ["pixel", "bins"])
+def test_coord_token_boxes_are_bins_in_either_mode(tmp, coords):
+    objs = [
+        {"desc": "tok", "bbox_2d": ["<|coord_10|>", "<|coord_20|>", "<|coord_999|>", "<|coord_30|>"]},
+        {"desc": "zero", "bbox_2d": ["<|coord_0|>", "<|coord_0|>", "<|coord_0|>", "<|coord_0|>"]},
+    ]
+    recs, _ = read_jsonl(write_jsonl(str(tmp / "d.jsonl"), [_row(objs)]), coords=coords)
+    assert [(o.desc, o.bins) for o in recs[0].objects] == [("zero", (0, 0, 0, 0)), ("tok", (10, 20, 999, 30))]
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_jsonl_file_is_an_error_naming_the_file(tmp, content):
+    path = tmp / "empty.jsonl"
+    path.write_text(content, encoding="utf-8")
+    for skip in (False, True):
+        with pytest.raises(DataError) as ei:
+            read_jsonl(str(path), skip_invalid=skip)
+        assert ei.value.reason == "empty_file" and str(path) in str(ei.value) and "no records" in str(ei.value)
+        assert "skip_invalid" not in str(ei.value)  # skipping cannot fix an empty file

@@ -210,6 +210,8 @@ def load_records(cfg) -> DataSplits:
             max_shapes=d.synthetic.max_shapes,
             seed=d.synthetic.seed,
         )
+        if d.synthetic.num_val == 0:  # the generator writes an empty val.jsonl; an empty file is an error
+            val_path = None
 
     def read(path):
         if not path:
