@@ -17,7 +17,8 @@ masks         ``build_token_ce_weights`` → TokenCEMasks(struct [B,T], desc [B,
               ``text_gate_positions``: struct/desc with weight > 0, not eos.
 ce            ``token_ce``: mean = Σ_j w_j CE_j / max(Σ_j w_j, eps),
                 CE_j = logsumexp(W h_{j−1}) − (W h_{j−1})[id_j], chunked, no [B,T,V] tensor.
-              ``full_logsumexp`` [N], ``coord_logits`` s = W[coord_ids] h → [N, 1000].
+              ``full_logsumexp`` [N], ``coord_logits`` s = W[coord_ids] h → [N, 1000],
+                ``text_and_full_logsumexp`` → (lse over non-coord ids [N], full lse [N]), chunked.
 coord         p = softmax(s/τ); exp decode x = Σ p_k v_k; st decode x = v_argmax + (x − sg(x));
               context embeddings soft = pᵀE, hard = E_argmax, st = hard + (soft − sg(soft)).
 geometry      canonicalise (min/max, hi ≥ lo + eps); SmoothL1 (β = 0.01 fractions) mean of 4;
@@ -27,10 +28,11 @@ coord_reg     coord_ce = −log p_t (τ = 1); q_k ∝ exp(−½((k − t)/σ)²)
               soft_ce = −Σ q log p; w1 = Σ_k |CDF_p − CDF_q| / 999; entropy = −Σ p log p;
               el1 = Σ p |v_k − v_t|; ehuber = Σ p huber_δ(|v_k − v_t|);
               coord_gate = −log(p_coord + eps), p_coord = exp(lse_coord − lse_full);
-              text_gate = −log(1 − p_coord + eps). coord_ce + coord_gate (eps = 0) = full-vocab CE.
+              text_gate = −log(1 − p_coord + eps) with 1 − p_coord = exp(lse_text − lse_full)
+              computed directly (no cancellation when p_coord → 1). coord_ce + coord_gate (eps = 0) = full-vocab CE.
 """
 
-from losses.ce import coord_logits, full_logsumexp, gather_rows, hidden_at_logit_pos, token_ce
+from losses.ce import coord_logits, full_logsumexp, gather_rows, hidden_at_logit_pos, text_and_full_logsumexp, token_ce
 from losses.coord import (
     DECODE_MODES,
     EMBED_MODES,
@@ -82,6 +84,7 @@ __all__ = [
     "expected_l1",
     "find_outermost_closure",
     "full_logsumexp",
+    "text_and_full_logsumexp",
     "gather_rows",
     "gaussian_targets",
     "hidden_at_logit_pos",

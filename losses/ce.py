@@ -103,17 +103,43 @@ def token_ce(
     return total / wsum.clamp_min(_EPS), wsum.detach()
 
 
-def full_logsumexp(hidden_rows: torch.Tensor, lm_head_weight: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
-    """[N, H] -> [N] fp32 logsumexp over the full vocabulary, ``chunk_size`` rows at a time."""
+def _chunk_text_and_full_lse(rows: torch.Tensor, weight: torch.Tensor, coord_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = _project(rows, weight)
+    text = torch.logsumexp(logits.index_fill(-1, coord_ids, float("-inf")), dim=-1)
+    return text, torch.logsumexp(logits, dim=-1)
+
+
+def _chunked(fn, n_out: int, hidden_rows: torch.Tensor, chunk_size: int, *args: torch.Tensor) -> list[torch.Tensor]:
+    """``fn(rows_chunk, *args)`` over ``chunk_size``-row chunks; its ``n_out`` outputs, each concatenated to [N]."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     outs = [
-        _recomputed(_chunk_lse, hidden_rows[lo : lo + chunk_size], lm_head_weight)
+        _recomputed(fn, hidden_rows[lo : lo + chunk_size], *args)
         for lo in range(0, hidden_rows.shape[0], chunk_size)
     ]
+    outs = [(o,) if isinstance(o, torch.Tensor) else tuple(o) for o in outs]
     if not outs:
-        return hidden_rows.new_zeros((0,), dtype=torch.float32) + hidden_rows.sum() * 0.0
-    return torch.cat(outs)
+        return [hidden_rows.new_zeros((0,), dtype=torch.float32) + hidden_rows.sum() * 0.0 for _ in range(n_out)]
+    return [torch.cat(parts) for parts in zip(*outs)]
+
+
+def full_logsumexp(hidden_rows: torch.Tensor, lm_head_weight: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+    """[N, H] -> [N] fp32 logsumexp over the full vocabulary, ``chunk_size`` rows at a time."""
+    return _chunked(_chunk_lse, 1, hidden_rows, chunk_size, lm_head_weight)[0]
+
+
+def text_and_full_logsumexp(
+    hidden_rows: torch.Tensor, lm_head_weight: torch.Tensor, coord_token_ids: torch.Tensor, chunk_size: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, H] -> (text_lse [N], full_lse [N]) fp32, ``chunk_size`` rows at a time.
+
+    ``text_lse`` is the logsumexp over every vocabulary entry *except* the coord tokens, so
+    ``text_lse - full_lse`` is the log of the non-coord mass computed directly: no ``1 - p_coord``
+    cancellation when nearly all mass sits on coord tokens (``losses.coord_reg.text_gate``).
+    """
+    ids = coord_token_ids.to(device=lm_head_weight.device, dtype=torch.long).reshape(-1)
+    text, full = _chunked(_chunk_text_and_full_lse, 2, hidden_rows, chunk_size, lm_head_weight, ids)
+    return text, full
 
 
 def coord_logits(hidden_rows: torch.Tensor, lm_head_weight: torch.Tensor, coord_token_ids: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ fractions for W1/EL1/EHuber); the pipeline takes means over positions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -127,8 +129,17 @@ def coord_gate(coord_lse: torch.Tensor, full_lse: torch.Tensor, eps: float = 1e-
     return -torch.log(log_mass.exp() + eps)
 
 
-def text_gate(coord_lse: torch.Tensor, full_lse: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """[N]: −log(1 − p_coord + eps) at struct/desc positions (penalises coord mass there)."""
-    log_mass = (coord_lse.float() - full_lse.float()).clamp_max(0.0)
-    # 1 - exp(x) via expm1 keeps precision when the coord mass is tiny (the usual case).
-    return -torch.log(-torch.expm1(log_mass) + eps)
+def text_gate(text_lse: torch.Tensor, full_lse: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """[N]: −log(1 − p_coord + eps) at struct/desc positions (penalises coord mass there).
+
+    ``text_lse`` is the logsumexp over the non-coord vocabulary (``losses.ce.text_and_full_logsumexp``),
+    so ``1 − p_coord = exp(text_lse − full_lse)`` is the text mass computed directly. Forming it as
+    ``1 − exp(coord_lse − full_lse)`` instead loses it exactly where the gate matters: with nearly
+    all mass on coord tokens (``1 − p < 1e-4``) the fp32 difference of two large logsumexps rounds
+    to a few ulps, off by up to ~1 nat. The ``+ eps`` is added in log space (``logaddexp``).
+    With eps = 0 this is exactly ``full_lse − text_lse``.
+    """
+    log_text_mass = (text_lse.float() - full_lse.float()).clamp_max(0.0)
+    if eps == 0:
+        return -log_text_mass
+    return -torch.logaddexp(log_text_mass, log_text_mass.new_tensor(math.log(eps)))

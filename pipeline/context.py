@@ -26,7 +26,7 @@ import torch
 
 from data.types import PackedBatch
 from losses.ce import coord_logits as project_coord_logits
-from losses.ce import full_logsumexp, hidden_at_logit_pos
+from losses.ce import full_logsumexp, hidden_at_logit_pos, text_and_full_logsumexp
 from losses.coord import DECODE_MODES
 from losses.masks import TokenCEMasks, TokenCEWeights, build_token_ce_weights
 from losses.registry import CHANNELS, CONTEXTS, FN, GT, MATCHED, NUM_COORD_BINS, ROLLOUT, SELF_CONTEXT
@@ -201,16 +201,14 @@ class TeacherForcingContext:
 
         return self._cached(("coord_full_lse", context), build)
 
-    def logits_at(self, context: str, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(coord logits ``[M, 1000]``, full logsumexp ``[M]``) at arbitrary flat token positions ``pos`` [M].
+    def text_and_full_lse_at(self, context: str, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(non-coord logsumexp ``[M]``, full logsumexp ``[M]``) at arbitrary flat token positions ``pos`` [M].
 
-        Not cached: only the text gate reads non-coord positions, once per step.
+        Chunked through the LM head like every projection. Not cached: only the text gate reads
+        non-coord positions, once per step.
         """
         rows = hidden_at_logit_pos(self.hidden_for(context), pos.reshape(-1).long())
-        return (
-            project_coord_logits(rows, self.lm_head_weight, self.coord_token_ids),
-            full_logsumexp(rows, self.lm_head_weight, self.chunk_size),
-        )
+        return text_and_full_logsumexp(rows, self.lm_head_weight, self.coord_token_ids, self.chunk_size)
 
     def bbox_view(self, subsets: tuple[int, ...] | None = None, module: str = "?") -> BBoxView:
         """Boxes of ``batch.bbox_groups`` (optionally only the given subset codes) as tensors.

@@ -103,10 +103,98 @@ def test_gates_on_known_logit_vector():
     coord_lse = torch.logsumexp(full[3:], 0).reshape(1)
     full_lse = torch.logsumexp(full, 0).reshape(1)
     assert coord_gate(coord_lse, full_lse).item() == pytest.approx(-math.log(0.25 + 1e-6), rel=1e-5)
-    assert text_gate(coord_lse, full_lse).item() == pytest.approx(-math.log(0.75 + 1e-6), rel=1e-5)
+    text_lse = torch.logsumexp(full[:3], 0).reshape(1)
+    assert text_gate(text_lse, full_lse).item() == pytest.approx(-math.log(0.75 + 1e-6), rel=1e-5)
+    assert text_gate(text_lse, full_lse, eps=0).item() == pytest.approx(math.log(4 / 3), rel=1e-5)
     assert coord_gate(coord_lse, full_lse, eps=0).item() == pytest.approx(math.log(4), rel=1e-5)
-    # all mass on coords: text gate is −log(eps), finite
-    assert text_gate(torch.tensor([5.0]), torch.tensor([5.0])).item() == pytest.approx(-math.log(1e-6), rel=1e-5)
+    # all mass on coords (no text mass at all): text gate is −log(eps), finite
+    assert text_gate(torch.tensor([float("-inf")]), torch.tensor([5.0])).item() == pytest.approx(-math.log(1e-6), rel=1e-5)
+
+
+def _text_gate_float64(hidden_rows: torch.Tensor, w: torch.Tensor, coord_ids: torch.Tensor, eps: float) -> torch.Tensor:
+    """Independent reference in float64: −log(Σ_text softmax + eps) from the full logit matrix."""
+    logits = hidden_rows.double() @ w.double().t()
+    text = torch.ones(w.shape[0], dtype=torch.bool)
+    text[coord_ids] = False
+    p_text = torch.softmax(logits, dim=-1)[:, text].sum(-1)
+    return -torch.log(p_text + eps)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+def test_text_gate_keeps_precision_when_coord_mass_is_near_one(eps):
+    """1 − p_coord from 1e-4 down to 1e-9 on a realistic LM head (logits ~ 40): the old
+    log(1 − exp(coord_lse − full_lse)) in fp32 was off by up to ~1 nat here."""
+    from losses.ce import text_and_full_logsumexp
+
+    g = torch.Generator().manual_seed(0)
+    V, H, n_text = 1300, 16, 300
+    coord_ids = torch.arange(n_text, V)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.05
+    w[:, 0] = 1.0  # a shared offset: every logit ~ +48, as in a real LM head (large logsumexps)
+    w[:, 1] = 0.0
+    w[n_text:, 1] = 1.0  # lifts the coord logits only
+    h64 = torch.randn(5, H, generator=g, dtype=torch.float64)
+    h64[:, 0] = 48.0
+    h64[:, 1] = torch.tensor([8.5, 9.5, 10.5, 11.5, 12.5], dtype=torch.float64)
+    ref = _text_gate_float64(h64, w, coord_ids, eps)
+    logits = h64 @ w.t()
+    text_mass = torch.softmax(logits, -1)[:, :n_text].sum(-1)
+    assert float(text_mass.max()) < 1e-4 and float(text_mass.min()) > 0  # the regime of the fix
+
+    h = h64.float().requires_grad_(True)
+    wf = w.float()
+    text_lse, full_lse = text_and_full_logsumexp(h, wf, coord_ids, chunk_size=2)
+    got = text_gate(text_lse, full_lse, eps=eps)
+    # reference on the fp32-rounded inputs, so only the math is compared
+    h_ref = h.detach().double().requires_grad_(True)
+    ref = _text_gate_float64(h_ref, wf.double(), coord_ids, eps)
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-6, atol=2e-5)
+    g_got = torch.autograd.grad(got.sum(), h)[0]
+    g_ref = torch.autograd.grad(ref.sum(), h_ref)[0]
+    torch.testing.assert_close(g_got.double(), g_ref, rtol=1e-3, atol=1e-4)
+
+    # What the 1 − p_coord formulation gives on the same fp32 logits: visibly wrong (the bug).
+    coord_lse = torch.logsumexp((h.detach() @ wf.t())[:, n_text:], -1)
+    old = -torch.log(-torch.expm1((coord_lse - full_lse.detach()).clamp_max(0.0)) + eps) if eps else None
+    if old is not None:
+        assert float((old.double() - ref.detach()).abs().max()) > 0.03
+
+
+def test_text_gate_mixed_regime_matches_reference_with_gradients():
+    from losses.ce import text_and_full_logsumexp
+
+    g = torch.Generator().manual_seed(3)
+    coord_ids = torch.arange(7, 1007)
+    w = torch.randn(1007, 8, generator=g)
+    h = (torch.randn(9, 8, generator=g) * 3).requires_grad_(True)
+    got = text_gate(*text_and_full_logsumexp(h, w, coord_ids, chunk_size=4))
+    h_ref = h.detach().double().requires_grad_(True)
+    ref = _text_gate_float64(h_ref, w.double(), coord_ids, 1e-6)
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), h)[0].double(),
+                               torch.autograd.grad(ref.sum(), h_ref)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_text_and_full_logsumexp_is_chunked_and_never_projects_more_rows(monkeypatch):
+    """Each LM-head projection sees at most chunk_size rows (no [N, V] logits for all rows at once)."""
+    import losses.ce as ce
+
+    seen = []
+    real = ce._project
+
+    def spy(rows, weight):
+        seen.append(rows.shape[0])
+        return real(rows, weight)
+
+    monkeypatch.setattr(ce, "_project", spy)
+    h = torch.randn(7, 4)
+    w = torch.randn(1010, 4)
+    text, full = ce.text_and_full_logsumexp(h, w, torch.arange(10, 1010), chunk_size=3)
+    assert seen == [3, 3, 1] and text.shape == full.shape == (7,)
+    torch.testing.assert_close(full, torch.logsumexp(h @ w.t(), -1))
+    torch.testing.assert_close(text, torch.logsumexp((h @ w.t())[:, :10], -1))
+    empty = ce.text_and_full_logsumexp(h[:0], w, torch.arange(10, 1010))
+    assert [t.shape for t in empty] == [(0,), (0,)]
 
 
 def test_coord_ce_plus_coord_gate_equals_full_vocab_ce():

@@ -116,8 +116,7 @@ def coord_reg(ctx: TeacherForcingContext, spec) -> ModuleOutput:
         gate_pos = text_gate_positions(ctx.token_ce_masks(main, ctx.token_ce_weights))
         pos = torch.nonzero(gate_pos.reshape(-1)).reshape(-1)
         if pos.numel():
-            coord_lg, full_lse = ctx.logits_at(main, pos)
-            value = text_gate(torch.logsumexp(coord_lg, dim=-1), full_lse).mean()
+            value = text_gate(*ctx.text_and_full_lse_at(main, pos)).mean()
             metrics[loss_key(COORD_REG, "text_gate")] = value
             add(w_text, value)
 
