@@ -19,7 +19,6 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from configs import load_config
 from configs.loader import add_config_args
@@ -29,6 +28,7 @@ from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, rollout_forward
 from rollout.backends import HFGenerationBackend
 from rollout.step import MatchingConfig, prepare_rollout_batches
+from training.faults import any_rank
 from training.router import CHANNEL_A, CHANNEL_B, ChannelRouter
 from training.session import (
     backward_and_step,
@@ -46,14 +46,6 @@ TWO_CHANNEL = "stage2_two_channel"
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_config_args(parser).parse_args(argv)
-
-
-def any_rank(accelerator, flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (so every rank takes the same channel)."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
 def rollout_seed(seed: int, step: int, rank: int) -> int:
@@ -117,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         )
                 except Exception as exc:  # noqa: BLE001 - routed to the configured fallback (default: re-raise)
                     error = exc
-                if any_rank(accelerator, error is not None):
+                if any_rank(accelerator, error is not None)[0]:
                     channel, rerouted = router.fallback_channel(step, error), True
 
             for i, gt in enumerate(window):

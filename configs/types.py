@@ -196,6 +196,7 @@ class TrainingConfig:
     warmup_ratio: float  # fraction of max_steps, [0, 1)
     min_lr_ratio: float  # fraction of lr
     max_grad_norm: float  # 0 disables clipping
+    max_consecutive_nonfinite: int  # non-finite (skipped) optimizer steps in a row that stop the run
     mixed_precision: str  # no | bf16 | fp16
     save_every: int  # 0 = only at the end
     save_total_limit: int | None

@@ -340,6 +340,7 @@ class TrainingSetup:
     aggregator: Any
     progress: Any
     save_model: Any  # model_save_fn for save_training_state
+    guard: Any  # training.faults.NonFiniteGuard
 
 
 def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
@@ -349,6 +350,7 @@ def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     from model.forward import HiddenStatesModel
     from training.aggregator import MetricAggregator
     from training.checkpoint import load_training_state
+    from training.faults import NonFiniteGuard
     from training.optim import build_optimizer, build_scheduler
     from training.progress import TrainProgress
 
@@ -392,17 +394,28 @@ def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
         progress=TrainProgress(t.max_steps, start_step, accelerator.is_main_process, cfg.run.log_every, desc=desc),
         save_model=model_saver(accelerator, model, vlm, loaded, adapter=spec_from_config(cfg.model.adapter), base=base,
                                coord_init=cfg.model.coord_tokens.init),
+        guard=NonFiniteGuard(t.max_consecutive_nonfinite),
     )
 
 
 def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, metrics: dict, max_grad_norm: float) -> None:
-    """Backward one micro-step inside ``accelerator.accumulate``; clip, step and schedule on the sync step."""
+    """Backward one micro-step inside ``accelerator.accumulate``; on the sync step clip, then step the
+    optimizer only if the loss of every micro-step on every rank and the gradient norm are finite
+    (``training.faults.NonFiniteGuard``), and step the schedule (it counts optimizer steps, skipped or not)."""
+    import math
+
     accelerator = run.accelerator
     accelerator.backward(loss)
-    if accelerator.sync_gradients and max_grad_norm > 0:
-        metrics["train/grad_norm"] = float(accelerator.clip_grad_norm_(s.model.parameters(), max_grad_norm))
-    s.optimizer.step()  # a no-op inside the accumulation window (accelerate)
-    if accelerator.sync_gradients:  # the schedule counts optimizer steps, not micro-steps
+    s.guard.observe_loss(loss)
+    if accelerator.sync_gradients:
+        # The norm is needed for the finiteness check even without clipping (inf: grads scaled by 1).
+        norm = accelerator.clip_grad_norm_(s.model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+        if max_grad_norm > 0:
+            metrics["train/grad_norm"] = float(norm)
+        finite, _ = s.guard.step_is_finite(norm, accelerator=accelerator)
+        # fp16: the GradScaler skips a non-finite step itself and must see it to lower its scale.
+        if finite or accelerator.scaler is not None:
+            s.optimizer.step()
         s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
 
@@ -413,12 +426,14 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
     progress bar, eval / log / save when due. Returns the logged metrics."""
     import time
 
-    from training.checkpoint import save_training_state
+    from training.checkpoint import find_latest_checkpoint, save_training_state
+    from training.faults import NONFINITE_METRIC, NonFiniteError, weights_finite
 
     t = cfg.training
-    s.aggregator.add({"time/step_s": time.perf_counter() - started})
-    metrics = s.aggregator.reduce({**(step_values or {}), "train/lr": s.scheduler.get_last_lr()[0]})
     done = step + 1
+    s.aggregator.add({"time/step_s": time.perf_counter() - started})
+    metrics = s.aggregator.reduce({**(step_values or {}), "train/lr": s.scheduler.get_last_lr()[0],
+                                   NONFINITE_METRIC: s.guard.record(done)})
     s.progress.update(done, loss=metrics.get("loss/total"), lr=metrics.get("train/lr"), tokens=tokens)
     if should(t.eval_every, done, t.max_steps):
         metrics.update(run_eval(cfg, accelerator=run.accelerator, vlm=s.vlm, loaded=s.loaded, encoder=s.encoder,
@@ -428,10 +443,18 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
             s.tracker.log_eval_media(done, predictions)
     s.tracker.log(done, metrics)
     if should(t.save_every, done, t.max_steps):
+        if not weights_finite(run.accelerator, s.model.parameters()):
+            newest = find_latest_checkpoint(run.run_dir)
+            raise NonFiniteError(
+                f"step {done}: the model weights hold NaN/Inf values; checkpoint-{done} was not written "
+                f"({'newest finite checkpoint: ' + str(newest) if newest else 'no checkpoint was written'}). "
+                f"Lower training.lr (now {t.lr:g}) or the loss weights, or set training.max_grad_norm"
+            )
         save_training_state(run.run_dir, accelerator=run.accelerator, model_save_fn=s.save_model,
                             optimizer=s.optimizer, scheduler=s.scheduler, step=done,
                             data_state=s.dataset.state_dict(), router_state=router_state,
                             save_total_limit=t.save_total_limit)
+    s.guard.check_streak(done, lambda: find_latest_checkpoint(run.run_dir), t.lr)
     return metrics
 
 

@@ -1,0 +1,108 @@
+"""Fault handling of the training loop (``docs/RELIABILITY.md`` lists every fault and its test).
+
+- :class:`NonFiniteGuard`: a non-finite loss or gradient norm skips the optimizer step (counted as
+  ``train/nonfinite_skipped_total``); ``training.max_consecutive_nonfinite`` skipped steps in a row
+  stop the run with :class:`NonFiniteError`.
+- :func:`weights_finite`: checked before every checkpoint save, so a checkpoint is never written
+  from non-finite weights.
+- :func:`any_rank`: the one cross-rank agreement on per-rank flags (every rank takes the same
+  decision: skip, stop, save).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("coordexp")
+
+NONFINITE_METRIC = "train/nonfinite_skipped_total"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+def any_rank(accelerator: Any, *flags: bool) -> tuple[bool, ...]:
+    """Each flag is true on every rank if it is true on any rank; one collective for all flags."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([int(bool(f)) for f in flags], device=accelerator.device)
+    return tuple(bool(v > 0) for v in accelerator.reduce(t, reduction="sum").tolist())
+
+
+def weights_finite(accelerator: Any, params: Iterable[torch.Tensor]) -> bool:
+    """True when every parameter element is finite, on every rank.
+
+    One fp32-accumulated sum per tensor (no bool copy of a vocabulary-sized embedding); a NaN or
+    Inf anywhere makes its sum non-finite. Only a weight tensor whose sum exceeds ~3e38 would be
+    reported non-finite without holding a non-finite element.
+    """
+    sums = [p.detach().sum(dtype=torch.float32) for p in params]
+    local = bool(torch.stack(sums).isfinite().all()) if sums else True
+    return not any_rank(accelerator, not local)[0]
+
+
+@dataclass
+class NonFiniteGuard:
+    """Skip optimizer steps whose loss (any micro-step, any rank) or gradient norm is not finite.
+
+    ``observe_loss`` after each backward; ``step_is_finite`` once per optimizer step, before the
+    optimizer steps (all ranks agree); ``record`` after the step's metrics are logged.
+    """
+
+    max_consecutive: int  # training.max_consecutive_nonfinite
+    skipped_total: int = 0
+    streak: int = 0
+    streak_start: int | None = None  # first optimizer step (1-based) of the current streak
+    _loss_bad: bool = False
+    _skipped: bool = False
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        self._loss_bad |= not bool(torch.isfinite(loss.detach()).all())
+
+    def step_is_finite(self, grad_norm: torch.Tensor | float, *, other_flags: tuple[bool, ...] = (),
+                       accelerator: Any = None) -> tuple[bool, tuple[bool, ...]]:
+        """Agree over ranks whether this step is finite; ``other_flags`` ride on the same collective.
+
+        The gradient norm is the global one (identical on every rank after the all-reduce); the loss
+        is per rank. Returns (finite, other_flags agreed).
+        """
+        bad = self._loss_bad or not math.isfinite(float(grad_norm))
+        self._loss_bad = False
+        bad, *others = any_rank(accelerator, bad, *other_flags)
+        self._skipped = bad
+        return not bad, tuple(others)
+
+    def record(self, done: int) -> float:
+        """After optimizer step ``done`` (1-based): update the counts; return the step's metric value."""
+        if not self._skipped:
+            self.streak, self.streak_start = 0, None
+            return 0.0
+        self._skipped = False
+        self.skipped_total += 1
+        self.streak += 1
+        if self.streak_start is None:
+            self.streak_start = done
+        logger.warning("step %d: non-finite loss or gradient norm, optimizer step skipped (%d in a row, %d in total)",
+                       done, self.streak, self.skipped_total)
+        return 1.0
+
+    def check_streak(self, done: int, newest_checkpoint: Callable[[], Any], lr: float) -> None:
+        """Raise :class:`NonFiniteError` once ``max_consecutive`` steps in a row were skipped."""
+        if self.streak < self.max_consecutive:
+            return
+        newest_checkpoint = newest_checkpoint()
+        where = (f"the newest checkpoint, {newest_checkpoint}, holds finite weights" if newest_checkpoint
+                 else "no checkpoint was written")
+        raise NonFiniteError(
+            f"training stopped at step {done}: {self.streak} optimizer steps in a row (steps {self.streak_start}-{done}) "
+            f"had a non-finite loss or gradient norm and were skipped ({self.skipped_total} skipped in total); "
+            f"{where}. Lower training.lr (now {lr:g}) or the loss weights, set training.max_grad_norm, check the data, "
+            "or allow longer streaks with training.max_consecutive_nonfinite"
+        )
