@@ -58,3 +58,27 @@ def test_nonfinite_weights_are_never_checkpointed(recipe_env, tmp_path, monkeypa
         train_stage1.main(argv)
     assert [s for s, _ in list_checkpoints(tmp_path / "poison")] == [1, 2]
     assert _all_finite(tmp_path / "poison" / "checkpoint-2" / "model")
+
+
+def test_corrupt_newest_checkpoint_latest_resumes_from_the_previous(recipe_env, tmp_path, monkeypatch, capsys):
+    """4 KB of garbage in checkpoint-3's weights: naming it fails with the file named; `latest`
+    warns, resumes from checkpoint-2 and writes a good checkpoint-3. A torn metrics.jsonl line after
+    the resume point does not block the resume."""
+    from training.checkpoint import CheckpointError, verify_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    argv = _argv(recipe_env, tmp_path, "corrupt", max_steps=3, training__save_every=1)
+    train_stage1.main(argv)
+    weights = tmp_path / "corrupt" / "checkpoint-3" / "model" / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.seek(weights.stat().st_size // 2)
+        fh.write(b"\x7f" * 4096)
+    with pytest.raises(CheckpointError, match=r"checkpoint-3: model/model.safetensors does not match its SHA-256"):
+        train_stage1.main([*argv, "--set", f"training.resume_from={weights.parents[1]}"])
+    with open(tmp_path / "corrupt" / "metrics.jsonl", "ab") as fh:
+        fh.write(b'{"step": 4, "loss/to')  # and a torn metrics line (killed mid-write) after the resume point
+    capsys.readouterr()
+    train_stage1.main([*argv, "--set", "training.resume_from=latest"])
+    assert "WARNING coordexp: resume_from=latest: skipping checkpoint-3" in capsys.readouterr().err
+    assert [r["step"] for r in read_rows(tmp_path / "corrupt")] == [1, 2, 3]
+    verify_checkpoint(tmp_path / "corrupt" / "checkpoint-3")

@@ -11,12 +11,15 @@ import torch
 from torch import nn
 
 from training.checkpoint import (
+    CheckpointError,
     find_latest_checkpoint,
     get_rng_state,
     list_checkpoints,
     load_training_state,
+    resolve_resume,
     save_training_state,
     set_rng_state,
+    verify_checkpoint,
 )
 from training.optim import build_optimizer, build_scheduler
 from training.router import ChannelRouter
@@ -66,6 +69,7 @@ def test_save_load_resume_is_exact(tmp_path):
     )
     assert ckpt == tmp_path / "checkpoint-3"
     assert sorted(p.name for p in ckpt.iterdir()) == [
+        "manifest.json",
         "model",
         "optimizer.pt",
         "rng_0.pt",
@@ -140,6 +144,83 @@ def test_errors(tmp_path):
     assert load_training_state(ckpt, opt, sched, restore_rng=False).step == 2
 
 
+# ------------------------------------------------------ manifest / corruption
+
+
+def _two_checkpoints(tmp_path):
+    model, opt, sched = _setup()
+    kw = {"model_save_fn": _saver(model), "optimizer": opt, "scheduler": sched, "data_state": {}}
+    for step in (1, 2):
+        _train_step(model, opt, sched)
+        save_training_state(tmp_path, step=step, **kw)
+    return tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"
+
+
+def _garbage_in_the_middle(path, n=4096):
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.seek(max(size // 2 - n // 2, 0))
+        fh.write(b"\xab" * min(n, size))
+    assert path.stat().st_size == size  # same size: only the checksum can tell
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _invalid_json(path):
+    path.write_text("{not json")
+
+
+@pytest.mark.parametrize(
+    ("rel", "damage", "says"),
+    [
+        ("model/weights.pt", _garbage_in_the_middle, "model/weights.pt does not match its SHA-256"),
+        ("optimizer.pt", _truncate, "optimizer.pt is .* bytes, .* when saved"),
+        ("trainer_state.json", _invalid_json, "trainer_state.json is .* bytes"),
+        ("scheduler.pt", lambda p: p.unlink(), "scheduler.pt is missing"),
+        ("manifest.json", lambda p: p.unlink(), "manifest.json missing"),
+        ("manifest.json", _invalid_json, "manifest.json is not a valid manifest"),
+    ],
+)
+def test_a_damaged_checkpoint_is_named_and_latest_falls_back(tmp_path, caplog, rel, damage, says):
+    first, newest = _two_checkpoints(tmp_path)
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model/weights.pt", "optimizer.pt", "scheduler.pt", "rng_0.pt",
+                                      "trainer_state.json"}
+    verify_checkpoint(newest)
+    damage(newest / rel)
+    with pytest.raises(CheckpointError, match=f"checkpoint {newest}: {says}"):
+        verify_checkpoint(newest)
+    with pytest.raises(CheckpointError, match=str(newest)):
+        resolve_resume(tmp_path, str(newest))
+    with caplog.at_level("WARNING", logger="coordexp"):
+        assert resolve_resume(tmp_path, "latest") == first
+    assert any("skipping checkpoint-2" in r.getMessage() for r in caplog.records)
+    # every checkpoint damaged: the error lists each one's reason
+    (first / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no complete checkpoint.*checkpoint-2.*checkpoint-1.*optimizer.pt"):
+        resolve_resume(tmp_path, "latest")
+
+
+def test_unreadable_files_are_named_when_loading(tmp_path):
+    _, newest = _two_checkpoints(tmp_path)
+    model, opt, sched = _setup()
+    (newest / "optimizer.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=f"checkpoint {newest}: optimizer.pt cannot be read"):
+        load_training_state(newest, opt, sched)
+    (newest / "trainer_state.json").write_text('{"step": ')
+    with pytest.raises(CheckpointError, match=f"checkpoint {newest}: trainer_state.json is not valid"):
+        load_training_state(newest, opt, sched)
+
+
+def test_resolve_resume_without_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="resume_from=latest: no checkpoint"):
+        resolve_resume(tmp_path, "latest")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        resolve_resume(tmp_path, str(tmp_path / "checkpoint-9"))
+
+
 # ------------------------------------------------------------ 2-rank gloo
 
 
@@ -209,6 +290,7 @@ def test_two_gloo_ranks_save_per_rank_rng(tmp_path):
             pytest.fail("checkpoint save hung across ranks")
     ckpt = tmp_path / "checkpoint-1"
     assert sorted(p.name for p in ckpt.iterdir()) == [
+        "manifest.json",
         "model",
         "optimizer.pt",
         "rng_0.pt",
@@ -223,3 +305,72 @@ def test_two_gloo_ranks_save_per_rank_rng(tmp_path):
     assert (ckpt / "model" / "weights.txt").read_text() == "w"
     assert r0["same"] and r1["same"]
     assert r0["draw"] != r1["draw"]  # each rank got its own stream back, not rank 0's
+
+
+# ------------------------------------------------------------- disk full
+
+
+def test_disk_full_during_a_save_is_one_clear_error(tmp_path, monkeypatch):
+    """ENOSPC while writing optimizer.pt: one error naming the run dir and the space needed, the
+    partial .tmp removed, the previous checkpoint intact (rotation runs only after a complete save)."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    import training.checkpoint as ckpt_mod
+
+    model, opt, sched = _setup()
+    kw = {"model_save_fn": _saver(model), "optimizer": opt, "scheduler": sched, "data_state": {},
+          "save_total_limit": 1}
+    first = save_training_state(tmp_path, step=1, **kw)
+    size = sum(f["size"] for f in json.loads((first / "manifest.json").read_text())["files"].values())
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if str(path).endswith("optimizer.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
+    with pytest.raises(CheckpointError) as info:
+        save_training_state(tmp_path, step=2, **kw)
+    msg = str(info.value)
+    assert f"no space left on the device of {tmp_path}" in msg
+    assert "100 B free" in msg and f"needs about {ckpt_mod._human(size)}" in msg
+    assert "resume_from=latest" in msg  # checkpoint-1 exists, so resuming can work
+    assert not (tmp_path / "checkpoint-2.tmp").exists()
+    verify_checkpoint(first)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    # no complete checkpoint: the message does not suggest a resume that cannot work
+    shutil.rmtree(first)
+    with pytest.raises(CheckpointError) as info:
+        save_training_state(tmp_path, step=2, **kw)
+    assert "no space left" in str(info.value) and "resume_from" not in str(info.value)
+
+
+def test_free_space_check_warns_before_a_save(tmp_path, monkeypatch, capsys):
+    from collections import namedtuple
+
+    import training.checkpoint as ckpt_mod
+    from training.setup import setup_logging
+
+    setup_logging()
+    model, opt, sched = _setup()
+    kw = {"model_save_fn": _saver(model), "optimizer": opt, "scheduler": sched, "data_state": {}}
+    # first save: estimated from the optimized parameters (weights + 2 Adam moments)
+    assert ckpt_mod.estimate_checkpoint_bytes(tmp_path, opt) == 3 * 4 * (3 * 2 + 2)
+    first = save_training_state(tmp_path, step=1, **kw)
+    needed = ckpt_mod.estimate_checkpoint_bytes(tmp_path, opt)
+    assert needed == ckpt_mod.checkpoint_size(first) > 0
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", lambda p: usage(10**12, 0, 10**12))
+    capsys.readouterr()
+    save_training_state(tmp_path, step=2, **kw)
+    assert "free" not in capsys.readouterr().err
+    monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", lambda p: usage(10**12, 0, needed + 1))
+    save_training_state(tmp_path, step=3, **kw)  # still fits: a warning, and the save goes through
+    err = capsys.readouterr().err
+    assert f"WARNING coordexp: {tmp_path} has" in err and "the save after this one may not fit" in err
+    verify_checkpoint(tmp_path / "checkpoint-3")

@@ -189,3 +189,39 @@ def test_prepared_scheduler_counts_optimizer_steps(fresh_accelerate_state):
             sched.step()
     assert sched.scheduler.last_epoch == 2
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # linear: 1 - 2/4
+
+
+def _row(step):
+    return json.dumps({"step": step, "loss/total": float(step)}) + "\n"
+
+
+def test_resume_drops_everything_after_the_resume_point_whatever_it_holds(tmp_path, capsys):
+    """A torn last line (kill or full disk mid-write) and garbage bytes after the resume point are
+    dropped with the lines of the later steps; nothing before it is touched."""
+    from training.setup import setup_logging
+    from training.tracking import truncate_metrics_after
+
+    setup_logging()
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes((_row(1) + _row(2) + _row(3) + _row(4)[:9]).encode() + b"\xff\xfe garbage\n" + b'{"step": 5')
+    assert truncate_metrics_after(path, 3) == 2
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_resume_reports_a_bad_line_before_the_resume_point_and_goes_on(tmp_path, capsys):
+    from training.setup import setup_logging
+    from training.tracking import truncate_metrics_after
+
+    setup_logging()
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(_row(1) + '{"step": 2, "loss/tot\n' + _row(3) + _row(4) + _row(5))
+    assert truncate_metrics_after(path, 4) == 1
+    assert [r["step"] for r in read_metrics(path)] == [1, 3, 4]
+    err = capsys.readouterr().err
+    assert f"{path}:2: not a metrics row (torn or corrupted line), dropped" in err
+    # a resume point whose own line was lost: the gap is reported, later lines dropped
+    path.write_text(_row(1) + _row(2) + "{torn\n" + _row(4))
+    assert truncate_metrics_after(path, 3) == 2
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    assert "no line for step(s) 3-3 before the resume point" in capsys.readouterr().err

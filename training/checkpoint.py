@@ -8,11 +8,19 @@ Layout of ``<run_dir>/checkpoint-<step>/``::
     scheduler.pt         scheduler.state_dict()          (main process)
     rng_<rank>.pt        python / numpy / torch CPU (+ CUDA) RNG states, one per rank
     trainer_state.json   {"step", "data_state", "router_state", "extra", "world_size", ...}
+    manifest.json        {"format_version", "files": {relative path: {"size", "sha256"}}} of every
+                         other file, written last
 
 ``step`` is the number of optimizer steps already taken: resuming continues at
 optimizer step ``step`` (0-based). A checkpoint is written into
 ``checkpoint-<step>.tmp`` and renamed when complete, so a crash mid-save never
 leaves a directory that :func:`find_latest_checkpoint` would pick.
+
+The manifest lists whatever files the save wrote (any layout, sharded or not);
+:func:`verify_checkpoint` checks sizes and SHA-256 sums against it, and
+:func:`resolve_resume` runs it before a resume, so a truncated or corrupted file
+is reported by checkpoint and file name, and ``resume_from: latest`` falls back
+to the previous complete checkpoint.
 
 Optimizer state is saved from the main process only, which is right for DDP
 (replicated state). Sharded optimizers (FSDP, ZeRO) need
@@ -21,7 +29,9 @@ Optimizer state is saved from the main process only, which is right for DDP
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
 import re
 import shutil
@@ -33,8 +43,15 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json with sizes and SHA-256 of every file
+MANIFEST = "manifest.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+logger = logging.getLogger("coordexp")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the checkpoint dir and the file."""
 
 
 @dataclass
@@ -143,6 +160,98 @@ def rotate_checkpoints(run_dir: str | Path, save_total_limit: int | None, keep: 
     return deleted
 
 
+# ------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def write_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
+    """Write ``manifest.json``: size and SHA-256 of every other file under ``ckpt_dir``; return it."""
+    ckpt_dir = Path(ckpt_dir)
+    files = {
+        path.relative_to(ckpt_dir).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(ckpt_dir.rglob("*"))
+        if path.is_file() and path.relative_to(ckpt_dir).as_posix() != MANIFEST
+    }
+    manifest = {"format_version": FORMAT_VERSION, "files": files}
+    (ckpt_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def checkpoint_size(ckpt_dir: str | Path) -> int:
+    """Bytes of a checkpoint according to its manifest (0 when it has none)."""
+    try:
+        manifest = json.loads((Path(ckpt_dir) / MANIFEST).read_text())
+        return sum(int(f["size"]) for f in manifest["files"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> None:
+    """Check every file of ``manifest.json`` (present, size, SHA-256); raise :class:`CheckpointError` naming the file."""
+    ckpt_dir = Path(ckpt_dir)
+    manifest_file = ckpt_dir / MANIFEST
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint {ckpt_dir}: not a directory")
+    if not manifest_file.is_file():
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: {MANIFEST} missing (an incomplete checkpoint, or one written before "
+            f"checkpoints carried checksums: format_version {FORMAT_VERSION})"
+        )
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir}: {MANIFEST}: format_version {manifest.get('format_version')!r}, "
+                f"this code reads {FORMAT_VERSION}"
+            )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {MANIFEST} is not a valid manifest ({exc})") from None
+    if "trainer_state.json" not in files:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {MANIFEST} does not list trainer_state.json")
+    for rel, entry in files.items():
+        path = ckpt_dir / rel
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ckpt_dir}: {rel} is missing")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir}: {rel} is {size} bytes, {entry['size']} when saved (truncated or overwritten)"
+            )
+        if _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {ckpt_dir}: {rel} does not match its SHA-256 from the save (corrupted)")
+
+
+def resolve_resume(run_dir: str | Path, resume_from: str) -> Path:
+    """The checkpoint ``training.resume_from`` names, verified.
+
+    ``"latest"``: the newest checkpoint in ``run_dir`` that verifies; each newer one that does not is
+    skipped with a warning. A path: that checkpoint, or :class:`CheckpointError` naming the bad file.
+    """
+    if resume_from != "latest":
+        verify_checkpoint(resume_from)
+        return Path(resume_from)
+    skipped = []
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            logger.warning("resume_from=latest: skipping %s: %s; trying the previous checkpoint", path.name, exc)
+            skipped.append(str(exc))
+            continue
+        return path
+    if skipped:
+        raise CheckpointError(
+            f"training.resume_from=latest: no complete checkpoint under {run_dir}; every one failed verification: "
+            + "; ".join(skipped)
+        )
+    raise FileNotFoundError(f"training.resume_from=latest: no checkpoint-<step> under {run_dir}")
+
+
 # ----------------------------------------------------------------- save
 
 
@@ -193,23 +302,109 @@ def save_training_state(
     if is_main:
         if tmp.exists():
             shutil.rmtree(tmp)  # leftover of a crashed save
-        (tmp / "model").mkdir(parents=True)
-    _barrier(accelerator)
-    model_save_fn(tmp / "model")
-    torch.save(get_rng_state(), tmp / f"rng_{rank}.pt")
-    if is_main:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    _barrier(accelerator)
-    if is_main:
-        # trainer_state.json last: its presence marks the checkpoint complete.
-        (tmp / "trainer_state.json").write_text(state_text + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        check_free_space(out_dir, estimate_checkpoint_bytes(out_dir, optimizer))
+    error = None
+    try:  # every rank gets past this block and into the agreement below, whatever fails
+        if is_main:
+            (tmp / "model").mkdir(parents=True)
+    except Exception as exc:  # noqa: BLE001 - agreed on and re-raised below
+        error = exc
+    if _all_ok(accelerator, error is None):
+        try:
+            model_save_fn(tmp / "model")
+            torch.save(get_rng_state(), tmp / f"rng_{rank}.pt")
+            if is_main:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        if _all_ok(accelerator, error is None) and is_main:
+            try:
+                # trainer_state.json, then the manifest of everything, last: with the rename they mark it complete.
+                (tmp / "trainer_state.json").write_text(state_text + "\n")
+                write_manifest(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+    if not _all_ok(accelerator, error is None):
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier(accelerator)
+        raise _save_failed(error, out_dir, step, estimate_checkpoint_bytes(out_dir, optimizer))
+    if is_main:  # old checkpoints go only once the new one is complete
         rotate_checkpoints(out_dir, save_total_limit, keep=final)
     _barrier(accelerator)
     return final
+
+
+# ----------------------------------------------------------- disk space
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def estimate_checkpoint_bytes(out_dir: str | Path, optimizer: Any = None) -> int:
+    """Bytes the next checkpoint will take: the newest one's manifest total, else (first save) three
+    times the optimized parameters (weights + two Adam moments)."""
+    ckpts = list_checkpoints(out_dir)
+    if ckpts and (size := checkpoint_size(ckpts[-1][1])):
+        return size
+    params = [p for group in getattr(optimizer, "param_groups", ()) for p in group["params"]]
+    return 3 * sum(p.numel() * p.element_size() for p in params)
+
+
+def check_free_space(out_dir: str | Path, needed: int) -> None:
+    """Warn when the run dir's file system has room for fewer than two more checkpoints of ``needed`` bytes."""
+    free = shutil.disk_usage(out_dir).free
+    if needed and free < 2 * needed:
+        logger.warning(
+            "%s has %s free and a checkpoint takes about %s: %s; free space or move run.output_dir",
+            out_dir, _human(free), _human(needed),
+            "this save will probably fail" if free < needed else "the save after this one may not fit",
+        )
+
+
+def _save_failed(error: BaseException | None, out_dir: Path, step: int, needed: int) -> Exception:
+    """The one error a failed save raises on every rank (the partial ``.tmp`` is already removed)."""
+    import errno
+
+    resume = (" Then rerun with --set training.resume_from=latest (it resumes from the newest complete checkpoint)."
+              if list_checkpoints(out_dir) else "")
+    if error is None:
+        return CheckpointError(f"checkpoint-{step}: another rank failed to write its part into {out_dir} "
+                               f"(its error is in that rank's log); the partial checkpoint-{step}.tmp was removed.")
+    free = shutil.disk_usage(out_dir).free
+    no_space = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or free < needed
+    if no_space:
+        return CheckpointError(
+            f"checkpoint-{step}: no space left on the device of {out_dir}: {_human(free)} free after removing the "
+            f"partial checkpoint-{step}.tmp, a checkpoint needs about {_human(needed)}. Free space (or lower "
+            f"training.save_total_limit, or move run.output_dir).{resume} ({type(error).__name__}: {error})"
+        )
+    return CheckpointError(
+        f"checkpoint-{step}: writing it into {out_dir} failed ({type(error).__name__}: {error}); the partial "
+        f"checkpoint-{step}.tmp was removed.{resume}"
+    )
+
+
+def _all_ok(accelerator: Any, ok: bool) -> bool:
+    """True on every rank when ``ok`` on every rank; a barrier that also carries failure."""
+    if accelerator is not None:
+        from training.faults import any_rank
+
+        return not any_rank(accelerator, not ok)[0]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = torch.tensor([0 if ok else 1])
+        torch.distributed.all_reduce(flag)
+        return int(flag.item()) == 0
+    return ok
 
 
 # ----------------------------------------------------------------- load
@@ -225,7 +420,9 @@ def load_training_state(
 ) -> TrainerState:
     """Restore optimizer, scheduler and this rank's RNG from ``ckpt_dir``; return the :class:`TrainerState`.
 
-    The model weights are the caller's to load from ``state.model_dir``.
+    The model weights are the caller's to load from ``state.model_dir``. File checksums are
+    :func:`resolve_resume`'s job (run it first); a file that still cannot be read raises
+    :class:`CheckpointError` naming the checkpoint and the file.
     RNG restore needs ``rng_<rank>.pt`` for this rank: resuming on a different
     number of processes fails unless ``restore_rng=False``.
     """
@@ -235,17 +432,27 @@ def load_training_state(
         raise FileNotFoundError(
             f"{state_file} missing: {ckpt_dir} is not a complete checkpoint (training.resume_from: a checkpoint-<step> dir or 'latest')"
         )
-    raw = json.loads(state_file.read_text())
+    try:
+        raw = json.loads(state_file.read_text())
+        step = int(raw["step"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: trainer_state.json is not valid ({type(exc).__name__}: {exc})") from None
     if raw.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{state_file}: format_version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: trainer_state.json: format_version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}"
         )
     rank, _, _ = _rank_info(accelerator)
-    map_location = "cpu"
+
+    def load(name: str) -> Any:
+        try:
+            return torch.load(ckpt_dir / name, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: name it
+            raise CheckpointError(f"checkpoint {ckpt_dir}: {name} cannot be read ({type(exc).__name__}: {exc})") from exc
+
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", map_location=map_location, weights_only=True))
+        optimizer.load_state_dict(load("optimizer.pt"))
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", map_location=map_location, weights_only=True))
+        scheduler.load_state_dict(load("scheduler.pt"))
     if restore_rng:
         rng_file = ckpt_dir / f"rng_{rank}.pt"
         if not rng_file.is_file():
@@ -253,9 +460,9 @@ def load_training_state(
                 f"{rng_file} missing: checkpoint was saved with world_size={raw.get('world_size')}; "
                 "resume with that many processes, or pass restore_rng=False (RNG streams then differ)"
             )
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        set_rng_state(load(rng_file.name))
     return TrainerState(
-        step=int(raw["step"]),
+        step=step,
         data_state=raw.get("data_state") or {},
         router_state=raw.get("router_state"),
         extra=raw.get("extra") or {},

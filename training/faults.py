@@ -6,7 +6,8 @@
 - :func:`weights_finite`: checked before every checkpoint save, so a checkpoint is never written
   from non-finite weights.
 - :func:`any_rank`: the one cross-rank agreement on per-rank flags (every rank takes the same
-  decision: skip, stop, save).
+  decision: skip, stop, save); :func:`main_process_decides`: a decision taken once on the main
+  process (resume checkpoint, run lock) that every rank follows, errors included.
 """
 
 from __future__ import annotations
@@ -46,6 +47,29 @@ def weights_finite(accelerator: Any, params: Iterable[torch.Tensor]) -> bool:
     sums = [p.detach().sum(dtype=torch.float32) for p in params]
     local = bool(torch.stack(sums).isfinite().all()) if sums else True
     return not any_rank(accelerator, not local)[0]
+
+
+def main_process_decides(accelerator: Any, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on the main process only and hand its result, or its exception, to every rank.
+
+    For decisions that read or write the shared run dir once (resume checkpoint, run lock): the
+    other ranks never hang in a barrier when the main process fails, they raise the same error.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            box[0] = ("error", exc)
+    broadcast_object_list(box, from_process=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 @dataclass

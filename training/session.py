@@ -40,7 +40,8 @@ def start_run(cfg) -> RunContext:
     """Accelerator + seed, run dir, resolved config, start-up log of config path / run name / seed /
     pipeline identity (SPEC §5.3), and the checkpoint to resume from (``training.resume_from``)."""
     from configs.loader import save_resolved
-    from training.checkpoint import find_latest_checkpoint
+    from training.checkpoint import resolve_resume
+    from training.faults import main_process_decides
     from training.setup import log_run_header, make_accelerator, make_run_dir, setup_logging
 
     t = cfg.training
@@ -77,10 +78,8 @@ def start_run(cfg) -> RunContext:
     log_run_header(run_logger, config_path=cfg.path, run_name=cfg.run.name, seed=cfg.run.seed,
                    pipeline_identity=identity, run_dir=run_dir if accelerator.is_main_process else None)
     resume_dir = None
-    if t.resume_from:
-        resume_dir = find_latest_checkpoint(run_dir) if t.resume_from == "latest" else Path(t.resume_from)
-        if resume_dir is None:
-            raise FileNotFoundError(f"training.resume_from=latest: no checkpoint-<step> under {run_dir}")
+    if t.resume_from:  # verified (sizes + SHA-256) once, on the main process; `latest` skips a corrupt one
+        resume_dir = main_process_decides(accelerator, lambda: resolve_resume(run_dir, t.resume_from))
     return RunContext(accelerator, run_dir, run_logger, identity, resume_dir)
 
 

@@ -7,6 +7,7 @@ trainer can call them unconditionally.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterable, Mapping
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger("coordexp")
 
 BACKENDS = ("none", "wandb")
 MEDIA_IMAGES = 8  # eval images sent to wandb per in-loop eval
@@ -189,17 +192,38 @@ def truncate_metrics_after(path: str | Path, step: int) -> int:
     """Drop the lines of ``metrics.jsonl`` logged after optimizer step ``step``; return how many.
 
     A run resumed from ``checkpoint-<step>`` re-logs the steps after it; lines that an interrupted
-    run wrote past its last checkpoint would otherwise appear twice.
+    run wrote past its last checkpoint would otherwise appear twice. The resume point is the end of
+    the last readable line with a step <= ``step``: every line after it is dropped whatever it
+    holds (a line torn by a kill or a full disk included). An unreadable line before it is dropped
+    with a warning naming ``file:line``, and missing steps up to ``step`` are warned about; the run
+    goes on either way.
     """
     path = Path(path)
     if not path.is_file():
         return 0
-    rows = read_metrics(path)
-    keep = [r for r in rows if int(r.get("step", 0)) <= step]
-    if len(keep) != len(rows):
+    entries: list[tuple[int, dict[str, Any] | None]] = []  # (line number, row or None when unreadable)
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            entries.append((lineno, row if isinstance(row, dict) and isinstance(row.get("step"), int) else None))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            entries.append((lineno, None))
+    cut = max((i + 1 for i, (_, row) in enumerate(entries) if row is not None and row["step"] <= step), default=0)
+    keep = []
+    for lineno, row in entries[:cut]:
+        if row is None:
+            logger.warning("%s:%d: not a metrics row (torn or corrupted line), dropped", path, lineno)
+        elif row["step"] <= step:
+            keep.append(row)
+    last = max((row["step"] for row in keep), default=0)
+    if last < step:
+        logger.warning("%s: no line for step(s) %d-%d before the resume point (lost by the interrupted run)",
+                       path, last + 1, step)
+    dropped = len(entries) - cut
+    if len(keep) != len(entries):
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep), encoding="utf-8")
         tmp.replace(path)
-    return len(rows) - len(keep)
-
-
+    return dropped
