@@ -82,3 +82,85 @@ def test_corrupt_newest_checkpoint_latest_resumes_from_the_previous(recipe_env, 
     assert "WARNING coordexp: resume_from=latest: skipping checkpoint-3" in capsys.readouterr().err
     assert [r["step"] for r in read_rows(tmp_path / "corrupt")] == [1, 2, 3]
     verify_checkpoint(tmp_path / "corrupt" / "checkpoint-3")
+
+
+# A training process whose steps wait for a file to appear (the test decides when it may go on).
+GATED_CHILD = """
+import os, sys, time, pathlib
+import train_stage1
+real = train_stage1.run_pipeline
+gate = pathlib.Path(os.environ["GATE_FILE"])
+def gated(*args, **kwargs):
+    while not gate.exists():
+        time.sleep(0.05)
+    return real(*args, **kwargs)
+train_stage1.run_pipeline = gated
+train_stage1.main(sys.argv[1:])
+"""
+
+
+def _spawn(argv, cwd, gate):
+    import os
+    import subprocess
+    import sys
+
+    from tests._recipe_helpers import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GATE_FILE": str(gate), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", GATED_CHILD, *argv], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_concurrent_starts_on_one_run_dir_exactly_one_trains(recipe_env, tmp_path):
+    """Both started at once with run.overwrite=true on an already used run dir: one takes the lock and
+    trains, the other is refused naming the holder's pid and deletes nothing."""
+    import time
+
+    argv = _argv(recipe_env, tmp_path, "shared", max_steps=2, run__overwrite=True)
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "metrics.jsonl").write_text('{"step": 1}\n')  # a previous run: overwrite applies
+    gate = tmp_path / "go"
+    procs = [_spawn(argv, tmp_path, gate) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 300
+        while all(p.poll() is None for p in procs):  # the refused one exits on its own
+            assert time.monotonic() < deadline, "neither process was refused"
+            time.sleep(0.2)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        assert winner.poll() is None  # still waiting at its first step, holding the lock
+        err = loser.communicate()[1]
+        assert loser.returncode != 0
+        assert f"in use by another training run: pid {winner.pid} on this host" in err, err[-3000:]
+        gate.touch()
+        out, err = winner.communicate(timeout=300)
+        assert winner.returncode == 0, err[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [r["step"] for r in read_rows(tmp_path / "shared")] == [1, 2]
+    assert not (tmp_path / "shared" / "run.lock").exists()  # released at the end
+
+
+def test_a_lock_from_another_host_refuses_even_with_overwrite(recipe_env, tmp_path, monkeypatch):
+    import json
+
+    from training.faults import RunLockedError
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run_dir / "run.lock").write_text(json.dumps({"pid": 7, "host": "node-17", "started": "x", "token": "t"}))
+    with pytest.raises(RunLockedError, match="pid 7 on host node-17"):
+        train_stage1.main(_argv(recipe_env, tmp_path, "busy", max_steps=1, run__overwrite=True))
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing deleted
+
+
+def test_a_failed_start_releases_the_lock(recipe_env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="resume_from"):
+        train_stage1.main(_argv(recipe_env, tmp_path, "fails", max_steps=1, training__resume_from="latest"))
+    assert not (tmp_path / "fails" / "run.lock").exists()

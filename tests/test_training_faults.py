@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -43,3 +45,66 @@ def test_weights_finite():
     params[0][1, 2] = float("nan")
     assert not weights_finite(None, params)
     assert weights_finite(None, [])
+
+
+# ------------------------------------------------------------------ run lock
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_lock(run_dir, pid, host):
+    import json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.lock").write_text(json.dumps({"pid": pid, "host": host, "started": "then", "token": "x"}))
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, capsys):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from training.faults import RunLockedError, acquire_run_lock
+    from training.setup import setup_logging
+
+    setup_logging()
+    run_dir = tmp_path / "run"
+    lock = acquire_run_lock(run_dir)
+    held = json.loads((run_dir / "run.lock").read_text())
+    assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+    with pytest.raises(RunLockedError, match=f"in use by another training run: pid {os.getpid()} on this host"):
+        acquire_run_lock(run_dir)
+    lock.release()
+    assert not (run_dir / "run.lock").exists()
+
+    # a live process on this host
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _write_lock(run_dir, sleeper.pid, socket.gethostname())
+        with pytest.raises(RunLockedError, match=f"pid {sleeper.pid} on this host"):
+            acquire_run_lock(run_dir)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # now dead: stale, taken over with a warning
+    capsys.readouterr()
+    lock = acquire_run_lock(run_dir)
+    assert f"took over a stale lock of pid {sleeper.pid}" in capsys.readouterr().err
+    assert json.loads((run_dir / "run.lock").read_text())["pid"] == os.getpid()
+    # a release never removes someone else's lock
+    _write_lock(run_dir, _dead_pid(), socket.gethostname())
+    lock.release()
+    assert (run_dir / "run.lock").exists()
+
+    # another host: its pid cannot be checked from here; refused, with how to clear it if it is gone
+    _write_lock(run_dir, 4242, "elsewhere")
+    with pytest.raises(RunLockedError, match=r"pid 4242 on host elsewhere.*delete .*run.lock"):
+        acquire_run_lock(run_dir)

@@ -5,6 +5,8 @@
   stop the run with :class:`NonFiniteError`.
 - :func:`weights_finite`: checked before every checkpoint save, so a checkpoint is never written
   from non-finite weights.
+- :func:`acquire_run_lock`: one training run per run dir (``run.lock``: pid + host); a second run
+  is refused naming the holder, a stale lock (dead pid on this host) is taken over with a warning.
 - :func:`any_rank`: the one cross-rank agreement on per-rank flags (every rank takes the same
   decision: skip, stop, save); :func:`main_process_decides`: a decision taken once on the main
   process (resume checkpoint, run lock) that every rank follows, errors included.
@@ -12,10 +14,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import socket
+import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -130,3 +138,105 @@ class NonFiniteGuard:
             f"{where}. Lower training.lr (now {lr:g}) or the loss weights, set training.max_grad_norm, check the data, "
             "or allow longer streaks with training.max_consecutive_nonfinite"
         )
+
+
+# ------------------------------------------------------------------ run lock
+
+LOCK_NAME = "run.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another live training run holds the run dir."""
+
+
+@dataclass
+class RunLock:
+    """The lock this process holds on a run dir; :meth:`release` removes it (only if still ours)."""
+
+    path: Path
+    token: str
+
+    def release(self) -> None:
+        if _read_lock(self.path).get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def acquire_run_lock(run_dir: str | Path) -> RunLock:
+    """Create ``<run_dir>/run.lock`` (pid, host, start time) atomically, or raise :class:`RunLockedError`.
+
+    A lock whose pid is dead on this host is stale (the run was killed): it is taken over with a
+    warning. A live holder, or one on another host (its pid cannot be checked from here), refuses
+    the run whatever ``run.overwrite`` says.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    host = socket.gethostname()
+    me = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": uuid.uuid4().hex}
+    for _ in range(20):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            fd = None
+        if fd is None:
+            holder = _read_lock(path)
+            if not holder:  # being written by its creator right now, or garbage: look again
+                time.sleep(0.05)
+                if not _read_lock(path) and path.exists():
+                    holder = {"pid": -1, "host": host}  # unreadable twice: treat as stale
+                else:
+                    continue
+            pid, holder_host = int(holder.get("pid", -1)), str(holder.get("host", "?"))
+            if holder_host != host:
+                raise RunLockedError(
+                    f"{run_dir} is in use by another training run: pid {pid} on host {holder_host} since "
+                    f"{holder.get('started', '?')} (lock file {path}). Pick another run.name, or wait for it to end; "
+                    f"run.overwrite does not replace a running run. If that run is gone (host {holder_host} went down), "
+                    f"delete {path}."
+                )
+            if pid > 0 and _pid_alive(pid):
+                raise RunLockedError(
+                    f"{run_dir} is in use by another training run: pid {pid} on this host ({host}) since "
+                    f"{holder.get('started', '?')} (lock file {path}). Pick another run.name, or wait for it to end; "
+                    "run.overwrite does not replace a running run."
+                )
+            # Stale: move it aside under a unique name; if what we moved is not the lock we judged (a
+            # concurrent taker replaced it meanwhile), put it back and look again.
+            aside = path.with_name(f"{LOCK_NAME}.stale-{me['token']}")
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue
+            if _read_lock(aside) != holder:
+                try:
+                    os.link(aside, path)
+                except FileExistsError:
+                    pass
+                aside.unlink(missing_ok=True)
+                continue
+            aside.unlink(missing_ok=True)
+            logger.warning("%s: took over a stale lock of pid %d on this host (that process is gone; the run "
+                           "was killed)", path, pid)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(me) + "\n")
+        return RunLock(path, me["token"])
+    raise RunLockedError(f"{path}: could not take the lock (another process keeps replacing it)")

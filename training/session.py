@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,15 +35,14 @@ class RunContext:
     logger: logging.Logger
     identity: dict
     resume_dir: Path | None
+    lock: Any = None  # training.faults.RunLock on the main process
 
 
 def start_run(cfg) -> RunContext:
     """Accelerator + seed, run dir, resolved config, start-up log of config path / run name / seed /
     pipeline identity (SPEC §5.3), and the checkpoint to resume from (``training.resume_from``)."""
-    from configs.loader import save_resolved
-    from training.checkpoint import resolve_resume
-    from training.faults import main_process_decides
-    from training.setup import log_run_header, make_accelerator, make_run_dir, setup_logging
+    from training.faults import acquire_run_lock, main_process_decides
+    from training.setup import make_accelerator
 
     t = cfg.training
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -59,6 +59,30 @@ def start_run(cfg) -> RunContext:
             f"({accelerator.distributed_type}); check the accelerate launch config (configs/accelerate/)"
         )
     run_dir = cfg.run.run_dir
+    # One live run per run dir, before anything in it is read or deleted (run.overwrite included).
+    lock = main_process_decides(accelerator, lambda: acquire_run_lock(run_dir))
+    with _released_on_error(lock):
+        return _start_locked_run(cfg, accelerator, run_dir, lock)
+
+
+@contextmanager
+def _released_on_error(lock):
+    """Release the run lock when recipe set-up fails (the recipe's ``finish_run`` releases it otherwise)."""
+    try:
+        yield
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _start_locked_run(cfg, accelerator, run_dir: Path, lock) -> RunContext:
+    from configs.loader import save_resolved
+    from training.checkpoint import resolve_resume
+    from training.faults import LOCK_NAME, main_process_decides
+    from training.setup import log_run_header, make_run_dir, setup_logging
+
+    t = cfg.training
     # Two runs in one dir would interleave metrics.jsonl and checkpoints: refuse unless told to replace it.
     used = not t.resume_from and (run_dir / "metrics.jsonl").exists()
     accelerator.wait_for_everyone()  # every rank looks before anything is deleted (barriers unconditional)
@@ -68,7 +92,9 @@ def start_run(cfg) -> RunContext:
             "--set training.resume_from=latest, or replace it with --set run.overwrite=true"
         )
     if used and accelerator.is_main_process:
-        shutil.rmtree(run_dir)
+        for child in run_dir.iterdir():  # everything but our lock
+            if child.name != LOCK_NAME:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     accelerator.wait_for_everyone()
     run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name)
     run_logger = setup_logging(run_dir, accelerator.is_main_process)
@@ -80,7 +106,7 @@ def start_run(cfg) -> RunContext:
     resume_dir = None
     if t.resume_from:  # verified (sizes + SHA-256) once, on the main process; `latest` skips a corrupt one
         resume_dir = main_process_decides(accelerator, lambda: resolve_resume(run_dir, t.resume_from))
-    return RunContext(accelerator, run_dir, run_logger, identity, resume_dir)
+    return RunContext(accelerator, run_dir, run_logger, identity, resume_dir, lock)
 
 
 def _check_supported_sharding(accelerator) -> None:
@@ -346,6 +372,11 @@ def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     """Model (a resumed run loads the checkpoint's weights) -> data (static packing, sharded by rank)
     -> AdamW + schedule -> ``accelerator.prepare`` -> resume optimizer/scheduler/RNG/data position ->
     tracker, aggregator, progress bar."""
+    with _released_on_error(run.lock):
+        return _setup_training(cfg, run, desc=desc)
+
+
+def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     from model.forward import HiddenStatesModel
     from training.aggregator import MetricAggregator
     from training.checkpoint import load_training_state
@@ -458,8 +489,8 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
 
 
 def finish_run(run: RunContext, s: TrainingSetup) -> None:
-    """Close the progress bar and the tracker (also on error; the recipe then waits for every rank), and
-    draw ``plots/metrics.png`` into the run dir (main process; a plotting failure only warns)."""
+    """Close the progress bar and the tracker, draw ``plots/metrics.png`` into the run dir (main process;
+    a plotting failure only warns), release the run lock (also on error; the recipe then waits for every rank)."""
     s.progress.close()
     s.tracker.finish()
     if run.accelerator.is_main_process:
@@ -469,3 +500,5 @@ def finish_run(run: RunContext, s: TrainingSetup) -> None:
             plot_run(run.run_dir)
         except Exception as exc:  # noqa: BLE001 - the run's results are written; a plot must not fail it
             run.logger.warning("plots/metrics.png not written: %s", exc)
+    if run.lock is not None:
+        run.lock.release()
