@@ -200,6 +200,8 @@ class TrainingConfig:
     mixed_precision: str  # no | bf16 | fp16
     save_every: int  # 0 = only at the end
     save_total_limit: int | None
+    save_on_interrupt: bool  # SIGTERM / SIGINT: finish the step, save, stop
+    collective_timeout_s: int  # DDP collective timeout (InitProcessGroupKwargs)
     eval_every: int  # 0 = only at the end
     resume_from: str | None  # checkpoint dir or "latest"
 

@@ -84,14 +84,18 @@ def test_corrupt_newest_checkpoint_latest_resumes_from_the_previous(recipe_env, 
     verify_checkpoint(tmp_path / "corrupt" / "checkpoint-3")
 
 
-# A training process whose steps wait for a file to appear (the test decides when it may go on).
+# A training process whose n-th pipeline call (= optimizer step n without accumulation) touches
+# <GATE_DIR>/at-<n> and waits for <GATE_DIR>/go-<n> or go-all: the test decides when it goes on.
 GATED_CHILD = """
 import os, sys, time, pathlib
 import train_stage1
 real = train_stage1.run_pipeline
-gate = pathlib.Path(os.environ["GATE_FILE"])
+gates = pathlib.Path(os.environ["GATE_DIR"])
+calls = [0]
 def gated(*args, **kwargs):
-    while not gate.exists():
+    calls[0] += 1
+    (gates / f"at-{calls[0]}").touch()
+    while not (gates / f"go-{calls[0]}").exists() and not (gates / "go-all").exists():
         time.sleep(0.05)
     return real(*args, **kwargs)
 train_stage1.run_pipeline = gated
@@ -99,40 +103,45 @@ train_stage1.main(sys.argv[1:])
 """
 
 
-def _spawn(argv, cwd, gate):
+def _spawn(argv, cwd, gates):
     import os
     import subprocess
     import sys
 
     from tests._recipe_helpers import REPO
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "GATE_FILE": str(gate), "OMP_NUM_THREADS": "1"}
+    gates.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GATE_DIR": str(gates), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", GATED_CHILD, *argv], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, what, timeout=300):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
 def test_two_concurrent_starts_on_one_run_dir_exactly_one_trains(recipe_env, tmp_path):
     """Both started at once with run.overwrite=true on an already used run dir: one takes the lock and
     trains, the other is refused naming the holder's pid and deletes nothing."""
-    import time
-
     argv = _argv(recipe_env, tmp_path, "shared", max_steps=2, run__overwrite=True)
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "metrics.jsonl").write_text('{"step": 1}\n')  # a previous run: overwrite applies
-    gate = tmp_path / "go"
-    procs = [_spawn(argv, tmp_path, gate) for _ in range(2)]
+    gates = tmp_path / "gates"
+    procs = [_spawn(argv, tmp_path, gates) for _ in range(2)]
     try:
-        deadline = time.monotonic() + 300
-        while all(p.poll() is None for p in procs):  # the refused one exits on its own
-            assert time.monotonic() < deadline, "neither process was refused"
-            time.sleep(0.2)
+        _wait_for(lambda: any(p.poll() is not None for p in procs), "a refusal")  # the refused one exits
         loser = next(p for p in procs if p.poll() is not None)
         winner = next(p for p in procs if p is not loser)
         assert winner.poll() is None  # still waiting at its first step, holding the lock
         err = loser.communicate()[1]
         assert loser.returncode != 0
         assert f"in use by another training run: pid {winner.pid} on this host" in err, err[-3000:]
-        gate.touch()
+        (gates / "go-all").touch()
         out, err = winner.communicate(timeout=300)
         assert winner.returncode == 0, err[-3000:]
     finally:
@@ -164,3 +173,90 @@ def test_a_failed_start_releases_the_lock(recipe_env, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="resume_from"):
         train_stage1.main(_argv(recipe_env, tmp_path, "fails", max_steps=1, training__resume_from="latest"))
     assert not (tmp_path / "fails" / "run.lock").exists()
+
+
+def test_sigterm_mid_run_saves_stops_and_resumes_like_the_uninterrupted_run(recipe_env, tmp_path, monkeypatch):
+    """SIGTERM while step 2 of 4 runs (save_every 0, the default): the process finishes step 2,
+    writes checkpoint-2, exits 143 with the resume command; `latest` then reproduces the
+    uninterrupted run (rtol 1e-5)."""
+    import signal
+
+    from training.checkpoint import verify_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    argv = _argv(recipe_env, tmp_path, "term", max_steps=4, training__warmup_steps=1)
+    gates = tmp_path / "gates"
+    proc = _spawn(argv, tmp_path, gates)
+    try:
+        (gates / "go-1").touch()
+        _wait_for(lambda: (gates / "at-2").exists() or proc.poll() is not None, "step 2")
+        proc.send_signal(signal.SIGTERM)
+        (gates / "go-all").touch()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM after optimizer step 2 of 4: checkpoint-2 saved" in err
+    assert "--set training.resume_from=latest" in err
+    run_dir = tmp_path / "term"
+    assert [r["step"] for r in read_rows(run_dir)] == [1, 2]
+    verify_checkpoint(run_dir / "checkpoint-2")
+    assert not (run_dir / "run.lock").exists()
+
+    train_stage1.main([*argv, "--set", "training.resume_from=latest"])
+    train_stage1.main(_argv(recipe_env, tmp_path, "full", max_steps=4, training__warmup_steps=1))
+    resumed, full = read_rows(run_dir), read_rows(tmp_path / "full")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full, resumed, strict=True):
+        assert a["train/tokens_total"] == b["train/tokens_total"]
+        assert a["train/lr"] == pytest.approx(b["train/lr"], rel=1e-12)
+        for key in (k for k in a if k.startswith("loss/")):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+
+
+def test_save_on_interrupt_false_keeps_the_default_signal_behaviour(recipe_env, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    monkeypatch.chdir(tmp_path)
+    real = train_stage1.run_pipeline
+
+    def ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_stage1, "run_pipeline", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1.main(_argv(recipe_env, tmp_path, "plain", max_steps=3, training__save_on_interrupt=False))
+    assert list_checkpoints(tmp_path / "plain") == []
+    assert not (tmp_path / "plain" / "run.lock").exists()
+
+
+def test_the_used_run_dir_refusal_suggests_a_resume_only_when_one_can_work(recipe_env, tmp_path, monkeypatch):
+    """save_every 0 and a crash in step 2: no checkpoint, so the refusal must not suggest
+    resume_from=latest (which would fail); once a checkpoint exists it does."""
+    monkeypatch.chdir(tmp_path)
+    argv = _argv(recipe_env, tmp_path, "crashed", max_steps=2)
+    calls = {"n": 0}
+    real = train_stage1.run_pipeline
+
+    def crash_in_step_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train_stage1, "run_pipeline", crash_in_step_2)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train_stage1.main(argv)
+    with pytest.raises(FileExistsError) as info:
+        train_stage1.main(argv)
+    assert "resume_from" not in str(info.value) and "no checkpoint to resume from" in str(info.value)
+    assert "run.overwrite=true" in str(info.value)
+    (tmp_path / "crashed" / "checkpoint-1").mkdir()
+    (tmp_path / "crashed" / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="resume it with --set training.resume_from=latest"):
+        train_stage1.main(argv)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from training.faults import NonFiniteError, NonFiniteGuard, any_rank, weights_finite
+from training.faults import InterruptFlag, NonFiniteError, NonFiniteGuard, any_rank, weights_finite
 
 
 def test_guard_skips_counts_and_stops_after_a_streak():
@@ -108,3 +108,90 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, cap
     _write_lock(run_dir, 4242, "elsewhere")
     with pytest.raises(RunLockedError, match=r"pid 4242 on host elsewhere.*delete .*run.lock"):
         acquire_run_lock(run_dir)
+
+
+# ------------------------------------------------------------ 2-rank gloo
+
+
+def _gloo_worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
+    """One rank of a 2-process CPU DDP group built by ``make_accelerator`` (the recipes' path)."""
+    import json
+    import signal
+    import time
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from training.setup import make_accelerator
+
+    acc = make_accelerator(cpu=True, collective_timeout_s=3 if scenario == "timeout" else 60)
+    result: dict = {"world": acc.num_processes}
+    if scenario == "agree":
+        # rank 1 alone gets SIGTERM during step 2; rank 0 alone has a NaN loss in step 4
+        flag, guard = InterruptFlag(True), NonFiniteGuard(max_consecutive=10)
+        steps = []
+        try:
+            for step in range(6):
+                if rank == 1 and step == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                guard.observe_loss(torch.tensor(float("nan") if (rank == 0 and step == 4) else 1.0))
+                finite, (stop,) = guard.step_is_finite(1.0, other_flags=(flag.requested,), accelerator=acc)
+                flag.agreed |= stop
+                steps.append({"finite": finite, "stop": flag.agreed})
+        finally:
+            flag.close()
+        result.update(steps=steps, signum=flag.signum)
+    else:  # rank 1 freezes; rank 0's next collective must fail after the timeout, not hang
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        start = time.monotonic()
+        try:
+            any_rank(acc, True)
+            result["error"] = None
+        except Exception as exc:  # noqa: BLE001 - what the test looks at
+            result["error"] = f"{type(exc).__name__}: {exc}"
+        result["waited_s"] = time.monotonic() - start
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+
+
+def _run_gloo(tmp_path, scenario, ranks_to_wait):
+    import json
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.spawn(_gloo_worker, args=(port, str(tmp_path), scenario), nprocs=2, join=False)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"rank{r}.json").exists() for r in ranks_to_wait):
+            assert time.monotonic() < deadline, f"{scenario}: ranks {ranks_to_wait} did not report"
+            time.sleep(0.1)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in ranks_to_wait]
+
+
+def test_two_gloo_ranks_agree_on_skipping_and_stopping(tmp_path):
+    """A NaN loss on one rank skips the step on both; a SIGTERM on one rank stops both after the same step."""
+    import signal
+
+    r0, r1 = _run_gloo(tmp_path, "agree", (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["steps"] == r1["steps"]
+    assert [s["finite"] for s in r0["steps"]] == [True, True, True, True, False, True]
+    assert [s["stop"] for s in r0["steps"]] == [False, False, True, True, True, True]
+    assert (r0["signum"], r1["signum"]) == (None, signal.SIGTERM)
+
+
+def test_a_frozen_rank_becomes_an_error_after_the_collective_timeout(tmp_path):
+    """training.collective_timeout_s=3 and rank 1 SIGSTOPped: rank 0's collective raises instead of waiting forever."""
+    (r0,) = _run_gloo(tmp_path, "timeout", (0,))
+    assert r0["error"] is not None, "the collective returned although rank 1 was frozen"
+    assert r0["waited_s"] >= 2.5

@@ -7,6 +7,8 @@
   from non-finite weights.
 - :func:`acquire_run_lock`: one training run per run dir (``run.lock``: pid + host); a second run
   is refused naming the holder, a stale lock (dead pid on this host) is taken over with a warning.
+- :class:`InterruptFlag`: SIGTERM / SIGINT only set a flag; the loop finishes the optimizer step,
+  saves a checkpoint (every rank agrees on the step) and stops with :class:`TrainingInterrupted`.
 - :func:`any_rank`: the one cross-rank agreement on per-rank flags (every rank takes the same
   decision: skip, stop, save); :func:`main_process_decides`: a decision taken once on the main
   process (resume checkpoint, run lock) that every rank follows, errors included.
@@ -18,7 +20,9 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -240,3 +244,50 @@ def acquire_run_lock(run_dir: str | Path) -> RunLock:
             fh.write(json.dumps(me) + "\n")
         return RunLock(path, me["token"])
     raise RunLockedError(f"{path}: could not take the lock (another process keeps replacing it)")
+
+
+# ---------------------------------------------------------------- interrupts
+
+
+class TrainingInterrupted(SystemExit):
+    """The run stopped on SIGTERM / SIGINT after saving; exits with ``128 + signal number`` (143, 130)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.code = 128 + signum  # the exit status; the message is logged before raising
+        self.message = message
+
+
+class InterruptFlag:
+    """SIGTERM (what SLURM / Kubernetes send before preemption) and SIGINT only set :attr:`signum`.
+
+    Installed when ``training.save_on_interrupt`` is true; :meth:`close` restores the previous
+    handlers. A second SIGINT stops at once (``KeyboardInterrupt``), without a checkpoint.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, enabled: bool):
+        self.signum: int | None = None  # the signal this rank received
+        self.agreed = False  # some rank received one: every rank stops after this optimizer step
+        self._previous: dict[int, Any] = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+            logger.warning("received %s: finishing the current optimizer step, then saving a checkpoint and "
+                           "stopping (a second Ctrl-C stops at once, without a checkpoint)", signal.Signals(signum).name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

@@ -51,6 +51,7 @@ def start_run(cfg) -> RunContext:
     # racing checkpoint writes). Multi-process without GPUs means CPU DDP over gloo.
     cpu = world > 1 and not torch.cuda.is_available()
     accelerator = make_accelerator(t.mixed_precision, t.gradient_accumulation_steps, cfg.run.seed,
+                                   collective_timeout_s=t.collective_timeout_s,
                                    **({"cpu": True} if cpu else {}))
     _check_supported_sharding(accelerator)
     if accelerator.num_processes != world:
@@ -78,7 +79,7 @@ def _released_on_error(lock):
 
 def _start_locked_run(cfg, accelerator, run_dir: Path, lock) -> RunContext:
     from configs.loader import save_resolved
-    from training.checkpoint import resolve_resume
+    from training.checkpoint import list_checkpoints, resolve_resume
     from training.faults import LOCK_NAME, main_process_decides
     from training.setup import log_run_header, make_run_dir, setup_logging
 
@@ -87,9 +88,12 @@ def _start_locked_run(cfg, accelerator, run_dir: Path, lock) -> RunContext:
     used = not t.resume_from and (run_dir / "metrics.jsonl").exists()
     accelerator.wait_for_everyone()  # every rank looks before anything is deleted (barriers unconditional)
     if used and not cfg.run.overwrite:
+        # Suggest a resume only when there is something to resume from.
+        resume = ("resume it with --set training.resume_from=latest, " if list_checkpoints(run_dir)
+                  else "(it has no checkpoint to resume from) ")
         raise FileExistsError(
-            f"{run_dir} already holds a run (metrics.jsonl); pick another run.name, resume it with "
-            "--set training.resume_from=latest, or replace it with --set run.overwrite=true"
+            f"{run_dir} already holds a run (metrics.jsonl); pick another run.name, {resume}"
+            "or replace it with --set run.overwrite=true"
         )
     if used and accelerator.is_main_process:
         for child in run_dir.iterdir():  # everything but our lock
@@ -366,6 +370,7 @@ class TrainingSetup:
     progress: Any
     save_model: Any  # model_save_fn for save_training_state
     guard: Any  # training.faults.NonFiniteGuard
+    interrupt: Any  # training.faults.InterruptFlag
 
 
 def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
@@ -380,7 +385,7 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     from model.forward import HiddenStatesModel
     from training.aggregator import MetricAggregator
     from training.checkpoint import load_training_state
-    from training.faults import NonFiniteGuard
+    from training.faults import InterruptFlag, NonFiniteGuard
     from training.optim import build_optimizer, build_scheduler
     from training.progress import TrainProgress
 
@@ -425,13 +430,15 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
         save_model=model_saver(accelerator, model, vlm, loaded, adapter=spec_from_config(cfg.model.adapter), base=base,
                                coord_init=cfg.model.coord_tokens.init),
         guard=NonFiniteGuard(t.max_consecutive_nonfinite),
+        interrupt=InterruptFlag(t.save_on_interrupt),
     )
 
 
 def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, metrics: dict, max_grad_norm: float) -> None:
     """Backward one micro-step inside ``accelerator.accumulate``; on the sync step clip, then step the
     optimizer only if the loss of every micro-step on every rank and the gradient norm are finite
-    (``training.faults.NonFiniteGuard``), and step the schedule (it counts optimizer steps, skipped or not)."""
+    (``training.faults.NonFiniteGuard``), and step the schedule (it counts optimizer steps, skipped or not).
+    The same cross-rank agreement tells every rank whether any rank received SIGTERM / SIGINT."""
     import math
 
     accelerator = run.accelerator
@@ -442,7 +449,8 @@ def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, met
         norm = accelerator.clip_grad_norm_(s.model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
         if max_grad_norm > 0:
             metrics["train/grad_norm"] = float(norm)
-        finite, _ = s.guard.step_is_finite(norm, accelerator=accelerator)
+        finite, (stop,) = s.guard.step_is_finite(norm, other_flags=(s.interrupt.requested,), accelerator=accelerator)
+        s.interrupt.agreed |= stop
         # fp16: the GradScaler skips a non-finite step itself and must see it to lower its scale.
         if finite or accelerator.scaler is not None:
             s.optimizer.step()
@@ -453,11 +461,12 @@ def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, met
 def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: float, tokens: int,
                 step_values: dict | None = None, router_state: dict | None = None) -> dict:
     """End of optimizer step ``step`` (0-based): reduce metrics over micro-steps and ranks, update the
-    progress bar, eval / log / save when due. Returns the logged metrics."""
+    progress bar, eval / log / save when due (and on SIGTERM / SIGINT, then stop). Returns the logged metrics."""
+    import signal
     import time
 
     from training.checkpoint import find_latest_checkpoint, save_training_state
-    from training.faults import NONFINITE_METRIC, NonFiniteError, weights_finite
+    from training.faults import NONFINITE_METRIC, NonFiniteError, TrainingInterrupted, weights_finite
 
     t = cfg.training
     done = step + 1
@@ -472,7 +481,8 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
         if predictions.is_file():
             s.tracker.log_eval_media(done, predictions)
     s.tracker.log(done, metrics)
-    if should(t.save_every, done, t.max_steps):
+    stop = s.interrupt.agreed and done < t.max_steps  # at the last step the run is complete anyway
+    if should(t.save_every, done, t.max_steps) or stop:
         if not weights_finite(run.accelerator, s.model.parameters()):
             newest = find_latest_checkpoint(run.run_dir)
             raise NonFiniteError(
@@ -485,6 +495,13 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
                             data_state=s.dataset.state_dict(), router_state=router_state,
                             save_total_limit=t.save_total_limit)
     s.guard.check_streak(done, lambda: find_latest_checkpoint(run.run_dir), t.lr)
+    if stop:
+        signum = s.interrupt.signum or signal.SIGTERM  # ranks that got no signal stop like the one that did
+        message = (f"stopped by {signal.Signals(signum).name} after optimizer step {done} of {t.max_steps}: "
+                   f"checkpoint-{done} saved in {run.run_dir}; to continue, rerun the same command with "
+                   "--set training.resume_from=latest")
+        run.logger.error(message)
+        raise TrainingInterrupted(message, signum)
     return metrics
 
 
@@ -493,6 +510,7 @@ def finish_run(run: RunContext, s: TrainingSetup) -> None:
     a plotting failure only warns), release the run lock (also on error; the recipe then waits for every rank)."""
     s.progress.close()
     s.tracker.finish()
+    s.interrupt.close()
     if run.accelerator.is_main_process:
         try:
             from scripts.plot_metrics import plot_run

@@ -13,8 +13,12 @@ LOGGER_NAME = "coordexp"
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
-def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1, seed: int = 42, **kwargs: Any):
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1, seed: int = 42,
+                     collective_timeout_s: int | None = None, **kwargs: Any):
     """``accelerate.Accelerator`` + ``set_seed(seed)`` (same seed on every rank: identical model init).
+
+    ``collective_timeout_s`` (``training.collective_timeout_s``) bounds how long a collective waits
+    for the other ranks: a frozen or lost rank becomes an error on the others instead of a hang.
 
     ``kwargs`` go to ``Accelerator`` unchanged. Per-rank randomness (rollout
     sampling) should derive its own generator from ``seed`` and the rank.
@@ -33,6 +37,15 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
         raise ValueError(f"training.gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+
+    if collective_timeout_s is not None:
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers = list(kwargs.pop("kwargs_handlers", None) or [])
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s)))
+        kwargs["kwargs_handlers"] = handlers
 
     accelerator = Accelerator(
         mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, **kwargs
