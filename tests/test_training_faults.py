@@ -113,17 +113,21 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, cap
 # ------------------------------------------------------------ 2-rank gloo
 
 
-def _gloo_worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
+def _gloo_worker(rank: int, store: str, out_dir: str, scenario: str) -> None:
     """One rank of a 2-process CPU DDP group built by ``make_accelerator`` (the recipes' path)."""
     import json
     import signal
     import time
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    from accelerate.utils import InitProcessGroupKwargs
+
     from training.setup import make_accelerator
 
-    acc = make_accelerator(cpu=True, collective_timeout_s=3 if scenario == "timeout" else 60)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1")
+    # A FileStore rendezvous (no TCP port to race for); make_accelerator adds the collective timeout.
+    acc = make_accelerator(cpu=True, collective_timeout_s=3 if scenario == "timeout" else 60,
+                           kwargs_handlers=[InitProcessGroupKwargs(backend="gloo", init_method=store)])
     result: dict = {"world": acc.num_processes}
     if scenario == "agree":
         # rank 1 alone gets SIGTERM during step 2; rank 0 alone has a NaN loss in step 4
@@ -156,15 +160,12 @@ def _gloo_worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
 
 def _run_gloo(tmp_path, scenario, ranks_to_wait):
     import json
-    import socket
     import time
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.spawn(_gloo_worker, args=(port, str(tmp_path), scenario), nprocs=2, join=False)
+    store = f"file://{tmp_path / 'pg_store'}"
+    ctx = mp.spawn(_gloo_worker, args=(store, str(tmp_path), scenario), nprocs=2, join=False)
     try:
         deadline = time.monotonic() + 120
         while not all((tmp_path / f"rank{r}.json").exists() for r in ranks_to_wait):

@@ -43,8 +43,13 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
 
         from accelerate.utils import InitProcessGroupKwargs
 
+        timeout = timedelta(seconds=collective_timeout_s)
         handlers = list(kwargs.pop("kwargs_handlers", None) or [])
-        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s)))
+        given = [h for h in handlers if isinstance(h, InitProcessGroupKwargs)]
+        for handler in given:  # a caller's own init kwargs (e.g. init_method) keep theirs, with this timeout
+            handler.timeout = timeout
+        if not given:
+            handlers.append(InitProcessGroupKwargs(timeout=timeout))
         kwargs["kwargs_handlers"] = handlers
 
     accelerator = Accelerator(
