@@ -62,6 +62,7 @@ def start_run(cfg) -> RunContext:
     run_dir = cfg.run.run_dir
     # One live run per run dir, before anything in it is read or deleted (run.overwrite included).
     lock = main_process_decides(accelerator, lambda: acquire_run_lock(run_dir))
+    lock = lock if accelerator.is_main_process else None  # only the holder releases it
     with _released_on_error(lock):
         return _start_locked_run(cfg, accelerator, run_dir, lock)
 
