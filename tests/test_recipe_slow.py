@@ -132,3 +132,51 @@ def test_ddp_two_processes_lora_stage1(recipe_env, tmp_path):
     assert (model_dir / "adapter.safetensors").is_file() and not (model_dir / "model.safetensors").exists()
     merged = load_model_and_processors(str(model_dir))
     assert not any("lora_" in n for n, _ in merged.model.named_parameters())
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_to_the_launcher_saves_one_checkpoint_on_both_ranks(recipe_env, tmp_path):
+    """SIGTERM to `accelerate launch` (what a scheduler sends) while step 2 of 4 runs on 2 gloo ranks:
+    the launcher forwards it, both ranks finish step 2, write checkpoint-2 together (both RNG files,
+    a verified manifest) and exit 143."""
+    import signal
+    import time
+
+    from tests.test_recipe_faults import GATED_CHILD
+    from training.checkpoint import verify_checkpoint
+
+    script = tmp_path / "gated_stage1.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + GATED_CHILD)
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="ddp_term", max_steps=4,
+                       training__eval_every=0, training__save_every=0)
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(script), *argv,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "GATE_DIR": str(gates)}
+    (gates / "go-1").touch()
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (gates / "at-2").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no rank reached step 2"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        (gates / "go-all").touch()
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM after optimizer step 2 of 4: checkpoint-2 saved" in err, err[-6000:]
+    run_dir = tmp_path / "ddp_term"
+    assert [r["step"] for r in read_rows(run_dir)] == [1, 2]
+    ckpt = run_dir / "checkpoint-2"
+    verify_checkpoint(ckpt)
+    assert (ckpt / "rng_0.pt").is_file() and (ckpt / "rng_1.pt").is_file()
+    assert not (run_dir / "run.lock").exists()
