@@ -39,8 +39,8 @@ class RunContext:
 
 
 def start_run(cfg) -> RunContext:
-    """Accelerator + seed, run dir, resolved config, start-up log of config path / run name / seed /
-    pipeline identity (SPEC §5.3), and the checkpoint to resume from (``training.resume_from``)."""
+    """Accelerator + seed, the run lock, run dir, resolved config, start-up log of config path / run name /
+    seed / pipeline identity (SPEC §5.3), and the verified checkpoint to resume from (``training.resume_from``)."""
     from training.faults import acquire_run_lock, main_process_decides
     from training.setup import make_accelerator
 
