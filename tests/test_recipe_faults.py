@@ -125,6 +125,21 @@ def _wait_for(predicate, what, timeout=300):
         time.sleep(0.1)
 
 
+def sigterm_in_step_2(proc, gates, timeout=300) -> str:
+    """Send SIGTERM once a gated child (``go-1`` already there) waits in step 2, let it go on, return its stderr."""
+    import signal
+
+    try:
+        _wait_for(lambda: (gates / "at-2").exists() or proc.poll() is not None, "step 2", timeout)
+        proc.send_signal(signal.SIGTERM)
+        (gates / "go-all").touch()
+        return proc.communicate(timeout=timeout)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_two_concurrent_starts_on_one_run_dir_exactly_one_trains(recipe_env, tmp_path):
     """Both started at once with run.overwrite=true on an already used run dir: one takes the lock and
     trains, the other is refused naming the holder's pid and deletes nothing."""
@@ -186,17 +201,10 @@ def test_sigterm_mid_run_saves_stops_and_resumes_like_the_uninterrupted_run(reci
     monkeypatch.chdir(tmp_path)
     argv = _argv(recipe_env, tmp_path, "term", max_steps=4, training__warmup_steps=1)
     gates = tmp_path / "gates"
+    gates.mkdir()
+    (gates / "go-1").touch()
     proc = _spawn(argv, tmp_path, gates)
-    try:
-        (gates / "go-1").touch()
-        _wait_for(lambda: (gates / "at-2").exists() or proc.poll() is not None, "step 2")
-        proc.send_signal(signal.SIGTERM)
-        (gates / "go-all").touch()
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err = sigterm_in_step_2(proc, gates)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "stopped by SIGTERM after optimizer step 2 of 4: checkpoint-2 saved" in err
     assert "--set training.resume_from=latest" in err

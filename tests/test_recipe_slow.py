@@ -139,10 +139,7 @@ def test_ddp_sigterm_to_the_launcher_saves_one_checkpoint_on_both_ranks(recipe_e
     """SIGTERM to `accelerate launch` (what a scheduler sends) while step 2 of 4 runs on 2 gloo ranks:
     the launcher forwards it, both ranks finish step 2, write checkpoint-2 together (both RNG files,
     a verified manifest) and exit 143."""
-    import signal
-    import time
-
-    from tests.test_recipe_faults import GATED_CHILD
+    from tests.test_recipe_faults import GATED_CHILD, sigterm_in_step_2
     from training.checkpoint import verify_checkpoint
 
     script = tmp_path / "gated_stage1.py"
@@ -160,18 +157,7 @@ def test_ddp_sigterm_to_the_launcher_saves_one_checkpoint_on_both_ranks(recipe_e
            "GATE_DIR": str(gates)}
     (gates / "go-1").touch()
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not (gates / "at-2").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no rank reached step 2"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        (gates / "go-all").touch()
-        _, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err = sigterm_in_step_2(proc, gates, timeout=600)
     assert proc.returncode != 0
     assert "stopped by SIGTERM after optimizer step 2 of 4: checkpoint-2 saved" in err, err[-6000:]
     run_dir = tmp_path / "ddp_term"
