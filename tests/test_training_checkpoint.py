@@ -183,7 +183,10 @@ def _invalid_json(path):
         ("manifest.json", _invalid_json, "manifest.json is not a valid manifest"),
     ],
 )
-def test_a_damaged_checkpoint_is_named_and_latest_falls_back(tmp_path, caplog, rel, damage, says):
+def test_a_damaged_checkpoint_is_named_and_latest_falls_back(tmp_path, capsys, rel, damage, says):
+    from training.setup import setup_logging
+
+    setup_logging()
     first, newest = _two_checkpoints(tmp_path)
     manifest = json.loads((newest / "manifest.json").read_text())
     assert set(manifest["files"]) == {"model/weights.pt", "optimizer.pt", "scheduler.pt", "rng_0.pt",
@@ -194,9 +197,9 @@ def test_a_damaged_checkpoint_is_named_and_latest_falls_back(tmp_path, caplog, r
         verify_checkpoint(newest)
     with pytest.raises(CheckpointError, match=str(newest)):
         resolve_resume(tmp_path, str(newest))
-    with caplog.at_level("WARNING", logger="coordexp"):
-        assert resolve_resume(tmp_path, "latest") == first
-    assert any("skipping checkpoint-2" in r.getMessage() for r in caplog.records)
+    capsys.readouterr()
+    assert resolve_resume(tmp_path, "latest") == first
+    assert "WARNING coordexp: resume_from=latest: skipping checkpoint-2" in capsys.readouterr().err
     # every checkpoint damaged: the error lists each one's reason
     (first / "optimizer.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="no complete checkpoint.*checkpoint-2.*checkpoint-1.*optimizer.pt"):
