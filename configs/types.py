@@ -102,6 +102,11 @@ class TinyModelConfig:
     enabled: bool
     dir: str
     seed: int
+    hidden: int
+    layers: int
+    vision_hidden: int
+    vision_depth: int
+    max_pixels: int  # image processor budget, pixels
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,13 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class LrMultConfig:
+    vision: float
+    merger: float
+    language_model: float
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     max_steps: int  # optimizer steps
     batch_size: int  # packed rows (packing) or samples per micro-step and rank
@@ -188,6 +200,7 @@ class TrainingConfig:
     packing: bool
     gradient_accumulation_steps: int
     lr: float
+    lr_mult: LrMultConfig  # multiplier of lr per model part
     weight_decay: float
     adam_betas: tuple[float, float]
     adam_eps: float

@@ -160,12 +160,16 @@ def _count(params) -> int:
     return int(sum(p.numel() for p in params))
 
 
-def apply_freeze(model, vision: bool, merger: bool, language_model: bool) -> dict[str, int]:
-    """Freeze parts of a Qwen3-VL model (True = frozen; ``model.freeze.*`` in the config).
+PARTS: tuple[str, ...] = ("language_model", "merger", "vision")
+"""The three parameter groups of a Qwen3-VL model, as named by ``model.freeze.*`` and ``training.lr_mult.*``."""
+
+
+def param_parts(model) -> dict[int, str]:
+    """``id(param) -> part`` for every parameter of the Qwen3-VL inside ``model`` (one of :data:`PARTS`).
 
     ``vision``: the vision tower except its mergers; ``merger``: the patch merger and the deepstack
     mergers (vision → LM projection); ``language_model``: the text decoder, its embeddings and the LM
-    head. Returns parameter counts ``{"trainable", "frozen", "total"}`` (shared tensors counted once).
+    head. Shared tensors appear once.
     """
     from model.forward import unwrap_vlm
 
@@ -177,14 +181,24 @@ def apply_freeze(model, vision: bool, merger: bool, language_model: bool) -> dic
         if sub is not None:
             merger_ids |= {id(p) for p in sub.parameters()}
     visual_ids = {id(p) for p in visual.parameters()}
+    parts = {}
     for p in vlm.parameters():
-        if id(p) in merger_ids:
-            frozen = merger
-        elif id(p) in visual_ids:
-            frozen = vision
-        else:
-            frozen = language_model
-        p.requires_grad_(not frozen)
+        parts[id(p)] = "merger" if id(p) in merger_ids else "vision" if id(p) in visual_ids else "language_model"
+    return parts
+
+
+def apply_freeze(model, vision: bool, merger: bool, language_model: bool) -> dict[str, int]:
+    """Freeze parts of a Qwen3-VL model (True = frozen; ``model.freeze.*`` in the config; parts as in
+    :func:`param_parts`). Returns parameter counts ``{"trainable", "frozen", "total"}`` (shared tensors
+    counted once).
+    """
+    from model.forward import unwrap_vlm
+
+    vlm = unwrap_vlm(model)
+    frozen = {"vision": vision, "merger": merger, "language_model": language_model}
+    parts = param_parts(vlm)
+    for p in vlm.parameters():
+        p.requires_grad_(not frozen[parts[id(p)]])
     params = list(vlm.parameters())  # deduplicated by nn.Module (tied weights once)
     trainable = _count(p for p in params if p.requires_grad)
     total = _count(params)

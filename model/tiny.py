@@ -238,10 +238,12 @@ def _tiny_generation_config(tokenizer):
     )
 
 
-def build_tiny_in_memory(seed: int = 0, coord_tokens: bool = True, **config_kwargs):
+def build_tiny_in_memory(seed: int = 0, coord_tokens: bool = True, max_pixels: int = TINY_MAX_PIXELS, **config_kwargs):
     """(model, tokenizer, image_processor): tiny random Qwen3-VL in fp32, eval mode, weights seeded by ``seed``.
 
     ``coord_tokens=False`` builds the tokenizer WITHOUT the 1000 coord tokens (to test adding them).
+    ``max_pixels`` is the image processor's budget (resized area in pixels); ``config_kwargs`` go to
+    :func:`tiny_qwen3vl_config` (``hidden``, ``layers``, ``vision_depth``, ``vision_hidden``, ...).
     """
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -252,7 +254,7 @@ def build_tiny_in_memory(seed: int = 0, coord_tokens: bool = True, **config_kwar
         model = Qwen3VLForConditionalGeneration(cfg)
     model.generation_config = _tiny_generation_config(tok)
     model.eval()
-    return model, tok, build_tiny_image_processor()
+    return model, tok, build_tiny_image_processor(max_pixels=max_pixels)
 
 
 def _cached_tokenizer(coord_tokens: bool):
@@ -284,6 +286,7 @@ def _without_coord_tokens(tok):
 
 
 _CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+_PARAMS_FILE = "tiny_params.json"
 
 
 def _is_complete_checkpoint(out_dir: str) -> bool:
@@ -292,17 +295,39 @@ def _is_complete_checkpoint(out_dir: str) -> bool:
     return any(f.endswith(".safetensors") for f in os.listdir(out_dir))
 
 
-def build_tiny_checkpoint(out_dir: str, seed: int = 0, coord_tokens: bool = True, **config_kwargs) -> str:
+def _saved_params(out_dir: str) -> dict | None:
+    import json
+
+    path = os.path.join(out_dir, _PARAMS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def build_tiny_checkpoint(out_dir: str, seed: int = 0, coord_tokens: bool = True, **kwargs) -> str:
     """Save a tiny checkpoint (model + tokenizer + image processor) with ``save_pretrained`` into ``out_dir``.
 
-    Idempotent: when ``out_dir`` already holds a complete checkpoint it is left as is.
+    ``kwargs`` as :func:`build_tiny_in_memory` (``max_pixels``, model sizes). Idempotent: when
+    ``out_dir`` already holds a complete checkpoint built with the same arguments (recorded in
+    ``tiny_params.json``) it is left as is; different arguments rebuild it, so a config that changes
+    ``model.tiny.*`` never trains a stale model.
     """
-    if _is_complete_checkpoint(out_dir):
+    import json
+
+    params = {"seed": seed, "coord_tokens": coord_tokens, **dict(sorted(kwargs.items()))}
+    if _is_complete_checkpoint(out_dir) and _saved_params(out_dir) == params:
         return out_dir
-    model, tok, proc = build_tiny_in_memory(seed=seed, coord_tokens=coord_tokens, **config_kwargs)
+    if os.path.isdir(out_dir):  # stale or half-written: unmark it first (a crash below must not leave it "complete")
+        for name in os.listdir(out_dir):
+            if name == _PARAMS_FILE or name.endswith(".safetensors"):
+                os.remove(os.path.join(out_dir, name))
+    model, tok, proc = build_tiny_in_memory(seed=seed, coord_tokens=coord_tokens, **kwargs)
     os.makedirs(out_dir, exist_ok=True)
     tok.save_pretrained(out_dir)
     proc.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, _PARAMS_FILE), "w", encoding="utf-8") as fh:
+        json.dump(params, fh, sort_keys=True)
     # Model last: its weights file marks the checkpoint complete (see _is_complete_checkpoint).
     model.save_pretrained(out_dir)
     return out_dir

@@ -30,8 +30,22 @@ def _params(model):
 
 def test_checkpoint_is_idempotent(ckpt):
     stamp = {f: os.path.getmtime(os.path.join(ckpt, f)) for f in os.listdir(ckpt)}
-    assert build_tiny_checkpoint(ckpt, seed=123) == ckpt
+    assert build_tiny_checkpoint(ckpt, seed=0) == ckpt
     assert {f: os.path.getmtime(os.path.join(ckpt, f)) for f in os.listdir(ckpt)} == stamp
+
+
+def test_checkpoint_rebuilds_when_arguments_change(tmp_path):
+    import json
+
+    out = str(tmp_path / "t")
+    build_tiny_checkpoint(out, seed=0)
+    build_tiny_checkpoint(out, seed=0, hidden=48, layers=1, max_pixels=128 * 128)
+    loaded = load_model_and_processors(out)
+    assert loaded.model.config.text_config.hidden_size == 48
+    assert loaded.model.config.text_config.num_hidden_layers == 1
+    assert loaded.image_processor.size["longest_edge"] == 128 * 128
+    with open(os.path.join(out, "tiny_params.json")) as fh:
+        assert json.load(fh) == {"seed": 0, "coord_tokens": True, "hidden": 48, "layers": 1, "max_pixels": 16384}
 
 
 def test_round_trip_and_generate_with_image(ckpt):
@@ -177,3 +191,18 @@ def test_add_coord_tokens_script(bare_ckpt, tmp_path, capsys):
     assert "already present" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([out, "--out", out])
+
+
+def test_param_parts_match_freeze(ckpt):
+    from model.loading import PARTS, param_parts
+
+    model = load_model_and_processors(ckpt).model
+    parts = param_parts(model)
+    visual = model.model.visual
+    assert parts[id(visual.merger.linear_fc1.weight)] == "merger"
+    assert parts[id(visual.patch_embed.proj.weight)] == "vision"
+    assert parts[id(model.lm_head.weight)] == "language_model"
+    assert set(parts.values()) == set(PARTS)
+    for part in PARTS:  # freezing one part leaves exactly the parameters param_parts puts elsewhere
+        apply_freeze(model, **{p: p == part for p in PARTS})
+        assert all(p.requires_grad == (parts[id(p)] != part) for p in model.parameters())

@@ -127,3 +127,35 @@ def test_scheduler_errors(kw, fragment):
     args = {"kind": "cosine", "max_steps": 10, **kw}
     with pytest.raises(ValueError, match=fragment):
         build_scheduler(opt, **args)
+
+
+def test_lr_mult_groups_per_part():
+    model = _Toy()
+    parts = {id(model.embed.weight): "language_model", id(model.proj.weight): "vision",
+             id(model.proj.bias): "vision", id(model.norm.weight): "merger", id(model.norm.bias): "merger"}
+    mult = {"language_model": 1.0, "merger": 2.0, "vision": 10.0}
+    opt = build_optimizer(model, lr=0.1, weight_decay=0.5, lr_mult=mult, parts=parts)
+    got = [(g["part"], g["weight_decay"], g["lr"], len(g["params"])) for g in opt.param_groups]
+    # language_model has only a no-decay tensor (the tied embedding); empty groups are left out
+    assert got == [("language_model", 0.0, 0.1, 1), ("merger", 0.0, pytest.approx(0.2), 2),
+                   ("vision", 0.5, pytest.approx(1.0), 1), ("vision", 0.0, pytest.approx(1.0), 1)]
+    # the schedule scales every group by the same factor: peak ratios survive warmup
+    sched = build_scheduler(opt, "constant", warmup_steps=4, max_steps=10)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.025, 0.05, 0.25, 0.25])
+    opt.step()  # no grads: nothing moves
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.1, 0.5, 0.5])
+    # all multipliers 1 = the plain two groups
+    plain = build_optimizer(model, lr=0.1, lr_mult={"language_model": 1, "merger": 1, "vision": 1}, parts=parts)
+    assert len(plain.param_groups) == 2
+
+
+def test_lr_mult_errors():
+    model = _Toy()
+    parts = {id(p): "language_model" for p in model.parameters()}
+    with pytest.raises(ValueError, match="parts="):
+        build_optimizer(model, lr=0.1, lr_mult={"language_model": 2.0})
+    with pytest.raises(ValueError, match=r"training.lr_mult.vision must be > 0.*model.freeze.vision"):
+        build_optimizer(model, lr=0.1, lr_mult={"language_model": 2.0, "vision": 0.0}, parts=parts)
+    with pytest.raises(ValueError, match=r"no multiplier for part\(s\) \['language_model'\]"):
+        build_optimizer(model, lr=0.1, lr_mult={"vision": 2.0}, parts=parts)

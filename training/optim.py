@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,8 +41,18 @@ def build_optimizer(
     weight_decay: float = 0.0,
     betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
+    lr_mult: Mapping[str, float] | None = None,
+    parts: Mapping[int, str] | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: group 0 decays by ``weight_decay``, group 1 never decays."""
+    """AdamW over the trainable parameters, decay and no-decay groups (no-decay never decays).
+
+    Without ``lr_mult`` (or with every multiplier 1): two groups, 0 decays by ``weight_decay``,
+    1 does not. With ``lr_mult`` (``training.lr_mult``: part -> multiplier of ``lr``) and ``parts``
+    (``id(param) -> part``, e.g. ``model.loading.param_parts``): one decay and one no-decay group per
+    part, in the order of ``lr_mult``, each with ``lr * lr_mult[part]`` as its peak lr (the schedule
+    scales every group by the same factor). Empty groups are left out; a multiplier of 0 is refused
+    (freeze the part instead: ``model.freeze.<part>``).
+    """
     if not lr > 0:
         raise ValueError(f"training.lr must be > 0, got {lr}")
     if weight_decay < 0:
@@ -50,10 +60,26 @@ def build_optimizer(
     decay, no_decay = split_decay_params(model)
     if not decay and not no_decay:
         raise ValueError("build_optimizer: the model has no trainable parameters (all requires_grad=False)")
-    groups = [
-        {"params": decay, "weight_decay": float(weight_decay)},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    if not lr_mult or all(m == 1 for m in lr_mult.values()):
+        groups = [
+            {"params": decay, "weight_decay": float(weight_decay)},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    if parts is None:
+        raise ValueError("build_optimizer: training.lr_mult needs the parameter -> part map (parts=)")
+    for part, mult in lr_mult.items():
+        if not mult > 0:
+            raise ValueError(f"training.lr_mult.{part} must be > 0, got {mult} (to not train a part, set model.freeze.{part})")
+    unknown = {parts.get(id(p)) for p in decay + no_decay} - set(lr_mult)
+    if unknown:
+        raise ValueError(f"training.lr_mult has no multiplier for part(s) {sorted(unknown)}; known: {sorted(lr_mult)}")
+    groups = []
+    for part, mult in lr_mult.items():
+        for params, wd in ((decay, float(weight_decay)), (no_decay, 0.0)):
+            mine = [p for p in params if parts.get(id(p)) == part]
+            if mine:
+                groups.append({"params": mine, "weight_decay": wd, "lr": lr * mult, "part": part})
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 

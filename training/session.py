@@ -21,7 +21,7 @@ from data.encoding import ChatEncoder, EncodedRecords
 from data.records import read_jsonl
 from data.types import Record
 from model.adapters import apply_adapter, load_adapter_weights, save_adapter, spec_from_config
-from model.loading import LoadedModel, apply_freeze, load_model_and_processors, memory_summary
+from model.loading import PARTS, LoadedModel, apply_freeze, load_model_and_processors, memory_summary, param_parts
 
 logger = logging.getLogger("coordexp")
 
@@ -175,7 +175,10 @@ def resolve_checkpoint(cfg, *, resume_model_dir: Path | None = None) -> str:
     if cfg.model.tiny.enabled:
         from model.tiny import build_tiny_checkpoint
 
-        return build_tiny_checkpoint(cfg.model.tiny.dir, seed=cfg.model.tiny.seed)
+        tiny = cfg.model.tiny
+        return build_tiny_checkpoint(tiny.dir, seed=tiny.seed, hidden=tiny.hidden, layers=tiny.layers,
+                                     vision_hidden=tiny.vision_hidden, vision_depth=tiny.vision_depth,
+                                     intermediate=2 * tiny.hidden, max_pixels=tiny.max_pixels)
     path = cfg.model.name_or_path
     if not path:
         raise ValueError("model.name_or_path: set a checkpoint dir / HF id, or model.tiny.enabled: true")
@@ -403,7 +406,10 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     dataset = make_train_dataset(cfg, encoded(splits.train, encoder), accelerator)
 
     model = HiddenStatesModel(loaded.model)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, t.adam_betas, t.adam_eps)
+    # language_model first: train/lr logs the first group's lr
+    lr_mult = {part: getattr(t.lr_mult, part) for part in PARTS}
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, t.adam_betas, t.adam_eps,
+                                lr_mult=lr_mult, parts=param_parts(model))
     scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.warmup_ratio, t.max_steps, t.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     vlm = accelerator.unwrap_model(model).vlm
