@@ -27,7 +27,7 @@ from pipeline.context import TeacherForcingContext
 from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, rollout_forward
 from rollout.backends import HFGenerationBackend
-from rollout.step import MatchingConfig, prepare_rollout_batches
+from rollout.step import MatchingConfig, prepare_rollout_batches, token_budget_warning
 from training.faults import any_rank
 from training.router import CHANNEL_A, CHANNEL_B, ChannelRouter
 from training.session import (
@@ -83,11 +83,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         s.vlm, s.loaded.tokenizer, max_new_tokens=rm.decoding.max_new_tokens, temperature=rm.decoding.temperature,
         top_p=rm.decoding.top_p, top_k=rm.decoding.top_k, batch_size=rm.decoding.batch_size, seed=rm.decoding.seed,
     )
+    # the token budget a full answer needs, from the data (rollouts cut at the budget lose objects and their eos)
+    budget_warning = token_budget_warning(rm.decoding.max_new_tokens, [s.encoder.answer_length(r) for r in s.splits.train])
+    if budget_warning:
+        run.logger.warning(budget_warning)
     matching = MatchingConfig(rm.matching.iou_gate, rm.matching.fp_cost, rm.matching.fn_cost)
     decode_mode = sab.coord_decode_mode if two_channel else rm.coord_decode_mode
 
     data_iter = micro_batches(cfg, s)
     metrics: dict = {}
+    hit_budget_warned = False  # warn on the first rollout cut at max_new_tokens; the counter counts the rest
     try:
         for step in range(s.start_step, t.max_steps):
             started, tokens = time.perf_counter(), 0
@@ -127,6 +132,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         batch = rollouts[i].batch.to(accelerator.device)
                         fwd = rollout_forward(s.model, s.vlm, batch)
                         step_metrics = dict(rollouts[i].metrics)
+                        if step_metrics["rollout/max_new_tokens_hit_count"] and not hit_budget_warned:
+                            hit_budget_warned = True
+                            run.logger.warning(
+                                "step %d: %d rollout(s) hit rollout_matching.decoding.max_new_tokens=%d (cut before "
+                                "their eos); raise it (rollout/max_new_tokens_hit_count counts every hit)",
+                                step, int(step_metrics["rollout/max_new_tokens_hit_count"]), rm.decoding.max_new_tokens)
                     # Rollout-Aligned has no channels: every module runs (channel None).
                     ctx = TeacherForcingContext(channel=channel if two_channel else None, batch=batch, hidden=fwd.hidden,
                                                 lm_head_weight=s.vlm.get_output_embeddings().weight, coord_token_ids=s.coord_ids,

@@ -94,7 +94,10 @@ _TWO_CHANNEL_FLAT: dict[str, tuple[str, Any]] = {
     "stage2_ab.coord_ehuber_weight": ("coord_reg.coord_ehuber_weight", 0.0),
     "stage2_ab.coord_huber_delta": ("coord_reg.coord_huber_delta", 0.001),
     "stage2_ab.coord_entropy_weight": ("coord_reg.coord_entropy_weight", 0.0),
-    "stage2_ab.coord_gate_weight": ("coord_reg.coord_gate_weight", 0.0),
+    # On by default (unlike the module default 0): without a term on the full-vocabulary mass at
+    # coord slots, text CE leaks mass there and expectation-based geometry flattens the coord
+    # distribution until greedy decoding writes text where a coordinate belongs (docs/training/STAGE2_RUNBOOK.md).
+    "stage2_ab.coord_gate_weight": ("coord_reg.coord_gate_weight", 1.0),
     "stage2_ab.text_gate_weight": ("coord_reg.text_gate_weight", 0.0),
 }
 
@@ -471,8 +474,10 @@ def _default_manifest(raw: Mapping[str, Any], variant: str) -> tuple[ModuleSpec,
     if variant == STAGE2_ROLLOUT_ALIGNED:
         token_ce = _build("token_ce", {})
         bbox_geo = _build("bbox_geo", {})
-        reg = _coord_reg_from_soft(soft) if soft["enabled"] else {}
-        return (token_ce, bbox_geo, _build("coord_reg", reg, enabled=soft["enabled"]))
+        # Without soft-CE/W1, coord_reg still runs with the coord gate alone (same reason as the
+        # Two-Channel default above).
+        reg = _coord_reg_from_soft(soft) if soft["enabled"] else {"coord_gate_weight": (1.0, "coord_reg.coord_gate_weight")}
+        return (token_ce, bbox_geo, _build("coord_reg", reg))
 
     # Stage-1: geometry only when asked for (an explicit pipeline); coord_reg either the
     # soft-CE/W1 mapping or the CE-only baseline (coord_ce + coord_gate = plain next-token CE).

@@ -128,5 +128,28 @@ def prepare_rollout_batches(
         metrics["time/rollout_generate_s"] = generate_s if g == 0 else 0.0
         metrics["time/rollout_build_s"] = time.perf_counter() - t1
         metrics["rollout/generated_tokens_total"] = float(sum(len(o.token_ids) for o in outputs))
+        metrics["rollout/max_new_tokens_hit_count"] = float(sum(1 for o in outputs if not o.finished))
         results.append(RolloutBatch(batch=batch, samples=samples, metrics=metrics))
     return results
+
+
+def token_budget_warning(max_new_tokens: int, answer_lengths: Sequence[int]) -> str | None:
+    """A warning when ``rollout_matching.decoding.max_new_tokens`` cannot hold the longest GT answer.
+
+    ``answer_lengths``: tokens of each training record's GT answer including ``<|im_end|>``
+    (``ChatEncoder.answer_length``). A rollout that lists every object needs about that many
+    tokens (objects × tokens per object + the container); Stage-2 (Rollout-Aligned above all:
+    appended FN objects teach the model to list more) pushes rollouts towards it, and a rollout cut
+    at the budget loses its last objects and its eos. ``None`` when the budget holds 2× the longest
+    answer (room for as many false positives as true objects).
+    """
+    if not answer_lengths:
+        return None
+    longest = max(answer_lengths)
+    if max_new_tokens >= 2 * longest:
+        return None
+    return (
+        f"rollout_matching.decoding.max_new_tokens={max_new_tokens} is below 2x the longest GT answer "
+        f"({longest} tokens incl. <|im_end|>): rollouts that list every object plus a few false positives are "
+        f"cut (counted as rollout/max_new_tokens_hit_count); set it to >= {2 * longest}"
+    )

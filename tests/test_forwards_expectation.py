@@ -120,7 +120,7 @@ def test_n1_is_plain_teacher_forcing(env, batch):
     assert loss_metrics(a.metrics) == loss_metrics(a_gt.metrics)
 
     # Independent reference: a Stage-1 pipeline on the gt forward with the same terms.
-    s1_reg = {k: 0.0 for k in ("coord_ce_weight", "coord_gate_weight")}
+    s1_reg = {"coord_ce_weight": 0.0, "coord_gate_weight": 1.0}  # the Stage-2 default gate runs on gt
     s1_reg["soft_ce_weight"] = 0.05
     resolved_s1 = resolve_pipeline(
         {"stage1": {"pipeline": {"objective": [

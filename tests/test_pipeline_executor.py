@@ -215,7 +215,8 @@ def test_st_decode_mode_uses_argmax_boxes_in_forward():
 def test_channel_a_contexts_and_weighted_sum():
     batch = make_batch(GT_ROWS)
     h_gt, h_sc, W = random_hidden(batch, 4), random_hidden(batch, 5), lm_head()
-    resolved = resolve_pipeline({"stage2_ab": {"desc_ce_weight": 0.5, "coord_ce_weight": 0.3}}, TWO)
+    # gate off (default 1): this test sums the other terms by hand; the gate's math is tested in test_losses_coord_reg
+    resolved = resolve_pipeline({"stage2_ab": {"desc_ce_weight": 0.5, "coord_ce_weight": 0.3, "coord_gate_weight": 0.0}}, TWO)
     out = run_pipeline(resolved, _ctx(batch, "A", {"gt": h_gt, "self_context": h_sc}, W))
     m = out.metrics
     _check_key_classes(m)

@@ -26,11 +26,12 @@ S1 = "stage1"
 
 # Golden checksums of the default manifests (pipeline omitted, no flat knobs written). Computed
 # once from the implementation and pasted here: any drift in defaults, order or canonical form
-# must be a deliberate change of this test.
+# must be a deliberate change of this test. Stage-2 values changed when the coord gate became
+# part of both Stage-2 defaults (coord_gate_weight 1; docs/training/STAGE2_RUNBOOK.md, "Guard metrics").
 GOLDEN = {
     S1: "30c2c9bfbf5e6d67b994352c0dab3e076dfc879e968513d265cf28051a81c032",
-    TWO: "2007f895a68e0cf3db37cff5fbe5c752ab1cb7b3af67a3141a886b90922f21e5",
-    RA: "cb954c60dcb72ec16b5945279c39841260a0e47e1344db9608b930917a445841",
+    TWO: "f147a599c0485554441c21747ed0ae3e1f0dd89c89f2bb581f7fb3b4556110b3",
+    RA: "526c8ed849fbe435925403755fe224dc090984a514fca383157331cf7e9299de",
 }
 
 # The flat objective knobs of SPEC §5.2, written out literally (the test below also checks the
@@ -247,7 +248,7 @@ def test_default_manifest_enabled_flags_per_variant():
     enabled = {v: {m.name: m.enabled for m in resolve_pipeline({}, v).objective} for v in (S1, TWO, RA)}
     assert enabled[S1] == {"token_ce": True, "bbox_geo": False, "coord_reg": True}
     assert enabled[TWO] == {"token_ce": True, "bbox_geo": True, "coord_reg": True}
-    assert enabled[RA] == {"token_ce": True, "bbox_geo": True, "coord_reg": False}
+    assert enabled[RA] == {"token_ce": True, "bbox_geo": True, "coord_reg": True}  # the coord gate alone
 
 
 def test_two_channel_defaults_without_flat_knobs():
@@ -260,7 +261,7 @@ def test_two_channel_defaults_without_flat_knobs():
     assert _cfg(r, "coord_reg") == {
         "coord_ce_weight": 0.0, "soft_ce_weight": 0.0, "self_context_soft_ce_weight": 0.05, "w1_weight": 0.0,
         "coord_entropy_weight": 0.0, "coord_el1_weight": 0.0, "coord_ehuber_weight": 0.0, "coord_huber_delta": 0.001,
-        "coord_gate_weight": 0.0, "text_gate_weight": 0.0, "temperature": 1.0, "target_sigma": 2.0, "target_truncate": None,
+        "coord_gate_weight": 1.0, "text_gate_weight": 0.0, "temperature": 1.0, "target_sigma": 2.0, "target_truncate": None,
     }
     assert dict(r.extra) == {"variant": TWO, "stage2_ab.coord_ctx_embed_mode": "st", "stage2_ab.coord_decode_mode": "exp"}
 

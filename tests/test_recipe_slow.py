@@ -63,6 +63,11 @@ def test_demo_configs_end_to_end(tmp_path, monkeypatch):
         assert finite(row["loss/total"])
     assert rows2[-1]["stage2/b_ratio_realized"] == pytest.approx(0.5)
     assert [r["step"] for r in rows2 if "eval/rollout/mAP" in r] == [10, 20]
+    # the guard of docs/training/STAGE2_RUNBOOK.md: Stage-2 never writes less valid CoordJSON than Stage-1
+    stage1_valid = rows[-1]["eval/rollout/parse_valid_rate"]
+    for row in rows2:
+        if "eval/rollout/parse_valid_rate" in row:
+            assert row["eval/rollout/parse_valid_rate"] >= stage1_valid, (row["step"], stage1_valid)
 
     train_stage2.main(["--config", str(STAGE2_ALIGNED_DEMO), *stage2_paths])
     rows3 = read_rows(runs / "demo_stage2_rollout_aligned")

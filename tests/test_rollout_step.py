@@ -35,3 +35,21 @@ def test_window_in_one_generate_call_equals_micro_batches_alone(tmp_path):
     # the window's generation time is reported once (on the first micro-batch)
     assert window[1].metrics["time/rollout_generate_s"] == 0.0
     assert window[0].metrics["rollout/matched_total"] + window[1].metrics["rollout/matched_total"] > 0
+    assert window[0].metrics["rollout/max_new_tokens_hit_count"] == 0.0
+
+
+def test_rollouts_cut_at_the_budget_are_counted(tmp_path):
+    env = make_env(tmp_path, num_train=2)
+    cut = FixedBackend(env.tokenizer, mixed_rollout_texts(env.records[:2]), finished=False)
+    got = prepare_rollout_batch(env.records[:2], encoder=env.encoder, backend=cut, coord_vocab=env.coord_vocab,
+                                pad_token_id=env.pad_id, **KW)
+    assert got.metrics["rollout/max_new_tokens_hit_count"] == 2.0
+
+
+def test_token_budget_warning_from_answer_lengths():
+    from rollout.step import token_budget_warning
+
+    assert token_budget_warning(96, []) is None
+    assert token_budget_warning(96, [20, 48]) is None  # 2 x 48 fits exactly
+    msg = token_budget_warning(96, [20, 49, 30])
+    assert "max_new_tokens=96" in msg and "49 tokens" in msg and ">= 98" in msg

@@ -73,7 +73,7 @@ def build_optimizer(
             raise ValueError(f"training.lr_mult.{part} must be > 0, got {mult} (to not train a part, set model.freeze.{part})")
     unknown = {parts.get(id(p)) for p in decay + no_decay} - set(lr_mult)
     if unknown:
-        raise ValueError(f"training.lr_mult has no multiplier for part(s) {sorted(unknown)}; known: {sorted(lr_mult)}")
+        raise ValueError(f"training.lr_mult has no multiplier for part(s) {sorted(map(str, unknown))}; known: {sorted(lr_mult)}")
     groups = []
     for part, mult in lr_mult.items():
         for params, wd in ((decay, float(weight_decay)), (no_decay, 0.0)):
