@@ -1,0 +1,45 @@
+"""scripts/research_shapes.py --quick: every arm trains, is evaluated on the held-out set, the doc
+table is written from the cells, and a rerun skips finished cells (plumbing only)."""
+
+from __future__ import annotations
+
+import json
+
+from scripts import research_shapes
+
+
+def test_mean_std_by_hand():
+    assert research_shapes._mean_std([1.0, 2.0, 3.0], 2) == "2.00 ± 1.00"  # sample std
+    assert research_shapes._mean_std([0.25], 3) == "0.250 ± 0.000"
+
+
+def test_quick_run_writes_the_table_and_resumes(tmp_path, monkeypatch):
+    out, doc = tmp_path / "r", tmp_path / "RESEARCH.md"
+    argv = ["--quick", "--seeds", "1", "--out-dir", str(out), "--doc", str(doc)]
+    results = research_shapes.main(argv)
+    assert list(results) == list(research_shapes.ARMS)
+    for arm in research_shapes.ARMS:
+        (cell,) = results[arm]
+        assert cell == json.loads((out / "seed0" / arm / "cell.json").read_text())
+        for key, _, _ in research_shapes.METRICS:
+            assert cell[key] >= 0.0, (arm, key)
+        assert (out / "seed0" / arm / "heldout_eval" / "predictions.jsonl").is_file()
+    # (c) and (d) are cumulative over the (b) run they continue from
+    assert results["coordexp+stage2"][0]["train_cpu_s"] > results["coordexp"][0]["train_cpu_s"]
+    assert results["coordexp+stage1"][0]["steps"] >= 1
+    text = doc.read_text()
+    assert "python scripts/research_shapes.py --quick --seeds 1" in text
+    for label in research_shapes.ARM_LABELS.values():
+        assert sum(line.startswith(f"| {label} |") for line in text.splitlines()) == 1
+    # the held-out images come from a generator seed no training run uses
+    train = [json.loads(x)["image"] for x in (out / "data_train" / "train.jsonl").read_text().splitlines()]
+    assert train and (out / "data_heldout" / "shapes_params.json").read_text().count('"seed": 777')
+
+    # resumable: finished cells are read back, nothing trains again
+    def no_training(*a, **k):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(research_shapes, "train_cell", no_training)
+    doc.unlink()
+    again = research_shapes.main(argv)
+    assert again == results and doc.read_text() == text
