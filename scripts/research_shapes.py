@@ -261,6 +261,26 @@ def render_table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def verdict(results: dict[str, list[dict]]) -> str:
+    """The two questions of the table, answered from its means (no hand-written numbers)."""
+    def mean(arm: str, key: str) -> float:
+        return statistics.fmean(r[key] for r in results[arm])
+
+    c_ap, d_ap = mean("coordexp+stage2", "AP50"), mean("coordexp+stage1", "AP50")
+    b_pv, c_pv = mean("coordexp", "parse_valid_rate"), mean("coordexp+stage2", "parse_valid_rate")
+    lines = [
+        f"- CoordExp vs CE-only Stage-1: AP50 {mean('coordexp', 'AP50'):.3f} vs {mean('ce', 'AP50'):.3f}, "
+        f"exp. coord err {mean('coordexp', 'coord_err'):.4f} vs {mean('ce', 'coord_err'):.4f}.",
+        f"- Stage-2 vs equal-compute Stage-1 on AP50, (c) vs (d): "
+        f"{'(c) higher' if c_ap > d_ap else '(d) higher' if d_ap > c_ap else 'equal (no separation at this size)'} "
+        f"({c_ap:.3f} vs {d_ap:.3f}).",
+        f"- Stage-2 kept the parse-valid rate of its Stage-1 start: {'yes' if c_pv >= b_pv else 'no'} "
+        f"({c_pv:.2f} vs {b_pv:.2f}); docs/training/STAGE2_RUNBOOK.md \"Guard metrics\" says what to watch and what "
+        "holds the format.",
+    ]
+    return "\n".join(lines)
+
+
 def write_doc(doc: Path, command: str, size: dict, seeds: int, results: dict[str, list[dict]],
               per_seed: dict[int, dict[str, dict]], extra: Sequence[str]) -> None:
     steps_d = [per_seed[s]["coordexp+stage1"]["steps"] for s in sorted(per_seed)]
@@ -285,6 +305,8 @@ cumulative for (c) and (d) (they include the (b) run they continue), measured on
 machine's load was.
 
 {render_table(results)}
+
+{verdict(results)}
 
 Per seed (arm: AP50 / mAP):
 
