@@ -268,3 +268,31 @@ def test_the_used_run_dir_refusal_suggests_a_resume_only_when_one_can_work(recip
     (tmp_path / "crashed" / "checkpoint-1" / "trainer_state.json").write_text("{}")
     with pytest.raises(FileExistsError, match="resume it with --set training.resume_from=latest"):
         train_stage1.main(argv)
+
+
+def test_disk_full_at_the_final_save_fails_clearly_and_cleans_up(recipe_env, tmp_path, monkeypatch):
+    """ENOSPC while the recipe writes optimizer.pt: one CheckpointError naming the run dir, no
+    checkpoint-2.tmp left, checkpoint-1 intact, the lock released."""
+    import errno
+
+    import training.checkpoint as ckpt_mod
+    from training.checkpoint import CheckpointError, verify_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def full_disk_at_second_save(obj, path, *args, **kwargs):
+        if str(path).endswith("optimizer.pt"):
+            saves["n"] += 1
+            if saves["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk_at_second_save)
+    with pytest.raises(CheckpointError, match=f"no space left on the device of {tmp_path / 'full'}.*resume_from=latest"):
+        train_stage1.main(_argv(recipe_env, tmp_path, "full", max_steps=2, training__save_every=1))
+    run_dir = tmp_path / "full"
+    assert not (run_dir / "checkpoint-2.tmp").exists() and not (run_dir / "checkpoint-2").exists()
+    verify_checkpoint(run_dir / "checkpoint-1")
+    assert not (run_dir / "run.lock").exists()

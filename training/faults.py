@@ -219,8 +219,9 @@ def acquire_run_lock(run_dir: str | Path) -> RunLock:
             if pid > 0 and _pid_alive(pid):
                 raise RunLockedError(
                     f"{run_dir} is in use by another training run: pid {pid} on this host ({host}) since "
-                    f"{holder.get('started', '?')} (lock file {path}). Pick another run.name, or wait for it to end; "
-                    "run.overwrite does not replace a running run."
+                    f"{holder.get('started', '?')} (lock file {path}). Pick another run.name, or wait for it to end "
+                    f"(`kill -TERM {pid}` stops it after its current step, with a checkpoint unless it runs with "
+                    "training.save_on_interrupt=false); run.overwrite does not replace a running run."
                 )
             # Stale: move it aside under a unique name; if what we moved is not the lock we judged (a
             # concurrent taker replaced it meanwhile), put it back and look again.
