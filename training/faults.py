@@ -98,6 +98,7 @@ class NonFiniteGuard:
     streak_start: int | None = None  # first optimizer step (1-based) of the current streak
     _loss_bad: bool = False
     _skipped: bool = False
+    _main: bool = True
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         self._loss_bad |= not bool(torch.isfinite(loss.detach()).all())
@@ -113,6 +114,7 @@ class NonFiniteGuard:
         self._loss_bad = False
         bad, *others = any_rank(accelerator, bad, *other_flags)
         self._skipped = bad
+        self._main = accelerator is None or accelerator.is_main_process
         return not bad, tuple(others)
 
     def record(self, done: int) -> float:
@@ -125,8 +127,9 @@ class NonFiniteGuard:
         self.streak += 1
         if self.streak_start is None:
             self.streak_start = done
-        logger.warning("step %d: non-finite loss or gradient norm, optimizer step skipped (%d in a row, %d in total)",
-                       done, self.streak, self.skipped_total)
+        if self._main:  # every rank took the same decision; say it once
+            logger.warning("step %d: non-finite loss or gradient norm, optimizer step skipped (%d in a row, %d in total)",
+                           done, self.streak, self.skipped_total)
         return 1.0
 
     def check_streak(self, done: int, newest_checkpoint: Callable[[], Any], lr: float) -> None:
