@@ -20,15 +20,15 @@ def test_guard_skips_counts_and_stops_after_a_streak():
     guard.observe_loss(torch.tensor(1.0))
     assert guard.step_is_finite(1.0)[0] is False
     assert guard.record(2) == 1.0
-    guard.check_streak(2, lambda: None, 1e-3)  # 1 < 2: goes on
+    guard.check_streak(2, lambda: None, "Lower training.lr")  # 1 < 2: goes on
     assert guard.step_is_finite(float("inf"))[0] is False  # grad norm alone
     assert guard.record(3) == 1.0
     with pytest.raises(NonFiniteError, match=r"2 optimizer steps in a row \(steps 2-3\).*no checkpoint"):
-        guard.check_streak(3, lambda: None, 1e-3)
+        guard.check_streak(3, lambda: None, "Lower training.lr")
     # a finite step ends the streak; the total stays
     assert guard.step_is_finite(1.0)[0] is True and guard.record(4) == 0.0
     assert (guard.streak, guard.skipped_total) == (0, 2)
-    guard.check_streak(4, lambda: None, 1e-3)
+    guard.check_streak(4, lambda: None, "Lower training.lr")
 
 
 def test_other_flags_ride_on_the_same_agreement():

@@ -132,7 +132,7 @@ class NonFiniteGuard:
                            done, self.streak, self.skipped_total)
         return 1.0
 
-    def check_streak(self, done: int, newest_checkpoint: Callable[[], Any], lr: float) -> None:
+    def check_streak(self, done: int, newest_checkpoint: Callable[[], Any], fix: str) -> None:
         """Raise :class:`NonFiniteError` once ``max_consecutive`` steps in a row were skipped."""
         if self.streak < self.max_consecutive:
             return
@@ -142,8 +142,7 @@ class NonFiniteGuard:
         raise NonFiniteError(
             f"training stopped at step {done}: {self.streak} optimizer steps in a row (steps {self.streak_start}-{done}) "
             f"had a non-finite loss or gradient norm and were skipped ({self.skipped_total} skipped in total); "
-            f"{where}. Lower training.lr (now {lr:g}) or the loss weights, set training.max_grad_norm, check the data, "
-            "or allow longer streaks with training.max_consecutive_nonfinite"
+            f"{where}. {fix}, or allow longer streaks with training.max_consecutive_nonfinite"
         )
 
 

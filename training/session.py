@@ -495,13 +495,13 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
             raise NonFiniteError(
                 f"step {done}: the model weights hold NaN/Inf values; checkpoint-{done} was not written "
                 f"({'newest finite checkpoint: ' + str(newest) if newest else 'no checkpoint was written'}). "
-                f"Lower training.lr (now {t.lr:g}) or the loss weights, or set training.max_grad_norm"
+                f"{_nonfinite_fix(t)}"
             )
         save_training_state(run.run_dir, accelerator=run.accelerator, model_save_fn=s.save_model,
                             optimizer=s.optimizer, scheduler=s.scheduler, step=done,
                             data_state=s.dataset.state_dict(), router_state=router_state,
                             save_total_limit=t.save_total_limit)
-    s.guard.check_streak(done, lambda: find_latest_checkpoint(run.run_dir), t.lr)
+    s.guard.check_streak(done, lambda: find_latest_checkpoint(run.run_dir), _nonfinite_fix(t))
     if stop:
         signum = s.interrupt.signum or signal.SIGTERM  # ranks that got no signal stop like the one that did
         message = (f"stopped by {signal.Signals(signum).name} after optimizer step {done} of {t.max_steps}: "
@@ -510,6 +510,12 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
         run.logger.error(message)
         raise TrainingInterrupted(message, signum)
     return metrics
+
+
+def _nonfinite_fix(t) -> str:
+    """What to change when the loss or the weights go non-finite (the knobs of this config)."""
+    clip = "" if t.max_grad_norm > 0 else ", set training.max_grad_norm (now 0: no clipping)"
+    return f"Lower training.lr (now {t.lr:g}) or the loss weights{clip}, check the data"
 
 
 def finish_run(run: RunContext, s: TrainingSetup) -> None:
