@@ -185,7 +185,7 @@ def build_rollout_sample(
 
     # The container's own `}` is the last answer character by construction; the string-aware scan
     # agrees because the parser delimits objects with the same rules (docs/ROLLOUT.md).
-    closure_char = find_outermost_closure(answer)
+    closure_char = find_outermost_closure(answer, parsed.container_start if parsed.container_found else 0)
     counters_extra = {}
     if closure_char != len(answer) - 1:
         counters_extra["closure_scan_mismatch"] = 1

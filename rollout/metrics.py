@@ -22,7 +22,7 @@ def rollout_counters(
     ``rollout/{gt,pred}_per_sample`` (means over samples), ``rollout/{precision,recall,f1}``,
     ``rollout/parse_valid_rate`` (fraction of samples whose container was found and closed with
     no object dropped), ``rollout/drop_<reason>_count`` for every reason in ``DROP_REASONS``,
-    ``rollout/{container_missing,eos_missing}_count``, and the internal
+    ``rollout/{container_missing,container_preamble,eos_missing}_count``, and the internal
     ``rollout/_parse_valid_num`` / ``rollout/_samples_den`` for an exact step-level rate.
     """
     if not len(parsed_list) == len(match_list) == len(gt_counts):
@@ -60,6 +60,7 @@ def rollout_counters(
         "rollout/f1": 2.0 * matched / (valid + gt) if valid + gt else 0.0,
         "rollout/parse_valid_rate": parse_valid / n if n else 0.0,
         "rollout/container_missing_count": float(sum(1 for p in parsed_list if not p.container_found)),
+        "rollout/container_preamble_count": float(sum(1 for p in parsed_list if p.has_preamble)),
         "rollout/eos_missing_count": float(sum(1 for p in parsed_list if not p.eos_found)),
         "rollout/_parse_valid_num": float(parse_valid),
         "rollout/_samples_den": float(n),

@@ -5,8 +5,12 @@ is turned into its own text piece, so a character offset maps to exactly one tok
 byte-level BPE pieces and fused tokens such as ``}",`` or ``]},``. The text is then scanned as
 CoordJSON with salvage rules:
 
-- the answer must start with ``{"objects": [`` (JSON whitespace allowed); otherwise
-  ``container_found`` is False and nothing else is parsed (never raised);
+- the container is the first ``{"objects": [`` (JSON whitespace allowed) in the text; text before
+  it (a preamble such as ``Answer: ``) is kept as untrained context (IGNORE chars,
+  ``container_start > 0``); with no container ``container_found`` is False and nothing else is
+  parsed (never raised);
+- an object must be exactly ``desc`` then ``bbox_2d``: ``bbox_2d`` first is dropped as
+  ``key_order``; a whitespace-only desc is ``missing_desc`` (as in the ground truth contract);
 - each array element ``{...}`` is delimited with the same string-aware brace/bracket stack as
   ``losses.tokens.find_outermost_closure`` (so the closure found later on the built answer is the
   container's own ``}``); a complete element is *kept* in the prefix whether it is valid or not
@@ -30,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data.coordjson import COORD_TOKEN_FMT
-from losses.registry import COORD, DESC, STRUCT
+from losses.registry import COORD, DESC, IGNORE, STRUCT
 from losses.tokens import char_span_to_tokens, find_outermost_closure
 from rollout.types import DROP_REASONS, ParsedObject, ParsedRollout
 
@@ -274,6 +278,7 @@ def _parse_object(sc: _Scanner, lo: int, hi: int):
     desc_span: tuple[int, int] | None = None
     coords: list[tuple[int, int]] = []  # (token index, bin)
     seen: set[str] = set()
+    order: list[str] = []  # desc / bbox_2d keys in the order written
     inner_hi = hi - 1  # position of the closing '}'
     text = sc.text
     try:
@@ -289,6 +294,8 @@ def _parse_object(sc: _Scanner, lo: int, hi: int):
                 dup = key in seen
                 if dup or key not in ("desc", "bbox_2d"):
                     reasons.add("unexpected_keys")
+                else:
+                    order.append(key)
                 seen.add(key)
                 if key == "desc" and not dup:
                     if p < inner_hi and text[p] == '"':
@@ -297,7 +304,7 @@ def _parse_object(sc: _Scanner, lo: int, hi: int):
                         desc_span = (p + 1, v_end - 1)
                         if any(lo_c in sc.coord_at for lo_c in range(p + 1, v_end - 1)):
                             reasons.add("coord_in_desc")
-                        if desc == "":
+                        if not desc.strip():
                             reasons.add("missing_desc")
                         p = v_end
                     else:
@@ -338,6 +345,8 @@ def _parse_object(sc: _Scanner, lo: int, hi: int):
                 p = sc.ws(p + 1, inner_hi)
     except _BadJSON:
         reasons.add("bad_json")
+    if order == ["bbox_2d", "desc"]:
+        reasons.add("key_order")
     if "desc" not in seen or desc_span is None:
         reasons.add("missing_desc")
     if "bbox_2d" not in seen:
@@ -350,6 +359,36 @@ def _parse_object(sc: _Scanner, lo: int, hi: int):
             reasons.add("bbox_invalid")
     reason = next((r for r in DROP_REASONS if r in reasons), None)
     return desc, desc_span, coords, reason
+
+
+def _opening_end(sc: _Scanner, p: int) -> int | None:
+    """End of ``{"objects": [`` (JSON whitespace allowed) when it starts exactly at ``p``, else None."""
+    text = sc.text
+    if not text.startswith("{", p):
+        return None
+    p = sc.ws(p + 1)
+    if not text.startswith('"objects"', p):
+        return None
+    p = sc.ws(p + len('"objects"'))
+    if not text.startswith(":", p):
+        return None
+    p = sc.ws(p + 1)
+    return p + 1 if text.startswith("[", p) else None
+
+
+def _find_container(sc: _Scanner) -> tuple[int, int | None]:
+    """(char of the first container's ``{``, char after its ``[``), or ``(0, None)`` without one.
+
+    Leading whitespace is not a preamble (the container "starts" at char 0).
+    """
+    first = sc.ws(0)
+    brace = sc.text.find("{", first)
+    while brace != -1:
+        end = _opening_end(sc, brace)
+        if end is not None:
+            return (0 if brace == first else brace), end
+        brace = sc.text.find("{", brace + 1)
+    return 0, None
 
 
 def parse_rollout(
@@ -396,19 +435,11 @@ def parse_rollout(
     stop = "no_container"
     stop_at = 0
 
-    p = sc.ws(0)
-    opening_ok = False
-    if text.startswith("{", p):
-        p = sc.ws(p + 1)
-        if text.startswith('"objects"', p):
-            p = sc.ws(p + len('"objects"'))
-            if text.startswith(":", p):
-                p = sc.ws(p + 1)
-                if text.startswith("[", p):
-                    opening_ok = True
-                    p += 1
-    if opening_ok:
+    container_start, p = _find_container(sc)
+    if p is not None:
         container_found = True
+        for i in range(container_start):  # a preamble is context, never a training target
+            char_types[i] = IGNORE
         cut_char = p
         while True:
             p = sc.ws(p)
@@ -500,6 +531,7 @@ def parse_rollout(
         cut_suffix=text[kept_end:cut_char],
         stop_reason=stop,
         trailing_text=text[stop_at:],
+        container_start=container_start if container_found else 0,
     )
 
 

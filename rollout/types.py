@@ -19,7 +19,8 @@ DROP_REASONS: tuple[str, ...] = (
     "truncated",  # the generation ended inside the object (not kept in the prefix)
     "bad_json",  # the object's inside is not `"key": value` pairs, or a string has a bad escape
     "unexpected_keys",  # a key other than desc / bbox_2d, or a key given twice
-    "missing_desc",  # no desc key, desc not a string, or an empty desc
+    "key_order",  # bbox_2d written before desc (the contract is exactly desc, then bbox_2d)
+    "missing_desc",  # no desc key, desc not a string, or an empty / whitespace-only desc
     "coord_in_desc",  # a coord token inside the desc string
     "missing_bbox",  # no bbox_2d key, or bbox_2d is not a list
     "non_coord_token",  # a bbox element that is not one genuine coord token (numbers, spelled-out text)
@@ -79,8 +80,12 @@ class ParsedRollout:
                       (``len == n_text_tokens``); a multi-byte character split over byte-level
                       tokens belongs to the token that completes it
     char_types:       registry token type per char of ``text``: COORD on genuine coord tokens, DESC
-                      inside the desc strings of complete objects, STRUCT elsewhere
-    container_found:  ``{"objects": [`` was found at the start
+                      inside the desc strings of complete objects, IGNORE on a preamble before the
+                      container, STRUCT elsewhere
+    container_found:  ``{"objects": [`` was found (at the start, or after a preamble)
+    container_start:  char offset of the container's ``{``; > 0 when other text (a preamble such as
+                      ``Answer: ``) came first: the first container is salvaged, the preamble is kept
+                      in the prefix as untrained context (IGNORE)
     closed:           the container closed with ``]}``
     eos_found / eos_pos: whether / where (token index) the eos token was generated
     objects:          every object the scan met, in order
@@ -106,6 +111,12 @@ class ParsedRollout:
     cut_suffix: str
     stop_reason: str
     trailing_text: str = ""
+    container_start: int = 0
+
+    @property
+    def has_preamble(self) -> bool:
+        """The container was found after other text (``container_start > 0``)."""
+        return self.container_found and self.container_start > 0
 
     @property
     def n_text_tokens(self) -> int:
@@ -139,8 +150,8 @@ class ParsedRollout:
 
     @property
     def parse_valid(self) -> bool:
-        """Container found and closed, no object dropped for any reason."""
-        return self.container_found and self.closed and all(o.valid for o in self.objects)
+        """Container found at the start (no preamble) and closed, no object dropped for any reason."""
+        return self.container_found and not self.has_preamble and self.closed and all(o.valid for o in self.objects)
 
 
 @dataclass(frozen=True)

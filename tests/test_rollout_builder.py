@@ -240,6 +240,25 @@ def test_no_container_equals_gt_teacher_forcing(env, png):
     assert s.meta.prefix_len == 0 and len(s.meta.bbox_groups_fn) == 3 and s.meta.cut_suffix == ""
 
 
+def test_preamble_is_kept_as_untrained_context(env, png):
+    tok, cv, enc, name = env
+    a = pred("black cat", 110, 100, 300, 310)
+    preamble = 'Answer (a "list" {of} boxes): '
+    gen_text = preamble + '{"objects": [' + a + "]}" + IM_END
+    s, parsed, match, _ = build(env, png, gen_text, [GT0, GT1])
+    check_sample_invariants(s, tok)
+    assert parsed.container_found and parsed.container_start == len(preamble) and match.pairs == [(0, 0)]
+    assert "closure_scan_mismatch" not in s.meta.counters  # the closure scan starts at the container
+    assert answer_text(tok, s) == preamble + '{"objects": [' + a + ", " + render_answer([GT1]).text[13:]
+    P = s.prompt_len
+    pre_tokens = [t for t, (b, e) in enumerate(parsed.token_offsets) if e <= len(preamble)]
+    assert pre_tokens and all(s.token_types[P + t] == IGNORE for t in pre_tokens)
+    # nothing in the preamble is supervised: struct/desc CE weights are 0 there
+    m = masks(s, TokenCEWeights())
+    assert all(m.struct[0][P + t] == 0 and m.desc[0][P + t] == 0 for t in pre_tokens)
+    assert all(P + t not in s.meta.prefix_struct_pos for t in pre_tokens)
+
+
 def test_empty_container_and_fused_cut(env, png):
     tok, cv, enc, name = env
     s, parsed, match, _ = build(env, png, '{"objects": []}' + IM_END, [GT0])
@@ -337,6 +356,11 @@ def test_rollout_counters(png):
     assert out["rollout/drop_wrong_arity_count"] == 1 and out["rollout/drop_bbox_invalid_count"] == 1
     assert out["rollout/drop_truncated_count"] == 1 and out["rollout/drop_bad_json_count"] == 0
     assert out["rollout/container_missing_count"] == 1 and out["rollout/eos_missing_count"] == 2
+    assert out["rollout/container_preamble_count"] == 0
+    pre = parse_rollout(tok("Answer: " + texts[0], add_special_tokens=False)["input_ids"], tok, cv)
+    out2 = rollout_counters([pre], [matches[0]], [2])
+    assert out2["rollout/container_preamble_count"] == 1 and out2["rollout/parse_valid_rate"] == 0.0
+    assert out2["rollout/matched_total"] == 1
     from training.aggregator import check_metric_key
 
     for k in out:

@@ -7,7 +7,7 @@ import functools
 import pytest
 
 from data.coordjson import coord_token
-from losses.registry import COORD, DESC, STRUCT
+from losses.registry import COORD, DESC, IGNORE, STRUCT
 from model.tiny import build_tiny_tokenizer
 from model.vocab import coord_vocab_from_tokenizer
 from rollout.parser import parse_rollout, token_pieces
@@ -168,6 +168,9 @@ def test_invalid_object_in_the_middle(tk):
         ('{"bbox_2d": [' + C(1, 2, 3, 4) + "]}", "missing_desc"),
         ('{"desc": "", "bbox_2d": [' + C(1, 2, 3, 4) + "]}", "missing_desc"),
         ('{"desc": 7, "bbox_2d": [' + C(1, 2, 3, 4) + "]}", "missing_desc"),
+        ('{"desc": " \\t ", "bbox_2d": [' + C(1, 2, 3, 4) + "]}", "missing_desc"),  # whitespace only, as GT
+        ('{"desc": "   ", "bbox_2d": [' + C(1, 2, 3, 4) + "]}", "missing_desc"),
+        ('{"bbox_2d": [' + C(1, 2, 3, 4) + '], "desc": "x"}', "key_order"),
         ('{"desc": "x"}', "missing_bbox"),
         ('{"desc": "x", "bbox_2d": [' + C(1, 2, 3, 4) + '], "score": 1}', "unexpected_keys"),
         ('{"desc": "x", "desc": "y", "bbox_2d": [' + C(1, 2, 3, 4) + "]}", "unexpected_keys"),
@@ -186,6 +189,38 @@ def test_drop_reasons(body, reason):
     first = pr.objects[0]
     assert first.drop_reason == reason and not first.valid and first.kept
     assert pr.drop_reasons.get(reason, 0) >= 1
+
+
+def test_key_order_violation_is_counted_and_not_a_prediction():
+    tok, cv = _tok("qwen")
+    swapped = '{"bbox_2d": [' + C(1, 2, 3, 4) + '], "desc": "x"}'
+    text = '{"objects": [' + swapped + ", " + B + "]}"
+    pr = parse_rollout(ids_of(tok, text + IM_END), tok, cv)
+    assert [o.drop_reason for o in pr.objects] == ["key_order", None]
+    assert pr.pred_bins == [(5, 6, 50, 60)] and pr.drop_reasons == {"key_order": 1} and not pr.parse_valid
+
+
+@pytest.mark.parametrize("preamble", ["Answer: ", "Sure! Here are the boxes:\n", 'The "result" {is}: ', "  x "])
+def test_text_before_the_container_salvages_the_first_container(tk, preamble):
+    tok, cv, _ = tk
+    text = preamble + '{"objects": [' + A + ", " + B + ']} then {"objects": [' + B + "]}"
+    ids = ids_of(tok, text + IM_END)
+    pr = parse_rollout(ids, tok, cv)
+    check_invariants(pr, ids)
+    start = len(preamble)
+    assert pr.container_found and pr.container_start == start and pr.has_preamble
+    assert pr.closed and pr.stop_reason == "closed" and pr.trailing_text == ' then {"objects": [' + B + "]}"
+    assert [o.desc for o in pr.valid_objects] == ["black cat", "dog"]
+    assert pr.objects[0].char_start == start + len('{"objects": [')
+    assert set(pr.char_types[:start]) == {IGNORE} and pr.char_types[start] == STRUCT
+    assert kept_text(tok, cv, ids, pr) == preamble + '{"objects": [' + A + ", " + B
+    assert not pr.parse_valid  # a preamble is a format violation, even though the objects are used
+
+
+def test_leading_whitespace_is_not_a_preamble(tk):
+    tok, cv, _ = tk
+    pr = parse_rollout(ids_of(tok, '  {"objects": [' + A + "]}" + IM_END), tok, cv)
+    assert pr.container_found and pr.container_start == 0 and not pr.has_preamble and pr.parse_valid
 
 
 def test_spelled_out_coord_text_is_not_a_coord_token():
