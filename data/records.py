@@ -290,6 +290,18 @@ def parse_record(
     )
 
 
+def iter_utf8_lines(path: str | os.PathLike):
+    """``(lineno, text, None)`` per line of ``path`` (1-based), or ``(lineno, None, detail)`` for a line that
+    is not UTF-8, so one bad line is reported with its number (and can be skipped) instead of a bare
+    ``UnicodeDecodeError`` for the whole file. Lines are split on ``\\n`` only; text keeps its line end."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                yield lineno, None, f"line is not UTF-8 (byte {raw[e.start]:#04x} at byte offset {e.start}); re-encode the file as UTF-8"
+
+
 def read_jsonl(
     path: str | os.PathLike,
     *,
@@ -319,62 +331,53 @@ def read_jsonl(
     report = DataReport(path=path)
     records: list[Record] = []
     seen_ids: dict[str, str] = {}
-    with open(path, "rb") as fh:
-        for lineno, raw_line in enumerate(fh, start=1):
-            source = f"{path}:{lineno}"
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line = None
-                bad = DataError(
-                    source, "<line>", "not_utf8",
-                    f"line is not UTF-8 (byte {raw_line[e.start]:#04x} at byte offset {e.start}); re-encode the file as UTF-8",
-                )
-            if line is not None and not line.strip():
-                report.blank_lines += 1
-                continue
-            report.lines += 1
-            try:
-                if line is None:
-                    raise bad
-                rec = parse_record(
-                    line,
+    for lineno, line, not_utf8 in iter_utf8_lines(path):
+        source = f"{path}:{lineno}"
+        if line is not None and not line.strip():
+            report.blank_lines += 1
+            continue
+        report.lines += 1
+        try:
+            if line is None:
+                raise DataError(source, "<line>", "not_utf8", not_utf8)
+            rec = parse_record(
+                line,
+                source,
+                base_dir=base_dir,
+                coords=coords,
+                object_order=object_order,
+                check_images=check_images,
+            )
+            if rec.image_id in seen_ids:
+                raise DataError(
                     source,
-                    base_dir=base_dir,
-                    coords=coords,
-                    object_order=object_order,
-                    check_images=check_images,
+                    "image_id",
+                    "duplicate_image_id",
+                    f"{rec.image_id!r} already used at {seen_ids[rec.image_id]}; give each line a unique image_id",
                 )
-                if rec.image_id in seen_ids:
-                    raise DataError(
-                        source,
-                        "image_id",
-                        "duplicate_image_id",
-                        f"{rec.image_id!r} already used at {seen_ids[rec.image_id]}; give each line a unique image_id",
-                    )
-            except DataError as e:
-                if not skip_invalid:
-                    raise
-                report.skipped[e.reason] += 1
-                if len(report.skipped_examples) < 20:
-                    report.skipped_examples.append(str(e))
-                continue
-            seen_ids[rec.image_id] = source
-            if max_objects is not None and len(rec.objects) > max_objects:
-                report.truncated_records += 1
-                report.truncated_objects += len(rec.objects) - max_objects
-                rec = Record(
-                    image_path=rec.image_path,
-                    width=rec.width,
-                    height=rec.height,
-                    objects=rec.objects[:max_objects],
-                    image_id=rec.image_id,
-                    source=rec.source,
-                )
-            records.append(rec)
-            report.records += 1
-            report.objects += len(rec.objects)
-            report.empty_records += int(not rec.objects)
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            report.skipped[e.reason] += 1
+            if len(report.skipped_examples) < 20:
+                report.skipped_examples.append(str(e))
+            continue
+        seen_ids[rec.image_id] = source
+        if max_objects is not None and len(rec.objects) > max_objects:
+            report.truncated_records += 1
+            report.truncated_objects += len(rec.objects) - max_objects
+            rec = Record(
+                image_path=rec.image_path,
+                width=rec.width,
+                height=rec.height,
+                objects=rec.objects[:max_objects],
+                image_id=rec.image_id,
+                source=rec.source,
+            )
+        records.append(rec)
+        report.records += 1
+        report.objects += len(rec.objects)
+        report.empty_records += int(not rec.objects)
     if report.lines == 0:
         raise DataError(
             path, "<file>", "empty_file",

@@ -18,6 +18,11 @@ record (or the ``coords=`` argument) says ``"bins"``, integer bins 0..999 that a
 converted with ``pixel = bin / 999 * size`` (SPEC §2). A missing ``score`` is 1.0.
 Other keys (``raw_text``, ``parse_valid`` ...) are carried by the JSONL but ignored here.
 
+A malformed *prediction* (not a mapping, missing desc/bbox_2d, a bbox_2d that is not 4 finite
+numbers such as nested points ``[[1, 2], [10, 12]]``, a score that is not a finite number in
+[0, 1]) is dropped and counted (``pred_invalid_count`` and ``pred_invalid_<reason>_count``):
+one bad model output never aborts an evaluation. A malformed GT object or record is an error.
+
 Categories are the distinct *normalised* GT desc strings (strip, lower-case, collapse
 runs of whitespace). A predicted desc outside that set cannot match any GT; it is
 counted in ``pred_unknown_desc_count`` and is a false positive for F1 (COCO AP
@@ -48,10 +53,18 @@ COCO_METRIC_NAMES: tuple[str, ...] = (
     "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
 )  # fmt: skip
 
-# COCO's area ranges (pixels²) used to count GT per size bucket, so an APs of 0.0
-# can be told apart from "no small GT at all" (COCO's -1, reported as 0.0 here).
+# COCO's area ranges (pixels²) used to count GT per size bucket.
 _SMALL_MAX = 32.0**2
 _MEDIUM_MAX = 96.0**2
+# Size-range metrics and their pycocotools area range (inclusive at both ends, as COCOeval
+# ignores GT with area < lo or > hi). With no GT in the range the metric is not evaluated and
+# is reported as NOT_EVALUATED (-1), as pycocotools does: a 0.0 there would be a false measurement.
+NOT_EVALUATED = -1.0
+_AREA_RANGES = {"small": (0.0, _SMALL_MAX), "medium": (_SMALL_MAX, _MEDIUM_MAX), "large": (_MEDIUM_MAX, math.inf)}
+AREA_METRICS: dict[str, str] = {"APs": "small", "APm": "medium", "APl": "large",
+                                "ARs": "small", "ARm": "medium", "ARl": "large"}  # fmt: skip
+# Why a prediction was dropped at ingestion (counter ``pred_invalid_<reason>_count``).
+PRED_INVALID_REASONS: tuple[str, ...] = ("object", "box", "score")
 
 _WS = re.compile(r"\s+")
 
@@ -91,6 +104,7 @@ class DetectionRecord:
     pred: tuple[DetectionObject, ...] = ()
     coords: str = "pixel"
     image: str | None = None
+    pred_invalid: tuple[str, ...] = ()  # reasons (PRED_INVALID_REASONS) of predictions dropped at ingestion
 
 
 @dataclass
@@ -98,8 +112,9 @@ class DetectionReport:
     """Result of :func:`evaluate_detection`.
 
     metrics: ``AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl`` (COCO,
-        in [0, 1]; COCO's "undefined" -1 is reported as 0.0, see the ``gt_*_count``
-        counters) plus ``F1@<iou>``, ``precision@<iou>``, ``recall@<iou>``.
+        in [0, 1]; a size-range metric is ``NOT_EVALUATED`` = -1 when the set has no GT in
+        that range, like pycocotools; see also the ``gt_*_count`` counters) plus
+        ``F1@<iou>``, ``precision@<iou>``, ``recall@<iou>``.
     per_category: normalised GT desc -> AP (IoU .50:.95, all areas, 100 dets).
     counters: integer counts (images, objects, unknown descs, degenerate boxes, F1 TP/FP/FN ...).
     """
@@ -115,17 +130,25 @@ class DetectionReport:
 
 
 # --------------------------------------------------------------------------- parsing
+class InvalidObject(ValueError):
+    """A GT or predicted object that cannot be evaluated; ``reason`` is one of ``PRED_INVALID_REASONS``."""
+
+    def __init__(self, where: str, reason: str, msg: str):
+        self.reason = reason
+        super().__init__(f"{where}: {msg}")
+
+
 def _fail(where: str, msg: str) -> ValueError:
     return ValueError(f"{where}: {msg}")
 
 
 def _parse_box(value: Any, where: str) -> tuple[float, float, float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 4:
-        raise _fail(where, f"bbox_2d must be a list of 4 numbers [x1, y1, x2, y2], got {value!r}")
+        raise InvalidObject(where, "box", f"bbox_2d must be a list of 4 numbers [x1, y1, x2, y2], got {value!r}")
     out = []
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-            raise _fail(where, f"bbox_2d must hold 4 finite numbers, got {value!r}")
+            raise InvalidObject(where, "box", f"bbox_2d must hold 4 finite numbers, got {value!r}")
         out.append(float(v))
     return (out[0], out[1], out[2], out[3])
 
@@ -134,17 +157,28 @@ def _parse_object(obj: Any, where: str, is_pred: bool) -> DetectionObject:
     if isinstance(obj, DetectionObject):
         return obj
     if not isinstance(obj, Mapping):
-        raise _fail(where, f"object must be a mapping with desc and bbox_2d, got {type(obj).__name__}")
+        raise InvalidObject(where, "object", f"object must be a mapping with desc and bbox_2d, got {type(obj).__name__}")
     if "desc" not in obj or "bbox_2d" not in obj:
-        raise _fail(where, f"object needs keys 'desc' and 'bbox_2d', got keys {sorted(obj)}")
+        raise InvalidObject(where, "object", f"object needs keys 'desc' and 'bbox_2d', got keys {sorted(obj)}")
     score = None
     if is_pred:
         raw = obj.get("score", None)
         if raw is not None:
-            if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(float(raw)):
-                raise _fail(where, f"score must be a finite number, got {raw!r}")
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0.0 <= float(raw) <= 1.0:
+                raise InvalidObject(where, "score", f"score must be a finite number in [0, 1], got {raw!r}")
             score = float(raw)
     return DetectionObject(desc=str(obj["desc"]), bbox_2d=_parse_box(obj["bbox_2d"], where), score=score)
+
+
+def _parse_preds(items: Sequence[Any], where: str) -> tuple[tuple[DetectionObject, ...], tuple[str, ...]]:
+    """Valid predictions, and the reasons of the ones dropped (a bad model output is counted, not fatal)."""
+    kept, dropped = [], []
+    for i, o in enumerate(items):
+        try:
+            kept.append(_parse_object(o, f"{where} pred[{i}]", is_pred=True))
+        except InvalidObject as e:
+            dropped.append(e.reason)
+    return tuple(kept), tuple(dropped)
 
 
 def to_detection_record(rec: Mapping | DetectionRecord, *, coords: str = "pixel", where: str = "record") -> DetectionRecord:
@@ -176,17 +210,22 @@ def to_detection_record(rec: Mapping | DetectionRecord, *, coords: str = "pixel"
             items = []
         if not isinstance(items, (list, tuple)):
             raise _fail(where, f"{key!r} must be a list of objects, got {type(items).__name__}")
-        lists[key] = tuple(
-            _parse_object(o, f"{where} {key}[{i}]", is_pred=(key == "pred")) for i, o in enumerate(items)
-        )
+        lists[key] = items
+    gt = tuple(_parse_object(o, f"{where} gt[{i}]", is_pred=False) for i, o in enumerate(lists["gt"]))
+    pred, pred_invalid = _parse_preds(lists["pred"], where)
+    # Drops already counted by read_predictions (which hands on only the valid predictions).
+    carried = rec.get("pred_invalid", [])
+    if not isinstance(carried, (list, tuple)) or any(r not in PRED_INVALID_REASONS for r in carried):
+        raise _fail(where, f"pred_invalid must be a list of {PRED_INVALID_REASONS}, got {carried!r}")
     return DetectionRecord(
         image_id=rec["image_id"],
         width=int(width) if float(width).is_integer() else width,
         height=int(height) if float(height).is_integer() else height,
-        gt=lists["gt"],
-        pred=lists["pred"],
+        gt=gt,
+        pred=pred,
         coords=mode,
         image=rec.get("image"),
+        pred_invalid=tuple(carried) + pred_invalid,
     )
 
 
@@ -297,8 +336,14 @@ def _run_coco(
     return np.asarray(ev.stats, dtype=np.float64), np.asarray(ev.eval["precision"])
 
 
-def _zero_metrics(f1_keys: tuple[str, str, str]) -> dict[str, float]:
+def _zero_metrics(f1_keys: tuple[str, str, str], gt_areas: Sequence[float]) -> dict[str, float]:
+    """Metrics when COCO does not run (no GT or no predictions): 0.0, or NOT_EVALUATED for a size
+    range without GT (what pycocotools would report)."""
     out = {k: 0.0 for k in COCO_METRIC_NAMES}
+    for name, bucket in AREA_METRICS.items():
+        lo, hi = _AREA_RANGES[bucket]
+        if not any(lo <= a <= hi for a in gt_areas):
+            out[name] = NOT_EVALUATED
     for k in f1_keys:
         out[k] = 0.0
     return out
@@ -323,7 +368,8 @@ def evaluate_detection(
             GT of highest IoU >= f1_iou; unknown-desc predictions are false positives).
         coords: default box unit for records without a ``coords`` key: ``"pixel"`` or ``"bins"``.
 
-    An empty prediction set (or no GT at all) gives 0.0 metrics, not an exception.
+    An empty prediction set (or no GT at all) gives 0.0 metrics, not an exception; a size-range
+    metric (APs/APm/APl/ARs/ARm/ARl) with no GT in its range is ``NOT_EVALUATED`` (-1).
     """
     if iou_type != "bbox":
         raise ValueError(f"iou_type must be 'bbox' (the only type CoordExp predicts), got {iou_type!r}")
@@ -357,6 +403,8 @@ def evaluate_detection(
         "pred_unknown_desc_count": 0,
         "pred_degenerate_count": 0,
         "pred_default_score_count": 0,
+        "pred_invalid_count": 0,
+        **{f"pred_invalid_{reason}_count": 0 for reason in PRED_INVALID_REASONS},
         "gt_degenerate_count": 0,
         "gt_small_count": 0,
         "gt_medium_count": 0,
@@ -372,6 +420,9 @@ def evaluate_detection(
         images.append({"id": img_idx, "width": r.width, "height": r.height})
         counters["gt_objects"] += len(r.gt)
         counters["pred_objects"] += len(r.pred)
+        counters["pred_invalid_count"] += len(r.pred_invalid)
+        for reason in r.pred_invalid:
+            counters[f"pred_invalid_{reason}_count"] += 1
         counters["images_without_pred_count"] += int(len(r.pred) == 0)
         counters["images_without_gt_count"] += int(len(r.gt) == 0)
         gts_img = []
@@ -409,12 +460,13 @@ def evaluate_detection(
         counters["f1_fp_count"] += len(r.pred) - tp  # unknown-desc predictions are FP too
         counters["f1_fn_count"] += len(r.gt) - tp
 
-    metrics = _zero_metrics(f1_keys)
+    metrics = _zero_metrics(f1_keys, [a["area"] for a in gt_anns])
     per_category = {name: 0.0 for name in cat_names}
     if gt_anns and dt_anns:
         stats, precision = _run_coco(backend, images, [{"id": i, "name": n} for n, i in cat_ids.items()], gt_anns, dt_anns)
         for name, v in zip(COCO_METRIC_NAMES, stats):
-            metrics[name] = float(v) if v >= 0 else 0.0
+            # -1 = no GT in this size range (not evaluated); the overall metrics always have GT here.
+            metrics[name] = float(v) if v >= 0 else (NOT_EVALUATED if name in AREA_METRICS else 0.0)
         # precision: [T iou, R recall, K cat, A area(all=0), M maxDets(100=last)]
         for name, cid in cat_ids.items():
             p = precision[:, :, cid - 1, 0, -1]
@@ -459,21 +511,63 @@ def write_predictions_jsonl(path: str | Path, records: Sequence[Mapping | Detect
     return path
 
 
-def read_predictions_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read predictions.jsonl; every line is validated, errors name ``file:line``."""
+@dataclass
+class PredictionsRead:
+    """What :func:`read_predictions` kept and skipped (lenient mode only skips)."""
+
+    records: list[dict[str, Any]]
+    lines_skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)  # first messages (file:line: ...)
+
+
+def read_predictions(path: str | Path, *, lenient: bool = False) -> PredictionsRead:
+    """Read predictions.jsonl; every line is validated and errors name ``file:line``.
+
+    Strict (default): the first invalid line (not UTF-8, not JSON, a record that fails
+    :func:`to_detection_record`: missing image_id/width/height, malformed GT ...) raises
+    ``ValueError`` with ``file:line``. ``lenient=True`` skips such lines and counts them
+    (``lines_skipped``; the first 20 messages kept). Malformed *predictions* inside a valid line
+    are dropped and counted in either mode (``pred_invalid_count``).
+    """
+    from data.records import iter_utf8_lines
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"predictions file not found: {path}")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
+    out = PredictionsRead(records=[])
+    for lineno, line, not_utf8 in iter_utf8_lines(path):
+        if line is not None and not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            if line is None:
+                raise ValueError(f"{where}: {not_utf8}")
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-            to_detection_record(obj, where=where)  # validate now so errors carry file:line
-            out.append(obj)
+            det = to_detection_record(obj, where=where)  # validate now so errors carry file:line
+        except ValueError as e:
+            if not lenient:
+                raise ValueError(f"{e}; fix the line, or evaluate with --lenient to skip and count such lines") from e
+            out.lines_skipped += 1
+            if len(out.skipped_examples) < 20:
+                out.skipped_examples.append(str(e))
+            continue
+        if det.pred_invalid:  # keep the count through the dict form the callers evaluate
+            obj = {**obj, "pred": [o for o in obj["pred"] if _is_valid_pred(o)], "pred_invalid": list(det.pred_invalid)}
+        out.records.append(obj)
     return out
+
+
+def _is_valid_pred(obj: Any) -> bool:
+    try:
+        _parse_object(obj, "", is_pred=True)
+    except InvalidObject:
+        return False
+    return True
+
+
+def read_predictions_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read predictions.jsonl strictly (:func:`read_predictions`); the records as dicts."""
+    return read_predictions(path).records

@@ -1,28 +1,48 @@
 """Offline evaluator: predictions.jsonl -> COCO report (same helper as the in-loop eval).
 
-    python -m eval.evaluate --predictions runs/x/eval/step_100/predictions.jsonl [--out metrics.json]
+    python -m eval.evaluate --predictions runs/x/eval/step_100/predictions.jsonl [--out metrics.json] [--lenient]
 
 Prints the metrics, the counters and a per-category AP table; writes the full report
-as JSON when ``--out`` is given.
+as JSON when ``--out`` is given. Strict by default: an invalid line stops with ``file:line``;
+``--lenient`` skips such lines and counts them (``lines_skipped_count``). A malformed
+prediction inside a valid line is always dropped and counted (``pred_invalid_count``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.detection import BACKENDS, COORD_MODES, DetectionReport, evaluate_detection, read_predictions_jsonl
+from eval.detection import (
+    AREA_METRICS,
+    BACKENDS,
+    COORD_MODES,
+    NOT_EVALUATED,
+    DetectionReport,
+    evaluate_detection,
+    read_predictions,
+)
 
 
 def evaluate_file(
-    predictions: str | Path, *, backend: str = "pycocotools", f1_iou: float = 0.5, coords: str = "pixel"
+    predictions: str | Path, *, backend: str = "pycocotools", f1_iou: float = 0.5, coords: str = "pixel",
+    lenient: bool = False,
 ) -> DetectionReport:
-    """Read a predictions.jsonl and run :func:`eval.detection.evaluate_detection` on it."""
-    records = read_predictions_jsonl(predictions)
-    return evaluate_detection(records, backend=backend, f1_iou=f1_iou, coords=coords)
+    """Read a predictions.jsonl and run :func:`eval.detection.evaluate_detection` on it.
+
+    ``lenient``: skip invalid lines (counted in ``counters["lines_skipped_count"]``, the first
+    messages printed to stderr) instead of raising with ``file:line``.
+    """
+    read = read_predictions(predictions, lenient=lenient)
+    for message in read.skipped_examples:
+        print(f"skipped: {message}", file=sys.stderr)
+    report = evaluate_detection(read.records, backend=backend, f1_iou=f1_iou, coords=coords)
+    report.counters["lines_skipped_count"] = read.lines_skipped
+    return report
 
 
 def write_metrics_json(path: str | Path, report: DetectionReport, extra: Mapping[str, Any] | None = None) -> Path:
@@ -40,7 +60,8 @@ def format_report(report: DetectionReport) -> str:
     """Human-readable report: metrics, counters, per-category AP (descending)."""
     lines = ["metrics:"]
     for k, v in report.metrics.items():
-        lines.append(f"  {k:<14} {v:.4f}")
+        note = f"  (not evaluated: no {AREA_METRICS[k]} GT)" if k in AREA_METRICS and v == NOT_EVALUATED else ""
+        lines.append(f"  {k:<14} {v:.4f}{note}")
     lines.append("counters:")
     for k, v in report.counters.items():
         lines.append(f"  {k:<26} {v}")
@@ -60,12 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="pycocotools", choices=BACKENDS)
     p.add_argument("--f1-iou", type=float, default=0.5, help="IoU threshold of F1/precision/recall (default 0.5)")
     p.add_argument("--coords", default="pixel", choices=COORD_MODES, help="box unit of records without a 'coords' key")
+    p.add_argument("--lenient", action="store_true",
+                   help="skip invalid lines and count them (lines_skipped_count) instead of stopping at the first with file:line")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    report = evaluate_file(args.predictions, backend=args.backend, f1_iou=args.f1_iou, coords=args.coords)
+    report = evaluate_file(args.predictions, backend=args.backend, f1_iou=args.f1_iou, coords=args.coords,
+                           lenient=args.lenient)
     print(format_report(report))
     if args.out:
         path = write_metrics_json(args.out, report, extra={"predictions": str(args.predictions)})

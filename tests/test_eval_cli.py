@@ -32,7 +32,7 @@ def test_offline_evaluator_reproduces_in_memory_metrics(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["metrics"] == in_memory.metrics  # exact, not approx
     assert saved["per_category"] == in_memory.per_category
-    assert saved["counters"] == in_memory.counters
+    assert saved["counters"] == {**in_memory.counters, "lines_skipped_count": 0}
     assert saved["counters"]["pred_unknown_desc_count"] == 1
     printed = capsys.readouterr().out
     assert "per-category AP (2 categories)" in printed and "dog" in printed
@@ -77,3 +77,35 @@ def test_visualize_missing_image_fails_with_the_fix(tmp_path):
     assert visualize.main(["--predictions", str(preds), "--out-dir", str(tmp_path / "v"), "--blank-missing",
                            "--images-per-page", "1"]) == 0  # fmt: skip
     assert (tmp_path / "v" / "page_000.png").is_file()
+
+
+def test_invalid_line_strict_by_default_lenient_skips_and_counts(tmp_path, capsys):
+    path = tmp_path / "preds.jsonl"
+    lines = [json.dumps(RECORDS[0]).encode(), b"{not json", json.dumps({"image_id": 9, "width": 5}).encode(),
+             b'{"image_id": "x", "width": 4, "height": 4, "gt": [], "pred": [], "raw_text": "caf\xe9"}',
+             json.dumps(RECORDS[1]).encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match=r"preds.jsonl:2: not valid JSON.*--lenient"):
+        evaluate_cli.main(["--predictions", str(path)])
+    out = tmp_path / "m.json"
+    assert evaluate_cli.main(["--predictions", str(path), "--lenient", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["counters"]["lines_skipped_count"] == 3 and saved["counters"]["images"] == 2
+    err = capsys.readouterr().err
+    assert "preds.jsonl:2" in err and "preds.jsonl:3" in err and "preds.jsonl:4: line is not UTF-8" in err
+    # the kept lines give exactly the metrics of the valid records alone
+    assert saved["metrics"] == evaluate_detection(RECORDS).metrics
+
+
+def test_malformed_prediction_in_a_file_is_dropped_and_counted(tmp_path, capsys):
+    bad = dict(RECORDS[1], pred=RECORDS[1]["pred"] + [{"desc": "cat", "bbox_2d": [[1, 2], [10, 12]], "score": 0.5},
+                                                      {"desc": "cat", "bbox_2d": [60, 30, 160, 90], "score": 7}])
+    path = tmp_path / "preds.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(bad) + "\n")
+    records = read_predictions_jsonl(path)  # strict: a bad prediction is not a bad line
+    assert records[1]["pred"] == RECORDS[1]["pred"] and records[1]["pred_invalid"] == ["box", "score"]
+    out = tmp_path / "m.json"
+    assert evaluate_cli.main(["--predictions", str(path), "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["counters"]["pred_invalid_count"] == 2 and saved["metrics"] == evaluate_detection(RECORDS).metrics
+    assert "(not evaluated: no small GT)" in capsys.readouterr().out

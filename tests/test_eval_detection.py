@@ -42,7 +42,9 @@ def test_perfect_predictions_give_ap_one():
     assert rep.metrics["AP50"] == pytest.approx(1.0)
     assert rep.metrics["AR100"] == pytest.approx(1.0)
     assert rep.metrics["APs"] == pytest.approx(1.0)  # the 20x20 cat is small
-    assert rep.metrics["APm"] == 0.0 and rep.counters["gt_medium_count"] == 0  # undefined -> 0.0, counter says why
+    # no medium GT: not evaluated, -1 like pycocotools (a 0.0 would be a false measurement)
+    assert rep.metrics["APm"] == -1.0 and rep.metrics["ARm"] == -1.0 and rep.counters["gt_medium_count"] == 0
+    assert rep.metrics["APl"] == pytest.approx(1.0) and rep.metrics["ARl"] == pytest.approx(1.0)
     assert rep.metrics["F1@0.5"] == 1.0
     assert rep.per_category == pytest.approx({"cat": 1.0, "dog": 1.0})
     assert rep.counters["gt_objects"] == 3 and rep.counters["pred_objects"] == 3
@@ -52,7 +54,11 @@ def test_perfect_predictions_give_ap_one():
 
 def test_no_predictions_give_zero_without_exception():
     rep = evaluate_detection([_rec(0, [{"desc": "cat", "bbox_2d": BOX}], []), _rec(1, [], [])])
-    assert all(v == 0.0 for v in rep.metrics.values())
+    area = (BOX[2] - BOX[0]) * (BOX[3] - BOX[1])
+    bucket = "s" if area <= 32**2 else "m" if area <= 96**2 else "l"
+    for k, v in rep.metrics.items():
+        in_range = k[-1] == bucket or k[-1] not in "sml"
+        assert v == (0.0 if in_range else -1.0), k
     assert rep.per_category == {"cat": 0.0}
     assert rep.counters["images_without_pred_count"] == 2
     assert rep.counters["images_without_gt_count"] == 1
@@ -175,8 +181,8 @@ def test_greedy_f1_prefers_higher_score_and_best_iou():
 
 
 def test_errors_name_the_record_and_the_fix():
-    with pytest.raises(ValueError, match=r"records\[0\] pred\[0\].*bbox_2d"):
-        evaluate_detection([_rec(0, [], [{"desc": "a", "bbox_2d": [1, 2, 3]}])])
+    with pytest.raises(ValueError, match=r"records\[0\] gt\[0\].*bbox_2d"):
+        evaluate_detection([_rec(0, [{"desc": "a", "bbox_2d": [1, 2, 3]}], [])])
     with pytest.raises(ValueError, match=r"records\[1\].*image_id 0 already used"):
         evaluate_detection([_rec(0, [], []), _rec(0, [], [])])
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -201,3 +207,80 @@ def test_faster_coco_eval_missing_says_what_to_install():
 def test_coco_prints_are_silenced(capsys):
     evaluate_detection([_rec(0, [{"desc": "a", "bbox_2d": BOX}], [{"desc": "a", "bbox_2d": BOX}])])
     assert capsys.readouterr().out == ""
+
+
+def _pycocotools_stats(recs):
+    """COCOeval stats computed directly with pycocotools (independent of evaluate_detection)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    cats = sorted({o["desc"] for r in recs for o in r["gt"]})
+    cid = {c: i + 1 for i, c in enumerate(cats)}
+    images = [{"id": i + 1, "width": r["width"], "height": r["height"]} for i, r in enumerate(recs)]
+
+    def anns(key):
+        out = []
+        for i, r in enumerate(recs):
+            for o in r[key]:
+                x1, y1, x2, y2 = o["bbox_2d"]
+                a = {"id": len(out) + 1, "image_id": i + 1, "category_id": cid[o["desc"]],
+                     "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
+                if key == "pred":
+                    a["score"] = o.get("score", 1.0)
+                out.append(a)
+        return out
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "categories": [{"id": v, "name": k} for k, v in cid.items()], "annotations": anns("gt")}
+        gt.createIndex()
+        dt = gt.loadRes(anns("pred"))
+        ev = COCOeval(gt, dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"), ev.stats))
+
+
+def test_size_range_metrics_are_minus_one_exactly_where_pycocotools_says_so():
+    # only large GT (200x200 px): small and medium ranges have no GT
+    recs = [_rec(0, [{"desc": "cat", "bbox_2d": [10, 10, 210, 210]}],
+                 [{"desc": "cat", "bbox_2d": [12, 10, 210, 212], "score": 0.9},
+                  {"desc": "cat", "bbox_2d": [0, 0, 20, 20], "score": 0.3}])]  # fmt: skip
+    rep = evaluate_detection(recs)
+    ref = _pycocotools_stats(recs)
+    assert ref["APs"] == -1 and ref["APm"] == -1 and ref["ARm"] == -1 and ref["APl"] > 0
+    for k, v in ref.items():
+        assert rep.metrics[k] == pytest.approx(float(v)), k
+
+
+def test_malformed_predictions_are_dropped_and_counted_not_fatal():
+    gt = [{"desc": "cat", "bbox_2d": BOX}]
+    preds = [
+        {"desc": "cat", "bbox_2d": [[1, 2], [10, 12]], "score": 0.9},  # nested points
+        {"desc": "cat", "bbox_2d": BOX, "score": 1.5},  # score outside [0, 1]
+        {"desc": "cat", "bbox_2d": BOX, "score": -0.1},
+        {"desc": "cat", "bbox_2d": BOX, "score": float("nan")},
+        {"bbox_2d": BOX},  # no desc
+        "cat",  # not an object
+        {"desc": "cat", "bbox_2d": BOX, "score": 0.5},  # the one valid prediction
+    ]
+    rep = evaluate_detection([_rec(0, gt, preds)])
+    c = rep.counters
+    assert c["pred_objects"] == 1 and c["pred_invalid_count"] == 6
+    assert (c["pred_invalid_box_count"], c["pred_invalid_score_count"], c["pred_invalid_object_count"]) == (1, 3, 2)
+    assert rep.metrics["AP"] == pytest.approx(1.0)
+
+
+def test_score_bounds_are_inclusive():
+    gt = [{"desc": "cat", "bbox_2d": BOX}]
+    rep = evaluate_detection([_rec(0, gt, [{"desc": "cat", "bbox_2d": BOX, "score": 0}, {"desc": "cat", "bbox_2d": BOX, "score": 1}])])
+    assert rep.counters["pred_invalid_count"] == 0 and rep.counters["pred_objects"] == 2
+
+
+def test_malformed_gt_is_still_an_error():
+    with pytest.raises(ValueError, match=r"records\[0\] gt\[0\]: bbox_2d"):
+        evaluate_detection([_rec(0, [{"desc": "cat", "bbox_2d": [[1, 2], [3, 4]]}], [])])
