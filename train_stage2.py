@@ -26,7 +26,6 @@ from data.encoding import prompt_of
 from pipeline.context import TeacherForcingContext
 from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, rollout_forward
-from rollout.backends import HFGenerationBackend
 from rollout.step import MatchingConfig, prepare_rollout_batches, token_budget_warning
 from training.faults import any_rank
 from training.router import CHANNEL_A, CHANNEL_B, ChannelRouter
@@ -36,6 +35,7 @@ from training.session import (
     finish_run,
     finish_step,
     micro_batches,
+    rollout_backend_for,
     setup_training,
     start_run,
 )
@@ -79,10 +79,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                            sab.fallback.on_rollout_failure if two_channel else "fail")
     if s.resume_state is not None:
         router.load_state_dict(s.resume_state.router_state)
-    backend = HFGenerationBackend(
-        s.vlm, s.loaded.tokenizer, max_new_tokens=rm.decoding.max_new_tokens, temperature=rm.decoding.temperature,
-        top_p=rm.decoding.top_p, top_k=rm.decoding.top_k, batch_size=rm.decoding.batch_size, seed=rm.decoding.seed,
-    )
+    backend = rollout_backend_for(cfg, run, s)  # rollout_matching.backend; in-loop eval derives from it
     # the token budget a full answer needs, from the data (rollouts cut at the budget lose objects and their eos)
     budget_warning = token_budget_warning(rm.decoding.max_new_tokens, [s.encoder.answer_length(r) for r in s.splits.train])
     if budget_warning:

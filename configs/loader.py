@@ -330,6 +330,14 @@ def _explain(error: ValidationError) -> list[tuple[str, str]]:
         return [(format_key([*parts, k]), "missing required key") for k in missing]
     if kind == "type":
         return [(key, f"expected {_expected_types(schema)}, got {_type_name(value)}")]
+    if kind == "anyOf":  # e.g. an integer >= 1 or the string 'auto'
+        branches = []
+        for b in error.validator_value:
+            if "const" in b:
+                branches.append(repr(b["const"]))
+            else:
+                branches.append(_expected_types(b) + (f" in {_range_text(b)}" if any(k in b for k in ("minimum", "exclusiveMinimum", "maximum")) else ""))
+        return [(key, f"expected {' or '.join(branches)}, got {_type_name(value)}")]
     if kind == "enum":
         allowed = ", ".join("null" if v is None else repr(v) for v in schema["enum"])
         hint = did_you_mean(value, [v for v in schema["enum"] if isinstance(v, str)]) if isinstance(value, str) else ""

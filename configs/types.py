@@ -295,8 +295,22 @@ class DecodingConfig:
     top_p: float
     top_k: int  # 0 = off
     max_new_tokens: int
-    batch_size: int
+    batch_size: Any  # int >= 1 | "auto" (rollout.backends.auto_batch_size)
     seed: int
+
+
+@dataclass(frozen=True)
+class HFBackendConfig:
+    cache: str  # static | dynamic
+    compile: str  # auto | always | never
+
+
+@dataclass(frozen=True)
+class VLLMBackendConfig:
+    gpu_memory_utilization: float
+    sleep_mode: bool
+    max_model_len: int | None
+    enforce_eager: bool
 
 
 @dataclass(frozen=True)
@@ -319,6 +333,8 @@ class RolloutMatchingConfig:
     pipeline: Mapping[str, Any] | None
     coord_decode_mode: str  # exp | st
     backend: str  # hf | vllm
+    hf: HFBackendConfig
+    vllm: VLLMBackendConfig
     decoding: DecodingConfig
     matching: MatchingConfig
     eval_detection: EvalDetectionConfig

@@ -1,9 +1,10 @@
 """Inference CLI: checkpoint + JSONL -> predictions.jsonl (the in-loop eval's format).
 
     python -m eval.infer --checkpoint runs/x/checkpoint-1000 --jsonl data/val.jsonl --out preds.jsonl \\
-        [--batch-size 8] [--max-new-tokens 512] [--limit 100]
+        [--batch-size 8|auto] [--max-new-tokens 512] [--limit 100] [--backend hf|vllm] [--cache static|dynamic]
 
-Greedy batched generation with a progress bar; every answer is salvage-parsed, matched to GT
+Greedy batched generation with the training's generation backends (``rollout_matching.backend``,
+``rollout_matching.hf.*``; ``rollout.backends.make_generation_backend``) and a progress bar; every answer is salvage-parsed, matched to GT
 (rollout Hungarian matching, printed as ``eval/rollout/*``) and written with its confidence
 (``--score-mode``). Score it with ``python -m eval.evaluate --predictions preds.jsonl``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from eval.detection import write_predictions_jsonl
 from eval.inloop import predict_records, rollout_metrics
@@ -26,12 +28,18 @@ def _schema_default(*parts: str):
     return node.get("default")
 
 
+def _schema_enum(*parts: str) -> tuple:
+    from configs.loader import schema_at
+
+    return tuple(schema_at(list(parts))["enum"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.infer", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="model dir (save_pretrained layout with the coord tokens)")
     p.add_argument("--jsonl", required=True, help="records in the data contract (docs/DATA.md)")
     p.add_argument("--out", required=True, help="predictions.jsonl to write")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--batch-size", type=_batch_size, default=8, help="prompts per generate call, or auto (free GPU memory)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--image-root", default=None, help="base of relative image paths (default: the JSONL folder)")
@@ -45,7 +53,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iou-gate", type=float, default=0.3, help="matching gate of the printed precision/recall")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--backend", default=_schema_default("rollout_matching", "backend"), choices=("hf", "vllm"),
+                   help="rollout_matching.backend (vllm: requirements-vllm.txt, a GPU)")
+    p.add_argument("--cache", default=_schema_default("rollout_matching", "hf", "cache"), choices=_schema_enum("rollout_matching", "hf", "cache"),
+                   help="rollout_matching.hf.cache")
+    p.add_argument("--compile", default=_schema_default("rollout_matching", "hf", "compile"), choices=_schema_enum("rollout_matching", "hf", "compile"),
+                   help="rollout_matching.hf.compile")
     return p
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
+def backend_config(args: argparse.Namespace):
+    """The ``rollout_matching`` fields ``make_generation_backend`` reads, from the CLI and the schema defaults."""
+    from types import SimpleNamespace
+
+    from configs.types import HFBackendConfig, VLLMBackendConfig
+
+    vllm_keys = ("gpu_memory_utilization", "sleep_mode", "max_model_len", "enforce_eager")
+    return SimpleNamespace(
+        backend=args.backend,
+        hf=HFBackendConfig(cache=args.cache, compile=args.compile),
+        vllm=VLLMBackendConfig(**{k: _schema_default("rollout_matching", "vllm", k) for k in vllm_keys}),
+        decoding=SimpleNamespace(max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
+                                 batch_size=args.batch_size, seed=0),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from data.encoding import ChatEncoder
     from data.records import read_jsonl
     from model.loading import load_model_and_processors
-    from rollout.backends import HFGenerationBackend
+    from rollout.backends import AUTO, AUTO_BATCH_CAP, make_generation_backend
 
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -71,12 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded.tokenizer, loaded.image_processor, prompt=prompt, system_prompt=args.system_prompt,
         min_pixels=args.min_pixels, max_pixels=args.max_pixels,
     )  # fmt: skip
-    backend = HFGenerationBackend(
-        model, loaded.tokenizer, max_new_tokens=args.max_new_tokens, temperature=0.0, batch_size=args.batch_size
-    )
+    backend = make_generation_backend(backend_config(args), model, loaded.tokenizer, encoder=encoder,
+                                      work_dir=Path(args.out).parent)
+    # auto: hand the backend many prompts per call; it splits them by the memory estimate
+    chunk = args.batch_size if args.batch_size != AUTO else AUTO_BATCH_CAP
     results = predict_records(
         model, loaded.tokenizer, loaded.coord_vocab, encoder, records,
-        backend=backend, batch_size=args.batch_size, matching={"iou_gate": args.iou_gate},
+        backend=backend, batch_size=chunk, matching={"iou_gate": args.iou_gate},
         score_mode=args.score_mode, score_include_desc=args.score_include_desc, progress=True,
     )  # fmt: skip
     path = write_predictions_jsonl(args.out, [r.detection_record() for r in results], extra=[r.extra() for r in results])

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+import rollout.backends
 import train_stage2
 from tests._recipe_helpers import (
     ROLLOUT_PAYLOAD,
@@ -185,29 +186,38 @@ def test_rollout_failure_fails_by_default(recipe_env, tmp_path, monkeypatch):
     assert not (tmp_path / "fail" / "metrics.jsonl").exists() or read_rows(tmp_path / "fail") == []
 
 
-def test_sampled_rollouts_resume_exactly(recipe_env, tmp_path, monkeypatch):
-    """Rollout-Aligned with sampling (temperature 1): 2 uninterrupted steps vs. a run killed in
-    step 2 and resumed from checkpoint-1. Step 2 samples the same rollout tokens (the sampling
-    stream does not restart at resume) and logs the same losses and rollout counters (rtol 1e-5).
+@pytest.mark.parametrize(
+    ("variant", "cache"),
+    [("aligned", "static"), ("aligned", "dynamic"), ("two_channel", "dynamic")],
+)  # two_channel + static (the default) is the two_channel_runs fixture
+def test_sampled_rollouts_resume_exactly(recipe_env, tmp_path, monkeypatch, variant, cache):
+    """Rollout-Aligned (or Two-Channel with every step a Rollout step) with sampling (temperature 1),
+    with either HF cache mode (``rollout_matching.hf.cache``): 2 uninterrupted steps vs. a run
+    killed in step 2 and resumed from checkpoint-1. Step 2 samples the same rollout tokens (the
+    sampling stream does not restart at resume) and logs the same losses and rollout counters
+    (rtol 1e-5).
 
     The tiny random model rarely writes a parsable container, so losses alone would not notice a
     different rollout; the sampled token ids do.
     """
     monkeypatch.chdir(tmp_path)
+    config = STAGE2_ALIGNED_DEMO if variant == "aligned" else STAGE2_DEMO
+    extra = {} if variant == "aligned" else {"stage2_ab__schedule__b_ratio": 1.0}
     sampled: list[list[list[int]]] = []
 
-    class RecordingBackend(train_stage2.HFGenerationBackend):
+    class RecordingBackend(rollout.backends.HFGenerationBackend):
         def generate(self, prompts):
             outputs = super().generate(prompts)
-            sampled.append([o.token_ids for o in outputs])
+            if self.temperature > 0:  # rollouts; the end-of-run eval derives a greedy one
+                sampled.append([o.token_ids for o in outputs])
             return outputs
 
-    monkeypatch.setattr(train_stage2, "HFGenerationBackend", RecordingBackend)
+    monkeypatch.setattr(rollout.backends, "HFGenerationBackend", RecordingBackend)
 
     def argv(name, **sets):
-        return recipe_argv(recipe_env, STAGE2_ALIGNED_DEMO, tmp_path, name=name, max_steps=2,
-                           rollout_matching__decoding__temperature=1.0, training__save_every=1,
-                           training__eval_every=0, **sets)
+        return recipe_argv(recipe_env, config, tmp_path, name=name, max_steps=2,
+                           rollout_matching__decoding__temperature=1.0, rollout_matching__hf__cache=cache,
+                           training__save_every=1, training__eval_every=0, **extra, **sets)
 
     train_stage2.main(argv("full"))
     full, full_tokens = read_rows(tmp_path / "full"), list(sampled)

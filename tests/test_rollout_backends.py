@@ -1,4 +1,5 @@
-"""HF generation backend on the tiny random Qwen3-VL: batching, log-probs, RNG isolation, eos handling."""
+"""HF generation backend on the tiny random Qwen3-VL: batching, log-probs, RNG isolation, eos handling,
+static vs dynamic KV cache, length-sorted batches, the auto batch size, the backend factory."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import torch
 from data.encoding import ChatEncoder
 from data.types import GTObject, Record
 from model.tiny import build_tiny_in_memory
-from rollout.backends import GenerationBackend, HFGenerationBackend
+from rollout.backends import (
+    AUTO_BATCH_NO_CUDA,
+    GenerationBackend,
+    HFGenerationBackend,
+    estimate_batch_size,
+    kv_bytes_per_token,
+    length_sorted_batches,
+    make_generation_backend,
+    trim_at_eos,
+)
 from tests._data_fixtures import write_png
 
 # Different image sizes -> different image-token counts -> different prompt lengths.
@@ -32,10 +42,11 @@ def setup(tmp_path_factory):
     return model, tok, prompts
 
 
-def test_batched_equals_one_by_one_greedy(setup):
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_batched_equals_one_by_one_greedy(setup, cache):
     model, tok, prompts = setup
-    batched = HFGenerationBackend(model, tok, max_new_tokens=MAX_NEW, batch_size=8).generate(prompts)
-    single = HFGenerationBackend(model, tok, max_new_tokens=MAX_NEW, batch_size=1).generate(prompts)
+    batched = HFGenerationBackend(model, tok, max_new_tokens=MAX_NEW, batch_size=8, cache=cache).generate(prompts)
+    single = HFGenerationBackend(model, tok, max_new_tokens=MAX_NEW, batch_size=1, cache=cache).generate(prompts)
     assert isinstance(HFGenerationBackend(model, tok, max_new_tokens=1), GenerationBackend)
     assert len(batched) == len(prompts)
     for a, b in zip(batched, single):
@@ -110,3 +121,122 @@ def test_bad_settings_fail_fast(setup):
         HFGenerationBackend(model, tok, max_new_tokens=4, temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         HFGenerationBackend(model, tok, max_new_tokens=4, top_p=0)
+    with pytest.raises(ValueError, match="rollout_matching.batch_size"):
+        HFGenerationBackend(model, tok, max_new_tokens=4, batch_size="many")
+    with pytest.raises(ValueError, match="rollout_matching.hf.cache"):
+        HFGenerationBackend(model, tok, max_new_tokens=4, cache="paged")
+    with pytest.raises(ValueError, match="rollout_matching.hf.compile"):
+        HFGenerationBackend(model, tok, max_new_tokens=4, compile="yes")
+    with pytest.raises(ValueError, match="needs rollout_matching.hf.cache: static"):
+        HFGenerationBackend(model, tok, max_new_tokens=4, cache="dynamic", compile="always")
+
+
+def test_static_cache_matches_dynamic_cache_greedy(setup):
+    """The fast mode (static KV cache, length-sorted batches of 3) generates exactly what the reference
+    mode (dynamic cache) does, and returns the outputs in prompt order."""
+    model, tok, prompts = setup
+    ref = HFGenerationBackend(model, tok, max_new_tokens=MAX_NEW, batch_size=8, cache="dynamic").generate(prompts)
+    fast_backend = HFGenerationBackend(model, tok, max_new_tokens=MAX_NEW, batch_size=3, cache="static", compile="never")
+    fast = fast_backend.generate(prompts)
+    assert fast_backend.last_stats["batches"] == 3 and fast_backend.last_stats["batch_size"] == 3
+    assert [o.token_ids for o in fast] == [o.token_ids for o in ref]
+    for a, b in zip(fast, ref):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
+        assert a.finished == b.finished
+    # order is restored whatever order the prompts come in
+    rev = fast_backend.generate(prompts[::-1])
+    assert [o.token_ids for o in rev] == [o.token_ids for o in fast][::-1]
+
+
+def test_batch_stops_when_every_row_has_ended(setup):
+    """Early exit: once every row of a batch has produced an eos, the batch stops decoding."""
+    model, tok, prompts = setup
+    free = HFGenerationBackend(model, tok, max_new_tokens=MAX_NEW, batch_size=8).generate(prompts)
+    firsts = sorted({o.token_ids[0] for o in free})
+    backend = HFGenerationBackend(model, tok, max_new_tokens=MAX_NEW, batch_size=8, eos_token_ids=firsts)
+    out = backend.generate(prompts)
+    assert backend.last_stats["decode_steps"] == [1]
+    assert all(o.token_ids == f.token_ids[:1] and o.finished for o, f in zip(out, free))
+    assert HFGenerationBackend(model, tok, max_new_tokens=MAX_NEW, batch_size=8).generate(prompts) == free
+    assert all(len(o.token_ids) == MAX_NEW for o in free if not o.finished)
+
+
+class _P:
+    """Stand-in prompt: a length and whether it has an image."""
+
+    def __init__(self, n, image=True):
+        self.n = n
+        self.pixel_values = torch.ones(1, 1) if image else None
+
+    def __len__(self):
+        return self.n
+
+
+def test_length_sorted_batches_by_hand():
+    prompts = [_P(5), _P(9), _P(7), _P(3, image=False), _P(9), _P(8, image=False), _P(1)]
+    # images first, longest first (ties keep prompt order), then the text-only prompts
+    assert length_sorted_batches(prompts, 2) == [[1, 4], [2, 0], [6], [5, 3]]
+    assert length_sorted_batches(prompts, 10) == [[1, 4, 2, 0, 6], [5, 3]]
+    assert length_sorted_batches(prompts, 1) == [[1], [4], [2], [0], [6], [5], [3]]
+    with pytest.raises(ValueError, match="batch_size"):
+        length_sorted_batches(prompts, 0)
+
+
+def test_estimate_batch_size_by_hand():
+    # Qwen3-VL-2B text shape: 28 layers, 8 KV heads x 128, hidden 2048, MLP 6144, vocab 151,936, bf16.
+    kv = 2 * 28 * 8 * 128 * 2
+    assert kv == 114_688
+    per_row = kv * (1000 + 256) + 1000 * (4 * 2048 + 3 * 6144) * 2 + 16 * 151_936
+    assert per_row == 144_048_128 + 53_248_000 + 2_430_976
+    kwargs = dict(prompt_len=1000, max_new_tokens=256, kv_per_token=kv, hidden_size=2048, intermediate_size=6144,
+                  vocab_size=151_936, elem_bytes=2)
+    free = 40 * 2**30
+    assert estimate_batch_size(free_bytes=free, **kwargs) == int(0.8 * free // per_row) == 172
+    assert estimate_batch_size(free_bytes=free, fraction=0.5, **kwargs) == 107
+    assert estimate_batch_size(free_bytes=10**12, **kwargs) == 256  # the cap
+    assert estimate_batch_size(free_bytes=10, **kwargs) == 1  # never below one
+
+
+def test_kv_bytes_per_token_and_auto_batch_on_cpu(setup):
+    model, tok, prompts = setup
+    cfg = model.config.get_text_config(decoder=True)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert kv_bytes_per_token(model) == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4  # fp32
+    assert kv_bytes_per_token(model, torch.bfloat16) == kv_bytes_per_token(model) // 2
+    backend = HFGenerationBackend(model, tok, max_new_tokens=2, batch_size="auto")
+    backend.generate(prompts)
+    assert backend.last_stats["batch_size"] == AUTO_BATCH_NO_CUDA  # no CUDA: the fixed fallback
+
+
+def test_trim_at_eos():
+    out = trim_at_eos([5, 7, 2, 9], [-0.1, -0.2, -0.3, -0.4], [2, 3])
+    assert (out.token_ids, out.token_logprobs, out.finished) == ([5, 7, 2], [-0.1, -0.2, -0.3], True)
+    out = trim_at_eos([5, 7], [-0.1, -0.2], [2])
+    assert (out.token_ids, out.finished) == ([5, 7], False)
+    assert trim_at_eos([], [], [2]).finished is False
+
+
+def test_factory_builds_the_configured_backend(setup):
+    from configs import load_config
+
+    model, tok, _ = setup
+    cfg = load_config("configs/demo/stage2_shapes.yaml", ["rollout_matching.hf.cache=dynamic",
+                                                          "rollout_matching.decoding.batch_size=auto"])
+    backend = make_generation_backend(cfg.rollout_matching, model, tok)
+    assert isinstance(backend, HFGenerationBackend)
+    assert (backend.cache, backend.compile, backend.batch_size) == ("dynamic", "auto", "auto")
+    assert backend.max_new_tokens == cfg.rollout_matching.decoding.max_new_tokens
+    greedy = backend.derive(temperature=0.0, batch_size=3)
+    assert (greedy.temperature, greedy.batch_size, greedy.cache) == (0.0, 3, "dynamic")
+
+
+@pytest.mark.slow
+def test_compiled_static_decode_matches_dynamic_on_cpu(setup):
+    """``hf.compile: always`` runs transformers' compiled decode step on CPU too (inductor; ~2 min to
+    compile on a 2-core box, hence slow). Same greedy tokens as the eager dynamic-cache reference."""
+    model, tok, prompts = setup
+    ref = HFGenerationBackend(model, tok, max_new_tokens=MAX_NEW, batch_size=8, cache="dynamic").generate(prompts)
+    out = HFGenerationBackend(model, tok, max_new_tokens=MAX_NEW, batch_size=8, compile="always").generate(prompts)
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+    for a, b in zip(out, ref):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-3)

@@ -306,8 +306,13 @@ def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel, *, adapte
     return save
 
 
-def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder, val: list[Record], run_dir: Path, step: int) -> dict[str, Any]:
-    """In-loop rollout eval on the validation records (SPEC §8); returns ``eval/rollout/*`` metrics."""
+def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder, val: list[Record], run_dir: Path,
+             step: int, backend) -> dict[str, Any]:
+    """In-loop rollout eval on the validation records (SPEC §8); returns ``eval/rollout/*`` metrics.
+
+    ``backend``: the run's ``rollout.backends.GenerationBackend``; eval generates with the same
+    engine, greedy, ``eval.batch_size`` prompts per call (``derive``).
+    """
     if not val:
         return {}
     from eval.inloop import run_rollout_eval
@@ -322,12 +327,7 @@ def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder
             loaded.coord_vocab,
             encoder,
             records,
-            backend_kwargs=dict(
-                max_new_tokens=rm.decoding.max_new_tokens,
-                temperature=0.0,
-                batch_size=cfg.eval.batch_size,
-                seed=rm.decoding.seed,
-            ),
+            backend=backend.derive(temperature=0.0, batch_size=cfg.eval.batch_size),
             matching=dict(iou_gate=rm.matching.iou_gate, fp_cost=rm.matching.fp_cost, fn_cost=rm.matching.fn_cost),
             eval_detection=dict(
                 enabled=rm.eval_detection.enabled,
@@ -339,6 +339,16 @@ def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder
         )
     vlm.train(was_training)
     return metrics
+
+
+def rollout_backend_for(cfg, run: RunContext, s: TrainingSetup):
+    """The run's generation backend (``rollout_matching.backend``), built on first use and kept on ``s``."""
+    if s.rollout_backend is None:
+        from rollout.backends import make_generation_backend
+
+        s.rollout_backend = make_generation_backend(cfg.rollout_matching, s.vlm, s.loaded.tokenizer, encoder=s.encoder,
+                                                    work_dir=run.run_dir)
+    return s.rollout_backend
 
 
 def batch_metrics(batch) -> dict[str, float]:
@@ -375,6 +385,9 @@ class TrainingSetup:
     save_model: Any  # model_save_fn for save_training_state
     guard: Any  # training.faults.NonFiniteGuard
     interrupt: Any  # training.faults.InterruptFlag
+    # rollout.backends.GenerationBackend for rollouts and in-loop eval: Stage-2 sets it before its loop,
+    # Stage-1 gets one at its first eval (rollout_backend_for); told of every optimizer step that changed the weights
+    rollout_backend: Any = None
 
 
 def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
@@ -461,6 +474,10 @@ def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, met
         # fp16: the GradScaler skips a non-finite step itself and must see it to lower its scale.
         if finite or accelerator.scaler is not None:
             s.optimizer.step()
+            # An engine with its own copy of the weights (vLLM) pushes them before its next rollout;
+            # a step skipped as non-finite, here or by the fp16 GradScaler, changed nothing.
+            if s.rollout_backend is not None and finite and not getattr(s.optimizer, "step_was_skipped", False):
+                s.rollout_backend.weights_changed()
         s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
 
@@ -483,7 +500,7 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
     s.progress.update(done, loss=metrics.get("loss/total"), lr=metrics.get("train/lr"), tokens=tokens)
     if should(t.eval_every, done, t.max_steps):
         metrics.update(run_eval(cfg, accelerator=run.accelerator, vlm=s.vlm, loaded=s.loaded, encoder=s.encoder,
-                                val=s.splits.val, run_dir=run.run_dir, step=done))
+                                val=s.splits.val, run_dir=run.run_dir, step=done, backend=rollout_backend_for(cfg, run, s)))
         predictions = run.run_dir / "eval" / f"step_{done}" / "predictions.jsonl"
         if predictions.is_file():
             s.tracker.log_eval_media(done, predictions)
