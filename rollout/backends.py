@@ -21,7 +21,7 @@ from data.types import EncodedSample
 from rollout.parser import default_eos_id
 from rollout.types import GenerationOutput
 
-HF_CACHES = ("static", "dynamic")  # rollout_matching.hf.cache
+HF_CACHES = ("auto", "static", "dynamic")  # rollout_matching.hf.cache
 COMPILE_MODES = ("auto", "always", "never")  # rollout_matching.hf.compile
 AUTO = "auto"  # rollout_matching.decoding.batch_size: auto
 AUTO_BATCH_CAP = 256  # never more prompts per generate call, whatever the memory says
@@ -231,7 +231,9 @@ class HFGenerationBackend(GenerationBackend):
                     ``generation_config.eos_token_id``
     cache:          ``"static"``: a preallocated KV cache of ``prompt + max_new_tokens`` slots (fixed
                     shapes, so the decode step can be compiled); ``"dynamic"``: the cache grows per
-                    step (today's reference behaviour, no compilation)
+                    step (the reference, never compiled); ``"auto"``: static on CUDA (and whenever
+                    ``compile="always"``), dynamic elsewhere, where nothing is compiled and a static
+                    cache only adds attention over empty slots
     compile:        ``"auto"``: transformers compiles the decode step of a static cache on CUDA;
                     ``"always"``: also on other devices; ``"never"``: eager
 
@@ -255,7 +257,7 @@ class HFGenerationBackend(GenerationBackend):
         batch_size: int | str = 8,
         seed: int = 0,
         eos_token_ids: Sequence[int] | None = None,
-        cache: str = "static",
+        cache: str = "auto",
         compile: str = "auto",
     ):
         check_decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -264,7 +266,7 @@ class HFGenerationBackend(GenerationBackend):
             raise ValueError(f"rollout_matching.hf.cache must be one of {HF_CACHES}, got {cache!r}")
         if compile not in COMPILE_MODES:
             raise ValueError(f"rollout_matching.hf.compile must be one of {COMPILE_MODES}, got {compile!r}")
-        if compile == "always" and cache != "static":
+        if compile == "always" and cache == "dynamic":
             raise ValueError("rollout_matching.hf.compile: always needs rollout_matching.hf.cache: static "
                              "(a dynamic cache changes shape every step)")
         self.model = model
@@ -293,6 +295,14 @@ class HFGenerationBackend(GenerationBackend):
     def weights_changed(self) -> None:
         """Nothing to do: generation reads the live training model."""
 
+    def cache_mode(self) -> str:
+        """``static`` or ``dynamic``: ``cache`` with ``auto`` resolved for the model's device."""
+        if self.cache != "auto":
+            return self.cache
+        if self.compile == "always" or _model_device_dtype(self.model)[0].type == "cuda":
+            return "static"
+        return "dynamic"
+
     def resolved_batch_size(self, prompts: Sequence[EncodedSample]) -> int:
         if self.batch_size != AUTO:
             return self.batch_size
@@ -311,7 +321,7 @@ class HFGenerationBackend(GenerationBackend):
                 for i, out in zip(idx, self._generate_batch([prompts[i] for i in idx])):
                     outputs[i] = out
                 steps.append(self._last_steps)
-        self.last_stats = {"batch_size": batch_size, "batches": len(steps), "decode_steps": steps}
+        self.last_stats = {"batch_size": batch_size, "batches": len(steps), "decode_steps": steps, "cache": self.cache_mode()}
         return outputs  # type: ignore[return-value]
 
     def _batch_inputs(self, prompts: list[EncodedSample]) -> dict:
@@ -337,7 +347,7 @@ class HFGenerationBackend(GenerationBackend):
 
     def _cache_kwargs(self) -> dict:
         """``generate`` kwargs of the cache/compile mode (transformers' own static-cache + compiled decode)."""
-        if self.cache == "dynamic":
+        if self.cache_mode() == "dynamic":
             return {"disable_compile": True}
         kwargs: dict[str, Any] = {"cache_implementation": "static"}
         if self.compile == "never":

@@ -63,13 +63,17 @@ def test_packing_quick(capsys):
 
 
 def test_generation_quick(capsys):
-    r = bench_generation.main(["--quick"])
+    r = bench_generation.main(["--quick", "--threads", "1"])
     printed = _ratio_line(capsys.readouterr().out, "generation")
-    assert r["baseline"]["batch_size"] == 1 and r["batched"]["batch_size"] == 8
-    assert r["baseline"]["tokens"] > 0 and r["batched"]["tokens"] > 0
-    assert r["baseline"]["tokens"] <= r["num_prompts"] * r["config"]["max_new_tokens"]
-    assert 0 <= r["identical_generations"] <= r["num_prompts"]
-    assert _positive(r["ratio"])
+    assert r["config"]["size"] == "tiny" and r["config"]["backend"] == "hf-static"
+    for way in (r["baseline"], r["candidate"]):
+        assert 0 < way["tokens"] <= r["num_prompts"] * r["config"]["max_new_tokens"]
+        assert _positive(way["tokens_per_s"]) and _positive(way["channel_b_step_s"])
+        assert way["b_over_stage1"] == pytest.approx(way["channel_b_step_s"] / r["stage1_step_s"])
+        assert way["compiled_graphs"] == 0  # CPU: compile auto stays eager
+    # static cache vs the dynamic-cache baseline: the same greedy rollouts
+    assert r["identical_generations"] == r["num_prompts"]
+    assert r["candidate"]["tokens"] == r["baseline"]["tokens"]
     assert printed == pytest.approx(r["ratio"], abs=0.006)
 
 

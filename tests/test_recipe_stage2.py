@@ -188,8 +188,8 @@ def test_rollout_failure_fails_by_default(recipe_env, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("variant", "cache"),
-    [("aligned", "static"), ("aligned", "dynamic"), ("two_channel", "dynamic")],
-)  # two_channel + static (the default) is the two_channel_runs fixture
+    [("aligned", "static"), ("aligned", "dynamic"), ("two_channel", "static")],
+)  # two_channel + auto (the default; dynamic on CPU) is the two_channel_runs fixture
 def test_sampled_rollouts_resume_exactly(recipe_env, tmp_path, monkeypatch, variant, cache):
     """Rollout-Aligned (or Two-Channel with every step a Rollout step) with sampling (temperature 1),
     with either HF cache mode (``rollout_matching.hf.cache``): 2 uninterrupted steps vs. a run

@@ -206,6 +206,10 @@ def test_kv_bytes_per_token_and_auto_batch_on_cpu(setup):
     backend = HFGenerationBackend(model, tok, max_new_tokens=2, batch_size="auto")
     backend.generate(prompts)
     assert backend.last_stats["batch_size"] == AUTO_BATCH_NO_CUDA  # no CUDA: the fixed fallback
+    # cache auto: dynamic off CUDA, static when compiling anyway
+    assert backend.last_stats["cache"] == "dynamic"
+    assert HFGenerationBackend(model, tok, max_new_tokens=2, compile="always").cache_mode() == "static"
+    assert HFGenerationBackend(model, tok, max_new_tokens=2, cache="static").cache_mode() == "static"
 
 
 def test_trim_at_eos():
@@ -225,6 +229,7 @@ def test_factory_builds_the_configured_backend(setup):
     backend = make_generation_backend(cfg.rollout_matching, model, tok)
     assert isinstance(backend, HFGenerationBackend)
     assert (backend.cache, backend.compile, backend.batch_size) == ("dynamic", "auto", "auto")
+    assert make_generation_backend(load_config("configs/demo/stage2_shapes.yaml").rollout_matching, model, tok).cache == "auto"
     assert backend.max_new_tokens == cfg.rollout_matching.decoding.max_new_tokens
     greedy = backend.derive(temperature=0.0, batch_size=3)
     assert (greedy.temperature, greedy.batch_size, greedy.cache) == (0.0, 3, "dynamic")
