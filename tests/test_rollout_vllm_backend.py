@@ -177,6 +177,7 @@ def test_backward_and_step_notifies_only_steps_that_changed_weights():
     notes = []
     backend = SimpleNamespace(weights_changed=lambda: notes.append(1))
     accelerator = SimpleNamespace(backward=lambda loss: None, sync_gradients=False, num_processes=1, scaler=None,
+                                  is_main_process=True,
                                   clip_grad_norm_=lambda params, max_norm: torch.tensor(1.0))
     optimizer = SimpleNamespace(step=lambda: None, zero_grad=lambda set_to_none: None, step_was_skipped=False)
     s = SimpleNamespace(optimizer=optimizer, scheduler=SimpleNamespace(step=lambda: None), rollout_backend=backend,
