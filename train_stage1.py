@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 from configs import load_config
+from configs.errors import run_cli
 from configs.loader import add_config_args
 from pipeline.context import TeacherForcingContext
 from pipeline.executor import run_pipeline
@@ -30,7 +31,7 @@ from training.session import (
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return add_config_args(parser).parse_args(argv)
+    return add_config_args(parser, "--set training.lr=2e-5 --set data.train_jsonl=/data/train.jsonl").parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -67,4 +68,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

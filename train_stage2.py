@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from configs import load_config
+from configs.errors import run_cli
 from configs.loader import add_config_args
 from data.encoding import prompt_of
 from pipeline.context import TeacherForcingContext
@@ -45,7 +46,7 @@ TWO_CHANNEL = "stage2_two_channel"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return add_config_args(parser).parse_args(argv)
+    return add_config_args(parser, "--set training.lr=5e-6 --set stage2_ab.schedule.b_ratio=0.5").parse_args(argv)
 
 
 def rollout_seed(seed: int, step: int, rank: int) -> int:
@@ -158,4 +159,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

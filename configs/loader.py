@@ -40,7 +40,7 @@ from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from configs.errors import ConfigError, did_you_mean
+from configs.errors import ConfigError, add_debug_flag, did_you_mean
 from configs.types import CONFIG_META_FIELDS, Config, freeze, thaw
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
@@ -633,8 +633,9 @@ def _dump(tree: Mapping[str, Any]) -> str:
     return yaml.safe_dump(thaw(tree), sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--config PATH`` (required) and repeatable ``--set KEY=VALUE`` (dest ``overrides``)."""
+def add_config_args(parser: argparse.ArgumentParser,
+                    set_example: str = "--set training.lr=2e-5 --set training.max_steps=200") -> argparse.ArgumentParser:
+    """Add ``--config PATH`` (required), repeatable ``--set KEY=VALUE`` (dest ``overrides``) and ``--debug``."""
     parser.add_argument("--config", required=True, type=Path, metavar="PATH", help="experiment YAML (see docs/CONFIG.md)")
     parser.add_argument(
         "--set",
@@ -642,9 +643,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one key after extends, e.g. --set training.lr=2e-5 --set stage2_ab.pipeline.objective[0].weight=0.5 (repeatable; values parsed as YAML)",
+        help=f"override one key after extends, e.g. {set_example} (repeatable; values parsed as YAML)",
     )
-    return parser
+    return add_debug_flag(parser)
 
 
 def load_config_from_args(args: argparse.Namespace, *, expect: str | None = None) -> Config:

@@ -144,7 +144,7 @@ class ModelConfig:
     name_or_path: str | None
     tiny: TinyModelConfig
     dtype: str  # float32 | bfloat16 | float16
-    attn_implementation: str  # sdpa | eager | flash_attention_2
+    attn_implementation: str  # auto | sdpa | eager | flash_attention_2
     coord_tokens: CoordTokensConfig
     gradient_checkpointing: bool
     freeze: FreezeConfig

@@ -13,11 +13,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from configs.errors import UserError
 from data.types import BBoxGroup, EncodedSample, PackedBatch, Segment
 from losses.registry import IGNORE, NO_SUBSET
 
 
-class PackingError(ValueError):
+class PackingError(UserError, ValueError):
     pass
 
 

@@ -24,7 +24,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
-from configs.errors import did_you_mean
+from configs.errors import UserError, did_you_mean
 from data.coordjson import parse_coord_token
 from data.types import GTObject, Record
 
@@ -39,7 +39,7 @@ OBJECT_ORDERS = ("yx", "none")
 _SPECIAL_TOKEN_RE = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A record violates the JSONL contract. ``source`` is ``file:line``, ``reason`` a short code."""
 
     SKIP_HINT = "Fix the record, or set data.skip_invalid: true to skip such lines (they are counted in the DataReport)."

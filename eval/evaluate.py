@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from configs.errors import add_debug_flag, run_cli
 from eval.detection import (
     AREA_METRICS,
     BACKENDS,
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coords", default="pixel", choices=COORD_MODES, help="box unit of records without a 'coords' key")
     p.add_argument("--lenient", action="store_true",
                    help="skip invalid lines and count them (lines_skipped_count) instead of stopping at the first with file:line")
-    return p
+    return add_debug_flag(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,4 +99,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -15,6 +15,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from configs.errors import add_debug_flag, run_cli
 from eval.detection import write_predictions_jsonl
 from eval.inloop import predict_records, rollout_metrics
 from eval.scores import SCORE_MODES
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rollout_matching.hf.cache")
     p.add_argument("--compile", default=_schema_default("rollout_matching", "hf", "compile"), choices=_schema_enum("rollout_matching", "hf", "compile"),
                    help="rollout_matching.hf.compile")
-    return p
+    return add_debug_flag(p)
 
 
 def _batch_size(text: str) -> int | str:
@@ -131,4 +132,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from configs.errors import add_debug_flag, run_cli
 from eval.detection import bins_to_pixels, read_predictions_jsonl
 
 GT_COLOR = (0, 200, 0)
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cell-size", type=int, default=512, help="longest side of each image cell in pixels")
     p.add_argument("--limit", type=int, default=None, help="draw only the first N records")
     p.add_argument("--blank-missing", action="store_true", help="grey canvas for records whose image is missing")
-    return p
+    return add_debug_flag(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,4 +125,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

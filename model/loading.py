@@ -7,17 +7,21 @@ tokenizer and image processor are loaded separately and travel together in ``Loa
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from configs.errors import ConfigError, UserError
 from model.adapters import apply_adapter, is_adapter_dir, load_adapter_weights, merge_adapter, read_adapter_config
 from model.vocab import COORD_INITS, CoordVocab, coord_vocab_from_tokenizer, ensure_coord_tokens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+logger = logging.getLogger("coordexp")
 
 
 @dataclass
@@ -34,19 +38,62 @@ class LoadedModel:
         return iter((self.model, self.tokenizer, self.image_processor, self.coord_vocab))
 
 
-def _check_attn(attn_implementation: str) -> None:
+def _flash_attn_usable() -> bool:
+    """flash-attn is importable and there is a CUDA device for it to run on."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attn(attn_implementation: str) -> str:
+    """The attention kernel to load with: ``auto`` is ``flash_attention_2`` when flash-attn is importable
+    (and CUDA is there), else ``sdpa``; the choice is logged. Other values are checked and returned."""
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(
-            f"model.attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)}, got {attn_implementation!r}"
+        raise ConfigError(
+            "model.attn_implementation", f"must be one of {list(ATTN_IMPLEMENTATIONS)}, got {attn_implementation!r}"
         )
+    if attn_implementation == "auto":
+        chosen = "flash_attention_2" if _flash_attn_usable() else "sdpa"
+        why = "flash-attn importable" if chosen != "sdpa" else "flash-attn not installed or no CUDA (requirements-gpu.txt)"
+        logger.info("model.attn_implementation=auto -> %s (%s)", chosen, why)
+        return chosen
     if attn_implementation == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401
         except ImportError as e:
             raise ImportError(
                 "model.attn_implementation=flash_attention_2 needs the flash-attn package: "
-                "`pip install flash-attn --no-build-isolation` (CUDA only), or set model.attn_implementation=sdpa"
+                "`pip install -r requirements-gpu.txt` (CUDA only), or set model.attn_implementation=auto"
             ) from e
+    return attn_implementation
+
+
+def looks_local(name_or_path: str) -> bool:
+    """True when ``name_or_path`` can only mean a local path (not a hub id ``org/name``)."""
+    p = str(name_or_path)
+    return os.path.isabs(p) or p.startswith((".", "~")) or p.count("/") > 1 or os.sep != "/" and os.sep in p \
+        or Path(p).exists()
+
+
+def check_checkpoint_path(name_or_path: str, key: str = "checkpoint") -> None:
+    """Fail with one clear line when a local checkpoint path is missing or is not a model dir.
+
+    ``key`` names where the path came from (a config key or a CLI argument). Hub ids are not
+    checked here (loading them needs the network or the local hub cache).
+    """
+    if not looks_local(name_or_path):
+        return
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{key}={str(name_or_path)!r}: no such directory (a checkpoint dir with config.json, "
+                        "or a Hugging Face hub id like Qwen/Qwen3-VL-2B-Instruct)")
+    if not (path / "config.json").is_file() and not is_adapter_dir(path):
+        raise UserError(f"{key}={str(name_or_path)!r}: no config.json in this directory; point it at the folder "
+                        "that save_pretrained wrote (config.json, tokenizer files, weights)")
 
 
 def _load_image_processor(name_or_path: str):
@@ -66,6 +113,7 @@ def load_model_and_processors(
     attn_implementation: str = "sdpa",
     add_coord_tokens: bool = True,
     coord_init: str = "sincos",
+    key: str = "checkpoint",
 ) -> LoadedModel:
     """Load a Qwen3-VL checkpoint from a local dir or HF id.
 
@@ -75,6 +123,7 @@ def load_model_and_processors(
 
     A directory written by an adapter run (``adapter.json``, see ``model.adapters``) loads as its base
     checkpoint with the adapter merged in: an ordinary model.
+    ``key`` names the source of ``name_or_path`` in error messages (config key or CLI argument).
     """
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
@@ -85,8 +134,13 @@ def load_model_and_processors(
         raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if coord_init not in COORD_INITS:
         raise ValueError(f"model.coord_tokens.init must be one of {list(COORD_INITS)}, got {coord_init!r}")
-    _check_attn(attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    attn_implementation = resolve_attn(attn_implementation)
+    check_checkpoint_path(name_or_path, key)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:  # hub lookups of a bad id / no network: one line, not the hub traceback
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UserError(f"{key}={name_or_path!r}: cannot load a tokenizer from it ({first.strip()})") from exc
     image_processor = _load_image_processor(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(
         name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation

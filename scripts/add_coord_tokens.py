@@ -16,6 +16,7 @@ import sys
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs.errors import add_debug_flag, run_cli  # noqa: E402
 from model.loading import ATTN_IMPLEMENTATIONS, DTYPES, load_model_and_processors, save_checkpoint_model  # noqa: E402
 from model.vocab import COORD_INITS  # noqa: E402
 
@@ -26,8 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output dir for tokenizer, image processor and model")
     ap.add_argument("--init", default="sincos", choices=COORD_INITS, help="init of new coord rows")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    ap.add_argument("--attn-implementation", default="sdpa", choices=list(ATTN_IMPLEMENTATIONS))
-    args = ap.parse_args(argv)
+    ap.add_argument("--attn-implementation", default="auto", choices=list(ATTN_IMPLEMENTATIONS))
+    args = add_debug_flag(ap).parse_args(argv)
     if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
         ap.error("--out must differ from the input checkpoint (the original is kept untouched)")
     loaded = load_model_and_processors(
@@ -49,4 +50,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

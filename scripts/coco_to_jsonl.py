@@ -25,6 +25,11 @@ import os
 import sys
 from collections import Counter, defaultdict
 
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.errors import add_debug_flag, run_cli  # noqa: E402
+
 FORMATS = ("auto", "coco", "lvis")
 # Per-image LVIS lists: source key -> record key (category names, like desc).
 LVIS_IMAGE_LISTS = {"not_exhaustive_category_ids": "not_exhaustive_descs", "neg_category_ids": "neg_descs"}
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> Counter:
     ap.add_argument("--out", required=True, help="output JSONL path")
     ap.add_argument("--image-prefix", default="", help="prepended to each file_name, e.g. 'val2017'")
     ap.add_argument("--limit", type=int, default=None, help="keep only the first N images")
-    args = ap.parse_args(argv)
+    args = add_debug_flag(ap).parse_args(argv)
     with open(args.coco, encoding="utf-8") as fh:
         coco = json.load(fh)
     rows, report = convert(coco, image_prefix=args.image_prefix, limit=args.limit, source=args.coco, fmt=args.format)
@@ -141,4 +146,4 @@ def main(argv: list[str] | None = None) -> Counter:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

@@ -12,6 +12,7 @@ import sys
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs.errors import add_debug_flag, run_cli  # noqa: E402
 from data.shapes import make_shapes_dataset  # noqa: E402
 
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> tuple[str, str]:
     ap.add_argument("--image-size", type=int, default=64, help="square image side in pixels")
     ap.add_argument("--max-shapes", type=int, default=3, help="at most this many shapes per image")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = add_debug_flag(ap).parse_args(argv)
     train, val = make_shapes_dataset(
         args.out, args.num_train, args.num_val, image_size=args.image_size, max_shapes=args.max_shapes, seed=args.seed
     )
@@ -32,4 +33,4 @@ def main(argv: list[str] | None = None) -> tuple[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

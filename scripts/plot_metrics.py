@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs.errors import did_you_mean  # noqa: E402
+from configs.errors import InputError, add_debug_flag, did_you_mean, run_cli  # noqa: E402
 from training.tracking import read_metrics  # noqa: E402
 
 # matplotlib's tab10 as RGB: one colour per run, in this order.
@@ -76,7 +76,7 @@ def load_run(path: str) -> Run:
     rows = read_metrics(metrics)
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict) or "step" not in row:
-            raise ValueError(f"{metrics}: row {i} has no 'step' (every metrics.jsonl line is {{'step': N, ...}})")
+            raise InputError(f"{metrics}: row {i} has no 'step' (every metrics.jsonl line is {{'step': N, ...}})")
     return Run(label=label, path=metrics, rows=rows)
 
 
@@ -92,11 +92,11 @@ def resolve_keys(runs: list[Run], keys: list[str] | None) -> list[str]:
         losses = [k for k in avail if k.startswith("loss/") and k != "loss/total"]
         keys = (["loss/total"] if "loss/total" in avail else []) + losses
         if not keys:
-            raise ValueError(f"no loss/* key in the metrics; pass --keys (available: {', '.join(avail) or 'none'})")
+            raise InputError(f"no loss/* key in the metrics; pass --keys (available: {', '.join(avail) or 'none'})")
         return keys
     for k in keys:
         if k not in avail:
-            raise ValueError(
+            raise InputError(
                 f"--keys: {k!r} is in no metrics.jsonl{did_you_mean(k, avail)}; available keys: "
                 f"{', '.join(avail) or 'none'}"
             )
@@ -111,7 +111,7 @@ def series(run: Run, key: str) -> tuple[list[tuple[float, float]], int]:
             continue
         v = row[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"{run.path}: row {i}: {key}={v!r} is not a number")
+            raise InputError(f"{run.path}: row {i}: {key}={v!r} is not a number")
         if not math.isfinite(v):
             nonfinite += 1
             continue
@@ -228,12 +228,12 @@ def main(argv: list[str] | None = None) -> PlotResult:
     ap.add_argument("--smooth", type=int, default=1, help="trailing mean over N points (1 = raw only)")
     ap.add_argument("--panel-size", type=int, nargs=2, default=(480, 300), metavar=("W", "H"), help="pixels")
     ap.add_argument("--cols", type=int, default=2, help="panels per row")
-    args = ap.parse_args(argv)
+    args = add_debug_flag(ap).parse_args(argv)
     if args.smooth < 1:
-        raise ValueError(f"--smooth must be an integer >= 1, got {args.smooth}")
+        raise InputError(f"--smooth must be an integer >= 1, got {args.smooth}")
     pw, ph = args.panel_size
     if pw < 120 or ph < 100:
-        raise ValueError(f"--panel-size {pw} {ph} is too small; use at least 120 x 100 pixels")
+        raise InputError(f"--panel-size {pw} {ph} is too small; use at least 120 x 100 pixels")
     runs = [load_run(p) for p in args.runs]
     keys = resolve_keys(runs, args.keys)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(runs[0].path)), "plots", "metrics.png")
@@ -246,7 +246,4 @@ def main(argv: list[str] | None = None) -> PlotResult:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as exc:  # a user error: the message, not a traceback
-        sys.exit(f"plot_metrics: error: {exc}")
+    raise SystemExit(run_cli(main))

@@ -145,3 +145,12 @@ def test_docs_name_every_key():
     words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", doc))
     missing = sorted({k for k in _leaf_keys()} - words)
     assert not missing, f"docs/CONFIG.md does not mention {missing}"
+
+
+def test_real_configs_ship_attn_auto():
+    """flash-attn is an optional extra (requirements-gpu.txt): real configs must load without it."""
+    real = [p for d in ("stage1", "stage2_two_channel", "stage2_rollout_aligned")
+            for p in sorted((REPO / "configs" / d).glob("*.yaml"))]
+    assert real
+    for path in real:
+        assert load_config(path).model.attn_implementation == "auto", path

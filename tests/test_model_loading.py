@@ -120,7 +120,7 @@ def test_load_options_fail_fast(ckpt, bare_ckpt, monkeypatch):
     with pytest.raises(ValueError, match="model.attn_implementation"):
         load_model_and_processors(ckpt, attn_implementation="flash")
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes `import flash_attn` raise ImportError
-    with pytest.raises(ImportError, match="pip install flash-attn"):
+    with pytest.raises(ImportError, match="requirements-gpu.txt"):
         load_model_and_processors(ckpt, attn_implementation="flash_attention_2")
     with pytest.raises(ValueError, match="add_if_missing"):
         load_model_and_processors(bare_ckpt, add_coord_tokens=False)
@@ -206,3 +206,29 @@ def test_param_parts_match_freeze(ckpt):
     for part in PARTS:  # freezing one part leaves exactly the parameters param_parts puts elsewhere
         apply_freeze(model, **{p: p == part for p in PARTS})
         assert all(p.requires_grad == (parts[id(p)] != part) for p in model.parameters())
+def test_attn_auto_picks_flash_only_when_usable(monkeypatch, caplog):
+    import logging
+    import types
+
+    from model import loading
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    with caplog.at_level(logging.INFO, logger="coordexp"):
+        assert loading.resolve_attn("auto") == "sdpa"
+    assert "model.attn_implementation=auto -> sdpa" in caplog.text
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: True)
+    assert loading.resolve_attn("auto") == "flash_attention_2"
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
+    assert loading.resolve_attn("auto") == "sdpa"  # flash-attn without CUDA cannot run
+    assert loading.resolve_attn("eager") == "eager"
+
+
+def test_missing_local_checkpoint_fails_before_loading_naming_the_key(tmp_path):
+    from configs.errors import UserError
+
+    with pytest.raises(UserError, match=r"^model.name_or_path='.*nope': no such directory"):
+        load_model_and_processors(str(tmp_path / "nope"), key="model.name_or_path")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        load_model_and_processors(str(tmp_path / "empty"))

@@ -41,6 +41,7 @@ class RunContext:
 def start_run(cfg) -> RunContext:
     """Accelerator + seed, the run lock, run dir, resolved config, start-up log of config path / run name /
     seed / pipeline identity (SPEC §5.3), and the verified checkpoint to resume from (``training.resume_from``)."""
+    from configs.errors import UserError
     from training.faults import acquire_run_lock, main_process_decides
     from training.setup import make_accelerator
 
@@ -55,7 +56,7 @@ def start_run(cfg) -> RunContext:
                                    **({"cpu": True} if cpu else {}))
     _check_supported_sharding(accelerator)
     if accelerator.num_processes != world:
-        raise RuntimeError(
+        raise UserError(
             f"launched with WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es) "
             f"({accelerator.distributed_type}); check the accelerate launch config (configs/accelerate/)"
         )
@@ -179,14 +180,19 @@ def resolve_checkpoint(cfg, *, resume_model_dir: Path | None = None) -> str:
         return build_tiny_checkpoint(tiny.dir, seed=tiny.seed, hidden=tiny.hidden, layers=tiny.layers,
                                      vision_hidden=tiny.vision_hidden, vision_depth=tiny.vision_depth,
                                      intermediate=2 * tiny.hidden, max_pixels=tiny.max_pixels)
+    from configs.errors import ConfigError, UserError
+    from model.loading import check_checkpoint_path
+
     path = cfg.model.name_or_path
     if not path:
-        raise ValueError("model.name_or_path: set a checkpoint dir / HF id, or model.tiny.enabled: true")
-    if (path.startswith((".", "/")) or Path(path).parts[:1] == ("runs",)) and not Path(path).is_dir():
-        raise FileNotFoundError(
-            f"model.name_or_path={path!r} is not a directory; for the demo configs run the Stage-1 demo first "
-            "(python train_stage1.py --config configs/demo/stage1_shapes.yaml)"
-        )
+        raise ConfigError("model.name_or_path", "set a checkpoint dir / HF id, or model.tiny.enabled: true")
+    try:
+        check_checkpoint_path(path, "model.name_or_path")
+    except UserError as exc:
+        if Path(path).parts[:1] == ("runs",):  # the demo Stage-2 configs start from the Stage-1 demo's output
+            raise UserError(f"{exc}; for the demo configs run the Stage-1 demo first "
+                            "(python train_stage1.py --config configs/demo/stage1_shapes.yaml)") from exc
+        raise
     return path
 
 
@@ -200,6 +206,7 @@ def load_model(cfg, name_or_path: str, *, adapter_weights: Path | None = None) -
         attn_implementation=cfg.model.attn_implementation,
         add_coord_tokens=cfg.model.coord_tokens.add_if_missing,
         coord_init=cfg.model.coord_tokens.init,
+        key="model.name_or_path",
     )
     spec = spec_from_config(cfg.model.adapter)
     if spec.enabled:

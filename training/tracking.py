@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from configs.errors import InputError
+
 logger = logging.getLogger("coordexp")
 
 BACKENDS = ("none", "wandb")
@@ -184,7 +186,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+                raise InputError(f"{path}:{lineno}: not valid JSON ({exc})") from None
     return rows
 
 
