@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_stage1
+from configs.errors import UserError
 from tests._recipe_helpers import STAGE1_DEMO, assert_metrics_contract, finite, read_rows, recipe_argv
 
 
@@ -182,9 +183,42 @@ def test_stage1_resume_latest_without_checkpoint_fails(recipe_env, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="empty", max_steps=2,
                        training__resume_from="latest")
-    with pytest.raises(FileNotFoundError, match="resume_from"):
+    with pytest.raises(UserError, match="no checkpoint-<step> .* drop training.resume_from to start afresh"):
         train_stage1.main(argv)
     assert not Path(tmp_path / "empty" / "metrics.jsonl").exists()
+
+
+def test_resume_with_nothing_left_to_train_fails_and_keeps_the_run_dir(recipe_env, tmp_path, monkeypatch):
+    """max_steps <= the checkpoint's step: a clear error naming the fix, config.merged.yaml untouched."""
+    monkeypatch.chdir(tmp_path)
+    argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="done", max_steps=2, training__warmup_steps=1,
+                       training__eval_every=0, training__save_every=2)
+    train_stage1.main(argv)
+    merged = (tmp_path / "done" / "config.merged.yaml").read_text()
+    for max_steps in (2, 1):
+        with pytest.raises(UserError, match=rf"training.max_steps={max_steps} but .*checkpoint-2 is already at step 2.*"
+                                            r"--set training.max_steps=4"):
+            train_stage1.main([*argv, "--set", "training.resume_from=latest", "--set", f"training.max_steps={max_steps}",
+                               "--set", "training.lr=0.5"])
+    assert (tmp_path / "done" / "config.merged.yaml").read_text() == merged
+
+
+def test_a_run_that_died_before_its_first_step_does_not_block_the_rerun(recipe_env, tmp_path, monkeypatch):
+    """Empty metrics.jsonl and no checkpoint: the dir holds no run, the plain rerun is accepted."""
+    monkeypatch.chdir(tmp_path)
+    argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="died", max_steps=1, training__warmup_steps=0,
+                       training__eval_every=0, training__save_every=0)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("died in the first step")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train_stage1, "run_pipeline", crash)
+        with pytest.raises(RuntimeError, match="first step"):
+            train_stage1.main(argv)
+    assert (tmp_path / "died" / "metrics.jsonl").read_text() == ""
+    train_stage1.main(argv)
+    assert [r["step"] for r in read_rows(tmp_path / "died")] == [1]
 
 
 def test_stage1_coco_failure_logs_zero_map_and_training_goes_on(recipe_env, tmp_path, monkeypatch, caplog):
@@ -270,8 +304,9 @@ def test_a_used_run_dir_is_refused_unless_resuming_or_overwriting(recipe_env, tm
     argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="again", max_steps=2, training__warmup_steps=1,
                        training__eval_every=0, training__save_every=0)
     train_stage1.main(argv)
-    with pytest.raises(FileExistsError, match="run.overwrite=true"):
+    with pytest.raises(FileExistsError, match="run.overwrite=true") as exc:
         train_stage1.main(argv)
+    assert "resume_from" not in str(exc.value)  # no checkpoint: resuming cannot work, so it is not offered
     (tmp_path / "again" / "stale.txt").write_text("from the first run")
     train_stage1.main([*argv, "--set", "run.overwrite=true"])
     assert [r["step"] for r in read_rows(tmp_path / "again")] == [1, 2]

@@ -104,6 +104,31 @@ def test_wandb_offline(tmp_path, monkeypatch):
     again.finish()
 
 
+def test_wandb_env_wins_over_the_config(tmp_path, monkeypatch):
+    """WANDB_MODE=offline runs offline although the config says online (no API key needed)."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    t = Tracker(tmp_path, backend="wandb", mode="online", project="from-config", run_name="demo")
+    assert t._wandb_run.offline and t._wandb_run.project == "from-env"
+    t.finish()
+
+
+def test_wandb_init_failure_is_a_user_error_with_the_fix(tmp_path, monkeypatch):
+    import wandb
+
+    from configs.errors import UserError
+
+    def no_key(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(wandb, "init", no_key)
+    with pytest.raises(UserError, match="mode online.*No API key configured.*WANDB_MODE=offline"):
+        Tracker(tmp_path, backend="wandb", mode="online")
+
+
 # ------------------------------------------------------------------ progress
 
 
@@ -149,8 +174,15 @@ def restore_coordexp_logger():
 def test_run_dir_and_logging(tmp_path, restore_coordexp_logger):
     run_dir = make_run_dir(tmp_path, "exp1")
     assert run_dir.is_dir()
-    (run_dir / "metrics.jsonl").write_text("")
-    with pytest.raises(FileExistsError, match="resume_from"):
+    (run_dir / "metrics.jsonl").write_text("")  # died before its first logged step: holds no run
+    assert make_run_dir(tmp_path, "exp1", exist_ok=False) == run_dir
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(FileExistsError, match="logged steps in metrics.jsonl, no checkpoint") as exc:
+        make_run_dir(tmp_path, "exp1", exist_ok=False)
+    assert "resume_from" not in str(exc.value)
+    (run_dir / "checkpoint-1").mkdir()
+    (run_dir / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"\(checkpoint-1\).*resume it with --set training.resume_from=latest"):
         make_run_dir(tmp_path, "exp1", exist_ok=False)
     with pytest.raises(ValueError, match="run.name"):
         make_run_dir(tmp_path, "a/b")

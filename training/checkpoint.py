@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from configs.errors import UserError
+
 FORMAT_VERSION = 2  # 2: manifest.json with sizes and SHA-256 of every file
 MANIFEST = "manifest.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -50,7 +52,7 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 logger = logging.getLogger("coordexp")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the checkpoint dir and the file."""
 
 
@@ -410,6 +412,26 @@ def _all_ok(accelerator: Any, ok: bool) -> bool:
 # ----------------------------------------------------------------- load
 
 
+def read_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of a checkpoint dir (``step``, ``data_state``, ...), checked for completeness."""
+    ckpt_dir = Path(ckpt_dir)
+    state_file = ckpt_dir / "trainer_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(
+            f"{state_file} missing: {ckpt_dir} is not a complete checkpoint (training.resume_from: a checkpoint-<step> dir or 'latest')"
+        )
+    try:
+        raw = json.loads(state_file.read_text())
+        raw["step"] = int(raw["step"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: trainer_state.json is not valid ({type(exc).__name__}: {exc})") from None
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: trainer_state.json: format_version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
+    return raw
+
+
 def load_training_state(
     ckpt_dir: str | Path,
     optimizer: torch.optim.Optimizer | None = None,
@@ -427,20 +449,7 @@ def load_training_state(
     number of processes fails unless ``restore_rng=False``.
     """
     ckpt_dir = Path(ckpt_dir)
-    state_file = ckpt_dir / "trainer_state.json"
-    if not state_file.is_file():
-        raise FileNotFoundError(
-            f"{state_file} missing: {ckpt_dir} is not a complete checkpoint (training.resume_from: a checkpoint-<step> dir or 'latest')"
-        )
-    try:
-        raw = json.loads(state_file.read_text())
-        step = int(raw["step"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: trainer_state.json is not valid ({type(exc).__name__}: {exc})") from None
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir}: trainer_state.json: format_version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}"
-        )
+    raw = read_trainer_state(ckpt_dir)
     rank, _, _ = _rank_info(accelerator)
 
     def load(name: str) -> Any:
@@ -462,7 +471,7 @@ def load_training_state(
             )
         set_rng_state(load(rng_file.name))
     return TrainerState(
-        step=step,
+        step=raw["step"],
         data_state=raw.get("data_state") or {},
         router_state=raw.get("router_state"),
         extra=raw.get("extra") or {},

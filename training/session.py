@@ -81,22 +81,19 @@ def _released_on_error(lock):
 
 def _start_locked_run(cfg, accelerator, run_dir: Path, lock) -> RunContext:
     from configs.loader import save_resolved
-    from training.checkpoint import list_checkpoints, resolve_resume
     from training.faults import LOCK_NAME, main_process_decides
-    from training.setup import log_run_header, make_run_dir, setup_logging
+    from training.setup import log_run_header, make_run_dir, run_dir_in_use, setup_logging
 
     t = cfg.training
+    # Checked before anything is written: a resume that cannot train must not touch the run dir.
+    # Verified (sizes + SHA-256) once, on the main process; `latest` skips a corrupt one.
+    resume_dir = main_process_decides(accelerator, lambda: resume_point(cfg, run_dir)) if t.resume_from else None
     # Two runs in one dir would interleave metrics.jsonl and checkpoints: refuse unless told to replace it.
-    used = not t.resume_from and (run_dir / "metrics.jsonl").exists()
+    in_use = None if t.resume_from else run_dir_in_use(run_dir)
+    used = in_use is not None
     accelerator.wait_for_everyone()  # every rank looks before anything is deleted (barriers unconditional)
     if used and not cfg.run.overwrite:
-        # Suggest a resume only when there is something to resume from.
-        resume = ("resume it with --set training.resume_from=latest, " if list_checkpoints(run_dir)
-                  else "(it has no checkpoint to resume from) ")
-        raise FileExistsError(
-            f"{run_dir} already holds a run (metrics.jsonl); pick another run.name, {resume}"
-            "or replace it with --set run.overwrite=true"
-        )
+        raise in_use
     if used and accelerator.is_main_process:
         for child in run_dir.iterdir():  # everything but our lock
             if child.name != LOCK_NAME:
@@ -109,10 +106,37 @@ def _start_locked_run(cfg, accelerator, run_dir: Path, lock) -> RunContext:
     identity = cfg.pipeline.to_dict()
     log_run_header(run_logger, config_path=cfg.path, run_name=cfg.run.name, seed=cfg.run.seed,
                    pipeline_identity=identity, run_dir=run_dir if accelerator.is_main_process else None)
-    resume_dir = None
-    if t.resume_from:  # verified (sizes + SHA-256) once, on the main process; `latest` skips a corrupt one
-        resume_dir = main_process_decides(accelerator, lambda: resolve_resume(run_dir, t.resume_from))
+    if resume_dir is not None and accelerator.is_main_process:  # before the tracker opens metrics.jsonl
+        from training.checkpoint import read_trainer_state
+        from training.tracking import truncate_metrics_after
+
+        step = int(read_trainer_state(resume_dir)["step"])
+        dropped = truncate_metrics_after(run_dir / "metrics.jsonl", step)
+        if dropped:
+            run_logger.info("metrics.jsonl: dropped %d line(s) logged after step %d by the interrupted run", dropped, step)
     return RunContext(accelerator, run_dir, run_logger, identity, resume_dir, lock)
+
+
+def resume_point(cfg, run_dir: Path) -> Path | None:
+    """The checkpoint ``training.resume_from`` names (None when not resuming), checked to exist and to
+    leave steps to train (its step < ``training.max_steps``); every error names the fix."""
+    from configs.errors import UserError
+    from training.checkpoint import list_checkpoints, read_trainer_state, resolve_resume
+    from training.setup import what_run_holds
+
+    t = cfg.training
+    if not t.resume_from:
+        return None
+    if t.resume_from == "latest" and not list_checkpoints(run_dir):
+        fresh = ("start afresh with --set run.overwrite=true (replaces it)" if what_run_holds(run_dir)
+                 else "drop training.resume_from to start afresh")
+        raise UserError(f"training.resume_from=latest: no checkpoint-<step> under {run_dir} to resume; {fresh}")
+    resume_dir = resolve_resume(run_dir, t.resume_from)  # verified; `latest` skips a corrupt one
+    step = int(read_trainer_state(resume_dir)["step"])
+    if step >= t.max_steps:
+        raise UserError(f"training.max_steps={t.max_steps} but {resume_dir} is already at step {step}: nothing left "
+                        f"to train; raise it to continue (e.g. --set training.max_steps={step + max(step, 1)})")
+    return resume_dir
 
 
 def _check_supported_sharding(accelerator) -> None:
@@ -414,6 +438,7 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     from training.progress import TrainProgress
 
     t, accelerator = cfg.training, run.accelerator
+    tracker = make_tracker(cfg, run)  # before the model: a wandb set-up error costs seconds, not a model load
     resume_model_dir = run.resume_dir / "model" if run.resume_dir else None
     if cfg.model.adapter.type != "none":  # the base comes from the config; the checkpoint holds the adapter
         base = resolve_checkpoint(cfg)
@@ -440,19 +465,12 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
         dataset.load_state_dict(state.data_state)
         start_step = state.step
         run.logger.info("resumed from %s at step %d", run.resume_dir, start_step)
-        if accelerator.is_main_process:
-            from training.tracking import truncate_metrics_after
-
-            dropped = truncate_metrics_after(run.run_dir / "metrics.jsonl", start_step)
-            if dropped:
-                run.logger.info("metrics.jsonl: dropped %d line(s) logged after step %d by the interrupted run",
-                                dropped, start_step)
     model.train()
     return TrainingSetup(
         loaded=loaded, splits=splits, encoder=encoder, dataset=dataset, model=model, vlm=vlm,
         optimizer=optimizer, scheduler=scheduler, coord_ids=loaded.coord_vocab.ids.to(accelerator.device),
         pad_id=loaded.tokenizer.pad_token_id, start_step=start_step, resume_state=state,
-        tracker=make_tracker(cfg, run), aggregator=MetricAggregator(accelerator),
+        tracker=tracker, aggregator=MetricAggregator(accelerator),
         progress=TrainProgress(t.max_steps, start_step, accelerator.is_main_process, cfg.run.log_every, desc=desc),
         save_model=model_saver(accelerator, model, vlm, loaded, adapter=spec_from_config(cfg.model.adapter), base=base,
                                coord_init=cfg.model.coord_tokens.init),

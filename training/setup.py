@@ -59,19 +59,46 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     return accelerator
 
 
+def what_run_holds(run_dir: str | Path) -> str | None:
+    """Why ``run_dir`` holds a run (a complete checkpoint, or a logged step in ``metrics.jsonl``), else None.
+
+    A run that died before its first logged step (no checkpoint, empty ``metrics.jsonl``) holds
+    nothing: a rerun may use the dir.
+    """
+    from training.checkpoint import list_checkpoints
+
+    run_dir = Path(run_dir)
+    ckpts = list_checkpoints(run_dir)
+    if ckpts:
+        return f"checkpoint-{ckpts[-1][0]}"
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.read_text(encoding="utf-8", errors="replace").strip():
+        return "logged steps in metrics.jsonl, no checkpoint to resume from"
+    return None
+
+
+def run_dir_in_use(run_dir: str | Path) -> FileExistsError | None:
+    """The error for starting a fresh run in ``run_dir`` when it holds one (None when it does not);
+    the fixes it names all work: resuming is offered only when there is a checkpoint."""
+    held = what_run_holds(run_dir)
+    if held is None:
+        return None
+    resume = ", resume it with --set training.resume_from=latest" if held.startswith("checkpoint-") else ""
+    return FileExistsError(f"{run_dir} already holds a run ({held}); pick another run.name{resume}, "
+                           "or replace it with --set run.overwrite=true")
+
+
 def make_run_dir(output_dir: str | Path, run_name: str, exist_ok: bool = True) -> Path:
     """Create and return ``<output_dir>/<run_name>`` (``run.output_dir`` / ``run.name``).
 
-    ``exist_ok=False`` refuses to reuse a directory that already has
-    ``metrics.jsonl`` (use it when not resuming, so two runs never mix logs).
+    ``exist_ok=False`` refuses a directory that already holds a run (:func:`what_run_holds`; use it
+    when not resuming, so two runs never mix logs).
     """
     if not run_name or "/" in run_name or run_name in (".", ".."):
         raise ValueError(f"run.name must be a plain directory name, got {run_name!r}")
     run_dir = Path(output_dir) / run_name
-    if not exist_ok and (run_dir / "metrics.jsonl").exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a run (metrics.jsonl); choose another run.name or resume with training.resume_from: latest"
-        )
+    if not exist_ok and (err := run_dir_in_use(run_dir)) is not None:
+        raise err
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 

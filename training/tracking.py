@@ -16,13 +16,21 @@ from typing import Any
 
 import torch
 
-from configs.errors import InputError
+from configs.errors import InputError, UserError
 
 logger = logging.getLogger("coordexp")
 
 BACKENDS = ("none", "wandb")
 MEDIA_IMAGES = 8  # eval images sent to wandb per in-loop eval
 MODES = ("online", "offline")
+# wandb.init argument -> environment variable that overrides the config's value (wandb's own names).
+WANDB_ENV = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "name": "WANDB_NAME",
+             "id": "WANDB_RUN_ID", "dir": "WANDB_DIR"}
+
+
+def wandb_settings(**from_config: Any) -> dict[str, Any]:
+    """``wandb.init`` keyword arguments: the config's values, each replaced by its ``WANDB_*`` variable when set."""
+    return {key: os.environ.get(WANDB_ENV[key]) or value for key, value in from_config.items()}
 
 
 def _scalar(key: str, value: Any) -> Any:
@@ -49,9 +57,11 @@ class Tracker:
     Non-finite floats are written as ``NaN`` / ``Infinity`` (Python's json
     reads them; the value is never dropped).
 
-    ``backend="wandb"`` imports wandb here (only then); ``mode="offline"`` sets
-    ``WANDB_MODE=offline`` before ``wandb.init`` and writes under ``run_dir``. The wandb run id
-    is kept in ``run_dir/wandb_run_id`` so a resumed run logs into the same wandb run.
+    ``backend="wandb"`` imports wandb here (only then) and writes under ``run_dir``. The
+    ``WANDB_*`` environment variables win over the config (:data:`WANDB_ENV`): ``WANDB_MODE=offline``
+    runs offline whatever ``run.tracker.mode`` says, as wandb's own tools expect. The wandb run id
+    is kept in ``run_dir/wandb_run_id`` so a resumed run logs into the same wandb run. A failing
+    ``wandb.init`` (no API key, no network) is a user error whose message says how to fix it.
     """
 
     def __init__(
@@ -89,23 +99,21 @@ class Tracker:
                 raise ImportError(
                     "run.tracker.backend: wandb needs `pip install wandb` (or set backend: none)"
                 ) from exc
-            if mode == "offline":
-                os.environ["WANDB_MODE"] = "offline"
             # One wandb run per run dir: a resumed training run continues the same wandb run.
             id_file = self.run_dir / "wandb_run_id"
             run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-            self._wandb_run = wandb.init(
-                project=project,
-                entity=entity,
-                name=run_name,
-                config=dict(config or {}),
-                tags=list(tags),
-                dir=str(self.run_dir),
-                mode=mode,
-                id=run_id,
-                resume="allow",
-            )
-            id_file.write_text(run_id + "\n")
+            settings = wandb_settings(mode=mode, project=project, entity=entity, name=run_name, id=run_id,
+                                      dir=str(self.run_dir))
+            try:
+                self._wandb_run = wandb.init(config=dict(config or {}), tags=list(tags), resume="allow", **settings)
+            except Exception as exc:  # noqa: BLE001 - wandb raises many types; all mean "fix the wandb set-up"
+                first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+                raise UserError(
+                    f"run.tracker: wandb.init (mode {settings['mode']}) failed: {first}. Log in (`wandb login` or "
+                    "WANDB_API_KEY=...), or run without the network: WANDB_MODE=offline, "
+                    "--set run.tracker.mode=offline, or --set run.tracker.backend=none"
+                ) from exc
+            id_file.write_text(self._wandb_run.id + "\n")
         if config:
             self.log_config(config)
 
