@@ -224,7 +224,8 @@ def predict_records(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(indices), desc="generate", unit="img")
+        # disable=None: drawn on a terminal only (a log file would collect carriage-return frames)
+        bar = tqdm(total=len(indices), desc="generate", unit="img", disable=None)
     results: list[SampleResult] = []
     try:
         for start in range(0, len(indices), batch_size):
@@ -303,6 +304,7 @@ def run_rollout_eval(
     batch_size: int | None = None,
     backend=None,
     step: int | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Greedy rollout eval of ``records``; returns the ``eval/rollout/*`` payload (same on every rank).
 
@@ -314,6 +316,10 @@ def run_rollout_eval(
     eval_detection: ``rollout_matching.eval_detection`` (``enabled`` (True), ``score_mode``
                     (token_prob), ``score_include_desc`` (False), ``metrics`` (coco))
     out_dir:        ``<run_dir>/eval/step_<N>``; receives predictions.jsonl and metrics.json (main process)
+    step:           the optimizer step evaluated (written into metrics.json and the summary line)
+    progress:       a generation progress bar on the main process (drawn on a terminal only)
+
+    The main process logs one summary line (:func:`summary_line`: mAP, AP50, F1, parse-valid rate).
 
     ``eval/rollout/mAP`` (COCO AP .50:.95) is present iff detection eval is enabled and is always a
     float: any exception inside the COCO evaluation logs a warning and gives 0.0.
@@ -334,6 +340,7 @@ def run_rollout_eval(
             model, tokenizer, coord_vocab, encoder, records,
             indices=range(rank, len(records), world), backend=backend, backend_kwargs=backend_kwargs,
             batch_size=batch_size, matching=matching, score_mode=score_mode, score_include_desc=include_desc,
+            progress=progress and is_main,
         )  # fmt: skip
     finally:
         if was_training:
@@ -354,13 +361,32 @@ def run_rollout_eval(
                 error = f"{type(e).__name__}: {e}"
                 logger.warning("eval/rollout/mAP: COCO evaluation failed (%s); logging 0.0 and continuing", error)
                 report, coco_value = None, 0.0
+        seconds = time.perf_counter() - t0
         if out_dir is not None:
-            _write_outputs(Path(out_dir), results, report, payload, coco_value, error, step, time.perf_counter() - t0)
+            _write_outputs(Path(out_dir), results, report, payload, coco_value, error, step, seconds)
+        # on the training console and train.log (the "coordexp" logger's handlers), not only in files
+        logging.getLogger("coordexp").info(summary_line(step, payload, report, seconds))
     if enabled:
         if world > 1:
             coco_value = _broadcast_object(coco_value)
         payload[PREFIX + "mAP"] = float(coco_value if coco_value is not None else 0.0)
     return payload
+
+
+def summary_line(step: int | None, payload: Mapping[str, float], report: Any, seconds: float) -> str:
+    """One console line per in-loop eval: ``eval step 240: mAP 0.1234 AP50 0.2345 F1 0.3456 parse-valid 0.98 (16 images, 3.2s)``.
+
+    COCO numbers come from ``report`` (``n/a`` when detection eval is off or failed); F1 and the
+    parse-valid rate from the rollout payload.
+    """
+
+    def coco(key: str) -> str:
+        return f"{float(report.metrics[key]):.4f}" if report is not None and key in report.metrics else "n/a"
+
+    where = f"step {step}" if step is not None else "(no step)"
+    return (f"eval {where}: mAP {coco('AP')} AP50 {coco('AP50')} F1 {payload.get(PREFIX + 'f1', 0.0):.4f} "
+            f"parse-valid {payload.get(PREFIX + 'parse_valid_rate', 0.0):.2f} "
+            f"({int(payload.get(PREFIX + 'samples_total', 0))} images, {seconds:.1f}s)")
 
 
 def _write_outputs(out_dir, results, report, payload, coco_value, error, step, seconds) -> None:

@@ -70,8 +70,18 @@ def _run(tiny, tmp_path, backend=REPLAY, **kw):
     )  # fmt: skip
 
 
-def test_perfect_rollouts_give_full_scores_and_files(tiny, tmp_path):
-    payload = _run(tiny, tmp_path)
+def test_perfect_rollouts_give_full_scores_and_files(tiny, tmp_path, caplog):
+    console = logging.getLogger("coordexp")  # may not propagate (training.setup.setup_logging): listen on it
+    console.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="coordexp"):
+            payload = _run(tiny, tmp_path)
+    finally:
+        console.removeHandler(caplog.handler)
+    # one console summary line per eval
+    summary = sorted({r.getMessage() for r in caplog.records if r.getMessage().startswith("eval step 7:")})
+    assert len(summary) == 1  # (the record may reach caplog through two handlers)
+    assert summary[0].startswith("eval step 7: mAP 1.0000 AP50 1.0000 F1 1.0000 parse-valid 1.00 (5 images, ")
     n_gt = sum(len(r.objects) for r in tiny["records"])
     assert payload["eval/rollout/mAP"] == pytest.approx(1.0)
     assert isinstance(payload["eval/rollout/mAP"], float)

@@ -213,8 +213,13 @@ def test_attn_auto_picks_flash_only_when_usable(monkeypatch, caplog):
     from model import loading
 
     monkeypatch.setitem(sys.modules, "flash_attn", None)
-    with caplog.at_level(logging.INFO, logger="coordexp"):
-        assert loading.resolve_attn("auto") == "sdpa"
+    console = logging.getLogger("coordexp")  # may not propagate (training.setup.setup_logging): listen on it
+    console.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="coordexp"):
+            assert loading.resolve_attn("auto") == "sdpa"
+    finally:
+        console.removeHandler(caplog.handler)
     assert "model.attn_implementation=auto -> sdpa" in caplog.text
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
     monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: True)

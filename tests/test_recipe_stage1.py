@@ -40,7 +40,7 @@ def test_stage1_run_dir_layout(stage1_run):
         ev = run_dir / "eval" / f"step_{step}"
         preds = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines() if line.strip()]
         assert len(preds) == 1  # eval.max_samples=1
-        assert isinstance(json.loads((ev / "metrics.json").read_text()), dict)
+        assert json.loads((ev / "metrics.json").read_text())["step"] == step  # the real step, not null
         ckpt = run_dir / f"checkpoint-{step}"
         assert (ckpt / "trainer_state.json").is_file()
         assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step

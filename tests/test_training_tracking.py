@@ -139,10 +139,24 @@ def test_progress_postfix_and_disabled_off_main(capsys):
     assert float(postfix["tok/s"]) > 0
     bar.close()
     assert capsys.readouterr().err == ""
-    on_main = TrainProgress(total=3, is_main_process=True)
+    on_main = TrainProgress(total=3, is_main_process=True, terminal=True)
     on_main.update(1, loss=1.0, lr=0.1, tokens=5)
     on_main.close()
     assert "loss=1.0000" in capsys.readouterr().err
+
+
+def test_progress_off_a_terminal_prints_one_plain_line_every_log_every_steps(capsys):
+    """A log file gets no carriage-return bar frames: one line per run.log_every steps, and the last step."""
+    progress = TrainProgress(total=25, is_main_process=True, refresh_every=10, desc="stage1")  # stderr: not a TTY here
+    assert progress.terminal is False
+    for step in range(1, 26):
+        progress.update(step, loss=2.0 / step, lr=1e-4, tokens=10)
+    progress.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert [line.split()[2] for line in lines] == ["10/25", "20/25", "25/25"]
+    assert lines[0].startswith("stage1 step 10/25 loss=0.2000 lr=1.00e-04 tok/s=")
 
 
 # --------------------------------------------------------------------- setup

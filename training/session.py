@@ -367,6 +367,8 @@ def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder
             ),
             out_dir=run_dir / "eval" / f"step_{step}",
             accelerator=accelerator,
+            step=step,
+            progress=True,
         )
     vlm.train(was_training)
     return metrics
