@@ -18,6 +18,7 @@ from configs.loader import add_config_args
 from pipeline.context import TeacherForcingContext
 from pipeline.executor import run_pipeline
 from pipeline.forwards import gt_forward
+from training.preflight import dry_run
 from training.session import (
     backward_and_step,
     batch_metrics,
@@ -38,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run Stage-1; returns the last optimizer step's metrics (for tests)."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides, expect="stage1")
+    if args.dry_run:  # paths, tokenizer, every record, pipeline, packing plan; no weights
+        return dry_run(cfg)
     t = cfg.training
     run = start_run(cfg)  # accelerator, run dir, resolved config, pipeline identity, resume point
     accelerator = run.accelerator

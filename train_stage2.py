@@ -29,6 +29,7 @@ from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, rollout_forward
 from rollout.step import MatchingConfig, prepare_rollout_batches, token_budget_warning
 from training.faults import any_rank
+from training.preflight import dry_run
 from training.router import CHANNEL_A, CHANNEL_B, ChannelRouter
 from training.session import (
     backward_and_step,
@@ -63,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run Stage-2; returns the last optimizer step's metrics (for tests)."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides, expect="stage2")
+    if args.dry_run:  # paths, tokenizer, every record, pipeline, packing plan; no weights
+        return dry_run(cfg)
     t, sab, rm = cfg.training, cfg.stage2_ab, cfg.rollout_matching
     two_channel = cfg.variant == TWO_CHANNEL
     # Flag value the rollout builder stamps on samples that dropped invalid objects; only token_ce

@@ -645,6 +645,9 @@ def add_config_args(parser: argparse.ArgumentParser,
         metavar="KEY=VALUE",
         help=f"override one key after extends, e.g. {set_example} (repeatable; values parsed as YAML)",
     )
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, every path, the tokenizer's coord tokens and all data records, print "
+                             "the resolved pipeline and the packing plan, and exit (0 = ready; no weights are loaded)")
     return add_debug_flag(parser)
 
 

@@ -106,6 +106,19 @@ def _load_image_processor(name_or_path: str):
         return AutoImageProcessor.from_pretrained(name_or_path)
 
 
+def load_tokenizer_and_image_processor(name_or_path: str, *, key: str = "checkpoint") -> tuple[Any, Any]:
+    """Tokenizer + image processor of a checkpoint (no weights); a bad path or hub id is one clear line."""
+    from transformers import AutoTokenizer
+
+    check_checkpoint_path(name_or_path, key)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:  # hub lookups of a bad id / no network: one line, not the hub traceback
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UserError(f"{key}={name_or_path!r}: cannot load a tokenizer from it ({first.strip()})") from exc
+    return tokenizer, _load_image_processor(name_or_path)
+
+
 def load_model_and_processors(
     name_or_path: str,
     *,
@@ -125,7 +138,7 @@ def load_model_and_processors(
     checkpoint with the adapter merged in: an ordinary model.
     ``key`` names the source of ``name_or_path`` in error messages (config key or CLI argument).
     """
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForImageTextToText
 
     if is_adapter_dir(name_or_path):
         return _load_merged_adapter(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
@@ -135,13 +148,7 @@ def load_model_and_processors(
     if coord_init not in COORD_INITS:
         raise ValueError(f"model.coord_tokens.init must be one of {list(COORD_INITS)}, got {coord_init!r}")
     attn_implementation = resolve_attn(attn_implementation)
-    check_checkpoint_path(name_or_path, key)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:  # hub lookups of a bad id / no network: one line, not the hub traceback
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise UserError(f"{key}={name_or_path!r}: cannot load a tokenizer from it ({first.strip()})") from exc
-    image_processor = _load_image_processor(name_or_path)
+    tokenizer, image_processor = load_tokenizer_and_image_processor(name_or_path, key=key)
     model = AutoModelForImageTextToText.from_pretrained(
         name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
     )

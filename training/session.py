@@ -43,9 +43,11 @@ def start_run(cfg) -> RunContext:
     seed / pipeline identity (SPEC §5.3), and the verified checkpoint to resume from (``training.resume_from``)."""
     from configs.errors import UserError
     from training.faults import acquire_run_lock, main_process_decides
+    from training.preflight import check_paths
     from training.setup import make_accelerator
 
     t = cfg.training
+    check_paths(cfg)  # a wrong model dir / data file / image root fails now, naming its key
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # `accelerate launch --multi_gpu` on a machine without CUDA sets WORLD_SIZE but accelerate then picks
     # no backend: every process would run alone and believe it is the main process (duplicate logs,
@@ -204,20 +206,9 @@ def resolve_checkpoint(cfg, *, resume_model_dir: Path | None = None) -> str:
         return build_tiny_checkpoint(tiny.dir, seed=tiny.seed, hidden=tiny.hidden, layers=tiny.layers,
                                      vision_hidden=tiny.vision_hidden, vision_depth=tiny.vision_depth,
                                      intermediate=2 * tiny.hidden, max_pixels=tiny.max_pixels)
-    from configs.errors import ConfigError, UserError
-    from model.loading import check_checkpoint_path
+    from training.preflight import check_model_path
 
-    path = cfg.model.name_or_path
-    if not path:
-        raise ConfigError("model.name_or_path", "set a checkpoint dir / HF id, or model.tiny.enabled: true")
-    try:
-        check_checkpoint_path(path, "model.name_or_path")
-    except UserError as exc:
-        if Path(path).parts[:1] == ("runs",):  # the demo Stage-2 configs start from the Stage-1 demo's output
-            raise UserError(f"{exc}; for the demo configs run the Stage-1 demo first "
-                            "(python train_stage1.py --config configs/demo/stage1_shapes.yaml)") from exc
-        raise
-    return path
+    return check_model_path(cfg)
 
 
 def load_model(cfg, name_or_path: str, *, adapter_weights: Path | None = None) -> LoadedModel:
@@ -294,10 +285,10 @@ def load_records(cfg) -> DataSplits:
     return DataSplits(train=read(train_path), val=read(val_path))
 
 
-def make_encoder(cfg, loaded: LoadedModel) -> ChatEncoder:
+def make_encoder(cfg, tokenizer, image_processor) -> ChatEncoder:
     return ChatEncoder(
-        loaded.tokenizer,
-        loaded.image_processor,
+        tokenizer,
+        image_processor,
         prompt=cfg.data.prompt,
         system_prompt=cfg.data.system_prompt,
         min_pixels=cfg.data.min_pixels,
@@ -449,7 +440,7 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
         base = resolve_checkpoint(cfg, resume_model_dir=resume_model_dir)
         loaded = load_model(cfg, base)
     splits = load_records(cfg)
-    encoder = make_encoder(cfg, loaded)
+    encoder = make_encoder(cfg, loaded.tokenizer, loaded.image_processor)
     dataset = make_train_dataset(cfg, encoded(splits.train, encoder), accelerator)
 
     model = HiddenStatesModel(loaded.model)

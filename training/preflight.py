@@ -1,0 +1,125 @@
+"""Checks that run before any weights load: every path the config names, and ``--dry-run``.
+
+``check_paths(cfg)`` runs at the start of every training run, so a wrong model dir, data file
+or image root fails in a second with the config key in the message (not after the model has
+loaded). ``dry_run(cfg)`` is what ``train_stage1.py --dry-run`` / ``train_stage2.py --dry-run``
+do: the config is already loaded and validated; then the paths, the tokenizer's coord tokens
+(tokenizer and image processor only, no weights), every data record (contract and image files),
+the resolved pipeline and the packing plan. It prints a summary and returns 0; a problem raises a
+user error (``configs.errors``), which the CLI prints as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from configs.errors import ConfigError, UserError
+
+
+def check_model_path(cfg) -> str:
+    """``model.name_or_path`` checked (a local path must be a checkpoint dir); returns it."""
+    from model.loading import check_checkpoint_path
+
+    path = cfg.model.name_or_path
+    if not path:
+        raise ConfigError("model.name_or_path", "set a checkpoint dir / HF id, or model.tiny.enabled: true")
+    try:
+        check_checkpoint_path(path, "model.name_or_path")
+    except UserError as exc:
+        if Path(path).parts[:1] == ("runs",):  # the demo Stage-2 configs start from the Stage-1 demo's output
+            raise UserError(f"{exc}; for the demo configs run the Stage-1 demo first "
+                            "(python train_stage1.py --config configs/demo/stage1_shapes.yaml)") from exc
+        raise
+    return path
+
+
+PLACEHOLDER = "/path/to/"
+
+
+def check_paths(cfg) -> None:
+    """Every input path of the config exists: model dir, train/val JSONL, image root.
+
+    All problems are reported at once (one line, each naming its key), so a config with several
+    placeholders is fixed in one go.
+    """
+    problems: list[UserError] = []
+    if not cfg.model.tiny.enabled:
+        try:
+            check_model_path(cfg)
+        except UserError as exc:
+            problems.append(exc)
+    d = cfg.data
+    if not d.synthetic.enabled:
+        for key, value in (("data.train_jsonl", d.train_jsonl), ("data.val_jsonl", d.val_jsonl)):
+            if value and not os.path.isfile(value):
+                what = "is a directory, not a JSONL file" if os.path.isdir(value) else "no such file"
+                problems.append(UserError(f"{key}={value!r}: {what} (a JSONL file of records, docs/DATA.md)"))
+    if d.image_root and not os.path.isdir(d.image_root):
+        problems.append(UserError(f"data.image_root={d.image_root!r}: no such directory (the base of relative image "
+                                  "paths; null = each JSONL file's folder)"))
+    if len(problems) == 1 and PLACEHOLDER not in str(problems[0]):
+        raise problems[0]
+    if problems:
+        hint = ""
+        if PLACEHOLDER in " ".join(map(str, problems)):
+            hint = (f"; replace the {PLACEHOLDER} placeholders in the config, or override them with "
+                    "--set model.name_or_path=... --set data.train_jsonl=... (docs/FIRST_HOUR.md)")
+        raise UserError(f"{len(problems)} path problem(s): " + "; ".join(map(str, problems)) + hint)
+
+
+def dry_run(cfg, *, out=print) -> int:
+    """Validate everything a run needs without loading weights; print the plan; return 0 (or raise)."""
+    from data.encoding import EncodedRecords
+    from data.packing import PackedDataset
+    from model.loading import load_tokenizer_and_image_processor
+    from model.vocab import coord_vocab_from_tokenizer, ensure_coord_tokens
+    from training.session import load_records, make_encoder, resolve_checkpoint
+    from training.setup import setup_logging
+
+    started = time.perf_counter()
+    t = cfg.training
+    setup_logging(None)  # stderr only: a dry run writes nothing into the run dir
+    out(f"dry run: {cfg.path} (variant {cfg.variant}); nothing is trained, no weights are loaded")
+    check_paths(cfg)
+    out(f"  run dir        {cfg.run.run_dir}")
+
+    source = resolve_checkpoint(cfg)  # the tiny model is built here when enabled (as a run would)
+    tokenizer, image_processor = load_tokenizer_and_image_processor(source, key="model.name_or_path")
+    try:
+        vocab = coord_vocab_from_tokenizer(tokenizer)
+        coords = f"present (ids {vocab.first_id}..{vocab.end_id - 1})"
+    except ValueError as exc:
+        if not cfg.model.coord_tokens.add_if_missing:
+            raise UserError(f"model.name_or_path={source!r}: {exc} (or set model.coord_tokens.add_if_missing: true)") from exc
+        vocab, _ = ensure_coord_tokens(tokenizer)  # in memory only, so the lengths below are the run's
+        coords = "missing; added at load (model.coord_tokens.add_if_missing: true)"
+    out(f"  model          {source}: tokenizer {len(tokenizer)} entries, coord tokens {coords}")
+
+    splits = load_records(cfg)  # the data reports go to the log (stderr)
+    if not splits.train:
+        raise ConfigError("data.train_jsonl", "no training records; the file has no valid line")
+    encoder = make_encoder(cfg, tokenizer, image_processor)
+    samples = EncodedRecords(splits.train, encoder)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dataset = PackedDataset(samples, t.max_length, t.batch_size, t.packing, seed=cfg.run.seed,
+                            lengths=samples.lengths(), sources=samples.sources(), num_replicas=world, rank=0)
+    lengths = samples.lengths()
+    fill = sum(lengths) / (len(dataset.rows) * t.max_length)
+    per_epoch = len(dataset) // t.gradient_accumulation_steps
+    epochs = f"{t.max_steps / per_epoch:.1f}" if per_epoch else "n/a (fewer micro-batches than one optimizer step)"
+    out(f"  packing        {len(lengths)} samples (tokens min {min(lengths)} / mean {sum(lengths) / len(lengths):.0f} / "
+        f"max {max(lengths)} of max_length {t.max_length}) -> {len(dataset.rows)} rows "
+        f"(packing {'on' if t.packing else 'off'}, fill {fill:.1%})")
+    out(f"  schedule       {len(dataset)} micro-batches per epoch per rank ({world} rank(s), batch_size {t.batch_size}, "
+        f"grad accumulation {t.gradient_accumulation_steps}) -> {per_epoch} optimizer steps per epoch; "
+        f"max_steps {t.max_steps} = {epochs} epochs")
+    pipe = cfg.pipeline
+    for kind, specs in (("objective", pipe.objective), ("diagnostics", pipe.diagnostics)):
+        names = ", ".join(f"{m.name}(w={m.weight:g}{', ch=' + ''.join(m.channels) if cfg.variant == 'stage2_two_channel' else ''})"
+                          for m in specs if m.enabled) or "none"
+        out(f"  {kind:<14} {names}")
+    out(f"  pipeline       source {pipe.source}, checksum {pipe.checksum[:16]}")
+    out(f"dry run OK in {time.perf_counter() - started:.1f}s")
+    return 0
