@@ -147,8 +147,8 @@ def load_model_and_processors(
         raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if coord_init not in COORD_INITS:
         raise ValueError(f"model.coord_tokens.init must be one of {list(COORD_INITS)}, got {coord_init!r}")
+    tokenizer, image_processor = load_tokenizer_and_image_processor(name_or_path, key=key)  # path errors first
     attn_implementation = resolve_attn(attn_implementation)
-    tokenizer, image_processor = load_tokenizer_and_image_processor(name_or_path, key=key)
     model = AutoModelForImageTextToText.from_pretrained(
         name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
     )

@@ -12,6 +12,8 @@ import pytest
 from configs.errors import ConfigError, UserError, run_cli
 from tests._recipe_helpers import REPO
 
+pytestmark = pytest.mark.usefixtures("fresh_coordexp_logger")
+
 
 def _boom_user(argv):
     raise ConfigError("training.lr", "expected a number > 0, got -1; set it to e.g. 2e-5\nother problems: x: y")

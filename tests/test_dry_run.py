@@ -9,6 +9,8 @@ import train_stage2
 from configs.errors import UserError, run_cli
 from tests._recipe_helpers import REPO
 
+pytestmark = pytest.mark.usefixtures("fresh_coordexp_logger")
+
 STAGE1_REAL = REPO / "configs" / "stage1" / "qwen3vl_2b.yaml"
 STAGE2_REAL = REPO / "configs" / "stage2_two_channel" / "qwen3vl_2b.yaml"
 
