@@ -4,7 +4,7 @@
     accelerate launch --config_file configs/accelerate/ddp.yaml train_stage2.py --config configs/stage2_two_channel/qwen3vl_2b.yaml
 
 ``custom.trainer_variant`` picks the variant:
-- ``stage2_two_channel``: the router (SPEC §6, Bresenham on the optimizer step) makes each
+- ``stage2_two_channel``: the router (docs/training/STAGE2_RUNBOOK.md, Bresenham on the optimizer step) makes each
   optimizer step an Expectation step (Channel-A: N forwards feeding the model its own coord
   beliefs, vision once) or a Rollout step (Channel-B: generate, parse, match, append missed GT,
   one teacher-forced forward);

@@ -5,7 +5,7 @@
 
 One training step = the N forwards + token CE on the ``gt`` and ``self_context`` hidden states +
 backward (vision tower and LM both trainable), on the tiny Qwen3-VL. Ours runs the vision tower
-once per step and reuses it (SPEC §6). The baseline, written below, runs the same N-forward loop
+once per step and reuses it (docs/training/STAGE2_RUNBOOK.md). The baseline, written below, runs the same N-forward loop
 but hands ``pixel_values`` to every forward, so the vision tower runs N times. Both must give the
 same hidden states (checked: max abs diff per context).
 """

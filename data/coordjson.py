@@ -1,4 +1,4 @@
-"""CoordJSON: render GT objects as the one-line answer of SPEC §2 and parse it back (strictly).
+"""CoordJSON: render GT objects as the one-line answer of docs/DATA.md and parse it back (strictly).
 
 ``{"objects": [{"desc": "black cat", "bbox_2d": [<|coord_110|>, <|coord_310|>, <|coord_410|>, <|coord_705|>]}]}``
 

@@ -87,7 +87,7 @@ class DataReport:
 
 
 def pixel_to_bin(x: float, size: float) -> int:
-    """Pixel coordinate -> bin: ``clamp(round(999 * x / size), 0, 999)`` (SPEC §2).
+    """Pixel coordinate -> bin: ``clamp(round(999 * x / size), 0, 999)`` (docs/DATA.md).
 
     ``round`` is Python's (ties to even), so ``x = size/2`` maps to bin 500 for any size.
     """

@@ -1,6 +1,6 @@
 """Data contracts shared by encoding, packing, rollout building and the loss pipeline.
 
-Units: ``bins`` are integers in 0..999 (SPEC §2), pixels are floats in the
+Units: ``bins`` are integers in 0..999 (docs/DATA.md), pixels are floats in the
 original image. Every per-token tensor is 1-D of length ``L`` (one sample) and
 is indexed by token position (see ``losses/registry.py`` for the alignment
 convention).

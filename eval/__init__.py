@@ -1,6 +1,6 @@
 """Evaluation: the one COCO helper, object scores, in-loop rollout eval and the offline CLIs.
 
-``eval.detection.evaluate_detection`` is the only COCO entry point (SPEC §8); see docs/EVAL.md.
+``eval.detection.evaluate_detection`` is the only COCO entry point; see docs/EVAL.md.
 Only the light contract is re-exported here so ``import eval`` never pulls torch or pycocotools.
 """
 

@@ -1,4 +1,4 @@
-"""The one COCO helper (SPEC §8): in-memory GT-vs-prediction records in, COCO bbox metrics out.
+"""The one COCO helper (docs/EVAL.md): in-memory GT-vs-prediction records in, COCO bbox metrics out.
 
 The offline CLI (``eval.evaluate``), the in-loop evaluator (``eval.inloop``) and both
 Stage-2 trainers call :func:`evaluate_detection`; no COCO preparation code lives
@@ -15,7 +15,7 @@ Record format (one per image; a ``Mapping`` or a :class:`DetectionRecord`)::
 
 Boxes are pixel corners ``[x1, y1, x2, y2]`` in the original image, or, when the
 record (or the ``coords=`` argument) says ``"bins"``, integer bins 0..999 that are
-converted with ``pixel = bin / 999 * size`` (SPEC §2). A missing ``score`` is 1.0.
+converted with ``pixel = bin / 999 * size`` (docs/DATA.md). A missing ``score`` is 1.0.
 Other keys (``raw_text``, ``parse_valid`` ...) are carried by the JSONL but ignored here.
 
 A malformed *prediction* (not a mapping, missing desc/bbox_2d, a bbox_2d that is not 4 finite
@@ -77,7 +77,7 @@ def normalize_desc(desc: str) -> str:
 def bins_to_pixels(bins: Sequence[float], width: float, height: float) -> tuple[float, float, float, float]:
     """Bins ``[x1, y1, x2, y2]`` (0..999) -> pixels in an image of ``width`` x ``height``.
 
-    Bin ``k`` is the fraction ``k / 999`` of the side (SPEC §2).
+    Bin ``k`` is the fraction ``k / 999`` of the side (docs/DATA.md).
     """
     x1, y1, x2, y2 = (float(b) for b in bins)
     return (x1 / 999.0 * width, y1 / 999.0 * height, x2 / 999.0 * width, y2 / 999.0 * height)

@@ -1,4 +1,4 @@
-"""In-loop rollout evaluation (SPEC §8): greedy rollouts on the validation set -> ``eval/rollout/*``.
+"""In-loop rollout evaluation (docs/EVAL.md): greedy rollouts on the validation set -> ``eval/rollout/*``.
 
 Used by Stage-1 and both Stage-2 trainers every ``training.eval_every`` steps and at the end::
 

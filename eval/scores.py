@@ -1,4 +1,4 @@
-"""Confidence scores of predicted objects for COCO AP (SPEC §8).
+"""Confidence scores of predicted objects for COCO AP (docs/EVAL.md).
 
 COCO AP ranks detections by score, so a generative detector needs one. Two modes:
 

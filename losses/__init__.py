@@ -1,6 +1,6 @@
 """Pure loss math of CoordExp: tensors in, tensors out (no model, config, wandb, pycocotools, vllm).
 
-Index of the math (SPEC §3, §3.1, §4). Alignment: per-token tensors are indexed by token
+Index of the math (docs/training/METRICS_LOSSES.md). Alignment: per-token tensors are indexed by token
 position j; logits predicting token j are read at j − 1. Bins k ∈ 0..999, fractions v_k = k/999.
 
 registry      token types IGNORE/STRUCT/DESC/COORD/EOS, subsets NO_SUBSET/MATCHED/FP/FN,

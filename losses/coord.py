@@ -1,4 +1,4 @@
-"""Coord decode (expectation / straight-through) and coord-slot context embeddings (SPEC §4).
+"""Coord decode (expectation / straight-through) and coord-slot context embeddings (docs/training/METRICS_LOSSES.md).
 
 ``coord_logits`` are ``[N, 1000]``: column k is the logit of ``<|coord_k|>`` at a coord
 *output* position. Bin values are fractions ``v_k = k / 999``.

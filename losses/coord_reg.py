@@ -1,4 +1,4 @@
-"""Coord-distribution regularisers (SPEC §4 ``coord_reg``), per position.
+"""Coord-distribution regularisers (docs/training/METRICS_LOSSES.md ``coord_reg``), per position.
 
 Inputs: ``coord_logits`` ``[N, 1000]`` at coord output positions, ``target_bins`` ``[N]``
 long in 0..999. Every function returns ``[N]`` fp32 values (nats for CE/entropy/gates,

@@ -1,4 +1,4 @@
-"""Box geometry losses on decoded continuous boxes (SPEC §4).
+"""Box geometry losses on decoded continuous boxes (docs/training/METRICS_LOSSES.md).
 
 Boxes are ``[G, 4]`` fractions ``(x1, y1, x2, y2)`` of the image size (bin / 999).
 """

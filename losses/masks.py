@@ -1,4 +1,4 @@
-"""Per-token CE weights for every context (SPEC §3.1): the one mask builder all trainers use.
+"""Per-token CE weights for every context (docs/training/METRICS_LOSSES.md): the one mask builder all trainers use.
 
 All tensors are ``[B, T]`` and indexed by token position ``j`` (the token as it sits in
 ``input_ids``); the CE that uses a weight at ``j`` reads logits at ``j - 1``.
@@ -15,7 +15,7 @@ from losses.registry import CONTEXTS, DESC, EOS, FN, FP, GT, MATCHED, NO_SUBSET,
 
 @dataclass(frozen=True)
 class TokenCEWeights:
-    """Scalar knobs of the ``token_ce`` module (SPEC §5.1), defaults as in the spec."""
+    """Scalar knobs of the ``token_ce`` module (docs/training/METRICS_LOSSES.md), with its documented defaults."""
 
     desc_ce_weight: float = 1.0
     self_context_struct_ce_weight: float = 0.1
@@ -61,7 +61,7 @@ def build_token_ce_weights(
     struct_multiplier: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
 ) -> TokenCEMasks:
-    """Token CE weights of one context (SPEC §3.1).
+    """Token CE weights of one context (docs/training/METRICS_LOSSES.md).
 
     token_types        [B, T] long registry codes (IGNORE on prompt/padding)
     subset             [B, T] long registry subset codes; required for ``rollout``
@@ -149,7 +149,7 @@ def build_token_ce_weights(
 
 
 def text_gate_positions(masks: TokenCEMasks) -> torch.Tensor:
-    """[B, T] bool: struct/desc tokens with weight > 0, excluding the eos token (SPEC §4 text_gate)."""
+    """[B, T] bool: struct/desc tokens with weight > 0, excluding the eos token (docs/training/METRICS_LOSSES.md text_gate)."""
     pos = (masks.struct > 0) | (masks.desc > 0)
     if masks.eos is not None:
         pos = pos & ~masks.eos

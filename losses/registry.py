@@ -2,7 +2,7 @@
 
 Token types, contexts, object subsets and canonical loss components are plain
 constants (ints for tensors, strings for configs and metric keys). Nothing here
-imports torch: it is the vocabulary of the contract in SPEC §3.
+imports torch: it is the vocabulary of the contract in docs/training/METRICS_LOSSES.md.
 
 Alignment convention used across the code base: every per-token array is indexed
 by the *token position* ``j`` (the token as it sits in ``input_ids``). The logits

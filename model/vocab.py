@@ -1,4 +1,4 @@
-"""Coord-token vocabulary: the 1000 added tokens ``<|coord_0|>`` .. ``<|coord_999|>`` (SPEC §2).
+"""Coord-token vocabulary: the 1000 added tokens ``<|coord_0|>`` .. ``<|coord_999|>`` (docs/DATA.md).
 
 Three jobs: describe where the coord tokens sit (``CoordVocab``), check a tokenizer has them as
 single contiguous tokens (``coord_vocab_from_tokenizer``), and add them to a tokenizer + model when

@@ -1,4 +1,4 @@
-"""The objective pipeline: manifests, module registry, TeacherForcingContext, executor (SPEC §5).
+"""The objective pipeline: manifests, module registry, TeacherForcingContext, executor (docs/training/PIPELINE.md).
 
 Forward strategies live in ``pipeline.forwards`` (imported explicitly by trainers; it needs the
 model package). Nothing here imports wandb, pycocotools or vLLM.

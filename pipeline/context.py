@@ -259,7 +259,7 @@ class TeacherForcingContext:
 
         The rollout builder flags such a sample by setting ``EncodedSample.struct_multiplier`` to
         any value other than 1.0; the size of the effect is ``token_ce``'s
-        ``rollout_drop_invalid_struct_ce_multiplier`` (the module config wins, SPEC §5.1).
+        ``rollout_drop_invalid_struct_ce_multiplier`` (the module config wins, docs/training/METRICS_LOSSES.md).
         """
         return self._cached(
             "drop_invalid_flags",

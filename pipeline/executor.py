@@ -1,4 +1,4 @@
-"""Run a resolved pipeline on one TeacherForcingContext (SPEC §5).
+"""Run a resolved pipeline on one TeacherForcingContext (docs/training/PIPELINE.md).
 
 Objective modules run in list order (disabled ones skipped; in Stage-2 Two-Channel, modules
 whose ``channels`` exclude ``ctx.channel`` contribute neither loss nor metrics) and
@@ -89,7 +89,7 @@ def run_pipeline(
     """
     _check_channel(resolved, ctx)
     token_ce_spec = next((m for m in resolved.objective if m.name == "token_ce"), None)
-    # The text gate and token_stats use the same CE masks as token_ce (SPEC §4 gates obey the CE masks).
+    # The text gate and token_stats use the same CE masks as token_ce (docs/training/METRICS_LOSSES.md gates obey the CE masks).
     ctx.token_ce_weights = TokenCEWeights(**token_ce_spec.config) if token_ce_spec is not None else TokenCEWeights()
     loc = PIPELINE_LOCATIONS[resolved.variant]
 
@@ -123,7 +123,7 @@ def run_pipeline(
             try:
                 out = get_module(spec.name).fn(ctx, spec)
                 _merge(metrics, out.metrics, spec.name, owners)
-            except Exception as exc:  # diagnostics never stop training (SPEC §5)
+            except Exception as exc:  # diagnostics never stop training (docs/training/PIPELINE.md)
                 _FAILED_DIAGNOSTICS.add(spec.name)
                 warn(
                     f"diagnostics module {spec.name!r} failed ({type(exc).__name__}: {exc}); "

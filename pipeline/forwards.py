@@ -66,10 +66,10 @@ def expectation_forward(
     grad_mode: str = "unroll",
     temperature: float = 1.0,
 ) -> ForwardResult:
-    """Channel-A Expectation step (SPEC §6): N full forwards, vision once.
+    """Channel-A Expectation step (docs/training/STAGE2_RUNBOOK.md): N full forwards, vision once.
 
     ``coord_token_ids``: ``[1000]`` ids of ``<|coord_0..999|>`` (their input
-    embedding rows are the table ``E`` of SPEC §4). Coord input positions are the
+    embedding rows are the table ``E`` of docs/training/METRICS_LOSSES.md). Coord input positions are the
     GT coord tokens (``token_types == COORD``); their context embedding comes from
     the coord distribution read at ``coord_in_pos - 1`` of the previous forward.
     Text, struct and image inputs stay GT. ``n_iter == 1`` is plain teacher forcing:

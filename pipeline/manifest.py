@@ -1,4 +1,4 @@
-"""Objective pipeline manifests: parse, validate, default, and fingerprint (SPEC §5, §5.1-§5.3).
+"""Objective pipeline manifests: parse, validate, default, and fingerprint (docs/training/PIPELINE.md).
 
 ``resolve_pipeline(raw, variant)`` turns the merged user YAML (a plain nested mapping, *before*
 schema defaults are filled, so "written" means "present in raw") into a
@@ -56,7 +56,7 @@ MODE_KEYS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     },
 }
 
-# custom.coord_soft_ce_w1 sub-key -> coord_reg config key (SPEC §5.2). "enabled" maps to the
+# custom.coord_soft_ce_w1 sub-key -> coord_reg config key (docs/training/METRICS_LOSSES.md). "enabled" maps to the
 # coord_reg entry's own ``enabled`` key (an entry key, not a config key).
 _SOFT_CE_W1_MAP: dict[str, str] = {
     "enabled": "enabled",
@@ -132,7 +132,7 @@ class ModuleSpec:
     config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def to_dict(self) -> dict[str, Any]:
-        """The normalised entry of SPEC §5.3 (``weight`` float, channels in A,B order, floats finite, -0.0 -> 0.0)."""
+        """The normalised entry of docs/training/PIPELINE.md (``weight`` float, channels in A,B order, floats finite, -0.0 -> 0.0)."""
         return {
             "name": self.name,
             "enabled": bool(self.enabled),
@@ -146,7 +146,7 @@ class ModuleSpec:
 class ResolvedPipeline:
     """The objective of one run: ordered module lists, identity extras and where it came from.
 
-    ``source`` is ``"default"`` (built from flat knobs, SPEC §5.2) or ``"explicit"`` (written).
+    ``source`` is ``"default"`` (built from flat knobs, docs/training/METRICS_LOSSES.md) or ``"explicit"`` (written).
     ``extra`` holds ``variant`` and the decode/embed modes under their full dotted names.
     """
 
@@ -170,7 +170,7 @@ class ResolvedPipeline:
 
     @property
     def checksum(self) -> str:
-        """sha256 hex of :meth:`canonical_json` (SPEC §5.3)."""
+        """sha256 hex of :meth:`canonical_json` (docs/training/PIPELINE.md)."""
         return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
@@ -409,7 +409,7 @@ def _soft_ce_w1(raw: Mapping[str, Any], variant: str) -> dict[str, Any]:
     if not isinstance(out["enabled"], bool):
         raise ConfigError("custom.coord_soft_ce_w1.enabled", f"must be true or false, got {out['enabled']!r}")
     if variant == STAGE2_TWO_CHANNEL:
-        # Two-Channel takes coord CE and the coord gate from its own flat knobs (SPEC §5.2);
+        # Two-Channel takes coord CE and the coord gate from its own flat knobs (docs/training/METRICS_LOSSES.md);
         # accepting these here would silently do nothing.
         for key, replacement in (("ce_weight", "stage2_ab.coord_ce_weight"), ("gate_weight", "stage2_ab.coord_gate_weight")):
             if key in block:
@@ -548,7 +548,7 @@ def resolve_pipeline(raw: Mapping[str, Any], variant: str) -> ResolvedPipeline:
     """Resolve the objective of ``variant`` from the merged user config ``raw`` (no defaults filled).
 
     Written pipeline -> parsed and validated (``source="explicit"``); omitted -> the default
-    manifest of SPEC §5.2 from the flat knobs (``source="default"``). Raises ConfigError.
+    manifest of docs/training/METRICS_LOSSES.md from the flat knobs (``source="default"``). Raises ConfigError.
     """
     if variant not in VARIANTS:
         raise ConfigError("custom.trainer_variant", f"unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")

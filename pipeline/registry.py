@@ -1,4 +1,4 @@
-"""Module registry of the objective pipeline (SPEC §5, §5.1).
+"""Module registry of the objective pipeline (docs/training/PIPELINE.md).
 
 Two plain dicts, filled by :func:`register_module` when ``pipeline.modules`` is imported:
 
@@ -46,7 +46,7 @@ class ModuleOutput:
 
     loss     scalar tensor (objective modules; the executor multiplies it by the entry weight),
              None for diagnostics.
-    metrics  metric key -> scalar tensor or float, detached by the executor. Keys follow SPEC §9:
+    metrics  metric key -> scalar tensor or float, detached by the executor. Keys follow docs/training/METRICS_CONTRACT.md:
              ``loss/*`` only through ``losses.registry.loss_key``; diagnostics keys end in a
              reduction-class suffix (``_mean``, ``_frac``, ``_total``, ...).
     """

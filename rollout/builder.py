@@ -1,4 +1,4 @@
-"""The one rollout sequence builder (Channel-B and Rollout-Aligned share it; SPEC §6, §7, §3.1).
+"""The one rollout sequence builder (Channel-B and Rollout-Aligned share it; docs/training/STAGE2_RUNBOOK.md).
 
 Training sequence of a rollout::
 

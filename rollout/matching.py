@@ -1,4 +1,4 @@
-"""Hungarian matching of valid rollout predictions to GT boxes, with an IoU gate (SPEC §6).
+"""Hungarian matching of valid rollout predictions to GT boxes, with an IoU gate (docs/training/STAGE2_RUNBOOK.md).
 
 Boxes are bins ``[x1, y1, x2, y2]`` (0..999); IoU is computed in bin space (continuous areas,
 no +1, like ``eval.detection.box_iou``). Cost of a pair is ``1 - IoU``; a pair with

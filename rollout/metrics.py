@@ -1,4 +1,4 @@
-"""Rollout counters for one micro-step, named as SPEC §9 requires.
+"""Rollout counters for one micro-step, named as docs/training/METRICS_CONTRACT.md requires.
 
 Counters (``*_total``, ``*_count``, ``*_num``, ``*_den``) are summed by the aggregator over
 micro-steps and ranks; ``rollout/precision|recall|f1`` are re-derived there from the summed

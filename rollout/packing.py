@@ -1,4 +1,4 @@
-"""Post-rollout packing: teacher-forced rollout samples -> packed rows (SPEC §6).
+"""Post-rollout packing: teacher-forced rollout samples -> packed rows (docs/training/STAGE2_RUNBOOK.md).
 
 Rollout sequences only exist after generation, so they are packed per step (not statically).
 Rows are chosen by ``data.packing.pack_lengths`` (first-fit-decreasing, deterministic: same

@@ -1,4 +1,4 @@
-"""Salvage parser: generated token ids -> objects with token spans + an append-ready cut (SPEC §6).
+"""Salvage parser: generated token ids -> objects with token spans + an append-ready cut (docs/training/STAGE2_RUNBOOK.md).
 
 The parser works on the generated ids themselves (nothing is stripped or re-encoded): every token
 is turned into its own text piece, so a character offset maps to exactly one token index even for

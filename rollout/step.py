@@ -32,7 +32,7 @@ class MatchingConfig:
 
 @dataclass
 class RolloutBatch:
-    """A packed batch of rollout-built sequences and the step's rollout counters (SPEC §9 names)."""
+    """A packed batch of rollout-built sequences and the step's rollout counters (docs/training/METRICS_CONTRACT.md names)."""
 
     batch: PackedBatch
     samples: list[EncodedSample]

@@ -1,6 +1,6 @@
 """Rollout contracts: what the parser, the matcher, the sequence builder and the backends hand each other.
 
-Units: ``bins`` are integers 0..999 (SPEC §2). Token indices in ``ParsedObject``/``ParsedRollout``
+Units: ``bins`` are integers 0..999 (docs/DATA.md). Token indices in ``ParsedObject``/``ParsedRollout``
 index the *generated* ids (position 0 = first generated token); positions in ``RolloutMeta``
 index the *built* training sample (prompt + kept prefix + tail), like ``data.types.ObjectSpan``.
 Character offsets index ``ParsedRollout.text`` (the decoded generated text before ``<|im_end|>``).
@@ -177,7 +177,7 @@ class MatchResult:
 
 @dataclass
 class RolloutMeta:
-    """Rich per-sample meta of a rollout-built training sample (SPEC §6); positions index the built sample.
+    """Rich per-sample meta of a rollout-built training sample (docs/training/STAGE2_RUNBOOK.md); positions index the built sample.
 
     prompt_len:   prompt tokens (the answer starts here)
     prefix_len:   kept generated tokens (``ParsedRollout.cut``); the tail starts at ``prompt_len + prefix_len``

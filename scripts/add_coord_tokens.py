@@ -21,14 +21,19 @@ from model.loading import ATTN_IMPLEMENTATIONS, DTYPES, load_model_and_processor
 from model.vocab import COORD_INITS  # noqa: E402
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python scripts/add_coord_tokens.py", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", help="local checkpoint dir or HF id")
     ap.add_argument("--out", required=True, help="output dir for tokenizer, image processor and model")
     ap.add_argument("--init", default="sincos", choices=COORD_INITS, help="init of new coord rows")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
     ap.add_argument("--attn-implementation", default="auto", choices=list(ATTN_IMPLEMENTATIONS))
-    args = add_debug_flag(ap).parse_args(argv)
+    return add_debug_flag(ap)
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
     if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
         ap.error("--out must differ from the input checkpoint (the original is kept untouched)")
     loaded = load_model_and_processors(

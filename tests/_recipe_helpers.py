@@ -100,7 +100,7 @@ STAGE2_ROUTER_KEYS = ("stage2/b_ratio_realized", "stage2/channel_a_count", "stag
 
 
 def assert_metrics_contract(rows: list[dict]) -> None:
-    """Every emitted key of every ``metrics.jsonl`` row meets SPEC §3/§9 naming rules."""
+    """Every emitted key of every ``metrics.jsonl`` row meets docs/training/METRICS_LOSSES.md naming rules."""
     import re
 
     from training.aggregator import KEY_CLASSES, check_log_row, check_metric_key

@@ -492,7 +492,7 @@ def test_overrides_must_be_a_sequence(tmp_path):
 
 def test_defaults_filled(tmp_path):
     cfg = load_config(write(tmp_path, "c.yaml", MINIMAL))
-    # values from SPEC §5-§7 / docs/CONFIG.md, not read back from the schema
+    # values from docs/training/PIPELINE.md / docs/CONFIG.md, not read back from the schema
     assert cfg.variant == "stage1"
     assert cfg.run.name == "run" and cfg.run.seed == 42 and cfg.run.run_dir == Path("runs/run")
     assert cfg.run.tracker.backend == "none" and cfg.run.tracker.tags == ()

@@ -1,4 +1,4 @@
-"""CoordJSON render/parse: exact SPEC §2 text, per-char types and spans, strict parse, round trip."""
+"""CoordJSON render/parse: exact docs/DATA.md text, per-char types and spans, strict parse, round trip."""
 
 from __future__ import annotations
 

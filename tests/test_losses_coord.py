@@ -1,4 +1,4 @@
-"""Coord decode and straight-through bridges (SPEC §4)."""
+"""Coord decode and straight-through bridges (docs/training/METRICS_LOSSES.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""coord_reg sub-terms and gates against hand-computed values (SPEC §4)."""
+"""coord_reg sub-terms and gates against hand-computed values (docs/training/METRICS_LOSSES.md)."""
 
 from __future__ import annotations
 

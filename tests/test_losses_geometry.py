@@ -1,4 +1,4 @@
-"""SmoothL1 + CIoU geometry loss against hand-computed values (SPEC §4)."""
+"""SmoothL1 + CIoU geometry loss against hand-computed values (docs/training/METRICS_LOSSES.md)."""
 
 from __future__ import annotations
 

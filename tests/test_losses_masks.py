@@ -1,4 +1,4 @@
-"""Per-context CE masks (SPEC §3.1) against hand-written expectations."""
+"""Per-context CE masks (docs/training/METRICS_LOSSES.md) against hand-written expectations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token-type assignment, outermost-closure scan and char→token spans (SPEC §3)."""
+"""Token-type assignment, outermost-closure scan and char→token spans (docs/training/METRICS_LOSSES.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Coord vocabulary: one token each, contiguous ids, resize never shrinks, smooth init (SPEC §2)."""
+"""Coord vocabulary: one token each, contiguous ids, resize never shrinks, smooth init (docs/DATA.md)."""
 
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ def _geo_ref(hidden, W, batch, subsets=None, mode="exp"):
 
 
 def _check_key_classes(metrics):
-    from training.aggregator import check_metric_key  # the one metrics-contract checker (SPEC §9)
+    from training.aggregator import check_metric_key  # the one metrics-contract checker
 
     for key in metrics:
         check_metric_key(key)
@@ -294,7 +294,7 @@ def test_everything_scoped_out_gives_zero_loss_with_graph():
 
 
 def _rollout_struct_weights(batch, w_prefix, mult_rows=(), mult=1.0):
-    """Per-token struct weights of SPEC §3.1 written out from the row layout."""
+    """Per-token struct weights of docs/training/METRICS_LOSSES.md written out from the row layout."""
     tt, sub, clo = batch.token_types, batch.subset, batch.closure
     w = torch.zeros(tt.shape)
     is_struct = tt == STRUCT

@@ -1,4 +1,4 @@
-"""Pipeline manifests: parsing, validation, default manifests, guardrails, checksum (SPEC §5, seed §9.1*)."""
+"""Pipeline manifests: parsing, validation, default manifests, guardrails, checksum (docs/training/PIPELINE.md, seed §9.1*)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ GOLDEN = {
     RA: "526c8ed849fbe435925403755fe224dc090984a514fca383157331cf7e9299de",
 }
 
-# The flat objective knobs of SPEC §5.2, written out literally (the test below also checks the
+# The flat objective knobs of docs/training/METRICS_LOSSES.md, written out literally (the test below also checks the
 # exported table matches this list exactly).
 LITERAL_FLAT_KNOBS = {
     TWO: {

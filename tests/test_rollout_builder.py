@@ -165,7 +165,7 @@ def test_matched_fp_fn_sequence(env, png):
     assert meta.counters["matched"] == 1 and meta.counters["fp"] == 1 and meta.counters["fn_appended"] == 2
     assert s.closure[L_1 := len(s) - 2] and s.meta.tail_closure_pos == L_1  # `]}` just before <|im_end|>
 
-    # SPEC §3.1 weights, with non-default knobs so every rule is visible
+    # docs/training/METRICS_LOSSES.md weights, with non-default knobs so every rule is visible
     w = TokenCEWeights(rollout_matched_prefix_struct_weight=0.5, rollout_fn_desc_weight=0.7)
     m = masks(s, w)
     struct, desc = m.struct[0], m.desc[0]

@@ -1,4 +1,4 @@
-"""MetricAggregator (SPEC §9): reduction classes, derived ratios, and the real 2-rank gloo path."""
+"""MetricAggregator (docs/training/METRICS_CONTRACT.md): reduction classes, derived ratios, and the real 2-rank gloo path."""
 
 from __future__ import annotations
 

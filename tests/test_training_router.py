@@ -1,4 +1,4 @@
-"""Two-Channel router (SPEC §6): Bresenham schedule, fallback, metrics, resume."""
+"""Two-Channel router (docs/training/STAGE2_RUNBOOK.md): Bresenham schedule, fallback, metrics, resume."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Shared training-loop parts: accelerator setup, optimizer + scheduler, checkpoint/resume,
-the metric aggregator (SPEC §9), the Two-Channel router (SPEC §6), tracking and progress.
+the metric aggregator (docs/training/METRICS_CONTRACT.md), the Two-Channel router (docs/training/STAGE2_RUNBOOK.md), tracking and progress.
 
 No model code lives here; ``train_stage1.py`` / ``train_stage2.py`` wire these together.
 """

@@ -1,4 +1,4 @@
-"""The one step-metrics aggregator (SPEC §9).
+"""The one step-metrics aggregator (docs/training/METRICS_CONTRACT.md).
 
 Trainers and pipeline modules hand it plain per-micro-step scalars; it turns
 them into one dict per optimizer step. Reduction depends on the key's class:
@@ -84,7 +84,7 @@ def _check_loss_key(key: str) -> None:
         except KeyError as exc:
             errors.append(str(exc))
     raise ValueError(
-        f"metric key {key!r} is not a canonical loss key (SPEC §3): {'; '.join(errors) or 'too many path segments'}. "
+        f"metric key {key!r} is not a canonical loss key (docs/training/METRICS_LOSSES.md): {'; '.join(errors) or 'too many path segments'}. "
         "Build loss keys with losses.registry.loss_key(component, sub, context)."
     )
 
@@ -182,7 +182,7 @@ class F1:
         return 0.0 if den == 0 else 2.0 * values.get(self.matched, 0.0) / den
 
 
-# Rollout precision/recall/f1 from the SPEC §9 counters. Matched / valid
+# Rollout precision/recall/f1 from the docs/training/METRICS_CONTRACT.md counters. Matched / valid
 # predictions: invalid (dropped) objects are counted by rollout/drop_*_count and
 # parse_valid_rate, not as false positives here.
 ROLLOUT_DERIVED: dict[str, DerivedFn] = {

@@ -1,4 +1,4 @@
-"""Stage-2 Two-Channel router (SPEC §6): which channel each optimizer step takes.
+"""Stage-2 Two-Channel router (docs/training/STAGE2_RUNBOOK.md): which channel each optimizer step takes.
 
 Optimizer step ``s`` (0-based) is a Rollout (Channel-B) step iff
 ``floor((s+1)*b) > floor(s*b)``: a Bresenham spread, so after ``n`` steps

@@ -40,7 +40,7 @@ class RunContext:
 
 def start_run(cfg) -> RunContext:
     """Accelerator + seed, the run lock, run dir, resolved config, start-up log of config path / run name /
-    seed / pipeline identity (SPEC §5.3), and the verified checkpoint to resume from (``training.resume_from``)."""
+    seed / pipeline identity (docs/training/PIPELINE.md), and the verified checkpoint to resume from (``training.resume_from``)."""
     from configs.errors import UserError
     from training.faults import acquire_run_lock, main_process_decides
     from training.preflight import check_paths
@@ -330,7 +330,7 @@ def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel, *, adapte
 
 def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder, val: list[Record], run_dir: Path,
              step: int, backend) -> dict[str, Any]:
-    """In-loop rollout eval on the validation records (SPEC §8); returns ``eval/rollout/*`` metrics.
+    """In-loop rollout eval on the validation records (docs/EVAL.md); returns ``eval/rollout/*`` metrics.
 
     ``backend``: the run's ``rollout.backends.GenerationBackend``; eval generates with the same
     engine, greedy, ``eval.batch_size`` prompts per call (``derive``).
@@ -376,7 +376,7 @@ def rollout_backend_for(cfg, run: RunContext, s: TrainingSetup):
 
 
 def batch_metrics(batch) -> dict[str, float]:
-    """Token and packing counters of one micro-batch (SPEC §9 names)."""
+    """Token and packing counters of one micro-batch (docs/training/METRICS_CONTRACT.md names)."""
     from losses.registry import IGNORE
 
     return {

@@ -133,7 +133,7 @@ def log_run_header(
     pipeline_identity: Mapping[str, Any] | None = None,
     run_dir: str | Path | None = None,
 ) -> None:
-    """Log config path, run name, seed and the pipeline identity (SPEC §5.3).
+    """Log config path, run name, seed and the pipeline identity (docs/training/PIPELINE.md).
 
     ``pipeline_identity`` is the normalised manifest dict including its
     ``checksum``; with ``run_dir`` it is also saved as ``pipeline_identity.json``.

@@ -1,4 +1,4 @@
-"""``bbox_geo``: SmoothL1 + CIoU on decoded continuous boxes (SPEC §4, §5.1).
+"""``bbox_geo``: SmoothL1 + CIoU on decoded continuous boxes (docs/training/METRICS_LOSSES.md).
 
 Which logits: Stage-1 ``gt``; Channel-A ``self_context`` only; rollout context ``rollout``
 on matched (target = matched GT box) and FN (GT box) groups, never FP. Each box decodes its 4

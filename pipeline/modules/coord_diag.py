@@ -2,7 +2,7 @@
 
 Context: ``gt`` (Stage-1), ``self_context`` (Channel-A), ``rollout`` (matched + FN coords).
 Runs under no_grad (the executor); all values are means over the N coord positions with a
-target, plus one counter. Keys (SPEC §9 classes: ``_mean``/``_frac`` mean-like, ``_total`` summed):
+target, plus one counter. Keys (docs/training/METRICS_CONTRACT.md classes: ``_mean``/``_frac`` mean-like, ``_total`` summed):
 
 - ``coord_diag/entropy_mean``: entropy of p = softmax(s) over the 1000 coord bins (nats)
 - ``coord_diag/exp_argmax_gap_mean``: |expectation decode − argmax/999| (fractions): the

@@ -1,4 +1,4 @@
-"""``coord_reg``: coord-distribution regularisers and the coord/text gates (SPEC §4, §5.1).
+"""``coord_reg``: coord-distribution regularisers and the coord/text gates (docs/training/METRICS_LOSSES.md).
 
 Which logits: Stage-1 ``gt``; rollout context ``rollout`` (matched + FN coord positions, never
 FP); Channel-A: every configured term on ``gt`` coord positions, plus ``soft_ce`` on

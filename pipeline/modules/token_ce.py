@@ -1,6 +1,6 @@
-"""``token_ce``: CE on struct (+ eos) and desc tokens, per context masks (SPEC §3.1, §5.1).
+"""``token_ce``: CE on struct (+ eos) and desc tokens, per context masks (docs/training/METRICS_LOSSES.md).
 
-Which logits (SPEC §5.1): Stage-1 ``gt``; Channel-A struct/eos/desc from ``gt`` plus the
+Which logits (docs/training/METRICS_LOSSES.md): Stage-1 ``gt``; Channel-A struct/eos/desc from ``gt`` plus the
 struct/eos stabiliser from ``self_context``; rollout context ``rollout``.
 
 Each context mean is the spec's ``sum(w_t CE_t) / max(sum(w_t), eps)`` with the mask of
@@ -58,7 +58,7 @@ def _ce(ctx: TeacherForcingContext, context: str, weights: torch.Tensor) -> tupl
     "token_ce",
     OBJECTIVE,
     DEFAULTS,
-    "CE on struct+eos (loss/struct_ce) and desc (loss/desc_ce) tokens with the per-context masks of SPEC §3.1.",
+    "CE on struct+eos (loss/struct_ce) and desc (loss/desc_ce) tokens with the per-context masks of docs/training/METRICS_LOSSES.md.",
     rules=RULES,
 )
 def token_ce(ctx: TeacherForcingContext, spec) -> ModuleOutput:

@@ -7,7 +7,7 @@ How a module is built (copy this file):
    type/range checks; both are enforced at config load by ``pipeline.manifest``;
 3. the function takes ``(ctx, spec)`` and reads only ``ctx``'s derived views (masks, coord
    targets, cached coord logits), never raw rollout meta, and never calls collectives;
-4. metric keys carry a reduction-class suffix (SPEC §9): ``_total`` counts are summed over
+4. metric keys carry a reduction-class suffix (docs/training/METRICS_CONTRACT.md): ``_total`` counts are summed over
    micro-steps and ranks, ``_mean``/``_frac`` averaged;
 5. import the file in ``pipeline/modules/__init__.py`` and document it in
    docs/training/METRICS_LOSSES.md.
