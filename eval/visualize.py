@@ -5,7 +5,9 @@
 Each record's ``image`` path is opened (relative paths resolve against ``--image-root``,
 default: the folder of the predictions file). Boxes are scaled from the record's
 ``width``/``height`` to the opened image, so a resized copy of the image still lines up.
-Labels: GT ``desc``; predictions ``desc score``. Pages are ``page_000.png``, ``page_001.png`` ...
+Each cell has a header with the record's ``image_id`` and its GT / prediction counts. Labels (GT
+``desc``; predictions ``desc score``) sit next to their box and never across a box outline or on
+another label. Pages are ``page_000.png``, ``page_001.png`` ...
 """
 
 from __future__ import annotations
@@ -34,8 +36,61 @@ def _boxes(record: Mapping[str, Any], key: str) -> list[tuple[str, tuple[float, 
     return out
 
 
+MARGIN = 16  # white border around the image: labels of boxes at the image edge go there
+HEADER_H = 16  # strip above the image with the record's image id and box counts
+
+Rect = tuple[float, float, float, float]
+
+
+def _intersects(a: Rect, b: Rect) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _crosses_outline(label: Rect, box: Rect, width: float) -> bool:
+    """True when ``label`` touches the drawn outline of ``box`` (inside the box's interior is fine)."""
+    outer = (box[0] - width, box[1] - width, box[2] + width, box[3] + width)
+    inner = (box[0] + width, box[1] + width, box[2] - width, box[3] - width)
+    inside = inner[0] <= label[0] and label[2] <= inner[2] and inner[1] <= label[1] and label[3] <= inner[3]
+    return _intersects(label, outer) and not inside
+
+
+def place_labels(boxes: Sequence[Rect], sizes: Sequence[tuple[float, float]], canvas: tuple[int, int],
+                 line_width: float = LINE_WIDTH) -> list[Rect]:
+    """A rectangle for each box's label (``sizes[i]`` = text width, height) that crosses no box outline,
+    overlaps no other label and stays on the ``canvas`` (width, height).
+
+    Tried in order: above the box's top-left corner, below its bottom-left, inside its top-left,
+    above its top-right, below its bottom-right; failing those, the free spot nearest the box's
+    top-left corner on a 4-pixel grid. Only when the canvas has no free spot at all is the first
+    candidate used as is.
+    """
+    placed: list[Rect] = []
+    cw, ch = canvas
+    gap = line_width + 1
+
+    def free(r: Rect) -> bool:
+        return (r[0] >= 0 and r[1] >= 0 and r[2] <= cw and r[3] <= ch
+                and not any(_crosses_outline(r, b, line_width) for b in boxes)
+                and not any(_intersects(r, q) for q in placed))
+
+    for (x1, y1, x2, y2), (w, h) in zip(boxes, sizes):
+        candidates = [(x1, y1 - gap - h), (x1, y2 + gap), (x1 + gap, y1 + gap), (x2 - w, y1 - gap - h), (x2 - w, y2 + gap)]
+        rects = [(x, y, x + w, y + h) for x, y in candidates]
+        choice = next((r for r in rects if free(r)), None)
+        if choice is None:
+            spots = sorted(((x, y) for y in range(0, max(1, int(ch - h) + 1), 4) for x in range(0, max(1, int(cw - w) + 1), 4)),
+                           key=lambda p: (p[0] - x1) ** 2 + (p[1] - y1) ** 2)
+            choice = next((r for r in ((x, y, x + w, y + h) for x, y in spots) if free(r)), rects[0])
+        placed.append(choice)
+    return placed
+
+
 def render_record(record: Mapping[str, Any], image_root: Path, cell_size: int = 512, blank_missing: bool = False):
-    """One PIL image (longest side ``cell_size``) with the record's GT and predicted boxes drawn."""
+    """One PIL image of at most ``cell_size`` x ``cell_size``: a header with the record's ``image_id``
+    (and GT / prediction counts), then the image with its GT and predicted boxes and their labels.
+
+    Labels are placed by :func:`place_labels`: never across a box outline, never on each other.
+    """
     from PIL import Image, ImageDraw
 
     w, h = float(record["width"]), float(record["height"])
@@ -50,19 +105,35 @@ def render_record(record: Mapping[str, Any], image_root: Path, cell_size: int = 
             f"{where}: image {path!r} not found under {image_root}; pass --image-root DIR, "
             "or --blank-missing to draw on a grey canvas"
         )
-    scale = cell_size / max(img.width, img.height)
+    room_w, room_h = max(1, cell_size - 2 * MARGIN), max(1, cell_size - 2 * MARGIN - HEADER_H)
+    scale = min(room_w / img.width, room_h / img.height)
     img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+    ox, oy = MARGIN, MARGIN + HEADER_H
+    cell = Image.new("RGB", (img.width + 2 * MARGIN, img.height + 2 * MARGIN + HEADER_H), (255, 255, 255))
+    cell.paste(img, (ox, oy))
     sx, sy = img.width / w, img.height / h
-    draw = ImageDraw.Draw(img)
-    for key, color in (("gt", GT_COLOR), ("pred", PRED_COLOR)):
-        for desc, (x1, y1, x2, y2), score in _boxes(record, key):
-            xy = [min(x1, x2) * sx, min(y1, y2) * sy, max(x1, x2) * sx, max(y1, y2) * sy]
-            draw.rectangle(xy, outline=color, width=LINE_WIDTH)
-            label = desc if score is None else f"{desc} {float(score):.2f}"
-            # GT labels above the box's top-left corner, predictions inside it, so they rarely overlap.
-            ty = xy[1] - 11 if key == "gt" else xy[1] + LINE_WIDTH
-            draw.text((xy[0] + LINE_WIDTH, max(0.0, ty)), label, fill=color)
-    return img
+    draw = ImageDraw.Draw(cell)
+    drawn = [(key, color, desc, score, (ox + min(x1, x2) * sx, oy + min(y1, y2) * sy,
+                                        ox + max(x1, x2) * sx, oy + max(y1, y2) * sy))
+             for key, color in (("gt", GT_COLOR), ("pred", PRED_COLOR))
+             for desc, (x1, y1, x2, y2), score in _boxes(record, key)]
+    n_gt = sum(1 for d in drawn if d[0] == "gt")
+    draw.text((MARGIN, 2), f"{record.get('image_id')}  gt {n_gt}  pred {len(drawn) - n_gt}", fill=(0, 0, 0))
+    for _, color, _, _, xy in drawn:
+        draw.rectangle(xy, outline=color, width=LINE_WIDTH)
+    labels = [desc if score is None else f"{desc} {float(score):.2f}" for _, _, desc, score, _ in drawn]
+    sizes = []
+    for text in labels:
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        sizes.append((right - left + 2, bottom - top + 2))
+    rects = place_labels([d[4] for d in drawn], sizes, cell.size)
+    for (_, color, _, _, _), text, rect in zip(drawn, labels, rects):
+        draw.rectangle(rect, fill=(255, 255, 255))
+        left, top, _, _ = draw.textbbox((0, 0), text)
+        draw.text((rect[0] + 1 - left, rect[1] + 1 - top), text, fill=color)
+    cell.info["label_rects"] = rects  # for tests: where each label went
+    cell.info["box_rects"] = [d[4] for d in drawn]
+    return cell
 
 
 def render_pages(

@@ -48,6 +48,18 @@ def test_predictions_reader_names_file_and_line(tmp_path):
         read_predictions_jsonl(path)
 
 
+def _count(img, box, color):
+    return sum(1 for px in img.crop(box).getdata() if px == color)
+
+
+def _ink(img, box, color):
+    """Pixels in ``box`` closer to ``color`` than to white (text is anti-aliased)."""
+    def dist(a, b):
+        return sum((x - y) ** 2 for x, y in zip(a, b))
+
+    return sum(1 for px in img.crop(box).getdata() if dist(px, color) < dist(px, (255, 255, 255)))
+
+
 def test_visualize_draws_gt_and_pred_box_edges(tmp_path):
     for rec in RECORDS:
         Image.new("RGB", (rec["width"], rec["height"]), (255, 255, 255)).save(tmp_path / rec["image"])
@@ -59,15 +71,57 @@ def test_visualize_draws_gt_and_pred_box_edges(tmp_path):
     assert [p.name for p in pages] == ["page_000.png"]
     page = Image.open(pages[0]).convert("RGB")
     assert page.size == (400, 400)  # 2x2 grid of 200 px cells
-    # cell 0 holds img0 at scale 1 (200 px wide): GT dog left edge x=120, y in 20..95 is green;
-    # predicted dog left edge x=100 is red; a pixel far from any box stays white.
-    assert page.getpixel((120, 60)) == visualize.GT_COLOR
-    assert page.getpixel((100, 60)) == visualize.PRED_COLOR
-    assert page.getpixel((105, 5)) == (255, 255, 255)
-    # cell 1 (x offset 200) holds img1: GT cat top edge y=30 at x=55 (the prediction starts
-    # at x=60) -> (255, 30); the prediction's right edge x=160 -> (360, 60)
-    assert page.getpixel((255, 30)) == visualize.GT_COLOR
-    assert page.getpixel((360, 60)) == visualize.PRED_COLOR
+    for cell in ((0, 0, 200, 200), (200, 0, 400, 200)):
+        assert _count(page, cell, visualize.GT_COLOR) > 50 and _count(page, cell, visualize.PRED_COLOR) > 50
+        header = (cell[0], 0, cell[2], visualize.MARGIN)  # the image id is written above the image
+        assert _ink(page, header, (0, 0, 0)) > 10
+
+
+def test_visualize_cell_geometry(tmp_path):
+    """A box edge lands where the scale and the margins put it (200x100 image in a 200 px cell)."""
+    rec = RECORDS[1]
+    Image.new("RGB", (rec["width"], rec["height"]), (255, 255, 255)).save(tmp_path / rec["image"])
+    cell = visualize.render_record(rec, tmp_path, cell_size=200)
+    scale = (200 - 2 * visualize.MARGIN) / 200  # the width limits the scale here
+    assert cell.size == (200, round(100 * scale) + 2 * visualize.MARGIN + visualize.HEADER_H)
+    x0, y0 = visualize.MARGIN, visualize.MARGIN + visualize.HEADER_H
+    gt_left = round(x0 + 50 * scale)  # GT cat x1 = 50; the prediction starts at x = 60
+    assert cell.getpixel((gt_left, round(y0 + 60 * scale))) == visualize.GT_COLOR
+    pred_right = round(x0 + 160 * scale) - 1  # prediction x2 = 160 (outline drawn inward)
+    assert cell.getpixel((pred_right, round(y0 + 60 * scale))) == visualize.PRED_COLOR
+
+
+def _edge_strips(box, width):
+    x1, y1, x2, y2 = box
+    return [(x1 - width, y1 - width, x2 + width, y1 + width), (x1 - width, y2 - width, x2 + width, y2 + width),
+            (x1 - width, y1 - width, x1 + width, y2 + width), (x2 - width, y1 - width, x2 + width, y2 + width)]
+
+
+def _overlap(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_visualize_labels_never_cross_a_box_or_each_other(tmp_path):
+    """Crowded image: boxes at the image edge, nested, side by side; every label stays off every outline."""
+    rec = {"image_id": "crowd_7", "image": "c.png", "width": 100, "height": 100,
+           "gt": [{"desc": "edge", "bbox_2d": [0, 0, 40, 30]}, {"desc": "big", "bbox_2d": [10, 40, 90, 99]},
+                  {"desc": "nested", "bbox_2d": [30, 55, 60, 80]}],
+           "pred": [{"desc": "edge", "bbox_2d": [2, 1, 42, 31], "score": 0.91},
+                    {"desc": "side", "bbox_2d": [45, 0, 99, 30], "score": 0.5},
+                    {"desc": "nested", "bbox_2d": [31, 56, 61, 81], "score": 0.25}]}  # fmt: skip
+    Image.new("RGB", (100, 100), (255, 255, 255)).save(tmp_path / "c.png")
+    cell = visualize.render_record(rec, tmp_path, cell_size=300)
+    labels, boxes = cell.info["label_rects"], cell.info["box_rects"]
+    assert len(labels) == len(boxes) == 6
+    for i, label in enumerate(labels):
+        assert 0 <= label[0] and 0 <= label[1] and label[2] <= cell.width and label[3] <= cell.height
+        for box in boxes:
+            for strip in _edge_strips(box, visualize.LINE_WIDTH):
+                assert not _overlap(label, strip), (i, label, box)
+        for j, other in enumerate(labels):
+            assert j == i or not _overlap(label, other), (i, j)
+        color = visualize.GT_COLOR if i < 3 else visualize.PRED_COLOR
+        assert _ink(cell, tuple(round(v) for v in label), color) > 3  # the text is drawn there
 
 
 def test_visualize_missing_image_fails_with_the_fix(tmp_path):
