@@ -75,8 +75,9 @@ def resolve_attn(attn_implementation: str) -> str:
 def looks_local(name_or_path: str) -> bool:
     """True when ``name_or_path`` can only mean a local path (not a hub id ``org/name``)."""
     p = str(name_or_path)
-    return os.path.isabs(p) or p.startswith((".", "~")) or p.count("/") > 1 or os.sep != "/" and os.sep in p \
-        or Path(p).exists()
+    first = Path(p).parts[:1]
+    return (os.path.isabs(p) or p.startswith((".", "~")) or p.count("/") > 1 or (os.sep != "/" and os.sep in p)
+            or Path(p).exists() or (bool(first) and Path(first[0]).is_dir()))  # "runs/x" with a local runs/
 
 
 def check_checkpoint_path(name_or_path: str, key: str = "checkpoint") -> None:

@@ -237,3 +237,12 @@ def test_missing_local_checkpoint_fails_before_loading_naming_the_key(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         load_model_and_processors(str(tmp_path / "empty"))
+
+
+def test_relative_paths_under_a_local_folder_are_local(tmp_path, monkeypatch):
+    from model.loading import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    assert not looks_local("Qwen/Qwen3-VL-2B-Instruct")  # a hub id
+    (tmp_path / "runs").mkdir()
+    assert looks_local("runs/tiny_qwen3vl") and looks_local("./x") and looks_local("a/b/c")
