@@ -107,14 +107,13 @@ def dry_run(cfg, *, out=print) -> int:
                             lengths=samples.lengths(), sources=samples.sources(), num_replicas=world, rank=0)
     lengths = samples.lengths()
     fill = sum(lengths) / (len(dataset.rows) * t.max_length)
-    per_epoch = len(dataset) // t.gradient_accumulation_steps
-    epochs = f"{t.max_steps / per_epoch:.1f}" if per_epoch else "n/a (fewer micro-batches than one optimizer step)"
+    per_epoch = len(dataset) / t.gradient_accumulation_steps  # optimizer steps per pass over the data
     out(f"  packing        {len(lengths)} samples (tokens min {min(lengths)} / mean {sum(lengths) / len(lengths):.0f} / "
         f"max {max(lengths)} of max_length {t.max_length}) -> {len(dataset.rows)} rows "
         f"(packing {'on' if t.packing else 'off'}, fill {fill:.1%})")
     out(f"  schedule       {len(dataset)} micro-batches per epoch per rank ({world} rank(s), batch_size {t.batch_size}, "
-        f"grad accumulation {t.gradient_accumulation_steps}) -> {per_epoch} optimizer steps per epoch; "
-        f"max_steps {t.max_steps} = {epochs} epochs")
+        f"grad accumulation {t.gradient_accumulation_steps}) -> {per_epoch:g} optimizer steps per epoch; "
+        f"max_steps {t.max_steps} = {t.max_steps / per_epoch:.1f} epochs")
     pipe = cfg.pipeline
     for kind, specs in (("objective", pipe.objective), ("diagnostics", pipe.diagnostics)):
         names = ", ".join(f"{m.name}(w={m.weight:g}{', ch=' + ''.join(m.channels) if cfg.variant == 'stage2_two_channel' else ''})"
