@@ -15,7 +15,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from configs.errors import add_debug_flag, run_cli
+from configs.errors import InputError, add_debug_flag, run_cli
 from eval.detection import write_predictions_jsonl
 from eval.inloop import predict_records, rollout_metrics
 from eval.scores import SCORE_MODES
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"--limit must be >= 1, got {args.limit}")
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
     records, data_report = read_jsonl(args.jsonl, image_root=args.image_root, coords=args.coords)
     if args.limit is not None:
         records = records[: args.limit]

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from configs.errors import add_debug_flag, run_cli
+from configs.errors import InputError, add_debug_flag, run_cli
 from eval.detection import bins_to_pixels, read_predictions_jsonl
 
 GT_COLOR = (0, 200, 0)
@@ -149,7 +149,7 @@ def render_pages(
     from PIL import Image
 
     if images_per_page < 1:
-        raise ValueError(f"--images-per-page must be >= 1, got {images_per_page}")
+        raise InputError(f"--images-per-page must be >= 1, got {images_per_page}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cols = math.ceil(math.sqrt(images_per_page))

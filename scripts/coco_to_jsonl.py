@@ -28,7 +28,7 @@ from collections import Counter, defaultdict
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs.errors import add_debug_flag, run_cli  # noqa: E402
+from configs.errors import InputError, add_debug_flag, run_cli  # noqa: E402
 
 FORMATS = ("auto", "coco", "lvis")
 # Per-image LVIS lists: source key -> record key (category names, like desc).
@@ -51,7 +51,7 @@ def _file_name(im: dict, fmt: str, source: str) -> str:
             return name
     if "file_name" in im:
         return im["file_name"]
-    raise ValueError(
+    raise InputError(
         f"{source}: image {im.get('id')} has no file_name"
         + (" and no usable coco_url" if fmt == "lvis" else " (an LVIS file? pass --format lvis)")
     )
@@ -67,10 +67,10 @@ def convert(
 ) -> tuple[list, Counter]:
     """COCO/LVIS dict -> (JSONL rows in image order, report counters). ``fmt``: auto | coco | lvis."""
     if fmt not in FORMATS:
-        raise ValueError(f"--format={fmt!r} is not allowed; allowed: {', '.join(FORMATS)}")
+        raise InputError(f"--format={fmt!r} is not allowed; allowed: {', '.join(FORMATS)}")
     for key in ("images", "annotations", "categories"):
         if key not in coco:
-            raise ValueError(f"{source}: not a COCO instances file: top-level key {key!r} missing")
+            raise InputError(f"{source}: not a COCO instances file: top-level key {key!r} missing")
     if fmt == "auto":
         fmt = detect_format(coco)
     names = {c["id"]: c["name"] for c in coco["categories"]}
@@ -86,7 +86,7 @@ def convert(
             report["skipped_unknown_image"] += 1
             continue
         if a["category_id"] not in names:
-            raise ValueError(f"{source}: annotation {a.get('id')} has unknown category_id {a['category_id']}")
+            raise InputError(f"{source}: annotation {a.get('id')} has unknown category_id {a['category_id']}")
         im = images[a["image_id"]]
         x, y, w, h = (float(v) for v in a["bbox"])
         W, H = im["width"], im["height"]
@@ -116,7 +116,7 @@ def convert(
                 ids = im.get(src_key, [])
                 unknown = [c for c in ids if c not in names]
                 if unknown:
-                    raise ValueError(f"{source}: image {im['id']}: {src_key} has unknown category ids {unknown}")
+                    raise InputError(f"{source}: image {im['id']}: {src_key} has unknown category ids {unknown}")
                 row[out_key] = sorted({names[c] for c in ids})
                 report[out_key] += len(row[out_key])
                 report[f"images_with_{out_key}"] += int(bool(ids))
