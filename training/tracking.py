@@ -24,8 +24,9 @@ BACKENDS = ("none", "wandb")
 MEDIA_IMAGES = 8  # eval images sent to wandb per in-loop eval
 MODES = ("online", "offline")
 # wandb.init argument -> environment variable that overrides the config's value (wandb's own names).
+# The wandb files themselves always live under the run dir (WANDB_DIR is not used): `wandb sync <run dir>/wandb`.
 WANDB_ENV = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "name": "WANDB_NAME",
-             "id": "WANDB_RUN_ID", "dir": "WANDB_DIR"}
+             "id": "WANDB_RUN_ID"}
 
 
 def wandb_settings(**from_config: Any) -> dict[str, Any]:
@@ -102,10 +103,10 @@ class Tracker:
             # One wandb run per run dir: a resumed training run continues the same wandb run.
             id_file = self.run_dir / "wandb_run_id"
             run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-            settings = wandb_settings(mode=mode, project=project, entity=entity, name=run_name, id=run_id,
-                                      dir=str(self.run_dir))
+            settings = wandb_settings(mode=mode, project=project, entity=entity, name=run_name, id=run_id)
             try:
-                self._wandb_run = wandb.init(config=dict(config or {}), tags=list(tags), resume="allow", **settings)
+                self._wandb_run = wandb.init(config=dict(config or {}), tags=list(tags), resume="allow",
+                                             dir=str(self.run_dir), **settings)
             except Exception as exc:  # noqa: BLE001 - wandb raises many types; all mean "fix the wandb set-up"
                 first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
                 raise UserError(
