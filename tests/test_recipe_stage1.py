@@ -183,7 +183,7 @@ def test_stage1_resume_latest_without_checkpoint_fails(recipe_env, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="empty", max_steps=2,
                        training__resume_from="latest")
-    with pytest.raises(UserError, match="no checkpoint-<step> .* drop training.resume_from to start afresh"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint-<step> .* drop training.resume_from to start afresh"):
         train_stage1.main(argv)
     assert not Path(tmp_path / "empty" / "metrics.jsonl").exists()
 

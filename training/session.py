@@ -132,7 +132,7 @@ def resume_point(cfg, run_dir: Path) -> Path | None:
     if t.resume_from == "latest" and not list_checkpoints(run_dir):
         fresh = ("start afresh with --set run.overwrite=true (replaces it)" if what_run_holds(run_dir)
                  else "drop training.resume_from to start afresh")
-        raise UserError(f"training.resume_from=latest: no checkpoint-<step> under {run_dir} to resume; {fresh}")
+        raise FileNotFoundError(f"training.resume_from=latest: no checkpoint-<step> under {run_dir} to resume; {fresh}")
     resume_dir = resolve_resume(run_dir, t.resume_from)  # verified; `latest` skips a corrupt one
     step = int(read_trainer_state(resume_dir)["step"])
     if step >= t.max_steps:
