@@ -103,3 +103,11 @@ def test_every_run_dir_file_is_documented():
                  "metrics.jsonl", "tracker_config.json", "wandb_run_id", "eval/step_<N>/", "checkpoint-<N>/"):
         assert f"`{name}" in text, name
 
+
+def test_first_hour_is_linked_and_complete():
+    assert "docs/FIRST_HOUR.md" in (REPO / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "docs" / "FIRST_HOUR.md").read_text(encoding="utf-8")
+    for command in ("pip install -r requirements.txt", "python train_stage1.py --config configs/demo/stage1_shapes.yaml",
+                    "python -m pytest -q", "--dry-run"):
+        assert command in text, command
+    assert "@@" not in text  # every output slot filled with a real output

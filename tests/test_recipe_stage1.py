@@ -306,7 +306,8 @@ def test_a_used_run_dir_is_refused_unless_resuming_or_overwriting(recipe_env, tm
     train_stage1.main(argv)
     with pytest.raises(FileExistsError, match="run.overwrite=true") as exc:
         train_stage1.main(argv)
-    assert "resume_from" not in str(exc.value)  # no checkpoint: resuming cannot work, so it is not offered
+    # resuming is offered exactly when there is a checkpoint to resume from (the end of a run saves one)
+    assert ("--set training.resume_from=latest" in str(exc.value)) == any((tmp_path / "again").glob("checkpoint-*"))
     (tmp_path / "again" / "stale.txt").write_text("from the first run")
     train_stage1.main([*argv, "--set", "run.overwrite=true"])
     assert [r["step"] for r in read_rows(tmp_path / "again")] == [1, 2]
