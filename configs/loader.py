@@ -473,6 +473,17 @@ def _check_unused_sections(raw: Mapping[str, Any], variant: str) -> None:
             raise ConfigError(section, f"has no effect under variant {variant}: {why}; remove it")
 
 
+# model.dtype (parameter storage) x training.mixed_precision (autocast) pairs that cannot train.
+HALF_PRECISION_CONFLICTS = {
+    ("float16", "bf16"): "two half formats (fp16 parameters, bf16 autocast) do not mix in one forward; "
+    "use model.dtype=float32 (fp32 master weights under bf16 autocast, the recipe setting)",
+    ("bfloat16", "fp16"): "two half formats (bf16 parameters, fp16 autocast) do not mix in one forward; "
+    "use model.dtype=float32 with training.mixed_precision=fp16 or bf16",
+    ("float16", "fp16"): "the fp16 gradient scaler cannot unscale fp16 gradients; "
+    "use model.dtype=float32 (fp32 master weights under fp16 autocast)",
+}
+
+
 def check_cross_fields(resolved: Mapping[str, Any]) -> None:
     """Checks that involve more than one key (the schema covers single-key types and ranges)."""
     model, data, training = resolved["model"], resolved["data"], resolved["training"]
@@ -498,6 +509,9 @@ def check_cross_fields(resolved: Mapping[str, Any]) -> None:
                 )
     if data["min_pixels"] is not None and data["max_pixels"] is not None and data["min_pixels"] > data["max_pixels"]:
         raise ConfigError("data.min_pixels", f"must be <= data.max_pixels ({data['max_pixels']}), got {data['min_pixels']}")
+    half, mixed = model["dtype"], training["mixed_precision"]
+    if (half, mixed) in HALF_PRECISION_CONFLICTS:
+        raise ConfigError("model.dtype", f"{half} with training.mixed_precision={mixed}: {HALF_PRECISION_CONFLICTS[half, mixed]}")
     if training["warmup_steps"] > 0 and training["warmup_ratio"] > 0:
         raise ConfigError(
             "training.warmup_ratio",

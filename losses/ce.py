@@ -18,7 +18,14 @@ _EPS = 1e-8
 
 
 def _project(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """[n, H] x [V, H] -> [n, V] fp32 logits. The only place the LM head is applied (tests hook it)."""
+    """[n, H] x [V, H] -> [n, V] fp32 logits. The only place the LM head is applied (tests hook it).
+
+    The matmul runs in the head's dtype (or the autocast dtype when autocast is on), whatever the
+    rows' dtype: accelerate's mixed-precision wrapper hands back fp32 hidden states while a bf16 /
+    fp16 head stays half. The rows are cast (cheap, differentiable), never the ``[V, H]`` head.
+    """
+    if rows.dtype != weight.dtype:
+        rows = rows.to(weight.dtype)
     return (rows @ weight.t()).float()
 
 

@@ -33,9 +33,13 @@ def coord_probs(coord_logits: torch.Tensor, temperature: float = 1.0) -> torch.T
 
 
 def expectation_decode(coord_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """[N, 1000] -> [N] fractions Σ_k p_k k/999."""
+    """[N, 1000] -> [N] fractions Σ_k p_k k/999, in fp32 also under autocast.
+
+    An elementwise product and a sum, not ``p @ bins``: autocast would run the matmul in bf16,
+    whose 8-bit mantissa rounds the expectation by up to ~4 bins.
+    """
     p = coord_probs(coord_logits, temperature)
-    return p @ bin_values(p.device, p.dtype)
+    return (p * bin_values(p.device, p.dtype)).sum(dim=-1)
 
 
 def st_decode(coord_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -73,7 +77,7 @@ def context_embeddings(
     if mode == "hard":
         return hard
     p = coord_probs(coord_logits, temperature).to(coord_embed_rows.dtype)
-    soft = p @ coord_embed_rows
+    soft = (p @ coord_embed_rows).to(coord_embed_rows.dtype)  # autocast may return the matmul in bf16
     if mode == "soft":
         return soft
     return hard + (soft - soft.detach())
