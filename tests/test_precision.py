@@ -45,6 +45,15 @@ def cfgs():
     }
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Each test builds its own Accelerator; leave no mixed-precision state to the next test file."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _accelerator(mixed_precision: str):
     from accelerate.state import AcceleratorState
 
