@@ -164,6 +164,11 @@ def tiny_qwen3vl_config(
     row_multiple: int = 64,
     vocab_size: int | None = None,
     tie_word_embeddings: bool = False,
+    head_dim: int | None = None,
+    vision_intermediate: int | None = None,
+    deepstack_indexes: list[int] | None = None,
+    vision_position_embeddings: int = 64,
+    max_position_embeddings: int = 4096,
 ):
     """Qwen3VLConfig for a tiny random model matching ``tokenizer``.
 
@@ -171,12 +176,17 @@ def tiny_qwen3vl_config(
     is ``vocab_size`` when given (e.g. 151,936 as in Qwen3-VL), else ``len(tokenizer)`` rounded up to
     ``row_multiple`` plus one extra block: more rows than tokenizer entries, like real checkpoints.
     ``mrope_section`` sums to ``head_dim / 2``; deepstack taps the first ``vision_depth - 1`` blocks.
+    The optional keys give real shapes (``bench/bench_train_step.py``): ``head_dim`` (default
+    ``hidden / heads``; Qwen3 uses 128 at every size), ``vision_intermediate`` (default
+    ``2 * vision_hidden``), ``deepstack_indexes``, the vision tower's learned position grid
+    ``vision_position_embeddings`` (a square number; 2304 in Qwen3-VL) and ``max_position_embeddings``.
     """
     from transformers import Qwen3VLConfig
 
-    if hidden % heads:
-        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
-    head_dim = hidden // heads
+    if head_dim is None:
+        if hidden % heads:
+            raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+        head_dim = hidden // heads
     half = head_dim // 2
     if half < 3:
         raise ValueError(f"head_dim {head_dim} too small for 3-axis mrope; use hidden/heads >= 6")
@@ -194,7 +204,7 @@ def tiny_qwen3vl_config(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
         tie_word_embeddings=tie_word_embeddings,
         pad_token_id=ids("<|endoftext|>"),
@@ -204,14 +214,15 @@ def tiny_qwen3vl_config(
     vision_config = dict(
         depth=vision_depth,
         hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
+        intermediate_size=vision_intermediate or 2 * vision_hidden,
         num_heads=vision_heads,
         patch_size=16,
         spatial_merge_size=2,
         temporal_patch_size=2,
         out_hidden_size=hidden,
-        num_position_embeddings=64,
-        deepstack_visual_indexes=list(range(max(vision_depth - 1, 1))),
+        num_position_embeddings=vision_position_embeddings,
+        deepstack_visual_indexes=list(deepstack_indexes) if deepstack_indexes is not None
+        else list(range(max(vision_depth - 1, 1))),
     )
     cfg = Qwen3VLConfig(
         text_config=text_config,

@@ -6,10 +6,12 @@ a time or a ratio: timings on a shared CI machine say nothing about the code.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
 import pytest
+import torch
 
 from bench import bench_expectation, bench_generation, bench_packing, bench_token_ce
 
@@ -86,3 +88,45 @@ def test_expectation_quick(capsys):
         assert row["hidden_max_abs_diff"] < 1e-5
         assert _positive(row["baseline_seconds"]) and _positive(row["vision_once_seconds"])
     assert printed == pytest.approx(r["ratio"], abs=0.006)
+
+
+def test_train_step_quick(capsys, tmp_path):
+    from bench import bench_train_step
+
+    out = tmp_path / "train_step.json"
+    r = bench_train_step.main(["--quick", "--out", str(out)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    a_line, b_line = lines[-2], lines[-1]
+    assert RATIO_RE.match(a_line).group(1) == "channel_a_over_stage1"
+    assert RATIO_RE.match(b_line).group(1) == "channel_b_over_stage1"
+    assert float(RATIO_RE.match(a_line).group(2)) == pytest.approx(r["ratio_channel_a_over_stage1"], abs=0.006)
+    assert json.loads(out.read_text())["kinds"].keys() == r["kinds"].keys() == {"stage1", "channel_a", "channel_b"}
+    cfg = r["config"]
+    assert cfg["size"] == "tiny" and cfg["n_lm"] > 0 and cfg["n_vision"] > 0
+    assert cfg["tokens_per_step"] == sum(cfg["rows"]) and all(0 < n <= cfg["max_length"] for n in cfg["rows"])
+    for kind, k in r["kinds"].items():
+        assert _positive(k["step_s"]) and _positive(k["tokens_per_s"]), kind
+        assert 0 < k["mfu_lm"] < k["mfu_with_vision"] < 1, kind
+        assert set(k["phases"]) == set(bench_train_step.PHASES)
+        assert all(v >= 0 for v in k["phases"].values())
+        assert (k["phases"]["generation"] > 0) == (kind == "channel_b")
+        assert k["phases"]["vision"] > 0 and k["phases"]["backward"] > 0
+    # MFU is exact arithmetic on the counted tokens: 6 * N_LM * tokens / step_s / peak.
+    s1 = r["kinds"]["stage1"]
+    assert s1["mfu_lm"] == pytest.approx(6 * cfg["n_lm"] * s1["tokens"] / s1["step_s"] / (cfg["peak_tflops"] * 1e12))
+    assert s1["tokens"] == cfg["tokens_per_step"]
+
+
+def test_train_step_real_shapes_match_qwen3vl_2b():
+    """The 2B shape has the parameter count of the issue's measured model (2.44 B untied, 2.13 B tied)."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from bench.bench_train_step import SIZES, _model_config, _param_counts
+    from model.tiny import build_tiny_tokenizer
+
+    with torch.device("meta"):
+        vlm = Qwen3VLForConditionalGeneration(_model_config("2b", build_tiny_tokenizer()))
+    counts = _param_counts(vlm)
+    emb = SIZES["2b"]["vocab_size"] * SIZES["2b"]["hidden"]
+    assert counts["n_total"] + emb == pytest.approx(2.44e9, rel=0.01)  # tied: the issue's build was untied
+    assert counts["n_lm"] == pytest.approx(1.72e9, rel=0.02)
