@@ -32,15 +32,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from bench._common import add_threads_arg, mib, pick_device, print_table, ratio_line, torch_threads
 
@@ -196,6 +200,98 @@ def memory_estimate(size: str, tokens: int = 8192, image_size: int = 448, sample
             "total_ckpt_gb": states + ckpt + head, "patches": patches}
 
 
+# Calls that read a tensor's value on the host: on a GPU each one waits for the device (a sync).
+HOST_READS = frozenset({"__bool__", "tolist", "__int__", "__float__", "__index__", "item", "nonzero", "cpu",
+                        "masked_select", "unique", "argwhere", "nonzero_static"})
+
+
+class HostReadCounter(TorchFunctionMode):
+    """Counts host reads of values of tensors that live on the training device, per call site.
+
+    Device-independent, so it runs on CPU. "On the device" is tracked by taint: the parameters,
+    buffers and batch tensors given at construction are on it; so is every result of an op with
+    such an input and of a ``.to(<device>)`` written in this repository (libraries move their own
+    index tensors to wherever their inputs are); ``.cpu()`` results are on the host. Factories called
+    with ``device=`` are not followed (on CPU the device says nothing), so the count is a lower
+    bound where code reads a fresh device tensor that no device input fed. A read (``HOST_READS``, or
+    boolean-mask indexing) of a device tensor is a host<->device sync on a GPU. The site is the
+    first stack frame in this repository outside ``bench/`` (else the library's file), as
+    ``path:function``.
+    """
+
+    def __init__(self, device_tensors):
+        super().__init__()
+        self.sites: dict[str, int] = {}
+        self._on_device: dict[int, weakref.ref] = {}
+        self.mark_all(device_tensors)
+
+    def mark_all(self, tensors) -> None:
+        for t in tensors:
+            self._mark(t)
+
+    def _mark(self, t) -> None:
+        if isinstance(t, torch.Tensor):
+            key = id(t)
+            self._on_device[key] = weakref.ref(t, lambda _ref, key=key: self._on_device.pop(key, None))
+
+    def _is_on_device(self, t) -> bool:
+        ref = self._on_device.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return ref is not None and ref() is t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        leaves = tree_leaves((args, kwargs))
+        on_device = any(self._is_on_device(t) for t in leaves)
+        if on_device and (name in HOST_READS or (name == "__getitem__" and len(args) > 1 and _bool_index(args[1]))):
+            site = _call_site()
+            self.sites[site] = self.sites.get(site, 0) + 1
+        out = func(*args, **kwargs)
+        if name == "cpu" and on_device and out is args[0]:
+            out = out.clone()  # on CPU .cpu() is the same tensor; on a GPU it is a host copy
+        moved = name == "to" and any(isinstance(a, (torch.device, str)) and a != "cpu" for a in args[1:]) \
+            and _in_repo(sys._getframe(1).f_code.co_filename)
+        if (on_device or moved) and name not in ("cpu", "tolist", "item", "numpy"):
+            for t in tree_leaves(out):
+                self._mark(t)
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.sites.values())
+
+
+def _bool_index(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+def _in_repo(filename: str) -> bool:
+    path = Path(filename)
+    return path.is_absolute() and REPO in path.resolve().parents
+
+
+def _call_site() -> str:
+    frame, fallback = sys._getframe(2), None
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path.is_absolute() and path.is_file():
+            try:
+                rel = path.resolve().relative_to(REPO)
+            except ValueError:
+                rel = None
+            if rel is not None and rel.parts[0] != "bench":
+                return f"{rel.as_posix()}:{frame.f_code.co_name}"
+            if fallback is None and "site-packages" in path.parts:
+                lib = path.parts[path.parts.index("site-packages") + 1]
+                if lib != "torch" or "overrides" not in path.name:
+                    fallback = f"{lib}/{path.name}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return fallback or "other"
+
+
 def _sync_counter(device: torch.device):
     """Context manager counting synchronising CUDA calls (``set_sync_debug_mode('warn')``); None on CPU."""
     if device.type != "cuda":
@@ -332,9 +428,13 @@ def _run(args: argparse.Namespace) -> dict:
     for kind, r in results["kinds"].items():
         rows.append([kind, r["step_s"], r["tokens_per_s"], 100 * r["mfu_lm"], 100 * r["mfu_with_vision"],
                      mib(r["peak_bytes"]) if r["peak_bytes"] is not None else "n/a",
-                     *(r["phases"][ph] for ph in PHASES), r["syncs"] if r["syncs"] is not None else "n/a"])
-    print_table(["kind", "step_s", "tokens/s", "MFU_LM%", "MFU+vis%", "peak_MiB", *[f"{p}_s" for p in PHASES], "syncs"],
-                rows)
+                     *(r["phases"][ph] for ph in PHASES), r["syncs"] if r["syncs"] is not None else "n/a",
+                     r["host_reads"]])
+    print_table(["kind", "step_s", "tokens/s", "MFU_LM%", "MFU+vis%", "peak_MiB", *[f"{p}_s" for p in PHASES],
+                 "cuda_syncs", "host_reads"], rows)
+    for kind, r in results["kinds"].items():
+        top = ", ".join(f"{site} {n}" for site, n in list(r["host_reads_by_site"].items())[:6])
+        print(f"host reads per {kind} step by site: {top}")
     base = results["kinds"].get("stage1")
     if base:
         for kind in ("channel_a", "channel_b"):
@@ -367,6 +467,7 @@ class _StepRunner:
         self.s1, self.s2, self.encoder, self.tok = s1_cfg, s2_cfg, encoder, tok
         self.lm_head = vlm.get_output_embeddings().weight
         self.backend = None
+        self.counter: HostReadCounter | None = None
 
     def _rollouts(self, timer: PhaseTimer):
         from data.encoding import prompt_of
@@ -401,6 +502,8 @@ class _StepRunner:
         batches = self.batches
         if kind == "channel_b":
             batches = [rb.batch.to(acc.device) for rb in self._rollouts(timer)]
+            if self.counter is not None:  # on CPU .to() may return the same tensors: mark them as on the device
+                self.counter.mark_all(v for b in batches for v in vars(b).values())
         cfg = self.s1 if kind == "stage1" else self.s2
         channel = {"stage1": None, "channel_a": "A", "channel_b": "B"}[kind]
         tokens = 0
@@ -461,6 +564,21 @@ class _StepRunner:
         finally:
             for h in hooks:
                 h.remove()
+        seeds = [*self.vlm.parameters(), *self.vlm.buffers(), self.coord_ids,
+                 *(v for b in self.batches for v in vars(b).values() if isinstance(v, torch.Tensor))]
+        host_reads = HostReadCounter(seeds)
+        previous = os.environ.get("COORDEXP_CHECKS")
+        os.environ["COORDEXP_CHECKS"] = "0"  # count the GPU path: content checks off, as on an accelerator
+        try:
+            self.counter = host_reads
+            with host_reads:
+                self.run(kind, PhaseTimer(device, sync=False))
+        finally:
+            self.counter = None
+            if previous is None:
+                os.environ.pop("COORDEXP_CHECKS")
+            else:
+                os.environ["COORDEXP_CHECKS"] = previous
         step_s = statistics.median(times)
         peak_flops = args.peak_tflops * 1e12
         lm_flops = 6.0 * counts["n_lm"] * tokens
@@ -468,7 +586,8 @@ class _StepRunner:
         return {
             "step_s": step_s, "step_s_all": times, "tokens": tokens, "tokens_per_s": tokens / step_s,
             "mfu_lm": lm_flops / step_s / peak_flops, "mfu_with_vision": (lm_flops + vis_flops) / step_s / peak_flops,
-            "peak_bytes": peak, "phases": timed.split(), "syncs": syncs,
+            "peak_bytes": peak, "phases": timed.split(), "syncs": syncs, "host_reads": host_reads.total,
+            "host_reads_by_site": dict(sorted(host_reads.sites.items(), key=lambda kv: -kv[1])),
         }
 
 

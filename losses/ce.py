@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from losses.checks import content_checks
+
 _EPS = 1e-8
 
 
@@ -38,7 +40,7 @@ def hidden_at_logit_pos(hidden: torch.Tensor, token_pos: torch.Tensor) -> torch.
     """
     b, t, h = hidden.shape
     token_pos = token_pos.to(torch.long).reshape(-1)
-    if token_pos.numel() and bool(((token_pos % t) == 0).any() | (token_pos < 0).any() | (token_pos >= b * t).any()):
+    if token_pos.numel() and content_checks(token_pos) and bool(((token_pos % t) == 0).any() | (token_pos < 0).any() | (token_pos >= b * t).any()):
         bad = token_pos[((token_pos % t) == 0) | (token_pos < 0) | (token_pos >= b * t)][0].item()
         raise ValueError(
             f"token position {bad} (row {bad // t}, pos {bad % t}) has no logit position inside its row "

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from losses.checks import content_checks
 from losses.coord import bin_values
 from losses.registry import NUM_COORD_BINS
 
@@ -24,7 +25,7 @@ def _check(coord_logits: torch.Tensor, target_bins: torch.Tensor | None, tempera
     if target_bins is not None:
         if target_bins.shape != coord_logits.shape[:1]:
             raise ValueError(f"target_bins must be [N={coord_logits.shape[0]}], got {tuple(target_bins.shape)}")
-        if target_bins.numel() and (int(target_bins.min()) < 0 or int(target_bins.max()) >= NUM_COORD_BINS):
+        if target_bins.numel() and content_checks(target_bins) and (int(target_bins.min()) < 0 or int(target_bins.max()) >= NUM_COORD_BINS):
             raise ValueError(f"target_bins must lie in 0..{NUM_COORD_BINS - 1}, got range "
                              f"[{int(target_bins.min())}, {int(target_bins.max())}]")
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from losses.checks import content_checks
 from losses.registry import CONTEXTS, DESC, EOS, FN, FP, GT, MATCHED, NO_SUBSET, SELF_CONTEXT, STRUCT
 
 
@@ -106,12 +107,13 @@ def build_token_ce_weights(
         _check_shape("subset", subset, tt)
         _check_shape("closure", closure, tt)
         closure = closure.to(torch.bool)
-        if (closure & ~(is_struct | is_desc)).any():
+        check = content_checks(tt)
+        if check and (closure & ~(is_struct | is_desc)).any():
             bad = torch.nonzero(closure & ~(is_struct | is_desc))[0].tolist()
             raise ValueError(f"closure token at [row, pos] = {bad} has type {int(tt[bad[0], bad[1]])}, "
                              "expected struct (or desc for a fused token)")
         orphan_desc = is_desc & (subset == NO_SUBSET) & ~closure
-        if orphan_desc.any():
+        if check and orphan_desc.any():
             bad = torch.nonzero(orphan_desc)[0].tolist()
             raise ValueError(
                 f"desc token at [row, pos] = {bad} lies in no object span (subset NO_SUBSET); "
@@ -134,6 +136,7 @@ def build_token_ce_weights(
 
     if segment_ids is not None:
         _check_shape("segment_ids", segment_ids, tt)
+    if segment_ids is not None and content_checks(tt):
         supervised = (struct > 0) | (desc > 0)
         first = torch.ones_like(supervised)
         first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]

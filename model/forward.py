@@ -43,13 +43,18 @@ def position_ids_for_batch(vlm, batch: PackedBatch) -> torch.Tensor:
     slice of ``input_ids`` / ``mm_token_type_ids`` and its own ``image_grid_thw`` rows, which are
     consumed in row-major segment order). Padding positions continue each row's last position + 1, ...
     (they attend only to themselves and earlier tokens and are never read).
+
+    Computed on the CPU whatever the batch's device: the per-segment loop reads values back
+    (image runs, the last rope position), which on a GPU would be several host<->device syncs
+    per segment; here it is one copy of the index tensors to the host and one back.
     """
     core = unwrap_vlm(vlm).model
-    input_ids, mm = batch.input_ids, batch.mm_token_type_ids
+    device = batch.input_ids.device
+    input_ids, mm = batch.input_ids.cpu(), batch.mm_token_type_ids.cpu()
     bsz, seq = input_ids.shape
-    pos = torch.zeros(4, bsz, seq, dtype=torch.long, device=input_ids.device)
-    pos[0] = batch.text_position_ids
-    grids = batch.image_grid_thw
+    pos = torch.zeros(4, bsz, seq, dtype=torch.long)
+    pos[0] = batch.text_position_ids.cpu()
+    grids = None if batch.image_grid_thw is None else batch.image_grid_thw.cpu()
     n_grids = 0 if grids is None else int(grids.shape[0])
     used = 0
     last = [-1] * bsz
@@ -74,9 +79,9 @@ def position_ids_for_batch(vlm, batch: PackedBatch) -> torch.Tensor:
         raise ValueError(f"PackedBatch has {n_grids} image_grid_thw rows but its segments hold {used} images")
     for row in range(bsz):
         if end[row] < seq:
-            pad = torch.arange(seq - end[row], device=pos.device) + last[row] + 1
+            pad = torch.arange(seq - end[row]) + last[row] + 1
             pos[1:, row, end[row] :] = pad
-    return pos
+    return pos.to(device)
 
 
 def compute_vision(vlm, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor):

@@ -159,3 +159,25 @@ def test_lr_mult_errors():
         build_optimizer(model, lr=0.1, lr_mult={"language_model": 2.0, "vision": 0.0}, parts=parts)
     with pytest.raises(ValueError, match=r"no multiplier for part\(s\) \['language_model'\]"):
         build_optimizer(model, lr=0.1, lr_mult={"vision": 2.0}, parts=parts)
+
+
+def test_fused_adamw_is_the_cuda_default_and_matches_foreach():
+    """Fused AdamW (CUDA default) gives the plain AdamW update; its state dict loads into the other kind."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(8, 4)
+    models = {k: torch.nn.Linear(8, 4) for k in (False, True)}
+    opts = {}
+    for fused, m in models.items():
+        m.load_state_dict(ref.state_dict())
+        opts[fused] = build_optimizer(m, 1e-2, weight_decay=0.1, fused=fused)
+        assert opts[fused].defaults["fused"] is fused
+    assert build_optimizer(ref, 1e-3).defaults["fused"] is torch.cuda.is_available()
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for fused, m in models.items():
+            m(x).pow(2).mean().backward()
+            opts[fused].step()
+            opts[fused].zero_grad()
+    for a, b in zip(models[False].parameters(), models[True].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    opts[False].load_state_dict(opts[True].state_dict())
