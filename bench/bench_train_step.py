@@ -292,6 +292,22 @@ def _call_site() -> str:
     return fallback or "other"
 
 
+def _prefix_fraction(batches) -> float:
+    """Fraction of real tokens before each segment's first coord slot: what Channel-A forwards 2..N
+    could reuse from forward 1 (their inputs and, with block-diagonal attention, their hidden states
+    are identical there); the saving a prefix KV cache would bring."""
+    from losses.registry import COORD
+
+    before = total = 0
+    for b in batches:
+        for seg in b.segments:
+            types = b.token_types[seg.row, seg.start : seg.start + seg.length]
+            coord = (types == COORD).nonzero()
+            before += int(coord[0]) if coord.numel() else seg.length
+            total += seg.length
+    return before / max(total, 1)
+
+
 def _sync_counter(device: torch.device):
     """Context manager counting synchronising CUDA calls (``set_sync_debug_mode('warn')``); None on CPU."""
     if device.type != "cuda":
@@ -399,6 +415,7 @@ def _run(args: argparse.Namespace) -> dict:
     tokens = sum(b.num_tokens for b in batches)
     patches = sum(int(b.pixel_values.shape[0]) for b in batches)
 
+    prefix = _prefix_fraction(batches)
     AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator with this precision
     accelerator = make_accelerator(mixed, args.grad_accum, args.seed, **({"cpu": True} if device.type == "cpu" else {}))
     model = HiddenStatesModel(vlm)
@@ -410,7 +427,7 @@ def _run(args: argparse.Namespace) -> dict:
         "config": {**{k: v for k, v in vars(args).items() if k not in ("profile", "out")}, "mixed_precision": mixed,
                    "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
                    **counts, "tokens_per_step": tokens, "patches_per_step": patches,
-                   "rows": [int(b.num_tokens) for b in batches]},
+                   "rows": [int(b.num_tokens) for b in batches], "channel_a_prefix_fraction": prefix},
         "kinds": {},
     }
     print(f"bench_train_step: size {args.size} ({counts['n_total'] / 1e9:.3f} B params; N_LM {counts['n_lm'] / 1e9:.3f} B, "
@@ -418,6 +435,8 @@ def _run(args: argparse.Namespace) -> dict:
           f"mixed {mixed}, attn {args.attn}, grad ckpt {args.gradient_checkpointing}; {args.grad_accum} x "
           f"{args.max_length}-token rows = {tokens} tokens, {patches} patches per step")
 
+    print(f"Channel-A: {100 * prefix:.0f}% of the tokens lie before their segment's first coord slot "
+          "(identical in forwards 1..N; not reused yet, see bench/README.md)")
     step = _StepRunner(args, accelerator, model, vlm, optimizer, batches, coord_ids, s1_cfg, s2_cfg, encoder, tok)
     for kind in args.kinds:
         results["kinds"][kind] = step.measure(kind, counts, device)

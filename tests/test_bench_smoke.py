@@ -103,6 +103,7 @@ def test_train_step_quick(capsys, tmp_path):
     assert json.loads(out.read_text())["kinds"].keys() == r["kinds"].keys() == {"stage1", "channel_a", "channel_b"}
     cfg = r["config"]
     assert cfg["size"] == "tiny" and cfg["n_lm"] > 0 and cfg["n_vision"] > 0
+    assert 0 < cfg["channel_a_prefix_fraction"] < 1
     assert cfg["tokens_per_step"] == sum(cfg["rows"]) and all(0 < n <= cfg["max_length"] for n in cfg["rows"])
     for kind, k in r["kinds"].items():
         assert _positive(k["step_s"]) and _positive(k["tokens_per_s"]), kind
@@ -110,6 +111,7 @@ def test_train_step_quick(capsys, tmp_path):
         assert set(k["phases"]) == set(bench_train_step.PHASES)
         assert all(v >= 0 for v in k["phases"].values())
         assert (k["phases"]["generation"] > 0) == (kind == "channel_b")
+        assert k["host_reads"] == sum(k["host_reads_by_site"].values()) > 0
         assert k["phases"]["vision"] > 0 and k["phases"]["backward"] > 0
     # MFU is exact arithmetic on the counted tokens: 6 * N_LM * tokens / step_s / peak.
     s1 = r["kinds"]["stage1"]
