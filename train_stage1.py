@@ -55,10 +55,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for _ in range(t.gradient_accumulation_steps):
                 batch = next(data_iter).to(accelerator.device)
                 with accelerator.accumulate(s.model):
-                    fwd = gt_forward(s.model, s.vlm, batch)
-                    ctx = TeacherForcingContext(channel=None, batch=batch, hidden=fwd.hidden,
-                                                lm_head_weight=s.vlm.get_output_embeddings().weight, coord_token_ids=s.coord_ids)
-                    result = run_pipeline(cfg.pipeline, ctx)
+                    # autocast also covers what runs outside the prepared forward: the vision tower, the
+                    # embeddings and the losses' LM-head projections (fp32 master weights, docs/MODEL.md)
+                    with accelerator.autocast():
+                        fwd = gt_forward(s.model, s.vlm, batch)
+                        ctx = TeacherForcingContext(channel=None, batch=batch, hidden=fwd.hidden,
+                                                    lm_head_weight=s.vlm.get_output_embeddings().weight,
+                                                    coord_token_ids=s.coord_ids)
+                        result = run_pipeline(cfg.pipeline, ctx)
                     backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)
                 tokens += batch.num_tokens
                 s.aggregator.add({**result.metrics, **batch_metrics(batch)})

@@ -121,29 +121,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for i, gt in enumerate(window):
                 with accelerator.accumulate(s.model):
                     forward_start = time.perf_counter()
-                    if channel == CHANNEL_A:
-                        batch = gt.to(accelerator.device)
-                        fwd = expectation_forward(
-                            s.model, s.vlm, batch, s.coord_ids, n_iter=sab.n_softctx_iter,
-                            embed_mode=sab.coord_ctx_embed_mode, grad_mode=sab.softctx_grad_mode,
-                            temperature=sab.softctx_temperature,
-                        )
-                        step_metrics = {}
-                    else:
-                        batch = rollouts[i].batch.to(accelerator.device)
-                        fwd = rollout_forward(s.model, s.vlm, batch)
-                        step_metrics = dict(rollouts[i].metrics)
-                        if step_metrics["rollout/max_new_tokens_hit_count"] and not hit_budget_warned:
-                            hit_budget_warned = True
-                            run.logger.warning(
-                                "step %d: %d rollout(s) hit rollout_matching.decoding.max_new_tokens=%d (cut before "
-                                "their eos); raise it (rollout/max_new_tokens_hit_count counts every hit)",
-                                step, int(step_metrics["rollout/max_new_tokens_hit_count"]), rm.decoding.max_new_tokens)
-                    # Rollout-Aligned has no channels: every module runs (channel None).
-                    ctx = TeacherForcingContext(channel=channel if two_channel else None, batch=batch, hidden=fwd.hidden,
-                                                lm_head_weight=s.vlm.get_output_embeddings().weight, coord_token_ids=s.coord_ids,
-                                                coord_decode_mode=decode_mode)
-                    result = run_pipeline(cfg.pipeline, ctx)
+                    with accelerator.autocast():  # vision, embeddings and losses too (docs/MODEL.md)
+                        if channel == CHANNEL_A:
+                            batch = gt.to(accelerator.device)
+                            fwd = expectation_forward(
+                                s.model, s.vlm, batch, s.coord_ids, n_iter=sab.n_softctx_iter,
+                                embed_mode=sab.coord_ctx_embed_mode, grad_mode=sab.softctx_grad_mode,
+                                temperature=sab.softctx_temperature,
+                            )
+                            step_metrics = {}
+                        else:
+                            batch = rollouts[i].batch.to(accelerator.device)
+                            fwd = rollout_forward(s.model, s.vlm, batch)
+                            step_metrics = dict(rollouts[i].metrics)
+                            if step_metrics["rollout/max_new_tokens_hit_count"] and not hit_budget_warned:
+                                hit_budget_warned = True
+                                run.logger.warning(
+                                    "step %d: %d rollout(s) hit rollout_matching.decoding.max_new_tokens=%d (cut before "
+                                    "their eos); raise it (rollout/max_new_tokens_hit_count counts every hit)",
+                                    step, int(step_metrics["rollout/max_new_tokens_hit_count"]), rm.decoding.max_new_tokens)
+                        # Rollout-Aligned has no channels: every module runs (channel None).
+                        ctx = TeacherForcingContext(channel=channel if two_channel else None, batch=batch, hidden=fwd.hidden,
+                                                    lm_head_weight=s.vlm.get_output_embeddings().weight, coord_token_ids=s.coord_ids,
+                                                    coord_decode_mode=decode_mode)
+                        result = run_pipeline(cfg.pipeline, ctx)
                     backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)
                     step_metrics["time/forward_backward_s"] = time.perf_counter() - forward_start
                     if i == 0 and (channel == CHANNEL_B or rerouted):  # ranks whose rollouts raised, summed

@@ -528,20 +528,21 @@ class _StepRunner:
         tokens = 0
         for batch in batches:
             with acc.accumulate(self.model):
-                with timer.phase("forward"):
-                    if kind == "stage1":
-                        fwd = gt_forward(self.model, self.vlm, batch)
-                    elif kind == "channel_a":
-                        fwd = expectation_forward(self.model, self.vlm, batch, self.coord_ids, n_iter=sab.n_softctx_iter,
-                                                  embed_mode=sab.coord_ctx_embed_mode, grad_mode=sab.softctx_grad_mode,
-                                                  temperature=sab.softctx_temperature)
-                    else:
-                        fwd = rollout_forward(self.model, self.vlm, batch)
-                with timer.phase("losses"):
-                    ctx = TeacherForcingContext(channel=channel, batch=batch, hidden=fwd.hidden,
-                                                lm_head_weight=self.lm_head, coord_token_ids=self.coord_ids,
-                                                coord_decode_mode=sab.coord_decode_mode if channel else "exp")
-                    result = run_pipeline(cfg.pipeline, ctx)
+                with acc.autocast():  # as the recipes: vision, embeddings and losses in the training precision
+                    with timer.phase("forward"):
+                        if kind == "stage1":
+                            fwd = gt_forward(self.model, self.vlm, batch)
+                        elif kind == "channel_a":
+                            fwd = expectation_forward(self.model, self.vlm, batch, self.coord_ids, n_iter=sab.n_softctx_iter,
+                                                      embed_mode=sab.coord_ctx_embed_mode, grad_mode=sab.softctx_grad_mode,
+                                                      temperature=sab.softctx_temperature)
+                        else:
+                            fwd = rollout_forward(self.model, self.vlm, batch)
+                    with timer.phase("losses"):
+                        ctx = TeacherForcingContext(channel=channel, batch=batch, hidden=fwd.hidden,
+                                                    lm_head_weight=self.lm_head, coord_token_ids=self.coord_ids,
+                                                    coord_decode_mode=sab.coord_decode_mode if channel else "exp")
+                        result = run_pipeline(cfg.pipeline, ctx)
                 with timer.phase("backward"):
                     acc.backward(result.loss)
                 with timer.phase("optimizer"):
