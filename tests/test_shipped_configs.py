@@ -28,6 +28,17 @@ KEPT = ("model.dtype", "model.gradient_checkpointing", "model.freeze", "model.ad
         "training.packing", "custom.trainer_variant")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """One process runs many recipes here: each must set up accelerate with its own mixed precision
+    (accelerate keeps it process-wide), and leave none to the next test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _get(tree, dotted):
     for part in dotted.split("."):
         tree = tree[part]
