@@ -161,14 +161,18 @@ def _apply_adapter(vlm, spec: AdapterSpec, coord_vocab: CoordVocab) -> dict[str,
                 f"merger={spec.merger}) matches no linear layer of this model; Qwen3-VL's language model has "
                 "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"
             ) from exc
+        for name, p in vlm.named_parameters():
+            if ".lora_" in name:  # fp32 masters over a possibly half-precision frozen base
+                p.data = p.data.float()
     if spec.uses_coord_offset:
         emb = vlm.get_input_embeddings()
         head = vlm.get_output_embeddings()
         w = emb.weight
-        offset = CoordRowOffset(coord_vocab.first_id, coord_vocab.num_bins, w.shape[1], w.dtype, w.device)
+        # Adapter tensors are fp32 whatever the base dtype: they are the only master weights of the run.
+        offset = CoordRowOffset(coord_vocab.first_id, coord_vocab.num_bins, w.shape[1], torch.float32, w.device)
         parametrize.register_parametrization(emb, "weight", offset, unsafe=True)
         head_offset = offset if tied else CoordRowOffset(
-            coord_vocab.first_id, coord_vocab.num_bins, head.weight.shape[1], head.weight.dtype, head.weight.device)
+            coord_vocab.first_id, coord_vocab.num_bins, head.weight.shape[1], torch.float32, head.weight.device)
         parametrize.register_parametrization(head, "weight", head_offset, unsafe=True)
     params = list(vlm.parameters())
     trainable = [p for p in params if p.requires_grad]

@@ -256,3 +256,18 @@ def test_lora_stage2_two_channel_trains_both_channels(recipe_env, tmp_path, monk
     assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
     assert "eval/rollout/parse_valid_rate" in rows[-1]
     assert (tmp_path / "s2" / "checkpoint-2" / "model" / "adapter.safetensors").is_file()
+
+
+def test_adapter_tensors_are_fp32_masters_over_a_bf16_base():
+    """A frozen bf16 base needs no fp32 copy; the adapter tensors (the only ones that train) stay fp32 so
+    small updates land, and the bf16 forward works with them."""
+    model, vocab = _tiny(False)
+    model.to(torch.bfloat16)
+    apply_adapter(model, AdapterSpec(type="lora", r=4, dropout=0.0), vocab)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    before = model(input_ids=_ids(vocab)).logits
+    _train(model, _ids(vocab), steps=2)
+    after = model(input_ids=_ids(vocab)).logits
+    assert torch.isfinite(after).all() and (after.float() - before.float()).abs().max() > 0

@@ -237,12 +237,13 @@ def load_model(cfg, name_or_path: str, *, adapter_weights: Path | None = None) -
         )
     logger.info("model %s: %s", name_or_path, counts)
     logger.info("model memory: %s", memory_summary(loaded.model))
-    if cfg.model.dtype != "float32" and counts["trainable"]:
+    half = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad and p.dtype != torch.float32)
+    if half:  # an adapter's tensors are fp32 over a half-precision frozen base: no warning then
         logger.warning(
             "model.dtype=%s stores the %d trainable parameters in half precision: AdamW updates smaller than "
             "the format's spacing (2^-8 of a weight for bf16) round away, so small-lr fine-tuning barely moves "
             "them. Use model.dtype=float32 with training.mixed_precision=bf16 (fp32 master weights, bf16 "
-            "compute; docs/MODEL.md, Precision).", cfg.model.dtype, counts["trainable"])
+            "compute; docs/MODEL.md, Precision).", cfg.model.dtype, half)
     if cfg.model.gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loaded.model.config.use_cache = False
