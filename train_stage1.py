@@ -3,7 +3,8 @@
     python train_stage1.py --config configs/demo/stage1_shapes.yaml
     accelerate launch --config_file configs/accelerate/ddp.yaml train_stage1.py --config configs/stage1/qwen3vl_2b.yaml
 
-config -> model -> data -> Accelerator loop (pipeline executor in ``gt`` context) -> eval -> save.
+config -> model -> data -> Accelerator loop (one wrapped forward: gt forward + pipeline executor in ``gt``
+context) -> eval -> save.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from collections.abc import Sequence
 from configs import load_config
 from configs.errors import run_cli
 from configs.loader import add_config_args
-from pipeline.context import TeacherForcingContext
-from pipeline.executor import run_pipeline
-from pipeline.forwards import gt_forward
+from pipeline.wrapper import STRATEGY_GT
 from training.preflight import dry_run
 from training.session import (
     backward_and_step,
@@ -55,14 +54,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for _ in range(t.gradient_accumulation_steps):
                 batch = next(data_iter).to(accelerator.device)
                 with accelerator.accumulate(s.model):
-                    # autocast also covers what runs outside the prepared forward: the vision tower, the
-                    # embeddings and the losses' LM-head projections (fp32 master weights, docs/MODEL.md)
+                    # the prepared TrainingWrapper: gt forward + objective pipeline in one wrapped forward
+                    # (autocast: the training precision throughout, docs/MODEL.md)
                     with accelerator.autocast():
-                        fwd = gt_forward(s.model, s.vlm, batch)
-                        ctx = TeacherForcingContext(channel=None, batch=batch, hidden=fwd.hidden,
-                                                    lm_head_weight=s.vlm.get_output_embeddings().weight,
-                                                    coord_token_ids=s.coord_ids)
-                        result = run_pipeline(cfg.pipeline, ctx)
+                        result = s.model(batch, STRATEGY_GT)
                     backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)
                 tokens += batch.num_tokens
                 s.aggregator.add({**result.metrics, **batch_metrics(batch)})

@@ -24,9 +24,7 @@ from configs import load_config
 from configs.errors import run_cli
 from configs.loader import add_config_args
 from data.encoding import prompt_of
-from pipeline.context import TeacherForcingContext
-from pipeline.executor import run_pipeline
-from pipeline.forwards import expectation_forward, rollout_forward
+from pipeline.wrapper import STRATEGY_EXPECTATION, STRATEGY_ROLLOUT
 from rollout.step import MatchingConfig, prepare_rollout_batches, token_budget_warning
 from training.faults import any_rank
 from training.preflight import dry_run
@@ -78,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # records) -> optimizer -> prepare -> resume
     s = setup_training(cfg, run, desc=cfg.variant)
 
-    # ---- channel router, rollout backend, decode mode of the geometry loss
+    # ---- channel router, rollout backend
     router = ChannelRouter(sab.schedule.b_ratio if two_channel else 1.0,
                            sab.fallback.on_rollout_failure if two_channel else "fail")
     if s.resume_state is not None:
@@ -89,7 +87,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if budget_warning:
         run.logger.warning(budget_warning)
     matching = MatchingConfig(rm.matching.iou_gate, rm.matching.fp_cost, rm.matching.fn_cost)
-    decode_mode = sab.coord_decode_mode if two_channel else rm.coord_decode_mode
 
     data_iter = micro_batches(cfg, s)
     metrics: dict = {}
@@ -121,35 +118,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for i, gt in enumerate(window):
                 with accelerator.accumulate(s.model):
                     forward_start = time.perf_counter()
-                    with accelerator.autocast():  # vision, embeddings and losses too (docs/MODEL.md)
-                        if channel == CHANNEL_A:
-                            batch = gt.to(accelerator.device)
-                            fwd = expectation_forward(
-                                s.model, s.vlm, batch, s.coord_ids, n_iter=sab.n_softctx_iter,
-                                embed_mode=sab.coord_ctx_embed_mode, grad_mode=sab.softctx_grad_mode,
-                                temperature=sab.softctx_temperature,
-                            )
-                            step_metrics = {}
-                        else:
-                            batch = rollouts[i].batch.to(accelerator.device)
-                            fwd = rollout_forward(s.model, s.vlm, batch)
-                            step_metrics = dict(rollouts[i].metrics)
-                            if step_metrics["rollout/max_new_tokens_hit_count"] and not hit_budget_warned:
-                                hit_budget_warned = True
-                                run.logger.warning(
-                                    "step %d: %d rollout(s) hit rollout_matching.decoding.max_new_tokens=%d (cut before "
-                                    "their eos); raise it (rollout/max_new_tokens_hit_count counts every hit)",
-                                    step, int(step_metrics["rollout/max_new_tokens_hit_count"]), rm.decoding.max_new_tokens)
-                        # Rollout-Aligned has no channels: every module runs (channel None).
-                        ctx = TeacherForcingContext(channel=channel if two_channel else None, batch=batch, hidden=fwd.hidden,
-                                                    lm_head_weight=s.vlm.get_output_embeddings().weight, coord_token_ids=s.coord_ids,
-                                                    coord_decode_mode=decode_mode)
-                        result = run_pipeline(cfg.pipeline, ctx)
+                    if channel == CHANNEL_A:
+                        batch, strategy, step_metrics = gt.to(accelerator.device), STRATEGY_EXPECTATION, {}
+                    else:
+                        batch, strategy = rollouts[i].batch.to(accelerator.device), STRATEGY_ROLLOUT
+                        step_metrics = dict(rollouts[i].metrics)
+                        if step_metrics["rollout/max_new_tokens_hit_count"] and not hit_budget_warned:
+                            hit_budget_warned = True
+                            run.logger.warning(
+                                "step %d: %d rollout(s) hit rollout_matching.decoding.max_new_tokens=%d (cut before "
+                                "their eos); raise it (rollout/max_new_tokens_hit_count counts every hit)",
+                                step, int(step_metrics["rollout/max_new_tokens_hit_count"]), rm.decoding.max_new_tokens)
+                    # The prepared TrainingWrapper: the channel's forwards (Channel-A: N forwards, vision once) +
+                    # the objective pipeline in one wrapped forward. Rollout-Aligned has no channels (None).
+                    with accelerator.autocast():  # the training precision throughout (docs/MODEL.md)
+                        result = s.model(batch, strategy, channel if two_channel else None)
                     backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)
                     step_metrics["time/forward_backward_s"] = time.perf_counter() - forward_start
                     if i == 0 and (channel == CHANNEL_B or rerouted):  # ranks whose rollouts raised, summed
                         step_metrics["stage2/rollout_error_count"] = float(error is not None)
-                    step_metrics["stage2/forwards_total"] = float(fwd.num_forwards)
+                    step_metrics["stage2/forwards_total"] = float(result.num_forwards)
                 tokens += batch.num_tokens
                 s.aggregator.add({**result.metrics, **step_metrics, **batch_metrics(batch)})
             router.record(step, channel, rerouted)

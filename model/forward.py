@@ -18,10 +18,11 @@ from model.vocab import CoordVocab
 
 
 def unwrap_vlm(model):
-    """The ``Qwen3VLForConditionalGeneration`` inside ``model`` (DDP ``.module`` and ``HiddenStatesModel`` unwrapped)."""
+    """The ``Qwen3VLForConditionalGeneration`` inside ``model`` (DDP ``.module`` and any ``.vlm`` holder unwrapped:
+    ``HiddenStatesModel``, ``pipeline.wrapper.TrainingWrapper``)."""
     seen = 0
     while seen < 8:
-        if isinstance(model, HiddenStatesModel):
+        if isinstance(model, HiddenStatesModel) or isinstance(getattr(model, "vlm", None), torch.nn.Module):
             model = model.vlm
         elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
             model = model.module
@@ -114,8 +115,9 @@ def coord_lm_head_rows(vlm, coord_vocab: CoordVocab) -> torch.Tensor:
 class HiddenStatesModel(torch.nn.Module):
     """Training-time wrapper returning final normed hidden states, never logits.
 
-    It is what the trainer hands to ``accelerator.prepare`` (so DDP sees this forward); generation and
-    ``save_pretrained`` use ``.vlm`` (the ``Qwen3VLForConditionalGeneration``).
+    The forward strategies (``pipeline/forwards.py``) call it inside ``pipeline.wrapper.TrainingWrapper``'s
+    forward (what the trainer hands to ``accelerator.prepare``); generation and ``save_pretrained`` use
+    ``.vlm`` (the ``Qwen3VLForConditionalGeneration``).
     """
 
     def __init__(self, vlm):

@@ -9,10 +9,10 @@
   once per call and its output is reused by every forward.
 
 All forwards return final hidden states ``[B, T, H]``; losses project only the
-positions they need (see ``losses/ce.py``). ``model`` is what the trainer got
-back from ``accelerator.prepare`` (a ``model.forward.HiddenStatesModel``,
-possibly DDP-wrapped); ``vlm`` is the unwrapped Qwen3-VL model (for the vision
-tower, the embedding table and rope indices, which need no DDP hooks).
+positions they need (see ``losses/ce.py``). They run inside the forward of
+``pipeline.wrapper.TrainingWrapper`` (what the trainer gives ``accelerator.prepare``):
+``model`` is a ``model.forward.HiddenStatesModel`` over the Qwen3-VL model ``vlm``
+(the vision tower, the embedding table and rope indices are read from ``vlm``).
 """
 
 from __future__ import annotations

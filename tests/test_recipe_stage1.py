@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pipeline.wrapper
 import train_stage1
 from configs.errors import UserError
 from tests._recipe_helpers import STAGE1_DEMO, assert_metrics_contract, finite, read_rows, recipe_argv
@@ -151,7 +152,7 @@ def test_stage1_resume_reproduces_uninterrupted_losses(recipe_env, tmp_path, mon
     full = read_rows(tmp_path / "full")
 
     calls = {"n": 0}
-    real_run_pipeline = train_stage1.run_pipeline
+    real_run_pipeline = pipeline.wrapper.run_pipeline
 
     def crash_at_step_4(*args, **kwargs):
         calls["n"] += 1
@@ -160,7 +161,7 @@ def test_stage1_resume_reproduces_uninterrupted_losses(recipe_env, tmp_path, mon
         return real_run_pipeline(*args, **kwargs)
 
     with monkeypatch.context() as mp:
-        mp.setattr(train_stage1, "run_pipeline", crash_at_step_4)
+        mp.setattr(pipeline.wrapper, "run_pipeline", crash_at_step_4)
         with pytest.raises(SimulatedCrash):
             train_stage1.main(argv("resumed"))
     assert [r["step"] for r in read_rows(tmp_path / "resumed")] == [1, 2, 3]
@@ -265,7 +266,7 @@ def test_stage1_resume_drops_lines_logged_after_the_checkpoint(recipe_env, tmp_p
     argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="dup", max_steps=6, training__warmup_steps=1,
                        training__save_every=3, training__eval_every=0)
     calls = {"n": 0}
-    real_run_pipeline = train_stage1.run_pipeline
+    real_run_pipeline = pipeline.wrapper.run_pipeline
 
     def crash_at_step_6(*args, **kwargs):
         calls["n"] += 1
@@ -274,7 +275,7 @@ def test_stage1_resume_drops_lines_logged_after_the_checkpoint(recipe_env, tmp_p
         return real_run_pipeline(*args, **kwargs)
 
     with monkeypatch.context() as mp:
-        mp.setattr(train_stage1, "run_pipeline", crash_at_step_6)
+        mp.setattr(pipeline.wrapper, "run_pipeline", crash_at_step_6)
         with pytest.raises(SimulatedCrash):
             train_stage1.main(argv)
     assert [r["step"] for r in read_rows(tmp_path / "dup")] == [1, 2, 3, 4, 5]

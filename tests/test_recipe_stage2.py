@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+import pipeline.wrapper
 import rollout.backends
 import train_stage2
 from tests._recipe_helpers import (
@@ -30,9 +31,9 @@ class SimulatedCrash(Exception):
 
 
 def _crash_on_call(monkeypatch, n_call: int) -> None:
-    """Make ``train_stage2.run_pipeline`` raise on its ``n_call``-th call (one call per optimizer step at GA 1)."""
+    """Make the objective pipeline (``pipeline.wrapper.run_pipeline``) raise on its ``n_call``-th call (one call per optimizer step at GA 1)."""
     calls = {"n": 0}
-    real_run_pipeline = train_stage2.run_pipeline
+    real_run_pipeline = pipeline.wrapper.run_pipeline
 
     def crashing(*args, **kwargs):
         calls["n"] += 1
@@ -40,7 +41,7 @@ def _crash_on_call(monkeypatch, n_call: int) -> None:
             raise SimulatedCrash(f"run_pipeline call {n_call}")
         return real_run_pipeline(*args, **kwargs)
 
-    monkeypatch.setattr(train_stage2, "run_pipeline", crashing)
+    monkeypatch.setattr(pipeline.wrapper, "run_pipeline", crashing)
 
 
 @pytest.fixture(scope="module")

@@ -402,7 +402,7 @@ class TrainingSetup:
     splits: DataSplits
     encoder: ChatEncoder
     dataset: Any  # data.packing.PackedDataset
-    model: Any  # accelerate-prepared model.forward.HiddenStatesModel
+    model: Any  # accelerate-prepared pipeline.wrapper.TrainingWrapper: model(batch, strategy, channel) -> StepOutput
     vlm: Any  # the unwrapped Qwen3-VL model (generation, embeddings, LM head, save_pretrained)
     optimizer: Any
     scheduler: Any
@@ -421,6 +421,19 @@ class TrainingSetup:
     rollout_backend: Any = None
 
 
+def make_training_wrapper(cfg, vlm, coord_ids: torch.Tensor):
+    """The module ``accelerator.prepare`` wraps: forwards + objective pipeline of ``cfg.variant`` in one forward."""
+    from pipeline.wrapper import ExpectationConfig, TrainingWrapper
+
+    sab, rm = cfg.stage2_ab, cfg.rollout_matching
+    decode_mode = {"stage2_two_channel": sab.coord_decode_mode, "stage2_rollout_aligned": rm.coord_decode_mode}
+    return TrainingWrapper(
+        vlm, cfg.pipeline, coord_ids, coord_decode_mode=decode_mode.get(cfg.variant, "exp"),
+        expectation=ExpectationConfig(n_iter=sab.n_softctx_iter, embed_mode=sab.coord_ctx_embed_mode,
+                                      grad_mode=sab.softctx_grad_mode, temperature=sab.softctx_temperature),
+    )
+
+
 def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     """Model (a resumed run loads the checkpoint's weights) -> data (static packing, sharded by rank)
     -> AdamW + schedule -> ``accelerator.prepare`` -> resume optimizer/scheduler/RNG/data position ->
@@ -430,7 +443,6 @@ def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
 
 
 def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
-    from model.forward import HiddenStatesModel
     from training.aggregator import MetricAggregator
     from training.checkpoint import load_training_state
     from training.faults import InterruptFlag, NonFiniteGuard
@@ -450,7 +462,8 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     encoder = make_encoder(cfg, loaded.tokenizer, loaded.image_processor)
     dataset = make_train_dataset(cfg, encoded(splits.train, encoder), accelerator)
 
-    model = HiddenStatesModel(loaded.model)
+    coord_ids = loaded.coord_vocab.ids.to(accelerator.device)
+    model = make_training_wrapper(cfg, loaded.model, coord_ids)
     # language_model first: train/lr logs the first group's lr
     lr_mult = {part: getattr(t.lr_mult, part) for part in PARTS}
     optimizer = build_optimizer(model, t.lr, t.weight_decay, t.adam_betas, t.adam_eps,
@@ -468,7 +481,7 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     model.train()
     return TrainingSetup(
         loaded=loaded, splits=splits, encoder=encoder, dataset=dataset, model=model, vlm=vlm,
-        optimizer=optimizer, scheduler=scheduler, coord_ids=loaded.coord_vocab.ids.to(accelerator.device),
+        optimizer=optimizer, scheduler=scheduler, coord_ids=coord_ids,
         pad_id=loaded.tokenizer.pad_token_id, start_step=start_step, resume_state=state,
         tracker=tracker, aggregator=MetricAggregator(accelerator),
         progress=TrainProgress(t.max_steps, start_step, accelerator.is_main_process, cfg.run.log_every, desc=desc),
