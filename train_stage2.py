@@ -39,6 +39,7 @@ from training.session import (
     setup_training,
     start_run,
 )
+from training.sharding import full_weights
 
 TWO_CHANNEL = "stage2_two_channel"
 
@@ -101,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if channel == CHANNEL_B:
                 backend.generator.manual_seed(rollout_seed(rm.decoding.seed, step, accelerator.process_index))
                 try:
-                    with accelerator.autocast():  # generate in the training precision
+                    # generate in the training precision; sharded engines gather the weights once for the call
+                    with accelerator.autocast(), full_weights(s.model):
                         # every micro-batch of the window in one generate call
                         rollouts = prepare_rollout_batches(
                             [[sample.record for sample in gt.samples] for gt in window], encoder=s.encoder,

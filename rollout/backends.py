@@ -386,6 +386,11 @@ class HFGenerationBackend(GenerationBackend):
             # our own warpers above; the model's generation_config defaults must not add theirs
             temperature=None, top_p=None, top_k=None, repetition_penalty=None,
             **self._cache_kwargs(),
+            # Under FSDP / ZeRO-3 the trainer gathers the weights for the whole call
+            # (training.sharding.full_weights), so decoding needs no collectives. transformers would
+            # otherwise switch on synced_gpus there, and ranks with different numbers of prompts
+            # (in-loop eval shards the val set) would wait on each other forever.
+            synced_gpus=False,
         )
         batch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
         inner = getattr(model, "model", None)

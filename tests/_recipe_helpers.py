@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,3 +124,28 @@ def assert_metrics_contract(rows: list[dict]) -> None:
                 assert not counter_suffix.search(key), f"loss key with a counter suffix: {key}"
             assert finite(value), f"step {row['step']}: {key}={value!r} is not a finite float"
         assert any(k.startswith("time/") for k in row), f"step {row['step']}: no time/* key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, argv: list[str], cwd, *, config_file: Path | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of a recipe on 2 CPU processes (gloo); asserts it exits 0.
+
+    Without ``config_file``: plain DDP (``--multi_gpu``). With one (``configs/accelerate/fsdp.yaml``) the
+    file is used as shipped; only the process count and a free rendezvous port are given on the
+    command line (``training.mixed_precision`` of the CoordExp config decides the precision).
+    """
+    engine = ["--config_file", str(config_file)] if config_file is not None else [
+        "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", "2",
+           "--main_process_port", str(_free_port()), str(REPO / script), *argv]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    engine_name = config_file.name if config_file is not None else "DDP"
+    assert proc.returncode == 0, f"{script} under {engine_name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return proc

@@ -3,24 +3,19 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 
 import train_stage1
 import train_stage2
 from configs import load_config
 from tests._recipe_helpers import (
-    REPO,
     ROLLOUT_PAYLOAD,
     STAGE1_DEMO,
     STAGE2_ALIGNED_DEMO,
     STAGE2_DEMO,
     assert_metrics_contract,
     finite,
+    launch,
     read_rows,
     recipe_argv,
 )
@@ -80,31 +75,12 @@ def test_demo_configs_end_to_end(tmp_path, monkeypatch):
     print(f"stage1 demo mean loss/total: first 10% {first:.4f} -> last 10% {last:.4f}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(script: str, argv: list[str], cwd) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(REPO / script), *argv,
-    ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{script} under DDP failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    return proc
-
-
 @pytest.mark.slow
 def test_ddp_two_processes_stage1_and_stage2(recipe_env, tmp_path):
     """2 CPU processes (gloo): both recipes finish; metrics.jsonl has exactly one line per step."""
     s1 = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="ddp_s1", max_steps=3,
                      training__eval_every=0, training__save_every=0)
-    _launch("train_stage1.py", s1, tmp_path)
+    launch("train_stage1.py", s1, tmp_path)
     rows = read_rows(tmp_path / "ddp_s1")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert_metrics_contract(rows)
@@ -114,7 +90,7 @@ def test_ddp_two_processes_stage1_and_stage2(recipe_env, tmp_path):
 
     s2 = recipe_argv(recipe_env, STAGE2_DEMO, tmp_path, name="ddp_s2", max_steps=3,
                      stage2_ab__schedule__b_ratio=0.5, training__eval_every=0, training__save_every=0)
-    _launch("train_stage2.py", s2, tmp_path)
+    launch("train_stage2.py", s2, tmp_path)
     rows2 = read_rows(tmp_path / "ddp_s2")
     assert [r["step"] for r in rows2] == [1, 2, 3]
     assert_metrics_contract(rows2)

@@ -246,20 +246,6 @@ def test_stage1_coco_failure_logs_zero_map_and_training_goes_on(recipe_env, tmp_
     assert sum("exploded" in r.getMessage() for r in caplog.records) >= 3
 
 
-def test_sharded_engines_fail_fast_with_the_fix():
-    """FSDP / DeepSpeed would hand the losses sharded LM-head weights: refuse at start-up, naming ddp.yaml."""
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    from training.session import _check_supported_sharding
-
-    _check_supported_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(NotImplementedError, match="configs/accelerate/ddp.yaml"):
-            _check_supported_sharding(SimpleNamespace(distributed_type=kind))
-
-
 def test_stage1_resume_drops_lines_logged_after_the_checkpoint(recipe_env, tmp_path, monkeypatch):
     """A run killed in step 6 logged steps 4-5 past checkpoint-3; the resumed run re-logs them once."""
     monkeypatch.chdir(tmp_path)

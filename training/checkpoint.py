@@ -4,8 +4,10 @@ Layout of ``<run_dir>/checkpoint-<step>/``::
 
     model/               written by the caller's ``model_save_fn`` (save_pretrained of
                          model + tokenizer + image processor)
-    optimizer.pt         optimizer.state_dict()          (main process)
-    scheduler.pt         scheduler.state_dict()          (main process)
+    optimizer.pt         optimizer.state_dict()          (main process; DDP / single process)
+    scheduler.pt         scheduler.state_dict()          (main process; DDP / single process)
+    sharded/             accelerator.save_state: model + optimizer shards, scheduler
+                         (FSDP / DeepSpeed, in the engine's own format; replaces the two files above)
     rng_<rank>.pt        python / numpy / torch CPU (+ CUDA) RNG states, one per rank
     trainer_state.json   {"step", "data_state", "router_state", "extra", "world_size", ...}
     manifest.json        {"format_version", "files": {relative path: {"size", "sha256"}}} of every
@@ -22,9 +24,11 @@ The manifest lists whatever files the save wrote (any layout, sharded or not);
 is reported by checkpoint and file name, and ``resume_from: latest`` falls back
 to the previous complete checkpoint.
 
-Optimizer state is saved from the main process only, which is right for DDP
-(replicated state). Sharded optimizers (FSDP, ZeRO) need
-``accelerator.save_state`` instead; that is not handled here.
+Under DDP the optimizer state is replicated and saved from the main process. Under FSDP and
+DeepSpeed it is sharded: every rank writes its shards through ``accelerator.save_state`` into
+``sharded/``, and resume reads them back through ``accelerator.load_state`` (the model's exact
+fp32 master weights included, so the resumed run continues exactly). ``model/`` is then the
+gathered full model, for eval and inference. Resume needs the same engine and world size.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from configs.errors import UserError
 
 FORMAT_VERSION = 2  # 2: manifest.json with sizes and SHA-256 of every file
 MANIFEST = "manifest.json"
+SHARDED_DIR = "sharded"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 logger = logging.getLogger("coordexp")
@@ -281,7 +286,10 @@ def save_training_state(
     """
     if save_total_limit is not None and save_total_limit < 1:
         raise ValueError(f"training.save_total_limit must be >= 1 or null, got {save_total_limit}")
+    from training.sharding import is_sharded
+
     rank, world, is_main = _rank_info(accelerator)
+    sharded = is_sharded(accelerator)
     out_dir = Path(out_dir)
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f"checkpoint-{step}.tmp"
@@ -289,6 +297,7 @@ def save_training_state(
         "format_version": FORMAT_VERSION,
         "step": int(step),
         "world_size": world,
+        "sharded": sharded,
         "data_state": data_state,
         "router_state": router_state,
         "extra": extra or {},
@@ -315,7 +324,9 @@ def save_training_state(
         try:
             model_save_fn(tmp / "model")
             torch.save(get_rng_state(), tmp / f"rng_{rank}.pt")
-            if is_main:
+            if sharded:  # every rank writes its own shards
+                accelerator.save_state(str(tmp / SHARDED_DIR))
+            elif is_main:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         except Exception as exc:  # noqa: BLE001
@@ -442,14 +453,17 @@ def load_training_state(
 ) -> TrainerState:
     """Restore optimizer, scheduler and this rank's RNG from ``ckpt_dir``; return the :class:`TrainerState`.
 
-    The model weights are the caller's to load from ``state.model_dir``. File checksums are
-    :func:`resolve_resume`'s job (run it first); a file that still cannot be read raises
+    The model weights are the caller's to load from ``state.model_dir``, except under FSDP /
+    DeepSpeed, where ``accelerator.load_state`` also restores the prepared model's shards. File
+    checksums are :func:`resolve_resume`'s job (run it first); a file that still cannot be read raises
     :class:`CheckpointError` naming the checkpoint and the file.
     RNG restore needs ``rng_<rank>.pt`` for this rank: resuming on a different
     number of processes fails unless ``restore_rng=False``.
     """
     ckpt_dir = Path(ckpt_dir)
     raw = read_trainer_state(ckpt_dir)
+    from training.sharding import is_sharded
+
     rank, _, _ = _rank_info(accelerator)
 
     def load(name: str) -> Any:
@@ -458,10 +472,24 @@ def load_training_state(
         except Exception as exc:  # noqa: BLE001 - any unreadable file: name it
             raise CheckpointError(f"checkpoint {ckpt_dir}: {name} cannot be read ({type(exc).__name__}: {exc})") from exc
 
-    if optimizer is not None:
-        optimizer.load_state_dict(load("optimizer.pt"))
-    if scheduler is not None:
-        scheduler.load_state_dict(load("scheduler.pt"))
+    saved_sharded, sharded = bool(raw.get("sharded", False)), is_sharded(accelerator)
+    if saved_sharded != sharded:
+        engines = {True: "FSDP / DeepSpeed", False: "DDP / single process"}
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} was written under {engines[saved_sharded]} but this run uses {engines[sharded]}: "
+            "resume with the accelerate launch config that wrote it (configs/accelerate/), or start a new run from "
+            f"{ckpt_dir / 'model'} (model.name_or_path)"
+        )
+    if sharded:  # model shards (exact master weights), optimizer shards, scheduler
+        try:
+            accelerator.load_state(str(ckpt_dir / SHARDED_DIR))
+        except Exception as exc:  # noqa: BLE001 - name the checkpoint
+            raise CheckpointError(f"checkpoint {ckpt_dir}: {SHARDED_DIR}/ cannot be loaded ({type(exc).__name__}: {exc})") from exc
+    else:
+        if optimizer is not None:
+            optimizer.load_state_dict(load("optimizer.pt"))
+        if scheduler is not None:
+            scheduler.load_state_dict(load("scheduler.pt"))
     if restore_rng:
         rng_file = ckpt_dir / f"rng_{rank}.pt"
         if not rng_file.is_file():

@@ -56,7 +56,6 @@ def start_run(cfg) -> RunContext:
     accelerator = make_accelerator(t.mixed_precision, t.gradient_accumulation_steps, cfg.run.seed,
                                    collective_timeout_s=t.collective_timeout_s,
                                    **({"cpu": True} if cpu else {}))
-    _check_supported_sharding(accelerator)
     if accelerator.num_processes != world:
         raise UserError(
             f"launched with WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es) "
@@ -139,25 +138,6 @@ def resume_point(cfg, run_dir: Path) -> Path | None:
         raise UserError(f"training.max_steps={t.max_steps} but {resume_dir} is already at step {step}: nothing left "
                         f"to train; raise it to continue (e.g. --set training.max_steps={step + max(step, 1)})")
     return resume_dir
-
-
-def _check_supported_sharding(accelerator) -> None:
-    """Fail fast on sharded engines the recipes do not support yet.
-
-    The losses project hidden states through the LM head and Channel-A reads the input embedding
-    table *outside* the wrapped forward, and checkpoints save the optimizer from the main process:
-    both assume every rank holds full parameters and full optimizer state (DDP). FSDP and DeepSpeed
-    shard them, so they would compute with empty/sharded weights or save partial optimizer state.
-    """
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise NotImplementedError(
-            f"accelerate distributed_type={kind}: the CoordExp recipes support DDP only for now (the loss reads "
-            "the LM head outside the wrapped forward and checkpoints save a full optimizer state). Launch with "
-            "configs/accelerate/ddp.yaml, and use model.gradient_checkpointing / model.freeze.* to fit memory."
-        )
 
 
 def make_tracker(cfg, run: RunContext):
@@ -308,12 +288,15 @@ def encoded(records: list[Record], encoder: ChatEncoder) -> EncodedRecords:
 
 
 def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel, *, adapter=None, base: str | None = None,
-                coord_init: str = "sincos"):
+                coord_init: str = "sincos", dtype: torch.dtype | None = None):
     """``model_save_fn`` for ``training.checkpoint.save_training_state``: weights + tokenizer + image processor.
 
     The state dict is gathered through ``accelerator.get_state_dict`` on every rank (FSDP / ZeRO-3
     shards need all of them); only the main process writes. Under an adapter (``adapter.enabled``) only
     the adapter tensors are written, with ``base`` (the checkpoint they apply to) in ``adapter.json``.
+    Full weights are written in ``dtype`` (floating tensors), the dtype the model was loaded in
+    (``model.dtype``): FSDP keeps fp32 master weights of a bf16 model, and the export for eval /
+    inference stays the size of the loaded model.
     """
 
     def save(model_dir: Path) -> None:
@@ -326,7 +309,8 @@ def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel, *, adapte
             return
         full = accelerator.get_state_dict(prepared_model)
         prefix = "vlm."
-        state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in full.items()}
+        state_dict = {k[len(prefix):] if k.startswith(prefix) else k:
+                      v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in full.items()}
         if accelerator.is_main_process:
             vlm.save_pretrained(str(model_dir), state_dict=state_dict, save_function=accelerator.save)
             loaded.tokenizer.save_pretrained(str(model_dir))
@@ -463,6 +447,7 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     dataset = make_train_dataset(cfg, encoded(splits.train, encoder), accelerator)
 
     coord_ids = loaded.coord_vocab.ids.to(accelerator.device)
+    loaded_dtype = next(loaded.model.parameters()).dtype  # FSDP mixed precision upcasts to fp32 masters in prepare
     model = make_training_wrapper(cfg, loaded.model, coord_ids)
     # language_model first: train/lr logs the first group's lr
     lr_mult = {part: getattr(t.lr_mult, part) for part in PARTS}
@@ -486,7 +471,7 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
         tracker=tracker, aggregator=MetricAggregator(accelerator),
         progress=TrainProgress(t.max_steps, start_step, accelerator.is_main_process, cfg.run.log_every, desc=desc),
         save_model=model_saver(accelerator, model, vlm, loaded, adapter=spec_from_config(cfg.model.adapter), base=base,
-                               coord_init=cfg.model.coord_tokens.init),
+                               coord_init=cfg.model.coord_tokens.init, dtype=loaded_dtype),
         guard=NonFiniteGuard(t.max_consecutive_nonfinite),
         interrupt=InterruptFlag(t.save_on_interrupt),
     )
@@ -529,6 +514,7 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
 
     from training.checkpoint import find_latest_checkpoint, save_training_state
     from training.faults import NONFINITE_METRIC, NonFiniteError, TrainingInterrupted, weights_finite
+    from training.sharding import full_weights
 
     t = cfg.training
     done = step + 1
@@ -537,8 +523,10 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
                                    NONFINITE_METRIC: s.guard.record(done)})
     s.progress.update(done, loss=metrics.get("loss/total"), lr=metrics.get("train/lr"), tokens=tokens)
     if should(t.eval_every, done, t.max_steps):
-        metrics.update(run_eval(cfg, accelerator=run.accelerator, vlm=s.vlm, loaded=s.loaded, encoder=s.encoder,
-                                val=s.splits.val, run_dir=run.run_dir, step=done, backend=rollout_backend_for(cfg, run, s)))
+        with full_weights(s.model):  # sharded engines: gather once for the whole eval generation
+            metrics.update(run_eval(cfg, accelerator=run.accelerator, vlm=s.vlm, loaded=s.loaded, encoder=s.encoder,
+                                    val=s.splits.val, run_dir=run.run_dir, step=done,
+                                    backend=rollout_backend_for(cfg, run, s)))
         predictions = run.run_dir / "eval" / f"step_{done}" / "predictions.jsonl"
         if predictions.is_file():
             s.tracker.log_eval_media(done, predictions)

@@ -52,6 +52,10 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
             handlers.append(InitProcessGroupKwargs(timeout=timeout))
         kwargs["kwargs_handlers"] = handlers
 
+    if kwargs.get("cpu"):
+        from training.sharding import prepare_cpu_sharding
+
+        prepare_cpu_sharding()  # an FSDP launch config on CPU: take accelerate's FSDP path over gloo
     accelerator = Accelerator(
         mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, **kwargs
     )

@@ -1,0 +1,122 @@
+"""What the recipes do differently under sharded engines (FSDP2, DeepSpeed ZeRO); see docs/SCALING.md.
+
+The engine is chosen by the accelerate launch config (``configs/accelerate/*.yaml``), never by the
+CoordExp config. Three places care:
+
+- start-up (:func:`prepare_cpu_sharding`): accelerate only selects FSDP on an accelerator device;
+  multi-process CPU runs (the tests) are made to take the same FSDP code path over gloo;
+- generation (:func:`full_weights`): rollouts and in-loop eval call ``generate`` on the unwrapped
+  Qwen3-VL, outside the prepared module's forward, where sharded weights are not materialised;
+  the weights are gathered once for the whole generate call and released after it;
+- checkpoints (:func:`is_sharded`): optimizer state lives in shards, so the training state goes
+  through ``accelerator.save_state`` / ``load_state`` (the engine's own sharded format).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+ENGINE_ENV = {"fsdp": "ACCELERATE_USE_FSDP", "deepspeed": "ACCELERATE_USE_DEEPSPEED"}
+
+
+def requested_engine() -> str | None:
+    """"fsdp" / "deepspeed" when ``accelerate launch`` was given such a config (its env vars), else None."""
+    for engine, var in ENGINE_ENV.items():
+        if os.environ.get(var, "false").lower() == "true":
+            return engine
+    return None
+
+
+def prepare_cpu_sharding() -> None:
+    """Let a multi-process CPU run (gloo) use accelerate's FSDP path before ``Accelerator`` is built.
+
+    accelerate's ``AcceleratorState`` turns ``ACCELERATE_USE_FSDP`` into ``DistributedType.FSDP`` only
+    from its accelerator-device branch; on CPU it silently falls back to plain multi-process DDP
+    (``MULTI_CPU``), so an FSDP launch config would be ignored. The process group is set up here
+    first (gloo, device cpu) and presented to that branch, which then builds the FSDP2 plugin from
+    the launch config as it does on GPUs. ``fully_shard`` itself runs on CPU tensors over gloo.
+    DeepSpeed has no such path: it needs its accelerator (CUDA) and is refused on CPU.
+    """
+    engine = requested_engine()
+    if engine is None:
+        return
+    if engine == "deepspeed":
+        raise RuntimeError(
+            "accelerate launch config selects DeepSpeed, which needs CUDA devices; this run has none. "
+            "Launch with configs/accelerate/fsdp.yaml (runs on CPU over gloo) or ddp.yaml"
+        )
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState(cpu=True)
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
+def is_sharded(accelerator: Any) -> bool:
+    """True under FSDP or DeepSpeed: parameters and/or optimizer state are split across ranks."""
+    from accelerate.utils import DistributedType
+
+    return getattr(accelerator, "distributed_type", None) in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def engine_name(accelerator: Any) -> str:
+    """"fsdp2", "fsdp1", "deepspeed_zero<stage>", or accelerate's distributed type in lower case ("multi_gpu", "no")."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return "fsdp2" if accelerator.is_fsdp2 else "fsdp1"
+    if kind == DistributedType.DEEPSPEED:
+        return f"deepspeed_zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    return str(kind).rsplit(".", 1)[-1].lower()
+
+
+@contextlib.contextmanager
+def full_weights(model: Any) -> Iterator[None]:
+    """Materialise every weight of the prepared ``model`` once for the block (a ``generate`` call).
+
+    - FSDP2: every FSDP unit is all-gathered once and kept gathered across the generate loop's
+      forwards (their reshard-after-forward is switched off for the block, then restored), and
+      resharded at the end. Costs one full copy of the weights in ``param_dtype`` for the block.
+    - DeepSpeed ZeRO-3: ``deepspeed.zero.GatheredParameters`` over all parameters (read-only).
+    - DDP / single process / ZeRO-1/2: nothing to do.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if units:
+        with _fsdp2_gathered(model, units):
+            yield
+        return
+    zero3 = [p for p in model.parameters() if hasattr(p, "ds_status")]
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+            yield
+        return
+    yield
+
+
+@contextlib.contextmanager
+def _fsdp2_gathered(root, units) -> Iterator[None]:
+    # A root that has not run a forward yet (a Rollout step before any training forward) must be
+    # made the root now; otherwise the first decoder layer to run would claim to be the root.
+    root._get_fsdp_state()._lazy_init()
+    groups = [g for unit in units for g in unit._get_fsdp_state()._fsdp_param_groups]
+    saved = [g.post_forward_mesh_info for g in groups]
+    for unit in units:
+        unit.unshard()
+    for g in groups:
+        g.post_forward_mesh_info = None  # no reshard after each forward of the generate loop
+    try:
+        yield
+    finally:
+        for g, info in zip(groups, saved):
+            g.post_forward_mesh_info = info
+        for unit in units:
+            unit.reshard()
