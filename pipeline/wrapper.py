@@ -16,6 +16,7 @@ them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -43,9 +44,14 @@ class ExpectationConfig:
     temperature: float = 1.0
 
 
-@dataclass
-class StepOutput:
-    """loss: scalar to back-propagate; metrics: key -> float of this micro-step; num_forwards: model forwards run."""
+class StepOutput(NamedTuple):
+    """loss: scalar to back-propagate; metrics: key -> float of this micro-step; num_forwards: model forwards run.
+
+    A NamedTuple rather than a dataclass on purpose: it is the prepared module's output, and the
+    engines find the output tensors to hook their backward on by walking tuples and dicts
+    (DeepSpeed ZeRO-3 re-gathers the wrapper's parameters, the LM head included, from that hook);
+    a dataclass would hide the loss from them.
+    """
 
     loss: torch.Tensor
     metrics: dict[str, float]

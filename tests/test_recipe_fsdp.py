@@ -1,10 +1,11 @@
-"""FSDP2 through ``accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2`` on CPU
-(gloo; see training.sharding.prepare_cpu_sharding): the losses match the DDP run step for step, a run
-resumed from a sharded checkpoint (what a killed job leaves on disk: ``checkpoint-<k>/`` with
+"""Sharded engines through ``accelerate launch --config_file configs/accelerate/<engine>.yaml --num_processes 2``
+on CPU (gloo; see training.sharding.prepare_cpu_sharding): the losses match the DDP run step for step, a
+run resumed from a sharded checkpoint (what a killed job leaves on disk: ``checkpoint-<k>/`` with
 ``sharded/``) continues exactly, and the gathered ``model/`` export equals the DDP weights.
 
-The fast test (Stage-1) is in the default suite; Stage-2 Two-Channel (Channel-A N forwards and
-Channel-B rollouts generated under FSDP) is marked slow.
+FSDP2: the fast Stage-1 test is in the default suite; Stage-2 Two-Channel (Channel-A N forwards and
+Channel-B rollouts generated under FSDP) is marked slow. DeepSpeed ZeRO-2 (slow) needs the optional
+``deepspeed`` package (``pip install -r requirements-deepspeed.txt``) and is skipped without it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tests._recipe_helpers import (
 )
 
 FSDP = REPO / "configs" / "accelerate" / "fsdp.yaml"
+ZERO2 = REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"
 # Keys that depend on the weights: they must agree between engines (reduce order only) and be
 # identical after a resume. Timings and throughput are left out.
 COMPARED_PREFIXES = ("loss/", "train/grad_norm", "train/lr", "coord_diag/", "rollout/", "stage2/channel", "eval/rollout/")
@@ -45,18 +47,19 @@ def _model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _ddp_fsdp_resumed(recipe_env, tmp_path, script: str, config: Path, *, max_steps: int, resume_at: int, **sets):
-    """DDP and FSDP2 runs of ``max_steps`` steps, and an FSDP2 run resumed from the FSDP2 run's
-    ``checkpoint-<resume_at>``. Returns the three metrics.jsonl row lists and the run dirs."""
+def _ddp_fsdp_resumed(recipe_env, tmp_path, script: str, config: Path, *, max_steps: int, resume_at: int,
+                      engine: Path = FSDP, **sets):
+    """DDP and ``engine`` runs of ``max_steps`` steps, and an ``engine`` run resumed from the latter's
+    ``checkpoint-<resume_at>``. Returns the three metrics.jsonl row lists (run dirs ddp / fsdp / resumed)."""
     def argv(name, **extra):
         return recipe_argv(recipe_env, config, tmp_path, name=name, max_steps=max_steps,
                            training__save_every=resume_at, **sets, **extra)
 
     launch(script, argv("ddp"), tmp_path)
-    launch(script, argv("fsdp"), tmp_path, config_file=FSDP)
+    launch(script, argv("fsdp"), tmp_path, config_file=engine)
     ckpt = tmp_path / "fsdp" / f"checkpoint-{resume_at}"
     assert (ckpt / "sharded").is_dir() and not (ckpt / "optimizer.pt").exists()
-    launch(script, argv("resumed", training__resume_from=str(ckpt)), tmp_path, config_file=FSDP)
+    launch(script, argv("resumed", training__resume_from=str(ckpt)), tmp_path, config_file=engine)
     return read_rows(tmp_path / "ddp"), read_rows(tmp_path / "fsdp"), read_rows(tmp_path / "resumed")
 
 
@@ -94,3 +97,12 @@ def test_fsdp2_stage2_two_channel_matches_ddp_and_resumes_exactly(recipe_env, tm
     _assert_matches(ddp, fsdp, resumed, max_steps=4, resume_at=2)
     assert [r["stage2/channel_b_count"] for r in fsdp] == [0.0, 1.0, 0.0, 1.0]
     assert all("rollout/f1" in r for r in (fsdp[1], fsdp[3]))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_stage1_matches_ddp_and_resumes_exactly(recipe_env, tmp_path):
+    """ZeRO-2 (optimizer + gradient shards, DeepSpeed's CPU accelerator over gloo), resume from checkpoint-2."""
+    pytest.importorskip("deepspeed", reason="optional: pip install -r requirements-deepspeed.txt")
+    ddp, zero2, resumed = _ddp_fsdp_resumed(recipe_env, tmp_path, "train_stage1.py", STAGE1_DEMO, max_steps=3,
+                                            resume_at=2, engine=ZERO2, training__eval_every=3)
+    _assert_matches(ddp, zero2, resumed, max_steps=3, resume_at=2)

@@ -45,6 +45,7 @@ def start_run(cfg) -> RunContext:
     from training.faults import acquire_run_lock, main_process_decides
     from training.preflight import check_paths
     from training.setup import make_accelerator
+    from training.sharding import check_engine
 
     t = cfg.training
     check_paths(cfg)  # a wrong model dir / data file / image root fails now, naming its key
@@ -56,6 +57,7 @@ def start_run(cfg) -> RunContext:
     accelerator = make_accelerator(t.mixed_precision, t.gradient_accumulation_steps, cfg.run.seed,
                                    collective_timeout_s=t.collective_timeout_s,
                                    **({"cpu": True} if cpu else {}))
+    check_engine(accelerator)
     if accelerator.num_processes != world:
         raise UserError(
             f"launched with WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es) "
@@ -307,7 +309,7 @@ def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel, *, adapte
                 loaded.tokenizer.save_pretrained(str(model_dir))
                 loaded.image_processor.save_pretrained(str(model_dir))
             return
-        full = accelerator.get_state_dict(prepared_model)
+        full = accelerator.get_state_dict(prepared_model) or {}  # ZeRO-3 gathers to the main process only
         prefix = "vlm."
         state_dict = {k[len(prefix):] if k.startswith(prefix) else k:
                       v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in full.items()}
@@ -432,6 +434,7 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     from training.faults import InterruptFlag, NonFiniteGuard
     from training.optim import build_optimizer, build_scheduler
     from training.progress import TrainProgress
+    from training.sharding import configure_engine, register_direct_weights
 
     t, accelerator = cfg.training, run.accelerator
     tracker = make_tracker(cfg, run)  # before the model: a wandb set-up error costs seconds, not a model load
@@ -454,7 +457,9 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     optimizer = build_optimizer(model, t.lr, t.weight_decay, t.adam_betas, t.adam_eps,
                                 lr_mult=lr_mult, parts=param_parts(model))
     scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.warmup_ratio, t.max_steps, t.min_lr_ratio)
+    configure_engine(accelerator, t.batch_size)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    register_direct_weights(accelerator, accelerator.unwrap_model(model))
     vlm = accelerator.unwrap_model(model).vlm
 
     start_step, state = 0, None
@@ -490,9 +495,12 @@ def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, met
     if accelerator.sync_gradients:
         # The norm is needed for the finiteness check even without clipping (inf: grads scaled by 1).
         norm = accelerator.clip_grad_norm_(s.model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
-        if max_grad_norm > 0:
+        # DeepSpeed clipped (deepspeed_config.gradient_clipping) and stepped inside backward; it reports
+        # its norm, or None, and then only the loss is checked here.
+        if max_grad_norm > 0 and norm is not None:
             metrics["train/grad_norm"] = float(norm)
-        finite, (stop,) = s.guard.step_is_finite(norm, other_flags=(s.interrupt.requested,), accelerator=accelerator)
+        finite, (stop,) = s.guard.step_is_finite(0.0 if norm is None else norm, other_flags=(s.interrupt.requested,),
+                                                 accelerator=accelerator)
         s.interrupt.agreed |= stop
         # fp16: the GradScaler skips a non-finite step itself and must see it to lower its scale.
         if finite or accelerator.scaler is not None:

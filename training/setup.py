@@ -55,7 +55,8 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     if kwargs.get("cpu"):
         from training.sharding import prepare_cpu_sharding
 
-        prepare_cpu_sharding()  # an FSDP launch config on CPU: take accelerate's FSDP path over gloo
+        # a sharded launch config on CPU: take accelerate's FSDP / DeepSpeed path over gloo
+        kwargs["cpu"] = prepare_cpu_sharding()
     accelerator = Accelerator(
         mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, **kwargs
     )

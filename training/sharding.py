@@ -30,30 +30,72 @@ def requested_engine() -> str | None:
     return None
 
 
-def prepare_cpu_sharding() -> None:
-    """Let a multi-process CPU run (gloo) use accelerate's FSDP path before ``Accelerator`` is built.
+def prepare_cpu_sharding() -> bool:
+    """Let a multi-process CPU run (gloo) use accelerate's FSDP / DeepSpeed path; returns the ``cpu``
+    flag to build ``Accelerator`` with.
 
-    accelerate's ``AcceleratorState`` turns ``ACCELERATE_USE_FSDP`` into ``DistributedType.FSDP`` only
-    from its accelerator-device branch; on CPU it silently falls back to plain multi-process DDP
-    (``MULTI_CPU``), so an FSDP launch config would be ignored. The process group is set up here
-    first (gloo, device cpu) and presented to that branch, which then builds the FSDP2 plugin from
-    the launch config as it does on GPUs. ``fully_shard`` itself runs on CPU tensors over gloo.
-    DeepSpeed has no such path: it needs its accelerator (CUDA) and is refused on CPU.
+    accelerate turns ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED`` into
+    ``DistributedType.FSDP`` / ``DEEPSPEED`` only off CPU; on CPU it silently falls back to plain
+    multi-process DDP (``MULTI_CPU``), so a sharded launch config would be ignored. The process
+    group is set up here first (gloo, device cpu); FSDP is then presented to accelerate's
+    accelerator-device branch, which builds the FSDP2 plugin from the launch config as it does on
+    GPUs (``fully_shard`` runs on CPU tensors over gloo), and DeepSpeed gets an ``Accelerator`` built
+    without ``cpu=True`` (DeepSpeed then runs on its own CPU accelerator, where it has one).
     """
     engine = requested_engine()
     if engine is None:
-        return
-    if engine == "deepspeed":
-        raise RuntimeError(
-            "accelerate launch config selects DeepSpeed, which needs CUDA devices; this run has none. "
-            "Launch with configs/accelerate/fsdp.yaml (runs on CPU over gloo) or ddp.yaml"
-        )
+        return True
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
     state = PartialState(cpu=True)
+    if engine == "deepspeed":
+        return False
     if state.distributed_type == DistributedType.MULTI_CPU:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    return True
+
+
+def check_engine(accelerator: Any) -> None:
+    """Refuse the engines whose training is known not to match DDP (DeepSpeed ZeRO-3); see docs/SCALING.md."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise NotImplementedError(
+            "accelerate launch config selects DeepSpeed ZeRO-3 (configs/accelerate/deepspeed_zero3.yaml), which CoordExp "
+            "does not support yet: on the 2-process CPU check its losses differ from DDP from the first step. Shard "
+            "parameters with configs/accelerate/fsdp.yaml (FSDP2, tested), or shard optimizer state only with "
+            "deepspeed_zero2.yaml; see docs/SCALING.md"
+        )
+
+
+def configure_engine(accelerator: Any, micro_batch_size: int) -> None:
+    """Engine settings that depend on the run, before ``accelerator.prepare``.
+
+    DeepSpeed needs ``train_micro_batch_size_per_gpu`` (accelerate reads it from a prepared
+    dataloader, and the recipes have none): one micro-batch is ``training.batch_size`` packed rows.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            ds["train_micro_batch_size_per_gpu"] = int(micro_batch_size)
+
+
+def register_direct_weights(accelerator: Any, wrapper: Any) -> None:
+    """ZeRO-3: gather the LM head for the whole wrapped forward (after ``accelerator.prepare``).
+
+    ZeRO-3 gathers a module's parameters around that module's own forward; the losses read the
+    LM head's weight directly inside ``TrainingWrapper.forward`` without calling the head, so it is
+    registered as an external parameter of the wrapper. (The embedding table is only used through
+    its module's forward.)
+    """
+    weight = wrapper.vlm.get_output_embeddings().weight
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(wrapper, weight)
 
 
 def is_sharded(accelerator: Any) -> bool:
