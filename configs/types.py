@@ -178,6 +178,7 @@ class DataConfig:
     prompt: str
     system_prompt: str | None
     skip_invalid: bool
+    cache_dir: str | None  # Arrow record cache + lengths + packing plan (null: beside the JSONL)
     num_workers: int  # DataLoader workers that encode + collate micro-batches (0 = in process)
     synthetic: SyntheticDataConfig
 

@@ -258,7 +258,8 @@ class EncodedRecords(Sequence):
     """
 
     def __init__(self, records: Sequence[Record], encoder: ChatEncoder):
-        self.records = list(records)
+        # a data.table.RecordTable stays memory-mapped (decoded per access), never a list of every record
+        self.records = records if isinstance(records, Sequence) else list(records)
         self.encoder = encoder
         self._lengths: list[int] | None = None
 
@@ -275,8 +276,9 @@ class EncodedRecords(Sequence):
             self._lengths = [self.encoder.sample_length(r) for r in self.records]
         return list(self._lengths)
 
-    def sources(self) -> list[str]:
-        return [r.source for r in self.records]
+    def sources(self) -> Sequence[str]:
+        table_sources = getattr(self.records, "sources", None)  # RecordTable: a column, read on access
+        return table_sources() if table_sources is not None else [r.source for r in self.records]
 
 
 def prompt_of(sample: EncodedSample) -> EncodedSample:

@@ -135,6 +135,7 @@ class PackedDataset(torch.utils.data.Dataset):
     batch_size: rows per batch
     packing:    True -> first-fit-decreasing rows of several samples; False -> one sample per row
     lengths:    sample lengths if known without encoding (``EncodedRecords.lengths()``); else read
+    rows:       a precomputed plan for these lengths (``data.table.cached_packing``); else computed here
     num_replicas/rank: DDP sharding; each rank takes batches ``rank, rank + R, ...`` and every rank
                 gets the same number of batches (the last incomplete round is dropped and counted
                 in ``dropped_batches``)
@@ -158,6 +159,7 @@ class PackedDataset(torch.utils.data.Dataset):
         sources: Sequence[str] | None = None,
         num_replicas: int = 1,
         rank: int = 0,
+        rows: Sequence[Sequence[int]] | None = None,
     ):
         if batch_size <= 0:
             raise PackingError(f"training.batch_size must be a positive integer, got {batch_size}")
@@ -173,7 +175,11 @@ class PackedDataset(torch.utils.data.Dataset):
             lengths = [len(s) for s in samples]
         if len(lengths) != len(samples):
             raise PackingError(f"{len(lengths)} lengths for {len(samples)} samples")
-        if packing:
+        if rows is not None:
+            self.rows = [list(r) for r in rows]
+            if sorted(i for r in self.rows for i in r) != list(range(len(lengths))):
+                raise PackingError(f"the packing plan does not hold each of the {len(lengths)} samples exactly once")
+        elif packing:
             self.rows = pack_lengths(lengths, max_length, sources=sources)
         else:
             pack_lengths(lengths, max_length, sources=sources)  # same too-long check

@@ -22,6 +22,7 @@ import os
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from configs.errors import UserError, did_you_mean
@@ -320,6 +321,25 @@ def read_jsonl(
     first bad line; ``True`` skips bad lines and counts each reason in the report. Duplicate
     ``image_id`` (default: the ``image`` string) is an error: eval keys predictions by it.
     """
+    report = DataReport(path=os.fspath(path))
+    records = list(iter_jsonl(path, report, image_root=image_root, coords=coords, object_order=object_order,
+                              max_objects=max_objects, skip_invalid=skip_invalid, check_images=check_images))
+    return records, report
+
+
+def iter_jsonl(
+    path: str | os.PathLike,
+    report: DataReport,
+    *,
+    image_root: str | os.PathLike | None = None,
+    coords: str = "pixel",
+    object_order: str = "yx",
+    max_objects: int | None = None,
+    skip_invalid: bool = False,
+    check_images: bool = True,
+) -> Iterator[Record]:
+    """The records of :func:`read_jsonl` one at a time (same checks, same errors), filling ``report``
+    as it goes: what ``data.table`` streams into its Arrow cache without holding every record."""
     if coords not in COORD_MODES:
         raise ValueError(f"data.coords={coords!r} is not allowed; allowed: {', '.join(COORD_MODES)}")
     if object_order not in OBJECT_ORDERS:
@@ -328,8 +348,6 @@ def read_jsonl(
         raise ValueError(f"data.max_objects must be null or an integer >= 0, got {max_objects!r}")
     path = os.fspath(path)
     base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
-    report = DataReport(path=path)
-    records: list[Record] = []
     seen_ids: dict[str, str] = {}
     for lineno, line, not_utf8 in iter_utf8_lines(path):
         source = f"{path}:{lineno}"
@@ -374,17 +392,16 @@ def read_jsonl(
                 image_id=rec.image_id,
                 source=rec.source,
             )
-        records.append(rec)
         report.records += 1
         report.objects += len(rec.objects)
         report.empty_records += int(not rec.objects)
+        yield rec
     if report.lines == 0:
         raise DataError(
             path, "<file>", "empty_file",
             f"has no records ({report.blank_lines} blank lines); a JSONL file needs one record per line",
             fix="Point the config at the right file, or remove the key if this split is not used.",
         )
-    return records, report
 
 
 def record_to_json(record: Record, *, relative_to: str | None = None) -> dict:

@@ -107,7 +107,7 @@ def test_ddp_two_processes_lora_stage1(recipe_env, tmp_path):
 
     argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="ddp_lora", max_steps=2, model__adapter__type="lora",
                        model__adapter__lora__r=4, training__eval_every=0, training__save_every=2)
-    _launch("train_stage1.py", argv, tmp_path)
+    launch("train_stage1.py", argv, tmp_path)
     assert [r["step"] for r in read_rows(tmp_path / "ddp_lora")] == [1, 2]
     model_dir = tmp_path / "ddp_lora" / "checkpoint-2" / "model"
     assert (model_dir / "adapter.safetensors").is_file() and not (model_dir / "model.safetensors").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,6 @@ from typing import Any
 import torch
 
 from data.encoding import ChatEncoder, EncodedRecords
-from data.records import read_jsonl
 from data.types import Record
 from model.adapters import apply_adapter, load_adapter_weights, save_adapter, spec_from_config
 from model.loading import PARTS, LoadedModel, apply_freeze, load_model_and_processors, memory_summary, param_parts
@@ -152,13 +152,18 @@ def make_tracker(cfg, run: RunContext):
 
 
 def make_train_dataset(cfg, samples: EncodedRecords, accelerator):
-    """Static packing over the whole train set (SPEC Stage-1 policy), sharded by rank, resumable."""
+    """Static packing over the whole train set (SPEC Stage-1 policy), sharded by rank, resumable.
+
+    The token lengths and the packing plan are computed once by the main process and cached beside
+    the record table (``data.table.cached_packing``); every rank reads them."""
     from data.packing import PackedDataset
+    from data.table import cached_packing
 
     t = cfg.training
+    lengths, rows = cached_packing(samples.records, samples.encoder, t.max_length, t.packing,
+                                   main_process_first=accelerator.main_process_first)
     dataset = PackedDataset(
-        samples, t.max_length, t.batch_size, t.packing, seed=cfg.run.seed,
-        lengths=samples.lengths(), sources=samples.sources(),
+        samples, t.max_length, t.batch_size, t.packing, seed=cfg.run.seed, lengths=lengths, rows=rows,
         num_replicas=accelerator.num_processes, rank=accelerator.process_index,
     )
     logger.info("data: %d packed rows, %d micro-batches per epoch per rank", len(dataset.rows), len(dataset))
@@ -235,12 +240,16 @@ def load_model(cfg, name_or_path: str, *, adapter_weights: Path | None = None) -
 
 @dataclass
 class DataSplits:
-    train: list[Record]
-    val: list[Record]
+    train: Sequence[Record]  # data.table.RecordTable: memory-mapped, decoded per access
+    val: Sequence[Record]
 
 
-def load_records(cfg) -> DataSplits:
-    """Read (or synthesise, then read) the train/val JSONL files; reports are logged, never silent."""
+def load_records(cfg, accelerator=None) -> DataSplits:
+    """Open (or synthesise, then open) the train/val JSONL files as memory-mapped Arrow tables
+    (``data.table.open_records``: validated once by the main process, cached beside the file or under
+    ``data.cache_dir``); reports are logged, never silent."""
+    from data.table import ReadOptions, open_records
+
     d = cfg.data
     train_path, val_path = d.train_jsonl, d.val_jsonl
     if d.synthetic.enabled:
@@ -256,18 +265,14 @@ def load_records(cfg) -> DataSplits:
         )
         if d.synthetic.num_val == 0:  # the generator writes an empty val.jsonl; an empty file is an error
             val_path = None
+    options = ReadOptions(image_root=d.image_root, coords=d.coords, object_order=d.object_order,
+                          max_objects=d.max_objects, skip_invalid=d.skip_invalid)
+    first = accelerator.main_process_first if accelerator is not None else None
 
     def read(path):
         if not path:
             return []
-        records, report = read_jsonl(
-            path,
-            image_root=d.image_root,
-            coords=d.coords,
-            object_order=d.object_order,
-            max_objects=d.max_objects,
-            skip_invalid=d.skip_invalid,
-        )
+        records, report = open_records(path, options, cache_root=d.cache_dir, main_process_first=first)
         logger.info("data: %s", report.summary())
         return records
 
@@ -445,7 +450,7 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     else:
         base = resolve_checkpoint(cfg, resume_model_dir=resume_model_dir)
         loaded = load_model(cfg, base)
-    splits = load_records(cfg)
+    splits = load_records(cfg, accelerator)
     encoder = make_encoder(cfg, loaded.tokenizer, loaded.image_processor)
     dataset = make_train_dataset(cfg, encoded(splits.train, encoder), accelerator)
 

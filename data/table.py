@@ -1,0 +1,229 @@
+"""Records at scale: a JSONL file validated once into an Arrow file that every rank and loader worker
+memory-maps (a ``datasets.Dataset``), plus the per-sample token lengths, cached beside it.
+
+``open_records(path, ...)`` returns a :class:`RecordTable` (a ``Sequence[Record]`` that decodes one
+row on access) and the :class:`~data.records.DataReport` of the validation. The first call streams
+the file through :func:`data.records.iter_jsonl` (the same checks and errors as ``read_jsonl``)
+into ``<cache>/records.arrow`` and writes the report to ``<cache>/report.json``; later calls, other
+ranks and loader workers only map the Arrow file (pages are shared through the OS page cache, no
+per-process copy of the records). ``<cache>`` is ``<dir of the JSONL>/.coordexp_cache/<key>``
+(or under ``data.cache_dir``), ``key`` = sha256 of the file's bytes, its path and the read options,
+so an edited file or a changed ``data.*`` read option never reuses a stale cache.
+
+``cached_lengths(table, encoder)`` caches ``ChatEncoder.sample_length`` of every record (the
+tokenisation that static packing needs) as ``lengths-<encoder key>.npy`` in the same directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.records import DataReport, iter_jsonl
+from data.types import GTObject, Record
+
+CACHE_FORMAT = 1
+CACHE_DIRNAME = ".coordexp_cache"
+_WRITE_BATCH = 10_000
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """The ``data.*`` options that change what is read (see ``data.records.read_jsonl``)."""
+
+    image_root: str | None = None
+    coords: str = "pixel"
+    object_order: str = "yx"
+    max_objects: int | None = None
+    skip_invalid: bool = False
+    check_images: bool = True
+
+
+def _features():
+    from datasets import Features, List, Value
+
+    return Features({
+        "image_path": Value("string"), "width": Value("int32"), "height": Value("int32"),
+        "image_id": Value("string"), "source": Value("string"),
+        "descs": List(Value("string")), "bins": List(Value("int16")),  # 4 bins per object, flat
+    })
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_dir_for(path: str | os.PathLike, options: ReadOptions, cache_root: str | os.PathLike | None = None) -> Path:
+    """``<cache_root or dir of path>/.coordexp_cache/<key>`` for this file content, path and options."""
+    path = os.fspath(path)
+    key = hashlib.sha256(json.dumps(
+        {"format": CACHE_FORMAT, "file": file_digest(path), "path": path, "abspath": os.path.abspath(path),
+         "options": asdict(options)}, sort_keys=True).encode()).hexdigest()[:32]
+    root = Path(cache_root) if cache_root is not None else Path(os.path.abspath(path)).parent
+    return root / CACHE_DIRNAME / key
+
+
+def _row(rec: Record) -> dict:
+    return {"image_path": rec.image_path, "width": rec.width, "height": rec.height, "image_id": rec.image_id,
+            "source": rec.source, "descs": [o.desc for o in rec.objects], "bins": [b for o in rec.objects for b in o.bins]}
+
+
+def _build(path: str, options: ReadOptions, out_dir: Path) -> None:
+    """Validate ``path`` into ``out_dir/records.arrow`` + ``report.json`` (written to a temp dir, then renamed)."""
+    from datasets.arrow_writer import ArrowWriter
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        report = DataReport(path=path)
+        writer = ArrowWriter(features=_features(), path=str(tmp / "records.arrow"))
+        batch: list[dict] = []
+        for rec in iter_jsonl(path, report, **asdict(options)):
+            batch.append(_row(rec))
+            if len(batch) == _WRITE_BATCH:
+                writer.write_batch({k: [r[k] for r in batch] for k in batch[0]})
+                batch = []
+        if batch:
+            writer.write_batch({k: [r[k] for r in batch] for k in batch[0]})
+        writer.finalize()
+        writer.close()
+        state = {**asdict(report), "skipped": dict(report.skipped)}
+        (tmp / "report.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+        if out_dir.exists():  # another process finished the same cache first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class RecordTable(Sequence):
+    """``Sequence[Record]`` over a memory-mapped Arrow table; a row becomes a ``Record`` only on access."""
+
+    def __init__(self, dataset, cache_dir: Path):
+        self.dataset = dataset
+        self.cache_dir = cache_dir
+
+    def __len__(self) -> int:
+        return self.dataset.num_rows
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} out of range for {len(self)} records")
+        row = self.dataset[i]
+        bins = row["bins"]
+        objects = tuple(GTObject(desc=d, bins=tuple(bins[4 * k: 4 * k + 4])) for k, d in enumerate(row["descs"]))
+        return Record(image_path=row["image_path"], width=row["width"], height=row["height"], objects=objects,
+                      image_id=row["image_id"], source=row["source"])
+
+    def sources(self) -> Sequence[str]:
+        """``file:line`` of every record, read from the table on access (no list of a million strings)."""
+        return _Column(self.dataset, "source")
+
+
+class _Column(Sequence):
+    def __init__(self, dataset, name: str):
+        self.dataset, self.name = dataset, name
+
+    def __len__(self) -> int:
+        return self.dataset.num_rows
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.dataset[i][self.name]
+
+
+def open_records(path: str | os.PathLike, options: ReadOptions = ReadOptions(), *,
+                 cache_root: str | os.PathLike | None = None,
+                 main_process_first: Callable[[], object] | None = None) -> tuple[RecordTable, DataReport]:
+    """The validated records of ``path`` as a memory-mapped :class:`RecordTable`, building the cache once.
+
+    ``main_process_first``: a context-manager factory (``accelerator.main_process_first``) so the main
+    process validates and writes while the other ranks wait, then map what it wrote. Raises the
+    ``DataError`` of ``read_jsonl`` (``file:line``, field) when a line is invalid and not skipped.
+    """
+    from datasets import Dataset
+
+    path = os.fspath(path)
+    out = cache_dir_for(path, options, cache_root)
+    with (main_process_first or nullcontext)():
+        if not (out / "report.json").is_file():
+            _build(path, options, out)
+    dataset = Dataset.from_file(str(out / "records.arrow"), in_memory=False)
+    raw = json.loads((out / "report.json").read_text())
+    from collections import Counter
+
+    report = DataReport(**{**raw, "skipped": Counter(raw["skipped"])})
+    return RecordTable(dataset, out), report
+
+
+def encoder_key(encoder) -> str:
+    """What ``ChatEncoder.sample_length`` depends on: prompt tokens, pixel budget, merge size, tokenizer."""
+    tok = encoder.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    proc = encoder.image_processor
+    state = {
+        "head": encoder._prompt_head, "tail": encoder._prompt_tail, "size": encoder.size, "merge": encoder.merge_size,
+        "processor": {k: getattr(proc, k, None) for k in ("patch_size", "temporal_patch_size", "merge_size")},
+        "processor_size": getattr(proc, "size", None), "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
+        "im_end": encoder.im_end_id,
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _cached(target: Path, compute: Callable[[], object], save: Callable[[object, object], None],
+            main_process_first: Callable[[], object] | None) -> None:
+    """Write ``compute()`` to ``target`` once (main process first; atomic rename)."""
+    with (main_process_first or nullcontext)():
+        if not target.is_file():
+            value = compute()
+            fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
+            with os.fdopen(fd, "wb") as fh:
+                save(value, fh)
+            os.replace(tmp, target)
+
+
+def cached_packing(table: RecordTable, encoder, max_length: int, packing: bool, *,
+                   main_process_first: Callable[[], object] | None = None) -> tuple[list[int], list[list[int]]]:
+    """(``encoder.sample_length`` of every record, the static packing plan) for ``table``, each computed
+    once and cached beside the table: ``lengths-<encoder key>.npy`` and
+    ``plan-<encoder key>-<max_length>-<packed|single>.json`` (``data.packing.pack_lengths`` rows, or one
+    sample per row). The plan is what ``data.packing.PackedDataset(rows=...)`` takes; its checks (a
+    sample longer than ``max_length`` raises with the record's ``file:line``) run when it is computed.
+    """
+    from data.packing import pack_lengths
+
+    key = encoder_key(encoder)
+    lengths_file = table.cache_dir / f"lengths-{key}.npy"
+    _cached(lengths_file,
+            lambda: np.fromiter((encoder.sample_length(table[i]) for i in range(len(table))), dtype=np.int64,
+                                count=len(table)),
+            lambda value, fh: np.save(fh, value), main_process_first)
+    lengths = np.load(lengths_file).tolist()
+    plan_file = table.cache_dir / f"plan-{key}-{int(max_length)}-{'packed' if packing else 'single'}.json"
+
+    def plan():
+        rows = pack_lengths(lengths, max_length, sources=table.sources())  # also the too-long check
+        return rows if packing else [[i] for i in range(len(lengths))]
+
+    _cached(plan_file, plan, lambda value, fh: fh.write(json.dumps(value, separators=(",", ":")).encode()),
+            main_process_first)
+    return lengths, json.loads(plan_file.read_text())

@@ -1,0 +1,90 @@
+"""``data.table``: the Arrow-backed record cache gives exactly ``read_jsonl``'s records, report and errors,
+is built once and reused (keyed by file content and read options), and caches lengths + packing plan."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+import data.table as table_mod
+from data.encoding import ChatEncoder
+from data.packing import PackedDataset, PackingError, pack_lengths
+from data.records import DataError, read_jsonl
+from data.table import ReadOptions, cached_packing, open_records
+from tests._data_fixtures import image_processor, qwen_tokenizer, write_jsonl, write_png
+
+
+def _row(objects, image="a.png", width=640, height=480, **kw):
+    return {"image": image, "width": width, "height": height, "objects": objects, **kw}
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    write_png(str(tmp_path / "a.png"), 8, 8)
+    write_png(str(tmp_path / "b.png"), 8, 8)
+    objs = [{"desc": "low", "bbox_2d": [0, 240, 64, 480]}, {"desc": "right", "bbox_2d": [320, 0, 640, 48]},
+            {"desc": "left", "bbox_2d": [0, 0, 64, 48]}]
+    rows = [_row(objs), "", _row([], image="b.png", image_id=7), {"image": "a.png"},
+            _row([{"desc": "x", "bbox_2d": [1, 2, 3, 4]}], image="a.png", image_id="dup")]
+    return write_jsonl(str(tmp_path / "d.jsonl"), rows)
+
+
+def test_table_equals_read_jsonl_and_is_built_once(jsonl, monkeypatch):
+    opts = ReadOptions(max_objects=2, skip_invalid=True)
+    expected, expected_report = read_jsonl(jsonl, max_objects=2, skip_invalid=True)
+    table, report = open_records(jsonl, opts)
+    assert list(table) == expected and len(table) == 3
+    assert table[-1] == expected[-1] and table[0:2] == expected[0:2]
+    assert vars(report) == vars(expected_report) and report.skipped == {"missing_field": 1}
+    assert list(table.sources()) == [r.source for r in expected]
+
+    def no_rebuild(*a, **k):
+        raise AssertionError("the cache was rebuilt")
+
+    monkeypatch.setattr(table_mod, "iter_jsonl", no_rebuild)
+    again, again_report = open_records(jsonl, opts)
+    assert list(again) == expected and vars(again_report) == vars(expected_report)
+    # A worker process gets the table by pickling: the path of the mapped file, not the records.
+    assert list(pickle.loads(pickle.dumps(again))) == expected
+    with pytest.raises(AssertionError, match="rebuilt"):  # another read option is another cache
+        open_records(jsonl, ReadOptions(max_objects=1, skip_invalid=True))
+
+
+def test_edited_file_gets_a_new_cache(jsonl, tmp_path):
+    first, _ = open_records(jsonl, ReadOptions(skip_invalid=True))
+    with open(jsonl, "a") as fh:
+        fh.write('{"image": "b.png", "width": 8, "height": 8, "objects": [], "image_id": "new"}\n')
+    second, _ = open_records(jsonl, ReadOptions(skip_invalid=True))
+    assert first.cache_dir != second.cache_dir and len(second) == len(first) + 1
+    assert second.cache_dir.parent == tmp_path / ".coordexp_cache"
+    third, _ = open_records(jsonl, ReadOptions(skip_invalid=True), cache_root=tmp_path / "elsewhere")
+    assert third.cache_dir.parent == tmp_path / "elsewhere" / ".coordexp_cache" and list(third) == list(second)
+
+
+def test_invalid_line_raises_the_read_jsonl_error_and_leaves_no_cache(jsonl, tmp_path):
+    with pytest.raises(DataError) as expected:
+        read_jsonl(jsonl)
+    with pytest.raises(DataError) as got:
+        open_records(jsonl)
+    assert str(got.value) == str(expected.value) and got.value.source.endswith("d.jsonl:4")
+    assert not any((tmp_path / ".coordexp_cache").glob("*/report.json"))
+
+
+def test_lengths_and_plan_are_cached_and_equal_the_direct_computation(jsonl, monkeypatch):
+    table, _ = open_records(jsonl, ReadOptions(skip_invalid=True))
+    enc = ChatEncoder(qwen_tokenizer(), image_processor(), prompt="Detect all objects.")
+    lengths, rows = cached_packing(table, enc, 512, True)
+    assert lengths == [enc.sample_length(r) for r in table]
+    assert rows == pack_lengths(lengths, 512)
+    _, single = cached_packing(table, enc, 512, False)
+    assert single == [[0], [1], [2]]
+    monkeypatch.setattr(ChatEncoder, "sample_length", lambda *a: pytest.fail("lengths recomputed"))
+    monkeypatch.setattr(table_mod, "iter_jsonl", lambda *a, **k: pytest.fail("records re-read"))
+    assert cached_packing(table, enc, 512, True) == (lengths, rows)
+    ds = PackedDataset(list(range(3)), 512, 1, True, lengths=lengths, rows=rows)
+    assert ds.rows == rows
+    with pytest.raises(PackingError, match="exactly once"):
+        PackedDataset(list(range(3)), 512, 1, True, lengths=lengths, rows=[[0], [1]])
+    with pytest.raises(PackingError, match="training.max_length=8"):
+        cached_packing(table, enc, 8, True)
