@@ -41,18 +41,32 @@ def pack_lengths(lengths: Sequence[int], max_length: int, *, sources: Sequence[s
         if n <= 0:
             raise PackingError(f"sample {i} has length {n}; every sample needs at least one token")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    # First fit in O(log bins) per sample instead of a scan of every open bin (minutes at 1e5
+    # samples, hours at 1e6): a max-tree over the free room of bin slots 0..n-1. Slots not opened
+    # yet hold max_length, so the leftmost slot with room >= n is the first open bin that fits or,
+    # when none does, the next new bin: exactly the first-fit choice.
+    size = 1
+    while size < max(len(order), 1):
+        size *= 2
+    room = [0] * size + [max_length] * size  # leaves at size..2*size-1; slots past n are never reached
+    for node in range(size - 1, 0, -1):
+        room[node] = max(room[2 * node], room[2 * node + 1])
     bins: list[list[int]] = []
-    free: list[int] = []
     for i in order:
         n = lengths[i]
-        for b, room in enumerate(free):
-            if n <= room:
-                bins[b].append(i)
-                free[b] -= n
-                break
-        else:
+        node = 1
+        while node < size:  # descend to the leftmost leaf with room >= n
+            node = 2 * node if room[2 * node] >= n else 2 * node + 1
+        b = node - size
+        if b == len(bins):
             bins.append([i])
-            free.append(max_length - n)
+        else:
+            bins[b].append(i)
+        room[node] -= n
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
     return bins
 
 

@@ -61,6 +61,32 @@ def test_pack_lengths_deterministic_and_within_budget():
     assert all(sum(lengths[i] for i in bin_) <= 64 for bin_ in a)
 
 
+def _first_fit_decreasing_by_scan(lengths, max_length):
+    """Reference: scan every open bin for each sample (the textbook first fit, O(samples x bins))."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins, free = [], []
+    for i in order:
+        for b, room in enumerate(free):
+            if lengths[i] <= room:
+                bins[b].append(i)
+                free[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            free.append(max_length - lengths[i])
+    return bins
+
+
+def test_pack_lengths_tree_search_equals_the_bin_scan():
+    import random
+
+    for seed in range(300):
+        rnd = random.Random(seed)
+        max_length = rnd.choice([1, 5, 17, 100, 512])
+        lengths = [rnd.randint(1, max_length) for _ in range(rnd.randint(0, 200))]
+        assert pack_lengths(lengths, max_length) == _first_fit_decreasing_by_scan(lengths, max_length), seed
+
+
 def test_too_long_sample_names_length_and_source():
     with pytest.raises(PackingError, match=r"sample 1 \(b.jsonl:2\) has 11 tokens > training.max_length=10"):
         pack_lengths([3, 11], 10, sources=["b.jsonl:1", "b.jsonl:2"])
