@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import pipeline.wrapper
 import train_stage1
 import train_stage2
 from model.adapters import (
@@ -210,7 +211,7 @@ def test_lora_stage1_resume_is_exact(recipe_env, tmp_path, monkeypatch):
 
     train_stage1.main(argv("full"))
     calls = {"n": 0}
-    real = train_stage1.run_pipeline
+    real = pipeline.wrapper.run_pipeline
 
     def crash_at_4(*a, **k):
         calls["n"] += 1
@@ -219,7 +220,7 @@ def test_lora_stage1_resume_is_exact(recipe_env, tmp_path, monkeypatch):
         return real(*a, **k)
 
     with monkeypatch.context() as mp:
-        mp.setattr(train_stage1, "run_pipeline", crash_at_4)
+        mp.setattr(pipeline.wrapper, "run_pipeline", crash_at_4)
         with pytest.raises(SimulatedCrash):
             train_stage1.main(argv("resumed"))
     train_stage1.main(argv("resumed", training__resume_from="latest"))
