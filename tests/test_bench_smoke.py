@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from bench import bench_expectation, bench_generation, bench_packing, bench_token_ce
+from bench import bench_expectation, bench_generation, bench_packing, bench_records, bench_token_ce
 
 RATIO_RE = re.compile(r"^RATIO (\w+): (\d+\.\d\d)x \((.+)\)$")
 
@@ -132,3 +132,14 @@ def test_train_step_real_shapes_match_qwen3vl_2b():
     emb = SIZES["2b"]["vocab_size"] * SIZES["2b"]["hidden"]
     assert counts["n_total"] + emb == pytest.approx(2.44e9, rel=0.01)  # tied: the build was untied
     assert counts["n_lm"] == pytest.approx(1.72e9, rel=0.02)
+
+
+def test_records_quick(capsys):
+    r = bench_records.main(["--quick"])
+    printed = _ratio_line(capsys.readouterr().out, "records_startup")
+    assert r["same_plan"]  # the cached plan is the plan today's path computes
+    assert {r[w]["records"] for w in ("today", "build", "rank")} == {r["config"]["records"]} == {300}
+    assert r["today"]["tokens"] == r["rank"]["tokens"] > 0 and r["today"]["rows"] == r["rank"]["rows"] >= 1
+    for way in ("today", "build", "rank"):
+        assert _positive(r[way]["seconds"])
+    assert printed == pytest.approx(r["speedup"], abs=0.006)

@@ -13,10 +13,7 @@ from data.packing import PackedDataset, PackingError, pack_lengths
 from data.records import DataError, read_jsonl
 from data.table import ReadOptions, cached_packing, open_records
 from tests._data_fixtures import image_processor, qwen_tokenizer, write_jsonl, write_png
-
-
-def _row(objects, image="a.png", width=640, height=480, **kw):
-    return {"image": image, "width": width, "height": height, "objects": objects, **kw}
+from tests.test_data_records import _row
 
 
 @pytest.fixture
