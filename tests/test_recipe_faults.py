@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import pipeline.wrapper
 import train_stage1
 from tests._recipe_helpers import STAGE1_DEMO, read_rows, recipe_argv
 from training.checkpoint import list_checkpoints
@@ -88,8 +89,9 @@ def test_corrupt_newest_checkpoint_latest_resumes_from_the_previous(recipe_env, 
 # <GATE_DIR>/at-<n> and waits for <GATE_DIR>/go-<n> or go-all: the test decides when it goes on.
 GATED_CHILD = """
 import os, sys, time, pathlib
+import pipeline.wrapper
 import train_stage1
-real = train_stage1.run_pipeline
+real = pipeline.wrapper.run_pipeline
 gates = pathlib.Path(os.environ["GATE_DIR"])
 calls = [0]
 def gated(*args, **kwargs):
@@ -98,7 +100,7 @@ def gated(*args, **kwargs):
     while not (gates / f"go-{calls[0]}").exists() and not (gates / "go-all").exists():
         time.sleep(0.05)
     return real(*args, **kwargs)
-train_stage1.run_pipeline = gated
+pipeline.wrapper.run_pipeline = gated
 train_stage1.main(sys.argv[1:])
 """
 
@@ -229,13 +231,13 @@ def test_save_on_interrupt_false_keeps_the_default_signal_behaviour(recipe_env, 
     import signal
 
     monkeypatch.chdir(tmp_path)
-    real = train_stage1.run_pipeline
+    real = pipeline.wrapper.run_pipeline
 
     def ctrl_c(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_stage1, "run_pipeline", ctrl_c)
+    monkeypatch.setattr(pipeline.wrapper, "run_pipeline", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         train_stage1.main(_argv(recipe_env, tmp_path, "plain", max_steps=3, training__save_on_interrupt=False))
     assert list_checkpoints(tmp_path / "plain") == []
@@ -248,7 +250,7 @@ def test_the_used_run_dir_refusal_suggests_a_resume_only_when_one_can_work(recip
     monkeypatch.chdir(tmp_path)
     argv = _argv(recipe_env, tmp_path, "crashed", max_steps=2)
     calls = {"n": 0}
-    real = train_stage1.run_pipeline
+    real = pipeline.wrapper.run_pipeline
 
     def crash_in_step_2(*args, **kwargs):
         calls["n"] += 1
@@ -257,7 +259,7 @@ def test_the_used_run_dir_refusal_suggests_a_resume_only_when_one_can_work(recip
         return real(*args, **kwargs)
 
     with monkeypatch.context() as mp:
-        mp.setattr(train_stage1, "run_pipeline", crash_in_step_2)
+        mp.setattr(pipeline.wrapper, "run_pipeline", crash_in_step_2)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train_stage1.main(argv)
     with pytest.raises(FileExistsError) as info:

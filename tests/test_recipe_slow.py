@@ -3,16 +3,22 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 import train_stage1
 import train_stage2
 from configs import load_config
 from tests._recipe_helpers import (
+    REPO,
     ROLLOUT_PAYLOAD,
     STAGE1_DEMO,
     STAGE2_ALIGNED_DEMO,
     STAGE2_DEMO,
+    _free_port,
     assert_metrics_contract,
     finite,
     launch,

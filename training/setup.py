@@ -53,10 +53,14 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
         kwargs["kwargs_handlers"] = handlers
 
     if kwargs.get("cpu"):
+        from accelerate.utils import InitProcessGroupKwargs
+
         from training.sharding import prepare_cpu_sharding
 
-        # a sharded launch config on CPU: take accelerate's FSDP / DeepSpeed path over gloo
-        kwargs["cpu"] = prepare_cpu_sharding()
+        # a sharded launch config on CPU: take accelerate's FSDP / DeepSpeed path over gloo, with the
+        # same process-group settings (collective timeout) Accelerator would use
+        init = [h.to_kwargs() for h in kwargs.get("kwargs_handlers") or [] if isinstance(h, InitProcessGroupKwargs)]
+        kwargs["cpu"] = prepare_cpu_sharding(init[0] if init else None)
     accelerator = Accelerator(
         mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps, **kwargs
     )

@@ -30,7 +30,7 @@ def requested_engine() -> str | None:
     return None
 
 
-def prepare_cpu_sharding() -> bool:
+def prepare_cpu_sharding(init_kwargs: dict | None = None) -> bool:
     """Let a multi-process CPU run (gloo) use accelerate's FSDP / DeepSpeed path; returns the ``cpu``
     flag to build ``Accelerator`` with.
 
@@ -41,6 +41,8 @@ def prepare_cpu_sharding() -> bool:
     accelerator-device branch, which builds the FSDP2 plugin from the launch config as it does on
     GPUs (``fully_shard`` runs on CPU tensors over gloo), and DeepSpeed gets an ``Accelerator`` built
     without ``cpu=True`` (DeepSpeed then runs on its own CPU accelerator, where it has one).
+    ``init_kwargs``: ``init_process_group`` arguments (``InitProcessGroupKwargs.to_kwargs()``, e.g. the
+    collective timeout).
     """
     engine = requested_engine()
     if engine is None:
@@ -48,7 +50,7 @@ def prepare_cpu_sharding() -> bool:
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
-    state = PartialState(cpu=True)
+    state = PartialState(cpu=True, **(init_kwargs or {}))
     if engine == "deepspeed":
         return False
     if state.distributed_type == DistributedType.MULTI_CPU:
