@@ -155,7 +155,12 @@ def test_bins_records_equal_pixel_records():
     pred_bins = [99 + 10 * 999 / 400, 333, 500 + 10 * 999 / 400, 999]
     as_bins = evaluate_detection([_rec(0, [{"desc": "a", "bbox_2d": bins}], [{"desc": "a", "bbox_2d": pred_bins}], coords="bins")])
     as_arg = evaluate_detection([_rec(0, [{"desc": "a", "bbox_2d": bins}], [{"desc": "a", "bbox_2d": pred_bins}])], coords="bins")
-    assert as_px.metrics["AP"] > 0
+    # the prediction is the GT shifted 10 px right: IoU = (w - 10) / (w + 10) with w = 401/999*400 px
+    # (0.883), a hit at the IoU thresholds 0.50..0.85 and a miss at 0.90, 0.95: AP = 8/10
+    w = (500 - 99) / 999 * 400
+    assert (w - 10) / (w + 10) == pytest.approx(0.8827, abs=1e-4)
+    assert as_px.metrics["AP"] == pytest.approx(0.8)
+    assert as_px.metrics["AP50"] == pytest.approx(1.0) and as_px.metrics["AP75"] == pytest.approx(1.0)
     assert as_bins.metrics == pytest.approx(as_px.metrics)
     assert as_arg.metrics == pytest.approx(as_px.metrics)
 
