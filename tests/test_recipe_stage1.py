@@ -213,8 +213,10 @@ def test_a_run_that_died_before_its_first_step_does_not_block_the_rerun(recipe_e
     def crash(*args, **kwargs):
         raise RuntimeError("died in the first step")
 
+    import pipeline.wrapper
+
     with monkeypatch.context() as mp:
-        mp.setattr(train_stage1, "run_pipeline", crash)
+        mp.setattr(pipeline.wrapper, "run_pipeline", crash)  # the objective runs inside the wrapped forward
         with pytest.raises(RuntimeError, match="first step"):
             train_stage1.main(argv)
     assert (tmp_path / "died" / "metrics.jsonl").read_text() == ""
