@@ -149,3 +149,24 @@ def launch(script: str, argv: list[str], cwd, *, config_file: Path | None = None
     engine_name = config_file.name if config_file is not None else "DDP"
     assert proc.returncode == 0, f"{script} under {engine_name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return proc
+
+
+class SimulatedCrash(Exception):
+    """Stands in for a killed job."""
+
+
+def crash_on_pipeline_call(monkeypatch, n_call: int, exc: Exception | None = None) -> None:
+    """Make the objective pipeline (``pipeline.wrapper.run_pipeline``, one call per micro-step) raise
+    ``exc`` (default :class:`SimulatedCrash`) on its ``n_call``-th call; earlier calls run normally."""
+    import pipeline.wrapper
+
+    calls = {"n": 0}
+    real_run_pipeline = pipeline.wrapper.run_pipeline
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n_call:
+            raise exc if exc is not None else SimulatedCrash(f"run_pipeline call {n_call}")
+        return real_run_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.wrapper, "run_pipeline", crashing)

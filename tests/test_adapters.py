@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pipeline.wrapper
 import train_stage1
 import train_stage2
 from model.adapters import (
@@ -27,7 +26,14 @@ from model.adapters import (
 )
 from model.tiny import build_tiny_in_memory
 from model.vocab import coord_vocab_from_tokenizer
-from tests._recipe_helpers import STAGE1_DEMO, STAGE2_DEMO, read_rows, recipe_argv
+from tests._recipe_helpers import (
+    STAGE1_DEMO,
+    STAGE2_DEMO,
+    SimulatedCrash,
+    crash_on_pipeline_call,
+    read_rows,
+    recipe_argv,
+)
 
 
 def _tiny(tied: bool):
@@ -146,9 +152,6 @@ def test_save_and_load_adapter_roundtrip(tmp_path):
 # ---------------------------------------------------------------- recipes
 
 
-class SimulatedCrash(Exception):
-    """Stands in for a killed job."""
-
 
 def _lora_argv(env, out, name, max_steps, **sets):
     return recipe_argv(env, STAGE1_DEMO, out, name=name, max_steps=max_steps, model__adapter__type="lora",
@@ -210,17 +213,8 @@ def test_lora_stage1_resume_is_exact(recipe_env, tmp_path, monkeypatch):
                           **sets)
 
     train_stage1.main(argv("full"))
-    calls = {"n": 0}
-    real = pipeline.wrapper.run_pipeline
-
-    def crash_at_4(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise SimulatedCrash("optimizer step 4")
-        return real(*a, **k)
-
     with monkeypatch.context() as mp:
-        mp.setattr(pipeline.wrapper, "run_pipeline", crash_at_4)
+        crash_on_pipeline_call(mp, 4)
         with pytest.raises(SimulatedCrash):
             train_stage1.main(argv("resumed"))
     train_stage1.main(argv("resumed", training__resume_from="latest"))

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import pipeline.wrapper
 import train_stage1
-from tests._recipe_helpers import STAGE1_DEMO, read_rows, recipe_argv
+from tests._recipe_helpers import STAGE1_DEMO, crash_on_pipeline_call, read_rows, recipe_argv
 from training.checkpoint import list_checkpoints
 from training.faults import NONFINITE_METRIC, NonFiniteError
 
@@ -249,17 +249,8 @@ def test_the_used_run_dir_refusal_suggests_a_resume_only_when_one_can_work(recip
     resume_from=latest (which would fail); once a checkpoint exists it does."""
     monkeypatch.chdir(tmp_path)
     argv = _argv(recipe_env, tmp_path, "crashed", max_steps=2)
-    calls = {"n": 0}
-    real = pipeline.wrapper.run_pipeline
-
-    def crash_in_step_2(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
     with monkeypatch.context() as mp:
-        mp.setattr(pipeline.wrapper, "run_pipeline", crash_in_step_2)
+        crash_on_pipeline_call(mp, 2, RuntimeError("simulated crash"))
         with pytest.raises(RuntimeError, match="simulated crash"):
             train_stage1.main(argv)
     with pytest.raises(FileExistsError) as info:

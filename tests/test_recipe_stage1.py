@@ -11,12 +11,15 @@ import torch
 import pipeline.wrapper
 import train_stage1
 from configs.errors import UserError
-from tests._recipe_helpers import STAGE1_DEMO, assert_metrics_contract, finite, read_rows, recipe_argv
-
-
-class SimulatedCrash(Exception):
-    """Stands in for a killed job."""
-
+from tests._recipe_helpers import (
+    STAGE1_DEMO,
+    SimulatedCrash,
+    assert_metrics_contract,
+    crash_on_pipeline_call,
+    finite,
+    read_rows,
+    recipe_argv,
+)
 
 STAGE1_LOSS_KEYS = ("loss/total", "loss/struct_ce", "loss/desc_ce", "loss/coord_token_ce", "loss/coord_reg")
 
@@ -151,17 +154,8 @@ def test_stage1_resume_reproduces_uninterrupted_losses(recipe_env, tmp_path, mon
     train_stage1.main(argv("full"))
     full = read_rows(tmp_path / "full")
 
-    calls = {"n": 0}
-    real_run_pipeline = pipeline.wrapper.run_pipeline
-
-    def crash_at_step_4(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise SimulatedCrash("optimizer step 4")
-        return real_run_pipeline(*args, **kwargs)
-
     with monkeypatch.context() as mp:
-        mp.setattr(pipeline.wrapper, "run_pipeline", crash_at_step_4)
+        crash_on_pipeline_call(mp, 4)
         with pytest.raises(SimulatedCrash):
             train_stage1.main(argv("resumed"))
     assert [r["step"] for r in read_rows(tmp_path / "resumed")] == [1, 2, 3]
@@ -213,7 +207,6 @@ def test_a_run_that_died_before_its_first_step_does_not_block_the_rerun(recipe_e
     def crash(*args, **kwargs):
         raise RuntimeError("died in the first step")
 
-    import pipeline.wrapper
 
     with monkeypatch.context() as mp:
         mp.setattr(pipeline.wrapper, "run_pipeline", crash)  # the objective runs inside the wrapped forward
@@ -253,17 +246,8 @@ def test_stage1_resume_drops_lines_logged_after_the_checkpoint(recipe_env, tmp_p
     monkeypatch.chdir(tmp_path)
     argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="dup", max_steps=6, training__warmup_steps=1,
                        training__save_every=3, training__eval_every=0)
-    calls = {"n": 0}
-    real_run_pipeline = pipeline.wrapper.run_pipeline
-
-    def crash_at_step_6(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise SimulatedCrash("optimizer step 6")
-        return real_run_pipeline(*args, **kwargs)
-
     with monkeypatch.context() as mp:
-        mp.setattr(pipeline.wrapper, "run_pipeline", crash_at_step_6)
+        crash_on_pipeline_call(mp, 6)
         with pytest.raises(SimulatedCrash):
             train_stage1.main(argv)
     assert [r["step"] for r in read_rows(tmp_path / "dup")] == [1, 2, 3, 4, 5]

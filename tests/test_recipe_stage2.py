@@ -7,7 +7,6 @@ import re
 
 import pytest
 
-import pipeline.wrapper
 import rollout.backends
 import train_stage2
 from tests._recipe_helpers import (
@@ -15,7 +14,9 @@ from tests._recipe_helpers import (
     STAGE2_ALIGNED_DEMO,
     STAGE2_DEMO,
     STAGE2_ROUTER_KEYS,
+    SimulatedCrash,
     assert_metrics_contract,
+    crash_on_pipeline_call,
     finite,
     read_rows,
     recipe_argv,
@@ -24,24 +25,6 @@ from training.router import is_rollout_step
 
 TWO_CHANNEL_LOSS_KEYS = ("loss/total", "loss/struct_ce", "loss/desc_ce", "loss/coord_token_ce", "loss/coord_reg",
                          "loss/geo", "loss/geo/ciou", "loss/geo/smoothl1")
-
-
-class SimulatedCrash(Exception):
-    """Stands in for a killed job."""
-
-
-def _crash_on_call(monkeypatch, n_call: int) -> None:
-    """Make the objective pipeline (``pipeline.wrapper.run_pipeline``) raise on its ``n_call``-th call (one call per optimizer step at GA 1)."""
-    calls = {"n": 0}
-    real_run_pipeline = pipeline.wrapper.run_pipeline
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n_call:
-            raise SimulatedCrash(f"run_pipeline call {n_call}")
-        return real_run_pipeline(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline.wrapper, "run_pipeline", crashing)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +41,7 @@ def two_channel_runs(recipe_env, tmp_path_factory):
         mp.chdir(out)
         full_last = train_stage2.main(argv("full"))
         with pytest.MonkeyPatch.context() as crash:
-            _crash_on_call(crash, 4)
+            crash_on_pipeline_call(crash, 4)
             with pytest.raises(SimulatedCrash):
                 train_stage2.main(argv("resumed"))
         rows_before_resume = read_rows(out / "resumed")
@@ -226,7 +209,7 @@ def test_sampled_rollouts_resume_exactly(recipe_env, tmp_path, monkeypatch, vari
 
     sampled.clear()
     with monkeypatch.context() as mp:
-        _crash_on_call(mp, 2)
+        crash_on_pipeline_call(mp, 2)
         with pytest.raises(SimulatedCrash):
             train_stage2.main(argv("resumed"))
     train_stage2.main(argv("resumed", training__resume_from="latest"))
