@@ -120,8 +120,13 @@ def _lora_target_regex(spec: AdapterSpec) -> str:
     return "^(" + "|".join(alts) + ")$"
 
 
+def _stored_weight(module: nn.Module) -> torch.Tensor:
+    """The tensor a table stores: its parametrization's original when parametrized, else ``weight``."""
+    return module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight") else module.weight
+
+
 def _tables_tied(vlm) -> bool:
-    return vlm.get_output_embeddings().weight is vlm.get_input_embeddings().weight
+    return _stored_weight(vlm.get_output_embeddings()) is _stored_weight(vlm.get_input_embeddings())
 
 
 def _count(params) -> int:
@@ -267,10 +272,7 @@ def merge_adapter(vlm) -> None:
     """
     from peft.tuners.lora import LoraLayer
 
-    tied = _tables_tied(vlm) if not parametrize.is_parametrized(vlm.get_input_embeddings()) else (
-        vlm.get_output_embeddings().parametrizations.weight.original
-        is vlm.get_input_embeddings().parametrizations.weight.original
-    )
+    tied = _tables_tied(vlm)
     for name, module in list(vlm.named_modules()):
         if isinstance(module, LoraLayer):
             module.merge()
