@@ -67,10 +67,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return dry_run(cfg)
     t, sab, rm = cfg.training, cfg.stage2_ab, cfg.rollout_matching
     two_channel = cfg.variant == TWO_CHANNEL
-    # Flag value the rollout builder stamps on samples that dropped invalid objects; only token_ce
-    # reads it, so a pipeline without token_ce runs with the neutral 1.0.
-    drop_multiplier = next((float(m.config["rollout_drop_invalid_struct_ce_multiplier"])
-                            for m in cfg.pipeline.objective if m.name == "token_ce"), 1.0)
     run = start_run(cfg)  # accelerator, run dir, resolved config, pipeline identity, resume point
     accelerator = run.accelerator
     # model (normally the Stage-1 output) -> GT data (Rollout steps roll out the same micro-batches'
@@ -108,8 +104,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         rollouts = prepare_rollout_batches(
                             [[sample.record for sample in gt.samples] for gt in window], encoder=s.encoder,
                             prompts=[[prompt_of(sample) for sample in gt.samples] for gt in window], backend=backend,
-                            coord_vocab=s.loaded.coord_vocab, matching=matching,
-                            drop_invalid_struct_ce_multiplier=drop_multiplier, max_length=t.max_length,
+                            coord_vocab=s.loaded.coord_vocab, matching=matching, max_length=t.max_length,
                             packing=t.packing, pad_token_id=s.pad_id,
                         )
                 except Exception as exc:  # noqa: BLE001 - routed to the configured fallback (default: re-raise)

@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> dict:
             def channel_b(backend=backend):
                 rb = prepare_rollout_batches(
                     [records], encoder=setup.encoder, prompts=[prompts], backend=backend,
-                    coord_vocab=coord_vocab, matching=MatchingConfig(), drop_invalid_struct_ce_multiplier=1.0,
+                    coord_vocab=coord_vocab, matching=MatchingConfig(),
                     max_length=max_length, packing=True, pad_token_id=pad_id,
                 )[0]
                 train_step(trainable, rb.batch.to(device))

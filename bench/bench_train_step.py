@@ -500,14 +500,12 @@ class _StepRunner:
                                                temperature=0.0, batch_size=rm.decoding.batch_size,
                                                seed=rm.decoding.seed,
                                                eos_token_ids=[self.lm_head.shape[0] - 1])
-        token_ce = next(m for m in self.s2.pipeline.objective if m.name == "token_ce")
         with timer.phase("generation"), self.accelerator.autocast():
             return prepare_rollout_batches(
                 [[s.record for s in b.samples] for b in self.batches], encoder=self.encoder,
                 prompts=[[prompt_of(s) for s in b.samples] for b in self.batches], backend=self.backend,
                 coord_vocab=coord_vocab_of(self.tok),
                 matching=MatchingConfig(rm.matching.iou_gate, rm.matching.fp_cost, rm.matching.fn_cost),
-                drop_invalid_struct_ce_multiplier=float(token_ce.config["rollout_drop_invalid_struct_ce_multiplier"]),
                 max_length=self.args.max_length, packing=True, pad_token_id=int(self.tok.pad_token_id),
             )
 

@@ -258,7 +258,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class ChannelBConfig:
-    drop_invalid_struct_ce_multiplier: float  # [1.0, 4.0]
+    drop_invalid_struct_ce_multiplier: float  # losses.masks.DROP_INVALID_MULTIPLIER_RANGE
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,6 @@ class ChatEncoder:
             prompt_len=p,
             objects=objects,
             bbox_groups=groups,
-            struct_multiplier=1.0,
             record=prompt.record,
         )
 

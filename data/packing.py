@@ -81,7 +81,7 @@ def collate_rows(rows: Sequence[Sequence[EncodedSample]], pad_token_id: int) -> 
 
     Shapes: per-token tensors ``[B, T]`` with ``T`` = the longest row. Padding: ``input_ids`` =
     ``pad_token_id``, ``token_types`` IGNORE, ``object_index``/``coord_targets`` -1, ``subset``
-    NO_SUBSET, ``segment_ids``/``text_position_ids`` -1, ``struct_multiplier`` 0. Images are
+    NO_SUBSET, ``segment_ids``/``text_position_ids`` -1, ``dropped_invalid`` False. Images are
     concatenated row-major in segment order; ``bbox_groups`` get flat positions ``row * T + pos``.
     """
     if not rows or any(len(r) == 0 for r in rows):
@@ -99,7 +99,7 @@ def collate_rows(rows: Sequence[Sequence[EncodedSample]], pad_token_id: int) -> 
         "subset": full(NO_SUBSET, torch.long),
         "coord_targets": full(-1, torch.long),
         "closure": full(False, torch.bool),
-        "struct_multiplier": full(0.0, torch.float32),
+        "dropped_invalid": full(False, torch.bool),
         "mm_token_type_ids": full(0, torch.long),
         "segment_ids": full(-1, torch.long),
         "text_position_ids": full(-1, torch.long),
@@ -117,7 +117,7 @@ def collate_rows(rows: Sequence[Sequence[EncodedSample]], pad_token_id: int) -> 
             sl = slice(start, start + n)
             for name in per_token:
                 out[name][r, sl] = getattr(s, name)
-            out["struct_multiplier"][r, sl] = float(s.struct_multiplier)
+            out["dropped_invalid"][r, sl] = bool(s.dropped_invalid)
             out["segment_ids"][r, sl] = k
             out["text_position_ids"][r, sl] = torch.arange(n)
             segments.append(Segment(row=r, start=start, length=n, sample_index=len(samples)))

@@ -88,7 +88,9 @@ class EncodedSample:
     prompt_len: number of prompt tokens (answer starts at this position)
     objects: spans of the answer objects in answer order
     bbox_groups: boxes that feed geometry / coord_reg (all GT objects in gt context)
-    struct_multiplier: multiplies this sample's struct CE weights (rollout drop-invalid rule)
+    dropped_invalid: a rollout sample that kept at least one complete invalid object (dropped from
+        the training text); token_ce multiplies its struct weights by the configured
+        ``rollout_drop_invalid_struct_ce_multiplier``. Always False for GT samples.
     """
 
     input_ids: torch.Tensor
@@ -103,7 +105,7 @@ class EncodedSample:
     prompt_len: int
     objects: list[ObjectSpan] = field(default_factory=list)
     bbox_groups: list[BBoxGroup] = field(default_factory=list)
-    struct_multiplier: float = 1.0
+    dropped_invalid: bool = False
     record: Record | None = None
     meta: Any = None  # rollout.RolloutMeta for rollout-context samples
 
@@ -139,7 +141,7 @@ class PackedBatch:
     subset: torch.Tensor
     coord_targets: torch.Tensor
     closure: torch.Tensor
-    struct_multiplier: torch.Tensor  # [B, T] float: per-token multiplier of the owning sample
+    dropped_invalid: torch.Tensor  # [B, T] bool: the owning sample's ``dropped_invalid`` (False on padding)
     mm_token_type_ids: torch.Tensor
     segment_ids: torch.Tensor
     text_position_ids: torch.Tensor

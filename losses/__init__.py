@@ -13,7 +13,7 @@ masks         ``build_token_ce_weights`` → TokenCEMasks(struct [B,T], desc [B,
                 gt: struct+eos 1, desc desc_ce_weight;
                 self_context: struct+eos self_context_struct_ce_weight, desc 0;
                 rollout: matched/NO_SUBSET struct w_prefix, matched desc 0; fp 0; fn struct 1,
-                desc rollout_fn_desc_weight; struct × struct_multiplier; closure ``}`` and eos = 1.
+                desc rollout_fn_desc_weight; struct × drop-invalid multiplier where dropped_invalid; closure ``}`` and eos = 1.
               ``text_gate_positions``: struct/desc with weight > 0, not eos.
 ce            ``token_ce``: mean = Σ_j w_j CE_j / max(Σ_j w_j, eps),
                 CE_j = logsumexp(W h_{j−1}) − (W h_{j−1})[id_j], chunked, no [B,T,V] tensor.

@@ -13,6 +13,10 @@ import torch
 from losses.checks import content_checks
 from losses.registry import CONTEXTS, DESC, EOS, FN, FP, GT, MATCHED, NO_SUBSET, SELF_CONTEXT, STRUCT
 
+# The one declaration of the drop-invalid multiplier's range (token_ce config, its flat
+# stage2_ab.channel_b alias in configs/schema/stage2_ab.json is checked against it by a test).
+DROP_INVALID_MULTIPLIER_RANGE: tuple[float, float] = (1.0, 4.0)
+
 
 @dataclass(frozen=True)
 class TokenCEWeights:
@@ -31,9 +35,10 @@ class TokenCEWeights:
             if not (value >= 0 and value < float("inf")):
                 raise ValueError(f"token_ce.config.{name} must be a finite number >= 0, got {value!r}")
         m = self.rollout_drop_invalid_struct_ce_multiplier
-        if not 1.0 <= m <= 4.0:
+        lo, hi = DROP_INVALID_MULTIPLIER_RANGE
+        if not lo <= m <= hi:
             raise ValueError(
-                f"token_ce.config.rollout_drop_invalid_struct_ce_multiplier must lie in [1.0, 4.0], got {m!r}"
+                f"token_ce.config.rollout_drop_invalid_struct_ce_multiplier must lie in [{lo}, {hi}], got {m!r}"
             )
 
 
@@ -59,7 +64,7 @@ def build_token_ce_weights(
     *,
     subset: torch.Tensor | None = None,
     closure: torch.Tensor | None = None,
-    struct_multiplier: torch.Tensor | None = None,
+    dropped_invalid: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
 ) -> TokenCEMasks:
     """Token CE weights of one context (docs/training/METRICS_LOSSES.md).
@@ -67,10 +72,10 @@ def build_token_ce_weights(
     token_types        [B, T] long registry codes (IGNORE on prompt/padding)
     subset             [B, T] long registry subset codes; required for ``rollout``
     closure            [B, T] bool, the token holding the outermost ``}``; required for ``rollout``
-    struct_multiplier  [B, T] float, drop-invalid multiplier of the owning sample (rollout only):
-                       the caller fills ``weights.rollout_drop_invalid_struct_ce_multiplier`` where
-                       a sample dropped an invalid object and 1 elsewhere. This builder never reads
-                       that knob itself, so the multiplier cannot be applied twice.
+    dropped_invalid    [B, T] bool, tokens of samples that dropped an invalid object (rollout only;
+                       ``PackedBatch.dropped_invalid``): their struct weights are multiplied by
+                       ``weights.rollout_drop_invalid_struct_ce_multiplier``. The sample carries only
+                       the fact; the size of the effect lives only in the module config.
     segment_ids        [B, T] long; when given, a supervised token may not be the first token of
                        a segment (its logits would come from the previous segment) nor padding
 
@@ -79,7 +84,7 @@ def build_token_ce_weights(
     rollout:      matched struct ``rollout_matched_prefix_struct_weight``, desc 0; fp all 0;
                   fn struct 1, desc ``rollout_fn_desc_weight``; NO_SUBSET struct (container
                   opening, separators) the matched-prefix struct weight; struct weights times
-                  ``struct_multiplier``; then the closure token and eos are set to exactly 1
+                  the drop-invalid multiplier where ``dropped_invalid``; then the closure token and eos are set to exactly 1
                   (never multiplied, never zeroed by fp; the closure counts as struct).
     """
     if context not in CONTEXTS:
@@ -126,9 +131,10 @@ def build_token_ce_weights(
         struct_w = torch.where(subset == FN, 1.0, struct_w)
         struct_w = torch.where(subset == FP, 0.0, struct_w)
         struct = is_struct.to(f32) * struct_w
-        if struct_multiplier is not None:
-            _check_shape("struct_multiplier", struct_multiplier, tt)
-            struct = struct * struct_multiplier.to(f32)
+        if dropped_invalid is not None:
+            _check_shape("dropped_invalid", dropped_invalid, tt)
+            mult = float(weights.rollout_drop_invalid_struct_ce_multiplier)
+            struct = torch.where(dropped_invalid.to(torch.bool), struct * mult, struct)
         desc = (is_desc & (subset == FN)).to(f32) * float(weights.rollout_fn_desc_weight)
         always = closure | is_eos
         struct = torch.where(always, 1.0, struct)
@@ -164,4 +170,4 @@ def _check_shape(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         raise ValueError(f"{name} must have the shape of token_types {tuple(ref.shape)}, got {tuple(t.shape)}")
 
 
-__all__ = ["TokenCEWeights", "TokenCEMasks", "build_token_ce_weights", "text_gate_positions"]
+__all__ = ["DROP_INVALID_MULTIPLIER_RANGE", "TokenCEWeights", "TokenCEMasks", "build_token_ce_weights", "text_gate_positions"]

@@ -256,32 +256,17 @@ class TeacherForcingContext:
 
     # ------------------------------------------------------------------ token CE masks
 
-    def drop_invalid_flags(self) -> torch.Tensor:
-        """``[B, T]`` bool: tokens of samples that dropped at least one invalid rollout object.
-
-        The rollout builder flags such a sample by setting ``EncodedSample.struct_multiplier`` to
-        any value other than 1.0; the size of the effect is ``token_ce``'s
-        ``rollout_drop_invalid_struct_ce_multiplier`` (the module config wins, docs/training/METRICS_LOSSES.md).
-        """
-        return self._cached(
-            "drop_invalid_flags",
-            lambda: (self.batch.struct_multiplier != 1.0) & (self.batch.segment_ids >= 0),
-        )
-
     def token_ce_masks(self, context: str, weights: TokenCEWeights) -> TokenCEMasks:
         """Per-token CE weights of ``context`` (``losses.masks.build_token_ce_weights``), cached per weights."""
 
         def build() -> TokenCEMasks:
             b = self.batch
             if context == ROLLOUT:
-                mult = torch.where(
-                    self.drop_invalid_flags(),
-                    float(weights.rollout_drop_invalid_struct_ce_multiplier),
-                    1.0,
-                ).to(torch.float32)
+                # The sample says whether it dropped an invalid object (EncodedSample.dropped_invalid);
+                # how much that weighs is token_ce's rollout_drop_invalid_struct_ce_multiplier.
                 return build_token_ce_weights(
-                    context, b.token_types, weights,
-                    subset=b.subset, closure=b.closure, struct_multiplier=mult, segment_ids=b.segment_ids,
+                    context, b.token_types, weights, subset=b.subset, closure=b.closure,
+                    dropped_invalid=b.dropped_invalid, segment_ids=b.segment_ids,
                 )
             return build_token_ce_weights(context, b.token_types, weights, segment_ids=b.segment_ids)
 

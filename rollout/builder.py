@@ -32,8 +32,6 @@ from losses.tokens import assign_token_types, char_span_to_tokens, find_outermos
 from rollout.parser import default_eos_id
 from rollout.types import MatchResult, ParsedRollout, RolloutMeta
 
-MULTIPLIER_RANGE = (1.0, 4.0)
-
 
 def _check_match(parsed: ParsedRollout, match: MatchResult, n_gt: int) -> None:
     """The match must be of this rollout's valid objects against these GT objects (a programming error otherwise)."""
@@ -62,7 +60,6 @@ def build_rollout_sample(
     tokenizer,
     coord_vocab,
     *,
-    drop_invalid_struct_ce_multiplier: float = 1.0,
     im_end_id: int | None = None,
 ) -> EncodedSample:
     """Teacher-forced rollout sample with token types, subsets, closure, coord targets, bbox groups and meta.
@@ -71,15 +68,8 @@ def build_rollout_sample(
     gen_ids:     the generated ids that ``parsed`` was parsed from
     match:       ``hungarian_match(parsed.pred_bins, [o.bins for o in gt_objects])``
     gt_objects:  GT objects in GT (answer) order; FN objects are appended in this order
-    drop_invalid_struct_ce_multiplier: ``struct_multiplier`` of a sample that kept at least one
-                 complete invalid object (range [1, 4]); otherwise 1.0
     Returns an ``EncodedSample`` whose ``meta`` is a ``RolloutMeta``; tensors are 1-D ``[L]``.
     """
-    lo, hi = MULTIPLIER_RANGE
-    if not lo <= float(drop_invalid_struct_ce_multiplier) <= hi:
-        raise ValueError(
-            f"rollout_drop_invalid_struct_ce_multiplier must be in [{lo}, {hi}], got {drop_invalid_struct_ce_multiplier}"
-        )
     gen = tuple(int(t) for t in gen_ids)
     if gen != parsed.token_ids:
         raise ValueError("gen_ids differ from the ids `parsed` was parsed from; pass the same generated ids")
@@ -248,7 +238,7 @@ def build_rollout_sample(
         prompt_len=P,
         objects=objects,
         bbox_groups=groups_prefix + groups_fn,
-        struct_multiplier=float(drop_invalid_struct_ce_multiplier) if n_invalid > 0 else 1.0,
+        dropped_invalid=n_invalid > 0,
         record=prompt.record,
         meta=meta,
     )

@@ -47,7 +47,6 @@ def prepare_rollout_batch(
     backend: GenerationBackend,
     coord_vocab,
     matching: MatchingConfig,
-    drop_invalid_struct_ce_multiplier: float,
     max_length: int,
     packing: bool,
     pad_token_id: int,
@@ -55,8 +54,7 @@ def prepare_rollout_batch(
     """Roll out one micro-batch of ``records``: :func:`prepare_rollout_batches` with one group."""
     return prepare_rollout_batches(
         [records], encoder=encoder, prompts=None if prompts is None else [prompts], backend=backend,
-        coord_vocab=coord_vocab, matching=matching, drop_invalid_struct_ce_multiplier=drop_invalid_struct_ce_multiplier,
-        max_length=max_length, packing=packing, pad_token_id=pad_token_id,
+        coord_vocab=coord_vocab, matching=matching, max_length=max_length, packing=packing, pad_token_id=pad_token_id,
     )[0]
 
 
@@ -68,7 +66,6 @@ def prepare_rollout_batches(
     backend: GenerationBackend,
     coord_vocab,
     matching: MatchingConfig,
-    drop_invalid_struct_ce_multiplier: float,
     max_length: int,
     packing: bool,
     pad_token_id: int,
@@ -109,10 +106,7 @@ def prepare_rollout_batches(
             match = hungarian_match(
                 parsed.pred_bins, gt_bins, iou_gate=matching.iou_gate, fp_cost=matching.fp_cost, fn_cost=matching.fn_cost
             )
-            sample = build_rollout_sample(
-                prompt, out.token_ids, parsed, match, record.objects, tokenizer, coord_vocab,
-                drop_invalid_struct_ce_multiplier=drop_invalid_struct_ce_multiplier,
-            )
+            sample = build_rollout_sample(prompt, out.token_ids, parsed, match, record.objects, tokenizer, coord_vocab)
             sample.record = record
             parsed_list.append(parsed)
             matches.append(match)
@@ -125,6 +119,11 @@ def prepare_rollout_batches(
                     raise ValueError(f"rollout sample {i} has {len(s)} tokens > training.max_length={max_length}")
             batch = collate_rows([[s] for s in samples], pad_token_id)
         metrics = rollout_counters(parsed_list, matches, [len(r.objects) for r in records])
+        # The builder moves a closure its string-aware scan places elsewhere onto the last answer
+        # character; count it (a parser/builder disagreement worth seeing, never silent).
+        metrics["rollout/closure_scan_mismatch_count"] = float(
+            sum(s.meta.counters.get("closure_scan_mismatch", 0) for s in samples)
+        )
         metrics["time/rollout_generate_s"] = generate_s if g == 0 else 0.0
         metrics["time/rollout_build_s"] = time.perf_counter() - t1
         metrics["rollout/generated_tokens_total"] = float(sum(len(o.token_ids) for o in outputs))

@@ -154,3 +154,14 @@ def test_real_configs_ship_attn_auto():
     assert real
     for path in real:
         assert load_config(path).model.attn_implementation == "auto", path
+
+
+def test_drop_invalid_multiplier_range_is_the_one_declared_in_losses():
+    # The flat stage2_ab knob and the token_ce module rule both carry losses.masks' range.
+    from losses.masks import DROP_INVALID_MULTIPLIER_RANGE
+    from pipeline.registry import get_module
+
+    flat = schema_at(["stage2_ab", "channel_b", "drop_invalid_struct_ce_multiplier"])
+    assert (flat["minimum"], flat["maximum"]) == DROP_INVALID_MULTIPLIER_RANGE
+    rule = get_module("token_ce").rules["rollout_drop_invalid_struct_ce_multiplier"]
+    assert (rule.minimum, rule.maximum) == DROP_INVALID_MULTIPLIER_RANGE

@@ -101,7 +101,7 @@ def test_two_object_answer_types_spans_and_closure(encoder, record):
         (o0.coord_pos, DOG.bins, -1, 0),
         (o1.coord_pos, CAT.bins, -1, 1),
     ]
-    assert (s.subset == -1).all() and s.struct_multiplier == 1.0 and s.record is record
+    assert (s.subset == -1).all() and not s.dropped_invalid and s.record is record
     for name in ("token_types", "object_index", "subset", "coord_targets", "closure", "mm_token_type_ids"):
         assert getattr(s, name).shape == s.input_ids.shape, name
 

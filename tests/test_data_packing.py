@@ -10,7 +10,7 @@ from data.types import BBoxGroup, EncodedSample, GTObject, Record
 from losses.registry import COORD, EOS, IGNORE, STRUCT
 
 
-def _sample(n: int, tag: int, prompt_len: int = 2, n_patches: int = 4, mult: float = 1.0) -> EncodedSample:
+def _sample(n: int, tag: int, prompt_len: int = 2, n_patches: int = 4, dropped: bool = False) -> EncodedSample:
     """A fake sample of ``n`` tokens whose ids are ``tag*100 + position``; coord tokens at 2..5 if room."""
     ids = torch.arange(n) + 100 * tag
     types = torch.full((n,), STRUCT)
@@ -38,7 +38,7 @@ def _sample(n: int, tag: int, prompt_len: int = 2, n_patches: int = 4, mult: flo
         image_grid_thw=torch.tensor([[1, 2, n_patches // 2]]),
         prompt_len=prompt_len,
         bbox_groups=groups,
-        struct_multiplier=mult,
+        dropped_invalid=dropped,
         record=rec,
     )
 
@@ -97,7 +97,7 @@ def test_too_long_sample_names_length_and_source():
 
 
 def test_collate_rows_layout():
-    a, b, c = _sample(8, 1, mult=2.0), _sample(4, 2), _sample(9, 3)
+    a, b, c = _sample(8, 1, dropped=True), _sample(4, 2), _sample(9, 3)
     batch = collate_rows([[a, b], [c]], pad_token_id=0)
     assert batch.shape == (2, 12)
     assert batch.input_ids[0].tolist() == list(range(100, 108)) + list(range(200, 204))
@@ -105,7 +105,7 @@ def test_collate_rows_layout():
     assert batch.segment_ids.tolist() == [[0] * 8 + [1] * 4, [0] * 9 + [-1] * 3]
     assert batch.text_position_ids.tolist() == [list(range(8)) + list(range(4)), list(range(9)) + [-1] * 3]
     assert batch.token_types[1, 9:].tolist() == [IGNORE] * 3
-    assert batch.struct_multiplier.tolist() == [[2.0] * 8 + [1.0] * 4, [1.0] * 9 + [0.0] * 3]
+    assert batch.dropped_invalid.tolist() == [[True] * 8 + [False] * 4, [False] * 9 + [False] * 3]
     assert batch.mm_token_type_ids.sum() == 3
     # pixel values row-major in segment order: a (tag 1), b (tag 2), c (tag 3)
     assert batch.pixel_values[:, 0].tolist() == [1.0] * 4 + [2.0] * 4 + [3.0] * 4

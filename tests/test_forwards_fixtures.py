@@ -136,7 +136,7 @@ def rollout_batch(env: TinyEnv, record_ids: Sequence[int], *, packing: bool, max
     backend = FixedBackend(env.tokenizer, mixed_rollout_texts(records))
     return prepare_rollout_batch(
         records, encoder=env.encoder, backend=backend, coord_vocab=env.coord_vocab, matching=MatchingConfig(),
-        drop_invalid_struct_ce_multiplier=1.0, max_length=max_length, packing=packing, pad_token_id=env.pad_id,
+        max_length=max_length, packing=packing, pad_token_id=env.pad_id,
     )
 
 

@@ -78,10 +78,10 @@ def test_rollout_matched_prefix_struct_zero_keeps_fn_closure_eos():
 
 def test_rollout_drop_invalid_multiplier_scales_struct_only():
     tt, sub, closure, seg = _rollout_inputs()
-    mult = torch.full(tt.shape, 2.0)
+    dropped = torch.ones(tt.shape, dtype=torch.bool)
     m = build_token_ce_weights(
         ROLLOUT, tt, TokenCEWeights(rollout_drop_invalid_struct_ce_multiplier=2.0),
-        subset=sub, closure=closure, struct_multiplier=mult, segment_ids=seg,
+        subset=sub, closure=closure, dropped_invalid=dropped, segment_ids=seg,
     )
     s, d = _expect({**dict.fromkeys(PREFIX_STRUCT + FN_STRUCT, 2.0), 25: 1.0, 26: 1.0}, {21: 1.0})
     torch.testing.assert_close(m.struct, s)

@@ -92,7 +92,7 @@ def test_round_trip_and_generate_with_image(ckpt):
         subset=None,
         coord_targets=None,
         closure=None,
-        struct_multiplier=None,
+        dropped_invalid=None,
         mm_token_type_ids=mm,
         segment_ids=torch.zeros_like(mm),
         text_position_ids=torch.arange(L)[None],

@@ -309,7 +309,7 @@ def _rollout_struct_weights(batch, w_prefix, mult_rows=(), mult=1.0):
 
 @pytest.mark.parametrize("channel, variant", [("B", TWO), (None, RA)])
 def test_rollout_context_masks_subsets_and_weights(channel, variant):
-    batch = make_batch(ROLLOUT_ROWS, multipliers=[2.0, 1.0])  # row 0 dropped an invalid object
+    batch = make_batch(ROLLOUT_ROWS, dropped_invalid=[True, False])  # row 0 dropped an invalid object
     hidden, W = random_hidden(batch, 8), lm_head()
     token_cfg = {"rollout_matched_prefix_struct_weight": 0.5, "rollout_fn_desc_weight": 0.25,
                  "rollout_drop_invalid_struct_ce_multiplier": 3.0, "desc_ce_weight": 0.0}

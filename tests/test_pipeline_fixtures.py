@@ -77,7 +77,7 @@ def rollout_row(matched, fp, fn):
     return toks, groups
 
 
-def make_batch(rows, multipliers=None) -> PackedBatch:
+def make_batch(rows, dropped_invalid=None) -> PackedBatch:
     """rows: list of (tokens, groups) from gt_row / rollout_row; one segment per row."""
     B = len(rows)
     T = max(len(t) for t, _ in rows)
@@ -88,7 +88,7 @@ def make_batch(rows, multipliers=None) -> PackedBatch:
         subset=torch.full((B, T), NO_SUBSET),
         coord_targets=torch.full((B, T), -1),
         closure=torch.zeros(B, T, dtype=torch.bool),
-        struct_multiplier=torch.zeros(B, T),
+        dropped_invalid=torch.zeros(B, T, dtype=torch.bool),
         mm_token_type_ids=torch.zeros(B, T, dtype=torch.long),
         segment_ids=torch.full((B, T), -1),
         text_position_ids=torch.full((B, T), -1),
@@ -107,7 +107,7 @@ def make_batch(rows, multipliers=None) -> PackedBatch:
                 f["input_ids"][r, j] = V_TEXT + tok[4]
         f["segment_ids"][r, :n] = 0
         f["text_position_ids"][r, :n] = torch.arange(n)
-        f["struct_multiplier"][r, :n] = 1.0 if multipliers is None else multipliers[r]
+        f["dropped_invalid"][r, :n] = False if dropped_invalid is None else dropped_invalid[r]
         segments.append(Segment(row=r, start=0, length=n, sample_index=r))
         for pos, bins, sub in grps:
             groups.append(BBoxGroup(tuple(r * T + p for p in pos), bins, sub))
@@ -125,7 +125,7 @@ def duplicate_batch(batch: PackedBatch) -> PackedBatch:
     """The same rows twice (``[2B, T]``); bbox group flat positions remapped to the copies."""
     B, T = batch.input_ids.shape
     per_token = ("input_ids", "token_types", "object_index", "subset", "coord_targets", "closure",
-                 "struct_multiplier", "mm_token_type_ids", "segment_ids", "text_position_ids")
+                 "dropped_invalid", "mm_token_type_ids", "segment_ids", "text_position_ids")
     f = {k: torch.cat([getattr(batch, k)] * 2) for k in per_token}
     groups = list(batch.bbox_groups) + [
         BBoxGroup(tuple(p + B * T for p in g.coord_pos), g.target_bins, g.subset, g.object_index) for g in batch.bbox_groups

@@ -68,16 +68,14 @@ def record(png, objects):
     return Record(png, 64, 64, tuple(objects), "img0", "rollout_test.jsonl:1")
 
 
-def build(env_, png, gen_text, gt, mult=1.0, ids=None):
+def build(env_, png, gen_text, gt, ids=None):
     tok, cv, enc, _ = env_
     rec = record(png, gt)
     prompt = enc.encode_prompt(rec)
     gen = ids if ids is not None else tok(gen_text, add_special_tokens=False)["input_ids"]
     parsed = parse_rollout(gen, tok, cv)
     match = hungarian_match(parsed.pred_bins, [o.bins for o in gt])
-    s = build_rollout_sample(
-        prompt, gen, parsed, match, gt, tok, cv, drop_invalid_struct_ce_multiplier=mult
-    )
+    s = build_rollout_sample(prompt, gen, parsed, match, gt, tok, cv)
     return s, parsed, match, prompt
 
 
@@ -87,15 +85,14 @@ def answer_text(tok, s):
     return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def masks(s, weights, mult_value=None):
-    mult = torch.full((1, len(s)), float(s.struct_multiplier))
+def masks(s, weights):
     return build_token_ce_weights(
         "rollout",
         s.token_types[None],
         weights,
         subset=s.subset[None],
         closure=s.closure[None],
-        struct_multiplier=mult,
+        dropped_invalid=torch.full((1, len(s)), s.dropped_invalid),
     )
 
 
@@ -161,7 +158,7 @@ def test_matched_fp_fn_sequence(env, png):
     assert meta.prefix_coord_pos == list(s.objects[0].coord_pos)
     assert meta.prefix_coord_target_bins == list(GT0.bins)
     assert meta.fp_spans == [(s.objects[1].start, s.objects[1].end)]
-    assert meta.prefix_len == parsed.cut and meta.n_dropped_invalid == 0 and s.struct_multiplier == 1.0
+    assert meta.prefix_len == parsed.cut and meta.n_dropped_invalid == 0 and not s.dropped_invalid
     assert meta.counters["matched"] == 1 and meta.counters["fp"] == 1 and meta.counters["fn_appended"] == 2
     assert s.closure[L_1 := len(s) - 2] and s.meta.tail_closure_pos == L_1  # `]}` just before <|im_end|>
 
@@ -202,7 +199,7 @@ def test_invalid_object_in_the_middle_and_multiplier(env, png):
     a = pred("black cat", 100, 100, 300, 300)
     bad = '{"desc": "x", "bbox_2d": [' + C(1, 2, 3) + "]}"
     gen_text = '{"objects": [' + a + ", " + bad + "]}" + IM_END
-    s, parsed, match, _ = build(env, png, gen_text, [GT0, GT1], mult=2.0)
+    s, parsed, match, _ = build(env, png, gen_text, [GT0, GT1])
     check_sample_invariants(s, tok)
     assert [o.drop_reason for o in parsed.objects] == [None, "wrong_arity"]
     assert answer_text(tok, s) == '{"objects": [' + a + ", " + bad + ", " + render_answer([GT1]).text[13:]
@@ -210,8 +207,8 @@ def test_invalid_object_in_the_middle_and_multiplier(env, png):
     assert set(s.subset[bad_span.start : bad_span.end].tolist()) == {FP}
     assert s.meta.fp_spans == [(bad_span.start, bad_span.end)]
     assert s.meta.n_dropped_invalid == 1 and s.meta.drop_reasons == {"wrong_arity": 1}
-    assert s.struct_multiplier == 2.0
-    w = TokenCEWeights()
+    assert s.dropped_invalid
+    w = TokenCEWeights(rollout_drop_invalid_struct_ce_multiplier=2.0)
     m = masks(s, w)
     struct = m.struct[0]
     # the separators around the invalid object are supervised struct (times the multiplier)
@@ -279,7 +276,7 @@ def test_truncated_rollout_with_fused_tail(env, png):
     gen_text = '{"objects": [' + a + ', {"desc": "dog", "bbox_2d": [' + C(500, 500)
     s, parsed, match, _ = build(env, png, gen_text, [GT0, GT1])
     check_sample_invariants(s, tok)
-    assert parsed.drop_reasons == {"truncated": 1} and s.struct_multiplier == 1.0
+    assert parsed.drop_reasons == {"truncated": 1} and not s.dropped_invalid
     text = answer_text(tok, s)
     assert parse_answer(text) == [GTObject("black cat", (100, 100, 300, 300)), GT1]
     if name == "qwen":
@@ -299,8 +296,6 @@ def test_build_rejects_inconsistent_inputs(env, png):
     wrong = hungarian_match([], [GT0.bins])
     with pytest.raises(ValueError, match="partition"):
         build_rollout_sample(prompt, gen, parsed, wrong, [GT0], tok, cv)
-    with pytest.raises(ValueError, match=r"\[1.0, 4.0\]"):
-        build_rollout_sample(prompt, gen, parsed, good, [GT0], tok, cv, drop_invalid_struct_ce_multiplier=5.0)
     with pytest.raises(ValueError, match="gen_ids"):
         build_rollout_sample(prompt, gen[:-1], parsed, good, [GT0], tok, cv)
 

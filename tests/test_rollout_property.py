@@ -72,7 +72,7 @@ def _roundtrip(name, ids, gt):
     check_invariants(pr, ids)
     assert "".join(token_pieces(ids[: pr.cut], tok, cv)) + pr.cut_suffix == pr.text[: pr.cut_char]
     match = hungarian_match(pr.pred_bins, [o.bins for o in gt])
-    s = build_rollout_sample(_prompt(), ids, pr, match, gt, tok, cv, drop_invalid_struct_ce_multiplier=1.5)
+    s = build_rollout_sample(_prompt(), ids, pr, match, gt, tok, cv)
     assert "closure_scan_mismatch" not in s.meta.counters
     assert s.input_ids[3 : 3 + pr.cut].tolist() == list(ids[: pr.cut])
     # the container's `}` is the last answer character, so the closure is the last token before <|im_end|>

@@ -9,7 +9,7 @@ from data.encoding import prompt_of
 from rollout.step import MatchingConfig, prepare_rollout_batch, prepare_rollout_batches
 from tests.test_forwards_fixtures import FixedBackend, make_env, mixed_rollout_texts
 
-KW = dict(matching=MatchingConfig(), drop_invalid_struct_ce_multiplier=1.0, max_length=1024, packing=True)
+KW = dict(matching=MatchingConfig(), max_length=1024, packing=True)
 
 
 def test_window_in_one_generate_call_equals_micro_batches_alone(tmp_path):
@@ -26,12 +26,14 @@ def test_window_in_one_generate_call_equals_micro_batches_alone(tmp_path):
     for g, (records, got) in enumerate(zip(groups, window)):
         alone = prepare_rollout_batch(records, encoder=env.encoder, backend=FixedBackend(env.tokenizer, texts[g]),
                                       coord_vocab=env.coord_vocab, pad_token_id=env.pad_id, **KW)
-        for name in ("input_ids", "token_types", "subset", "coord_targets", "closure", "struct_multiplier",
+        for name in ("input_ids", "token_types", "subset", "coord_targets", "closure", "dropped_invalid",
                      "pixel_values", "image_grid_thw"):
             assert torch.equal(getattr(got.batch, name), getattr(alone.batch, name)), (g, name)
         for key, value in alone.metrics.items():
             if not key.startswith("time/"):
                 assert got.metrics[key] == value, (g, key)
+    # the builder never had to move a closure (the parser and the closure scan agree), and says so
+    assert all(b.metrics["rollout/closure_scan_mismatch_count"] == 0.0 for b in window)
     # the window's generation time is reported once (on the first micro-batch)
     assert window[1].metrics["time/rollout_generate_s"] == 0.0
     assert window[0].metrics["rollout/matched_total"] + window[1].metrics["rollout/matched_total"] > 0

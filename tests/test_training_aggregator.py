@@ -159,6 +159,22 @@ def test_derived_ratios_are_exact_over_the_step_not_mean_of_ratios():
     assert out["rollout/matched_total"] == 2.0
 
 
+def test_per_sample_rates_are_ratios_of_sums_over_uneven_micro_steps():
+    # micro-step 1: 1 sample, parse-valid, 3 GT, 2 preds; micro-step 2: 3 samples, none valid, 1 GT, 6 preds.
+    # Means of the per-micro-step ratios would give 0.5 / 1.67 / 2.0; the step's true values are below.
+    agg = MetricAggregator()
+    agg.add({"rollout/parse_valid_rate": 1.0, "rollout/gt_per_sample": 3.0, "rollout/pred_per_sample": 2.0,
+             "rollout/_parse_valid_num": 1, "rollout/_samples_den": 1,
+             "rollout/gt_objects_total": 3, "rollout/valid_pred_objects_total": 2})  # fmt: skip
+    agg.add({"rollout/parse_valid_rate": 0.0, "rollout/gt_per_sample": 1 / 3, "rollout/pred_per_sample": 2.0,
+             "rollout/_parse_valid_num": 0, "rollout/_samples_den": 3,
+             "rollout/gt_objects_total": 1, "rollout/valid_pred_objects_total": 6})  # fmt: skip
+    out = agg.reduce()
+    assert out["rollout/parse_valid_rate"] == pytest.approx(1 / 4)
+    assert out["rollout/gt_per_sample"] == pytest.approx(4 / 4)
+    assert out["rollout/pred_per_sample"] == pytest.approx(8 / 4)
+
+
 def test_derived_absent_inputs_not_emitted_and_zero_den_gives_empty():
     agg = MetricAggregator()
     agg.add({"loss/total": 1.0})

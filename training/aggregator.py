@@ -151,9 +151,9 @@ DerivedFn = Callable[[Mapping[str, float]], "float | None"]
 class Ratio:
     """``num / den`` over the whole step (after micro-step and rank sums).
 
-    Returns ``None`` (key not emitted) when neither input was reported this
-    step, ``empty`` when the denominator is 0 (e.g. precision with no
-    predictions is 0, not NaN).
+    Returns ``None`` (key not emitted) when the denominator was not reported
+    this step (a step without rollouts has no parse rate), ``empty`` when it
+    is 0 (e.g. precision with no predictions is 0, not NaN).
     """
 
     num: str
@@ -161,7 +161,7 @@ class Ratio:
     empty: float = 0.0
 
     def __call__(self, values: Mapping[str, float]) -> float | None:
-        if self.num not in values and self.den not in values:
+        if self.den not in values:
             return None
         den = values.get(self.den, 0.0)
         return self.empty if den == 0 else values.get(self.num, 0.0) / den
@@ -185,10 +185,15 @@ class F1:
 # Rollout precision/recall/f1 from the docs/training/METRICS_CONTRACT.md counters. Matched / valid
 # predictions: invalid (dropped) objects are counted by rollout/drop_*_count and
 # parse_valid_rate, not as false positives here.
+# Every per-sample rate is a ratio of step sums too: a mean of per-micro-step ratios would weigh a
+# micro-step of 1 sample like one of 8 (parse_valid_rate 0.5 where the step's true rate is 0.25).
 ROLLOUT_DERIVED: dict[str, DerivedFn] = {
     "rollout/precision": Ratio("rollout/matched_total", "rollout/valid_pred_objects_total"),
     "rollout/recall": Ratio("rollout/matched_total", "rollout/gt_objects_total"),
     "rollout/f1": F1("rollout/matched_total", "rollout/valid_pred_objects_total", "rollout/gt_objects_total"),
+    "rollout/parse_valid_rate": Ratio("rollout/_parse_valid_num", "rollout/_samples_den"),
+    "rollout/gt_per_sample": Ratio("rollout/gt_objects_total", "rollout/_samples_den"),
+    "rollout/pred_per_sample": Ratio("rollout/valid_pred_objects_total", "rollout/_samples_den"),
 }
 
 

@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 
 from losses.ce import token_ce as token_ce_math
-from losses.masks import TokenCEWeights
+from losses.masks import DROP_INVALID_MULTIPLIER_RANGE, TokenCEWeights
 from losses.registry import DESC_CE, GT, ROLLOUT, SELF_CONTEXT, STRUCT_CE, loss_key
 from pipeline.context import MODE_CHANNEL_A, MODE_ROLLOUT, TeacherForcingContext
 from pipeline.registry import OBJECTIVE, KeyRule, ModuleOutput, register_module
@@ -45,7 +45,8 @@ RULES = {
     "rollout_matched_prefix_struct_weight": KeyRule(
         minimum=0.0, doc="per-token struct weight of matched objects and prefix struct (FN struct is 1)"),
     "rollout_drop_invalid_struct_ce_multiplier": KeyRule(
-        minimum=1.0, maximum=4.0, doc="struct weights of a rollout that dropped an invalid object"),
+        minimum=DROP_INVALID_MULTIPLIER_RANGE[0], maximum=DROP_INVALID_MULTIPLIER_RANGE[1],
+        doc="struct weights of a rollout that dropped an invalid object"),
 }
 
 
