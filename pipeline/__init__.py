@@ -5,7 +5,7 @@ model package). Nothing here imports wandb, pycocotools or vLLM.
 """
 
 from pipeline.context import PipelineError, TeacherForcingContext
-from pipeline.executor import PipelineResult, reset_diagnostics_state, run_pipeline
+from pipeline.executor import PipelineExecutor, PipelineResult, run_pipeline
 from pipeline.manifest import FLAT_OBJECTIVE_KNOBS, ModuleSpec, ResolvedPipeline, resolve_pipeline
 from pipeline.registry import DIAGNOSTICS_MODULES, OBJECTIVE_MODULES, get_module, register_module
 
@@ -15,12 +15,12 @@ __all__ = [
     "OBJECTIVE_MODULES",
     "ModuleSpec",
     "PipelineError",
+    "PipelineExecutor",
     "PipelineResult",
     "ResolvedPipeline",
     "TeacherForcingContext",
     "get_module",
     "register_module",
-    "reset_diagnostics_state",
     "resolve_pipeline",
     "run_pipeline",
 ]

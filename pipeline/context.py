@@ -91,8 +91,6 @@ class TeacherForcingContext:
     coord_token_ids  ``[1000]`` long ids of ``<|coord_0|>..<|coord_999|>``, ordered by bin
     coord_decode_mode  "exp" | "st": geometry decode (``*.coord_decode_mode``)
     chunk_size       rows per LM-head projection chunk in full-vocabulary terms
-    token_ce_weights the ``token_ce`` knobs of this run; the executor sets them from the
-                     manifest so every module (text gate, token_stats) sees the CE masks token_ce uses
     """
 
     channel: str | None
@@ -102,7 +100,6 @@ class TeacherForcingContext:
     coord_token_ids: torch.Tensor
     coord_decode_mode: str = "exp"
     chunk_size: int = 2048
-    token_ce_weights: TokenCEWeights = field(default_factory=TokenCEWeights)
     _cache: dict[Hashable, tuple[Any, bool]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:

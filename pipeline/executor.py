@@ -3,16 +3,18 @@
 Objective modules run in list order (disabled ones skipped; in Stage-2 Two-Channel, modules
 whose ``channels`` exclude ``ctx.channel`` contribute neither loss nor metrics) and
 ``loss = Σ entry.weight x module loss``. A missing prerequisite raises (the step fails).
-Diagnostics run afterwards under ``torch.no_grad``; one that raises warns once per module name
-and is skipped for the rest of the process (``reset_diagnostics_state`` starts over). Modules
-never call collectives: the metrics are this micro-step's values for the one aggregator.
+Diagnostics run afterwards under ``torch.no_grad``; one that raises warns once and is skipped for
+the rest of the run: a ``PipelineExecutor`` is a value a recipe builds once per run, holding which
+diagnostics failed (no process-wide state; a new executor starts over). Every module gets the
+pipeline-level ``PipelineSettings`` explicitly. Modules never call collectives: the metrics are
+this micro-step's values for the one aggregator.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,20 +22,7 @@ from losses.masks import TokenCEWeights
 from losses.registry import loss_key
 from pipeline.context import PipelineError, TeacherForcingContext
 from pipeline.manifest import PIPELINE_LOCATIONS, STAGE2_TWO_CHANNEL, ResolvedPipeline
-from pipeline.registry import get_module
-
-# Diagnostics modules that failed once in this process: warned about and skipped from then on.
-_FAILED_DIAGNOSTICS: set[str] = set()
-
-
-def reset_diagnostics_state() -> None:
-    """Forget which diagnostics modules failed (a new run in the same process; tests)."""
-    _FAILED_DIAGNOSTICS.clear()
-
-
-def failed_diagnostics() -> frozenset[str]:
-    """Names of diagnostics modules disabled after a failure."""
-    return frozenset(_FAILED_DIAGNOSTICS)
+from pipeline.registry import PipelineSettings, get_module
 
 
 @dataclass
@@ -76,61 +65,84 @@ def _to_floats(metrics: dict) -> dict[str, float]:
     return {k: out[k] for k in metrics}
 
 
+def pipeline_settings(resolved: ResolvedPipeline) -> PipelineSettings:
+    """The pipeline-level settings of ``resolved`` (token_ce's knobs, or the defaults without token_ce)."""
+    token_ce = next((m for m in resolved.objective if m.name == "token_ce"), None)
+    return PipelineSettings(token_ce_weights=TokenCEWeights(**token_ce.config) if token_ce is not None else TokenCEWeights())
+
+
+@dataclass
+class PipelineExecutor:
+    """Runs ``resolved`` on one micro-step's context at a time; build one per run.
+
+    ``failed_diagnostics``: names of diagnostics modules that raised once in this run (warned
+    about through ``warn(message, RuntimeWarning)`` and skipped from then on).
+    """
+
+    resolved: ResolvedPipeline
+    warn: Callable[..., object] = warnings.warn
+    failed_diagnostics: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.settings = pipeline_settings(self.resolved)
+
+    def run(self, ctx: TeacherForcingContext) -> PipelineResult:
+        """Objective modules -> loss, then diagnostics -> metrics, for one micro-step.
+
+        Returns ``PipelineResult(loss, metrics)`` with ``metrics["loss/total"]``.
+        """
+        resolved, settings = self.resolved, self.settings
+        _check_channel(resolved, ctx)
+        loc = PIPELINE_LOCATIONS[resolved.variant]
+
+        metrics: dict[str, object] = {}
+        owners: dict[str, str] = {}
+        total = None
+        for i, spec in enumerate(resolved.objective):
+            if not _runs(spec, ctx):
+                continue
+            try:
+                out = get_module(spec.name).fn(ctx, spec, settings)
+            except Exception as exc:
+                if hasattr(exc, "add_note"):  # Python >= 3.11: say where the step failed without changing the error type
+                    exc.add_note(f"in objective module {spec.name!r} ({loc}.objective[{i}], channel {ctx.channel})")
+                raise
+            if out.loss is None:
+                raise PipelineError(f"objective module {spec.name!r} returned no loss")
+            term = spec.weight * out.loss
+            total = term if total is None else total + term
+            _merge(metrics, out.metrics, spec.name, owners)
+        if total is None:
+            # Every objective module is scoped to the other channel: an exact 0 that still reaches
+            # the graph so backward() behaves the same on every rank.
+            total = sum(h.sum() for h in ctx.hidden.values()) * 0.0
+        metrics[loss_key("total")] = total
+
+        with torch.no_grad():
+            for spec in resolved.diagnostics:
+                if not _runs(spec, ctx) or spec.name in self.failed_diagnostics:
+                    continue
+                try:
+                    out = get_module(spec.name).fn(ctx, spec, settings)
+                    _merge(metrics, out.metrics, spec.name, owners)
+                except Exception as exc:  # diagnostics never stop training (docs/training/PIPELINE.md)
+                    self.failed_diagnostics.add(spec.name)
+                    self.warn(
+                        f"diagnostics module {spec.name!r} failed ({type(exc).__name__}: {exc}); "
+                        "it is skipped for the rest of this run",
+                        RuntimeWarning,
+                    )
+        return PipelineResult(loss=total, metrics=_to_floats(metrics))
+
+
 def run_pipeline(
     resolved: ResolvedPipeline,
     ctx: TeacherForcingContext,
     *,
     warn: Callable[..., object] = warnings.warn,
 ) -> PipelineResult:
-    """Objective modules -> loss, then diagnostics -> metrics, for one micro-step.
-
-    Returns ``PipelineResult(loss, metrics)`` with ``metrics["loss/total"]``. ``warn`` is
-    called as ``warn(message, RuntimeWarning)`` the first time a diagnostics module fails.
-    """
-    _check_channel(resolved, ctx)
-    token_ce_spec = next((m for m in resolved.objective if m.name == "token_ce"), None)
-    # The text gate and token_stats use the same CE masks as token_ce (docs/training/METRICS_LOSSES.md gates obey the CE masks).
-    ctx.token_ce_weights = TokenCEWeights(**token_ce_spec.config) if token_ce_spec is not None else TokenCEWeights()
-    loc = PIPELINE_LOCATIONS[resolved.variant]
-
-    metrics: dict[str, object] = {}
-    owners: dict[str, str] = {}
-    total = None
-    for i, spec in enumerate(resolved.objective):
-        if not _runs(spec, ctx):
-            continue
-        try:
-            out = get_module(spec.name).fn(ctx, spec)
-        except Exception as exc:
-            if hasattr(exc, "add_note"):  # Python >= 3.11: say where the step failed without changing the error type
-                exc.add_note(f"in objective module {spec.name!r} ({loc}.objective[{i}], channel {ctx.channel})")
-            raise
-        if out.loss is None:
-            raise PipelineError(f"objective module {spec.name!r} returned no loss")
-        term = spec.weight * out.loss
-        total = term if total is None else total + term
-        _merge(metrics, out.metrics, spec.name, owners)
-    if total is None:
-        # Every objective module is scoped to the other channel: an exact 0 that still reaches
-        # the graph so backward() behaves the same on every rank.
-        total = sum(h.sum() for h in ctx.hidden.values()) * 0.0
-    metrics[loss_key("total")] = total
-
-    with torch.no_grad():
-        for spec in resolved.diagnostics:
-            if not _runs(spec, ctx) or spec.name in _FAILED_DIAGNOSTICS:
-                continue
-            try:
-                out = get_module(spec.name).fn(ctx, spec)
-                _merge(metrics, out.metrics, spec.name, owners)
-            except Exception as exc:  # diagnostics never stop training (docs/training/PIPELINE.md)
-                _FAILED_DIAGNOSTICS.add(spec.name)
-                warn(
-                    f"diagnostics module {spec.name!r} failed ({type(exc).__name__}: {exc}); "
-                    "it is skipped for the rest of this run",
-                    RuntimeWarning,
-                )
-    return PipelineResult(loss=total, metrics=_to_floats(metrics))
+    """One micro-step on a fresh ``PipelineExecutor`` (tests, one-off calls; recipes keep one executor)."""
+    return PipelineExecutor(resolved, warn=warn).run(ctx)
 
 
-__all__ = ["PipelineResult", "failed_diagnostics", "reset_diagnostics_state", "run_pipeline"]
+__all__ = ["PipelineExecutor", "PipelineResult", "pipeline_settings", "run_pipeline"]

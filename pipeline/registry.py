@@ -5,7 +5,9 @@ Two plain dicts, filled by :func:`register_module` when ``pipeline.modules`` is 
 - ``OBJECTIVE_MODULES``: modules that return a loss (``token_ce``, ``bbox_geo``, ``coord_reg``);
 - ``DIAGNOSTICS_MODULES``: modules that only return metrics (``coord_diag``, ``token_stats``).
 
-A module is a function ``fn(ctx: TeacherForcingContext, spec: ModuleSpec) -> ModuleOutput``.
+A module is a function ``fn(ctx: TeacherForcingContext, spec: ModuleSpec, settings: PipelineSettings)
+-> ModuleOutput``: ``spec`` is its own manifest entry, ``settings`` the pipeline-level facts other
+modules own (e.g. token_ce's knobs, which the text gate and token_stats must share).
 Its ``defaults`` dict is also its config allowlist: ``pipeline.manifest`` rejects any other
 config key and fills the missing ones from it. ``rules`` add type/range checks per key; a key
 without a rule takes its type from its default (bool, int or float; ints are accepted for floats).
@@ -17,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+
+from losses.masks import TokenCEWeights
 
 OBJECTIVE = "objective"
 DIAGNOSTICS = "diagnostics"
@@ -38,6 +42,17 @@ class KeyRule:
     integer: bool = False
     nullable: bool = False
     doc: str = ""
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Pipeline-level settings a module may need beyond its own config, passed to every module.
+
+    token_ce_weights  the run's ``token_ce`` knobs (defaults when the pipeline has no token_ce), so
+                      the text gate and token_stats use exactly the CE masks token_ce uses (docs/training/METRICS_LOSSES.md: gates obey the CE masks).
+    """
+
+    token_ce_weights: TokenCEWeights = field(default_factory=TokenCEWeights)
 
 
 @dataclass

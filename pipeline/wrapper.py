@@ -3,7 +3,8 @@
 Its forward runs the forward preamble (position ids, vision once), the step's forwards
 (``gt``: one teacher-forced forward; ``expectation``: Channel-A's N forwards; ``rollout``: the
 Channel-B / Rollout-Aligned forward on a rollout-built batch), builds the
-:class:`~pipeline.context.TeacherForcingContext` and runs the objective pipeline, whose modules
+:class:`~pipeline.context.TeacherForcingContext` and runs the objective pipeline (its one
+:class:`~pipeline.executor.PipelineExecutor`), whose modules
 project hidden states through the LM head / coord rows. Everything that reads a weight therefore
 happens inside this one forward, which is what sharded engines need: FSDP2 gathers the root's
 parameters (embedding table, LM head, final norm) for the length of the root forward and each
@@ -23,7 +24,7 @@ import torch
 from data.types import PackedBatch
 from model.forward import HiddenStatesModel
 from pipeline.context import TeacherForcingContext
-from pipeline.executor import run_pipeline
+from pipeline.executor import PipelineExecutor
 from pipeline.forwards import expectation_forward, gt_forward, rollout_forward
 from pipeline.manifest import ResolvedPipeline
 
@@ -76,6 +77,8 @@ class TrainingWrapper(torch.nn.Module):
         super().__init__()
         self.vlm = vlm
         self.pipeline = pipeline
+        # The run's one executor: which diagnostics failed lives here, not in the process.
+        self.executor = PipelineExecutor(pipeline)
         self.coord_token_ids = coord_token_ids
         self.coord_decode_mode = coord_decode_mode
         self.expectation = expectation or ExpectationConfig()
@@ -97,7 +100,7 @@ class TrainingWrapper(torch.nn.Module):
         ctx = TeacherForcingContext(channel=channel, batch=batch, hidden=fwd.hidden,
                                     lm_head_weight=self.vlm.get_output_embeddings().weight,
                                     coord_token_ids=self.coord_token_ids, coord_decode_mode=self.coord_decode_mode)
-        result = run_pipeline(self.pipeline, ctx)
+        result = self.executor.run(ctx)
         return StepOutput(loss=result.loss, metrics=result.metrics, num_forwards=fwd.num_forwards)
 
 

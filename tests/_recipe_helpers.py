@@ -156,17 +156,18 @@ class SimulatedCrash(Exception):
 
 
 def crash_on_pipeline_call(monkeypatch, n_call: int, exc: Exception | None = None) -> None:
-    """Make the objective pipeline (``pipeline.wrapper.run_pipeline``, one call per micro-step) raise
-    ``exc`` (default :class:`SimulatedCrash`) on its ``n_call``-th call; earlier calls run normally."""
-    import pipeline.wrapper
+    """Make the objective pipeline (``PipelineExecutor.run``, one call per micro-step inside the
+    TrainingWrapper's forward) raise ``exc`` (default :class:`SimulatedCrash`) on its ``n_call``-th
+    call; earlier calls run normally."""
+    from pipeline.executor import PipelineExecutor
 
     calls = {"n": 0}
-    real_run_pipeline = pipeline.wrapper.run_pipeline
+    real_run = PipelineExecutor.run
 
-    def crashing(*args, **kwargs):
+    def crashing(self, ctx):
         calls["n"] += 1
         if calls["n"] == n_call:
-            raise exc if exc is not None else SimulatedCrash(f"run_pipeline call {n_call}")
-        return real_run_pipeline(*args, **kwargs)
+            raise exc if exc is not None else SimulatedCrash(f"PipelineExecutor.run call {n_call}")
+        return real_run(self, ctx)
 
-    monkeypatch.setattr(pipeline.wrapper, "run_pipeline", crashing)
+    monkeypatch.setattr(PipelineExecutor, "run", crashing)

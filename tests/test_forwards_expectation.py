@@ -25,7 +25,7 @@ import torch
 from data.packing import collate_rows
 from losses.registry import COORD, GT, SELF_CONTEXT
 from model.forward import compute_vision
-from pipeline.executor import reset_diagnostics_state, run_pipeline
+from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, gt_forward, rollout_forward
 from pipeline.manifest import resolve_pipeline
 from tests.test_forwards_fixtures import loss_metrics, make_env
@@ -42,13 +42,6 @@ def env(tmp_path_factory):
 def batch(env):
     # Row 0 packs two samples (segments), row 1 holds one and is right-padded.
     return env.batch([[0, 1], [2]])
-
-
-@pytest.fixture(autouse=True)
-def _fresh_diagnostics():
-    reset_diagnostics_state()
-    yield
-    reset_diagnostics_state()
 
 
 class LMInputs:

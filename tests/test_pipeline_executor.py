@@ -17,7 +17,7 @@ import torch
 from losses.geometry import bbox_geo_loss
 from losses.registry import DESC, EOS, FN, FP, MATCHED, NO_SUBSET, STRUCT
 from pipeline.context import PipelineError, TeacherForcingContext
-from pipeline.executor import reset_diagnostics_state, run_pipeline
+from pipeline.executor import PipelineExecutor, run_pipeline
 from pipeline.manifest import ModuleSpec, ResolvedPipeline, resolve_pipeline
 from pipeline.registry import DIAGNOSTICS, ModuleOutput, get_module, register_module, unregister_module
 from tests.test_pipeline_fixtures import (
@@ -38,13 +38,6 @@ ALL_REG = {
 }
 MEAN_SUFFIXES = ("_mean", "_rate", "_frac")
 COUNTER_SUFFIXES = ("_total", "_count", "_sum", "_num", "_den")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_diagnostics_state():
-    reset_diagnostics_state()
-    yield
-    reset_diagnostics_state()
 
 
 def _explicit(variant: str, objective, diagnostics=(), **sections):
@@ -405,7 +398,7 @@ def test_diagnostics_failure_warns_once_and_training_continues():
     calls = []
 
     @register_module("boom_diag", DIAGNOSTICS, {}, "raises on purpose (test)")
-    def boom(ctx, spec):
+    def boom(ctx, spec, settings):
         calls.append(1)
         raise RuntimeError("kaboom")
 
@@ -413,17 +406,18 @@ def test_diagnostics_failure_warns_once_and_training_continues():
         resolved = _explicit(S1, [{"name": "token_ce"}], [{"name": "boom_diag"}, {"name": "coord_diag"}])
         batch = make_batch(GT_ROWS)
         warned = []
+        executor = PipelineExecutor(resolved, warn=lambda msg, cat=None: warned.append((msg, cat)))
         for step in range(2):
             hidden = random_hidden(batch, step)
-            out = run_pipeline(resolved, _ctx(batch, None, {"gt": hidden}, lm_head()),
-                               warn=lambda msg, cat=None: warned.append((msg, cat)))
+            out = executor.run(_ctx(batch, None, {"gt": hidden}, lm_head()))
             assert torch.isfinite(out.loss) and "loss/total" in out.metrics
             assert "coord_diag/entropy_mean" in out.metrics
             out.loss.backward()
         assert len(warned) == 1 and "boom_diag" in warned[0][0] and "kaboom" in warned[0][0]
         assert warned[0][1] is RuntimeWarning
         assert len(calls) == 1  # skipped after the first failure
-        reset_diagnostics_state()
+        assert executor.failed_diagnostics == {"boom_diag"}
+        # the state belongs to the executor: a new run (a new executor) tries the module again
         with pytest.warns(RuntimeWarning, match="boom_diag"):
             run_pipeline(resolved, _ctx(batch, None, {"gt": random_hidden(batch, 5)}, lm_head()))
     finally:
@@ -499,7 +493,7 @@ def test_resolved_pipeline_built_by_hand_runs():
 
 def test_registry_rejects_duplicates_and_lists_known_names():
     with pytest.raises(ValueError, match="already registered"):
-        register_module("token_ce", DIAGNOSTICS, {}, "dup")(lambda ctx, spec: ModuleOutput())
+        register_module("token_ce", DIAGNOSTICS, {}, "dup")(lambda ctx, spec, settings: ModuleOutput())
     with pytest.raises(KeyError, match="known objective modules: bbox_geo, coord_reg, token_ce"):
         get_module("nope")
     with pytest.raises(ValueError, match="kind"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from configs import load_config
-from pipeline.executor import reset_diagnostics_state, run_pipeline
+from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, gt_forward, rollout_forward
 from pipeline.wrapper import STRATEGY_EXPECTATION, STRATEGY_GT, STRATEGY_ROLLOUT, ExpectationConfig, TrainingWrapper
 from tests.test_forwards_fixtures import make_env, rollout_batch
@@ -70,12 +70,10 @@ def test_wrapper_matches_the_unwrapped_path(env, config, expect, strategy, chann
                                       sab.softctx_temperature),
     )
     env.vlm.zero_grad(set_to_none=True)
-    reset_diagnostics_state()
     expected, n_forwards = _unwrapped(env, cfg, strategy, channel, batch, decode)
     expected.loss.backward()
     expected_grads = _grads(env.vlm)
 
-    reset_diagnostics_state()
     out = wrapper(batch, strategy, channel)
     out.loss.backward()
     grads = _grads(env.vlm)

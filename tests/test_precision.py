@@ -23,7 +23,7 @@ from configs.errors import ConfigError
 from configs.loader import HALF_PRECISION_CONFLICTS
 from losses.registry import GT, SELF_CONTEXT
 from model.forward import HiddenStatesModel
-from pipeline.executor import reset_diagnostics_state, run_pipeline
+from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, gt_forward, rollout_forward
 from tests._recipe_helpers import REPO
 from tests.test_forwards_fixtures import make_env, rollout_batch
@@ -85,7 +85,6 @@ def _losses(env, cfgs, accelerator, model, vlm):
 def _run(cfg, channel, batch, hidden, lm_head, coord_ids):
     from pipeline.context import TeacherForcingContext
 
-    reset_diagnostics_state()
     ctx = TeacherForcingContext(channel=channel, batch=batch, hidden=hidden, lm_head_weight=lm_head,
                                 coord_token_ids=coord_ids, coord_decode_mode="exp")
     result = run_pipeline(cfg.pipeline, ctx)

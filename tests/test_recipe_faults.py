@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pipeline.wrapper
 import train_stage1
+from pipeline.executor import PipelineExecutor
 from tests._recipe_helpers import STAGE1_DEMO, crash_on_pipeline_call, read_rows, recipe_argv
 from training.checkpoint import list_checkpoints
 from training.faults import NONFINITE_METRIC, NonFiniteError
@@ -89,9 +89,9 @@ def test_corrupt_newest_checkpoint_latest_resumes_from_the_previous(recipe_env, 
 # <GATE_DIR>/at-<n> and waits for <GATE_DIR>/go-<n> or go-all: the test decides when it goes on.
 GATED_CHILD = """
 import os, sys, time, pathlib
-import pipeline.wrapper
 import train_stage1
-real = pipeline.wrapper.run_pipeline
+from pipeline.executor import PipelineExecutor
+real = PipelineExecutor.run
 gates = pathlib.Path(os.environ["GATE_DIR"])
 calls = [0]
 def gated(*args, **kwargs):
@@ -100,7 +100,7 @@ def gated(*args, **kwargs):
     while not (gates / f"go-{calls[0]}").exists() and not (gates / "go-all").exists():
         time.sleep(0.05)
     return real(*args, **kwargs)
-pipeline.wrapper.run_pipeline = gated
+PipelineExecutor.run = gated
 train_stage1.main(sys.argv[1:])
 """
 
@@ -231,13 +231,13 @@ def test_save_on_interrupt_false_keeps_the_default_signal_behaviour(recipe_env, 
     import signal
 
     monkeypatch.chdir(tmp_path)
-    real = pipeline.wrapper.run_pipeline
+    real = PipelineExecutor.run
 
-    def ctrl_c(*args, **kwargs):
+    def ctrl_c(self, ctx):
         os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
+        return real(self, ctx)
 
-    monkeypatch.setattr(pipeline.wrapper, "run_pipeline", ctrl_c)
+    monkeypatch.setattr(PipelineExecutor, "run", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         train_stage1.main(_argv(recipe_env, tmp_path, "plain", max_steps=3, training__save_on_interrupt=False))
     assert list_checkpoints(tmp_path / "plain") == []

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipeline.wrapper
 import train_stage1
 from configs.errors import UserError
+from pipeline.executor import PipelineExecutor
 from tests._recipe_helpers import (
     STAGE1_DEMO,
     SimulatedCrash,
@@ -204,12 +204,12 @@ def test_a_run_that_died_before_its_first_step_does_not_block_the_rerun(recipe_e
     argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="died", max_steps=1, training__warmup_steps=0,
                        training__eval_every=0, training__save_every=0)
 
-    def crash(*args, **kwargs):
+    def crash(self, ctx):
         raise RuntimeError("died in the first step")
 
 
     with monkeypatch.context() as mp:
-        mp.setattr(pipeline.wrapper, "run_pipeline", crash)  # the objective runs inside the wrapped forward
+        mp.setattr(PipelineExecutor, "run", crash)  # the objective runs inside the wrapped forward
         with pytest.raises(RuntimeError, match="first step"):
             train_stage1.main(argv)
     assert (tmp_path / "died" / "metrics.jsonl").read_text() == ""

@@ -25,7 +25,7 @@ import yaml
 from configs import load_config
 from configs.loader import merge_config_tree
 from losses.registry import DESC, FN, FP, GT, MATCHED, ROLLOUT
-from pipeline.executor import reset_diagnostics_state, run_pipeline
+from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, rollout_forward
 from pipeline.manifest import FLAT_OBJECTIVE_KNOBS
 from pipeline.registry import get_module
@@ -94,7 +94,6 @@ def _channel_b(env, packed: bool):
 
 def _metrics(env, cfg, channel: str, packed: bool) -> dict[str, float]:
     batch, hidden = _channel_a(env, cfg, packed) if channel == "A" else _channel_b(env, packed)
-    reset_diagnostics_state()
     ctx_channel = None if cfg.variant == "stage2_rollout_aligned" else channel
     decode = cfg.rollout_matching.coord_decode_mode if ctx_channel is None else cfg.stage2_ab.coord_decode_mode
     with torch.no_grad():

@@ -15,7 +15,7 @@ from losses.coord import decode_coords
 from losses.geometry import bbox_geo_loss
 from losses.registry import GEO, NUM_COORD_BINS, loss_key
 from pipeline.context import MODE_ROLLOUT, ROLLOUT_GEO_SUBSETS, PipelineError, TeacherForcingContext
-from pipeline.registry import OBJECTIVE, KeyRule, ModuleOutput, register_module
+from pipeline.registry import OBJECTIVE, KeyRule, ModuleOutput, PipelineSettings, register_module
 
 DEFAULTS = {"smoothl1_weight": 1.0, "ciou_weight": 1.0}
 RULES = {
@@ -31,7 +31,7 @@ RULES = {
     "Box loss on decoded boxes: smoothl1_weight * SmoothL1 + ciou_weight * (1 - CIoU), mean over boxes (loss/geo).",
     rules=RULES,
 )
-def bbox_geo(ctx: TeacherForcingContext, spec) -> ModuleOutput:
+def bbox_geo(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     mode = ctx.require_contexts("bbox_geo")
     context = ctx.geometry_context()
     view = ctx.bbox_view(ROLLOUT_GEO_SUBSETS if mode == MODE_ROLLOUT else None, module="bbox_geo")

@@ -22,7 +22,7 @@ from losses.coord import coord_probs, expectation_decode
 from losses.coord_reg import entropy
 from losses.registry import NUM_COORD_BINS
 from pipeline.context import TeacherForcingContext
-from pipeline.registry import DIAGNOSTICS, KeyRule, ModuleOutput, register_module
+from pipeline.registry import DIAGNOSTICS, KeyRule, ModuleOutput, PipelineSettings, register_module
 
 DEFAULTS = {"bin_tolerance": 0, "coord_mass": True}
 RULES = {
@@ -38,7 +38,7 @@ RULES = {
     "Coord entropy, expectation-vs-argmax gap, expectation error, bin accuracy and coord mass at geometry coord positions.",
     rules=RULES,
 )
-def coord_diag(ctx: TeacherForcingContext, spec) -> ModuleOutput:
+def coord_diag(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     context = ctx.geometry_context()
     targets = ctx.coord_targets()
     n = targets.pos.numel()

@@ -24,7 +24,7 @@ from losses.coord_reg import coord_ce, coord_gate, entropy, expected_huber, expe
 from losses.masks import text_gate_positions
 from losses.registry import COORD_REG, COORD_TOKEN_CE, GT, SELF_CONTEXT, loss_key
 from pipeline.context import MODE_CHANNEL_A, TeacherForcingContext
-from pipeline.registry import OBJECTIVE, KeyRule, ModuleOutput, register_module
+from pipeline.registry import OBJECTIVE, KeyRule, ModuleOutput, PipelineSettings, register_module
 
 DEFAULTS = {
     "coord_ce_weight": 0.0,
@@ -65,7 +65,7 @@ RULES = {
     "Coord-distribution regularisers (coord_ce, soft_ce, w1, entropy, el1, ehuber) and coord/text gates (loss/coord_reg).",
     rules=RULES,
 )
-def coord_reg(ctx: TeacherForcingContext, spec) -> ModuleOutput:
+def coord_reg(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     mode = ctx.require_contexts("coord_reg")
     cfg = spec.config
     tau = float(cfg["temperature"])
@@ -113,7 +113,7 @@ def coord_reg(ctx: TeacherForcingContext, spec) -> ModuleOutput:
 
     w_text = float(cfg["text_gate_weight"])
     if w_text > 0:
-        gate_pos = text_gate_positions(ctx.token_ce_masks(main, ctx.token_ce_weights))
+        gate_pos = text_gate_positions(ctx.token_ce_masks(main, settings.token_ce_weights))
         pos = torch.nonzero(gate_pos.reshape(-1)).reshape(-1)
         if pos.numel():
             value = text_gate(*ctx.text_and_full_lse_at(main, pos)).mean()

@@ -29,7 +29,7 @@ from losses.ce import token_ce as token_ce_math
 from losses.masks import DROP_INVALID_MULTIPLIER_RANGE, TokenCEWeights
 from losses.registry import DESC_CE, GT, ROLLOUT, SELF_CONTEXT, STRUCT_CE, loss_key
 from pipeline.context import MODE_CHANNEL_A, MODE_ROLLOUT, TeacherForcingContext
-from pipeline.registry import OBJECTIVE, KeyRule, ModuleOutput, register_module
+from pipeline.registry import OBJECTIVE, KeyRule, ModuleOutput, PipelineSettings, register_module
 
 DEFAULTS = {
     "desc_ce_weight": 1.0,
@@ -62,7 +62,7 @@ def _ce(ctx: TeacherForcingContext, context: str, weights: torch.Tensor) -> tupl
     "CE on struct+eos (loss/struct_ce) and desc (loss/desc_ce) tokens with the per-context masks of docs/training/METRICS_LOSSES.md.",
     rules=RULES,
 )
-def token_ce(ctx: TeacherForcingContext, spec) -> ModuleOutput:
+def token_ce(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     mode = ctx.require_contexts("token_ce")
     w = TokenCEWeights(**spec.config)
     metrics: dict[str, torch.Tensor] = {}

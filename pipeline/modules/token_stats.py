@@ -5,8 +5,9 @@ How a module is built (copy this file):
 1. pick a unique name and a kind (OBJECTIVE returns a loss, DIAGNOSTICS only metrics);
 2. ``DEFAULTS`` is the config allowlist with defaults ({} = takes no config), ``RULES`` add
    type/range checks; both are enforced at config load by ``pipeline.manifest``;
-3. the function takes ``(ctx, spec)`` and reads only ``ctx``'s derived views (masks, coord
-   targets, cached coord logits), never raw rollout meta, and never calls collectives;
+3. the function takes ``(ctx, spec, settings)`` (its manifest entry; the pipeline-level
+   ``PipelineSettings``) and reads only ``ctx``'s derived views (masks, coord targets, cached
+   coord logits), never raw rollout meta, and never calls collectives;
 4. metric keys carry a reduction-class suffix (docs/training/METRICS_CONTRACT.md): ``_total`` counts are summed over
    micro-steps and ranks, ``_mean``/``_frac`` averaged;
 5. import the file in ``pipeline/modules/__init__.py`` and document it in
@@ -21,13 +22,13 @@ from __future__ import annotations
 
 from losses.registry import COORD, DESC, EOS, GT, ROLLOUT, STRUCT, TOKEN_TYPE_NAMES
 from pipeline.context import MODE_ROLLOUT, TeacherForcingContext
-from pipeline.registry import DIAGNOSTICS, ModuleOutput, register_module
+from pipeline.registry import DIAGNOSTICS, ModuleOutput, PipelineSettings, register_module
 
 
 @register_module("token_stats", DIAGNOSTICS, {}, "Supervised token counts per type (token_stats/<type>_tokens_total).")
-def token_stats(ctx: TeacherForcingContext, spec) -> ModuleOutput:
+def token_stats(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     context = ROLLOUT if ctx.mode == MODE_ROLLOUT else GT
-    masks = ctx.token_ce_masks(context, ctx.token_ce_weights)
+    masks = ctx.token_ce_masks(context, settings.token_ce_weights)
     tt = ctx.batch.token_types
     supervised = {
         STRUCT: (masks.struct > 0) & (tt == STRUCT),
