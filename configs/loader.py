@@ -7,9 +7,10 @@ Steps (docs/CONFIG.md):
    the chain);
 2. apply ``--set dotted.key=value`` overrides (values parsed as YAML; ``a.b[0].c``
    indexes lists; new keys may be created so that validation reports them);
-3. reject legacy trainer variants, validate against ``configs/schema/root.json``
-   (JSON Schema draft 2020-12, ``additionalProperties: false`` everywhere);
-4. fill the schema ``default`` values, run the cross-field checks;
+3. reject legacy trainer variants, validate against the JSON Schema generated from
+   ``configs/types.py`` (``configs.validation``; draft 2020-12, ``additionalProperties: false``
+   everywhere);
+4. fill the declared defaults, run the cross-field checks;
 5. resolve the objective pipeline with ``pipeline.manifest.resolve_pipeline`` on the
    merged user tree (before defaults, so "was this knob written?" stays answerable);
 6. build the frozen dataclass tree of ``configs/types.py``.
@@ -24,28 +25,30 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import fields, is_dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 
-from configs.errors import ConfigError, add_debug_flag, did_you_mean
+from configs.declare import coerce_scalar
+from configs.errors import ConfigError, add_debug_flag
 from configs.types import CONFIG_META_FIELDS, Config, freeze, thaw
+from configs.validation import (  # noqa: F401  (_deref, _root_node, schema_at: re-exported for callers)
+    _deref,
+    _root_node,
+    fill_defaults,
+    format_key,
+    schema_at,
+    type_name,
+    validate_tree,
+)
 
-SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
-ROOT_SCHEMA = "root.json"
-SCHEMA_BASE_URI = "https://coordexp.local/schema/"
+SCHEMA_DIR = Path(__file__).resolve().parent / "schema"  # the exported copy (scripts/gen_config_doc.py)
 
 VARIANTS = ("stage1", "stage2_two_channel", "stage2_rollout_aligned")
 STAGE2_VARIANTS = ("stage2_two_channel", "stage2_rollout_aligned")
@@ -117,7 +120,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise ConfigError("", f"{path}:1: a config file must be a YAML map at top level, got {_type_name(tree)}")
+        raise ConfigError("", f"{path}:1: a config file must be a YAML map at top level, got {type_name(tree)}")
     return tree
 
 
@@ -165,17 +168,6 @@ _OVERRIDE_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_\-]*)((?:\[[0-9]+\])*)$")
 _INDEX = re.compile(r"\[([0-9]+)\]")
 
 
-def format_key(parts: Sequence[str | int]) -> str:
-    """``["a", "b", 0, "c"]`` -> ``"a.b[0].c"`` (the dotted form used in every ConfigError)."""
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
 def parse_override(text: str) -> tuple[list[str | int], Any]:
     """``"a.b[0].c=1"`` -> ``(["a", "b", 0, "c"], 1)``; the value is parsed as YAML."""
     key, sep, value = text.partition("=")
@@ -207,7 +199,7 @@ def apply_override(tree: dict[str, Any], text: str) -> None:
         fresh: Any = None if last else ([] if isinstance(parts[depth + 1], int) else {})
         if isinstance(part, int):
             if not isinstance(node, list):
-                raise ConfigError(here, f"--set {text!r}: [{part}] indexes a list, but {format_key(parts[:depth])} is {_type_name(node)}")
+                raise ConfigError(here, f"--set {text!r}: [{part}] indexes a list, but {format_key(parts[:depth])} is {type_name(node)}")
             if part > len(node):
                 raise ConfigError(here, f"--set {text!r}: index {part} is out of range (the list has {len(node)} items; index {len(node)} appends)")
             if part == len(node):
@@ -216,209 +208,13 @@ def apply_override(tree: dict[str, Any], text: str) -> None:
                 node[part] = value
         else:
             if not isinstance(node, dict):
-                raise ConfigError(here, f"--set {text!r}: {format_key(parts[:depth])} is {_type_name(node)}, not a map")
+                raise ConfigError(here, f"--set {text!r}: {format_key(parts[:depth])} is {type_name(node)}, not a map")
             if last:
                 node[part] = value
             elif not isinstance(node.get(part), (dict, list)):
                 node[part] = fresh
         if not last:
             node = node[part]
-
-
-# ---------------------------------------------------------------- schema
-
-
-@lru_cache(maxsize=1)
-def _schemas() -> tuple[Draft202012Validator, Registry]:
-    resources = []
-    for file in sorted(SCHEMA_DIR.glob("*.json")):
-        contents = json.loads(file.read_text(encoding="utf-8"))
-        Draft202012Validator.check_schema(contents)
-        if contents.get("$id") != SCHEMA_BASE_URI + file.name:
-            raise RuntimeError(f"{file}: $id must be {SCHEMA_BASE_URI + file.name!r}")
-        resources.append((contents["$id"], Resource.from_contents(contents, default_specification=DRAFT202012)))
-    registry = Registry().with_resources(resources)
-    root = registry.contents(SCHEMA_BASE_URI + ROOT_SCHEMA)
-    return Draft202012Validator(root, registry=registry), registry
-
-
-def _deref(schema: Mapping[str, Any], resolver: Any) -> tuple[dict[str, Any], Any]:
-    """Follow ``$ref``; keywords next to the ``$ref`` (description, default) win over the target's."""
-    schema = dict(schema)
-    while "$ref" in schema:
-        target = resolver.lookup(schema.pop("$ref"))
-        schema = {**target.contents, **schema}
-        resolver = target.resolver
-    return schema, resolver
-
-
-def _root_node() -> tuple[dict[str, Any], Any]:
-    validator, registry = _schemas()
-    return _deref(validator.schema, registry.resolver(base_uri=SCHEMA_BASE_URI + ROOT_SCHEMA))
-
-
-def schema_at(parts: Sequence[str | int]) -> dict[str, Any] | None:
-    """The (dereferenced) subschema at a key path, or None where the schema does not describe it."""
-    schema, resolver = _root_node()
-    for part in parts:
-        if isinstance(part, int):
-            sub = schema.get("items")
-        else:
-            sub = schema.get("properties", {}).get(part)
-        if not isinstance(sub, Mapping):
-            return None
-        schema, resolver = _deref(sub, resolver)
-    return schema
-
-
-_TYPE_WORDS = {
-    "object": "a map",
-    "array": "a list",
-    "string": "a string",
-    "integer": "an integer",
-    "number": "a number",
-    "boolean": "true/false",
-    "null": "null",
-}
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, int):
-        return f"an integer ({value})"
-    if isinstance(value, float):
-        return f"a number ({value})"
-    if isinstance(value, str):
-        return f"a string ({value!r})"
-    if isinstance(value, Mapping):
-        return "a map"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    return type(value).__name__
-
-
-def _range_text(schema: Mapping[str, Any]) -> str:
-    lo = "[" + repr(schema["minimum"]) if "minimum" in schema else ("(" + repr(schema["exclusiveMinimum"]) if "exclusiveMinimum" in schema else "(-inf")
-    hi = repr(schema["maximum"]) + "]" if "maximum" in schema else (repr(schema["exclusiveMaximum"]) + ")" if "exclusiveMaximum" in schema else "inf)")
-    return f"{lo}, {hi}"
-
-
-def _expected_types(schema: Mapping[str, Any]) -> str:
-    types_ = schema.get("type")
-    types_ = [types_] if isinstance(types_, str) else list(types_ or [])
-    return " or ".join(_TYPE_WORDS.get(t, t) for t in types_)
-
-
-def _explain(error: ValidationError) -> list[tuple[str, str]]:
-    """One or more ``(dotted key, message)`` for a jsonschema error."""
-    parts = list(error.absolute_path)
-    key = format_key(parts)
-    schema = error.schema if isinstance(error.schema, Mapping) else {}
-    kind = error.validator
-    value = error.instance
-    if kind == "additionalProperties":
-        allowed = sorted(schema.get("properties", {}))
-        out = []
-        for extra in sorted(k for k in value if k not in schema.get("properties", {})):
-            out.append((format_key([*parts, extra]), f"unknown key{did_you_mean(str(extra), allowed)}; allowed keys here: {', '.join(allowed)}"))
-        return out
-    if kind == "required":
-        missing = [k for k in error.validator_value if k not in value]
-        return [(format_key([*parts, k]), "missing required key") for k in missing]
-    if kind == "type":
-        return [(key, f"expected {_expected_types(schema)}, got {_type_name(value)}")]
-    if kind == "anyOf":  # e.g. an integer >= 1 or the string 'auto'
-        branches = []
-        for b in error.validator_value:
-            if "const" in b:
-                branches.append(repr(b["const"]))
-            else:
-                branches.append(_expected_types(b) + (f" in {_range_text(b)}" if any(k in b for k in ("minimum", "exclusiveMinimum", "maximum")) else ""))
-        return [(key, f"expected {' or '.join(branches)}, got {_type_name(value)}")]
-    if kind == "enum":
-        allowed = ", ".join("null" if v is None else repr(v) for v in schema["enum"])
-        hint = did_you_mean(value, [v for v in schema["enum"] if isinstance(v, str)]) if isinstance(value, str) else ""
-        return [(key, f"expected one of {allowed}, got {_type_name(value)}{hint}")]
-    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        return [(key, f"expected a value in {_range_text(schema)}, got {value!r}")]
-    if kind in ("minItems", "maxItems"):
-        lo, hi = schema.get("minItems"), schema.get("maxItems")
-        size = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo or 0} to {hi}")
-        return [(key, f"expected a list of {size} items, got {len(value)}")]
-    if kind == "uniqueItems":
-        return [(key, f"items must be unique, got {value!r}")]
-    if kind == "minLength":
-        return [(key, "expected a non-empty string")]
-    return [(key, error.message)]
-
-
-def _non_finite(node: Any, parts: list[str | int]) -> list[tuple[str, str]]:
-    """``(dotted key, message)`` for every NaN / +-inf float anywhere in ``node``.
-
-    One rule for every number in the tree (schema keys, pipeline module configs, custom
-    extras): JSON Schema's ``number`` accepts NaN and inf, and a NaN passes every range
-    check (all comparisons are false), so it would surface much later naming no key.
-    """
-    if isinstance(node, float) and not math.isfinite(node):
-        return [(format_key(parts), f"expected a finite number, got {node!r}; NaN and inf are never valid config values, write a finite number")]
-    if isinstance(node, Mapping):
-        return [p for key, value in node.items() for p in _non_finite(value, [*parts, key])]
-    if isinstance(node, (list, tuple)):
-        return [p for i, value in enumerate(node) for p in _non_finite(value, [*parts, i])]
-    return []
-
-
-def validate_tree(tree: Mapping[str, Any]) -> None:
-    """Validate a merged user tree against the root schema; raise the first problem (and list the rest).
-
-    Non-finite numbers (NaN, +-inf) are rejected wherever they occur.
-    """
-    validator, _ = _schemas()
-    problems: list[tuple[str, str]] = []
-    for error in validator.iter_errors(tree):
-        problems.extend(_explain(error))
-    # Non-finite values first: they are reported even where the schema also complains nearby.
-    problems = sorted(_non_finite(tree, [])) + sorted(problems)
-    if not problems:
-        return
-    key, message = problems[0]
-    if len(problems) > 1:
-        rest = "; ".join(f"{k}: {m}" for k, m in problems[1:11])
-        more = f" (+{len(problems) - 11} more)" if len(problems) > 11 else ""
-        message += f"\nother problems: {rest}{more}"
-    raise ConfigError(key, message)
-
-
-def fill_defaults(tree: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of ``tree`` with every schema ``default`` filled in.
-
-    Missing maps whose schema has properties are created and filled; a missing key
-    without a ``default`` and without properties stays absent.
-    """
-    out = copy.deepcopy(tree)
-    _fill(out, *_root_node())
-    return out
-
-
-def _fill(instance: Any, schema: Mapping[str, Any], resolver: Any) -> None:
-    if isinstance(instance, dict):
-        for key, sub in schema.get("properties", {}).items():
-            sub, sub_resolver = _deref(sub, resolver)
-            if key not in instance:
-                if "default" in sub:
-                    instance[key] = copy.deepcopy(sub["default"])
-                elif "properties" in sub:
-                    instance[key] = {}
-                else:
-                    continue
-            _fill(instance[key], sub, sub_resolver)
-    elif isinstance(instance, list) and isinstance(schema.get("items"), Mapping):
-        items, items_resolver = _deref(schema["items"], resolver)
-        for item in instance:
-            _fill(item, items, items_resolver)
 
 
 # ---------------------------------------------------------------- variant + cross-field checks
@@ -543,11 +339,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         args = typing.get_args(tp)
         item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         return tuple(_convert(t, v, f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+    return coerce_scalar(tp, value)
 
 
 def _build(cls: type, data: Mapping[str, Any], key: str) -> Any:
@@ -557,8 +349,8 @@ def _build(cls: type, data: Mapping[str, Any], key: str) -> Any:
         if cls is Config and f.name in CONFIG_META_FIELDS:
             continue
         if f.name not in data:
-            # Only reachable when configs/types.py and configs/schema/ disagree.
-            raise RuntimeError(f"{format_key([*([key] if key else []), f.name])}: no value after defaults; configs/types.py and configs/schema/ are out of sync")
+            # Unreachable while the schema is generated from these dataclasses (a declaration bug otherwise).
+            raise RuntimeError(f"{format_key([*([key] if key else []), f.name])}: no value after defaults; the schema generated from configs/types.py lacks it")
         kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{key}.{f.name}" if key else f.name)
     return kwargs if cls is Config else cls(**kwargs)
 

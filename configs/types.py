@@ -1,10 +1,12 @@
-"""The typed config tree: frozen dataclasses, one per map in docs/CONFIG.md.
+"""The typed config tree: frozen dataclasses, one per map in docs/CONFIG.md, and the one declaration of every key.
 
 Attribute access follows the YAML key tree exactly (``cfg.training.lr``,
-``cfg.stage2_ab.schedule.b_ratio``). Defaults live in the JSON Schemas
-(``configs/schema/*.json``), not here: the loader fills them before building
-these objects, so every field is always set and there is one source of truth.
-A test checks that the fields below and the schema properties agree at every level.
+``cfg.stage2_ab.schedule.b_ratio``). Each field is declared with ``configs.declare.knob``
+(type from the annotation, default, allowed values or range, one-line doc), ``section`` (a
+nested map) or ``alias`` (a flat objective knob that takes type and range from the pipeline
+module key it feeds, ``configs/modules.py``). The JSON Schema the loader validates with, the
+defaults it fills, ``pipeline.manifest``'s flat-knob table and docs/CONFIG.md are generated from
+these fields, so each fact is written here once.
 
 Lists become tuples and free-form maps (pipeline lists, module configs) become
 :class:`FrozenDict`, so nothing reachable from a :class:`Config` can be mutated.
@@ -17,6 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from configs.declare import OMITTED, REQUIRED, alias, knob, section
+from configs.modules import BBoxGeoConfig, CoordRegConfig, TokenCEWeights
 
 # ---------------------------------------------------------------- immutable containers
 
@@ -72,21 +77,32 @@ def thaw(obj: Any) -> Any:
 
 @dataclass(frozen=True)
 class TrackerConfig:
-    backend: str  # none | wandb; metrics.jsonl is written regardless
-    mode: str  # online | offline
-    project: str
-    entity: str | None
-    tags: tuple[str, ...]
+    backend: str = knob("none", "metrics.jsonl is always written", enum=("none", "wandb"))
+    mode: str = knob("offline", "WANDB_MODE in the environment wins (WANDB_MODE=offline runs offline whatever this "
+                     "says); a failing wandb.init stops before the model loads", enum=("online", "offline"))
+    project: str = knob("coordexp", "WANDB_PROJECT in the environment wins; likewise WANDB_ENTITY, WANDB_NAME "
+                        "(run name) and WANDB_RUN_ID. wandb's files always go to <run dir>/wandb", min_length=1)
+    entity: str | None = knob(None, "wandb entity (WANDB_ENTITY wins)")
+    tags: tuple[str, ...] = knob((), "wandb run tags")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str
-    output_dir: str
-    seed: int
-    log_every: int
-    overwrite: bool  # delete an existing run dir first (else a finished/used run dir is refused unless resuming)
-    tracker: TrackerConfig
+    """Run identity, output location, seed and experiment tracking."""
+
+    name: str = knob("run", "run dir = <output_dir>/<name>", min_length=1)
+    output_dir: str = knob("runs", "parent of the run dir", min_length=1)
+    seed: int = knob(42, "the run's random seed (accelerate set_seed, packing order, adapter init)", minimum=0)
+    log_every: int = knob(
+        1, "optimizer steps between progress-bar refreshes on a terminal; off a terminal (stderr to a file, e.g. a "
+        "cluster log) one plain line `stage1 step N/T loss=... lr=... tok/s=... elapsed=...s` every log_every steps "
+        "instead of bar frames; metrics.jsonl gets every step", minimum=1)
+    overwrite: bool = knob(
+        False, "a run dir that already holds a run (a checkpoint, or a logged step in metrics.jsonl) is refused unless "
+        "resuming (training.resume_from); true deletes it first. A run that died before its first logged step holds "
+        "nothing: the plain rerun is accepted (docs/RUN_DIR.md). A run dir locked by a live run (run.lock, "
+        "docs/RELIABILITY.md) is refused either way")
+    tracker: TrackerConfig = section(TrackerConfig, "experiment tracker")
 
     @property
     def run_dir(self) -> Path:
@@ -99,88 +115,123 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class TinyModelConfig:
-    enabled: bool
-    dir: str
-    seed: int
-    hidden: int
-    layers: int
-    vision_hidden: int
-    vision_depth: int
-    max_pixels: int  # image processor budget, pixels
+    enabled: bool = knob(False, "build the tiny model into `dir` if absent, then load it like a real checkpoint")
+    dir: str = knob("runs/tiny_qwen3vl", "where the tiny model is built and loaded from", min_length=1)
+    seed: int = knob(0, "seed of the random weights", minimum=0)
+    hidden: int = knob(64, "text decoder width (4 heads; must divide into head_dim >= 6; MLP 2 x hidden)", minimum=8)
+    layers: int = knob(2, "text decoder layers", minimum=1)
+    vision_hidden: int = knob(32, "vision tower width (2 heads)", minimum=8)
+    vision_depth: int = knob(2, "vision tower blocks", minimum=1)
+    max_pixels: int = knob(4096, "image budget of the saved image processor (resized area in pixels): 4096 = 64x64 "
+                           "= 4 image tokens, 16384 = 128x128 = 16", minimum=1024)
 
 
 @dataclass(frozen=True)
 class CoordTokensConfig:
-    add_if_missing: bool
-    init: str  # sincos | mean | random
+    add_if_missing: bool = knob(True, "add the 1000 coord tokens to the tokenizer and embeddings when the "
+                                "checkpoint lacks them")
+    init: str = knob("sincos", "initialisation of new coord-token rows", enum=("sincos", "mean", "random"))
 
 
 @dataclass(frozen=True)
 class FreezeConfig:
-    vision: bool
-    merger: bool
-    language_model: bool
+    vision: bool = knob(False, "freeze the vision tower (without its mergers)")
+    merger: bool = knob(False, "freeze the patch merger and deepstack mergers")
+    language_model: bool = knob(False, "freeze the text decoder, embeddings and LM head")
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int
-    alpha: float
-    dropout: float
-    target_modules: tuple[str, ...]
-    vision: bool
-    merger: bool
+    r: int = knob(16, "LoRA rank", minimum=1)
+    alpha: float = knob(32, "update scale alpha / r", exclusive_minimum=0)
+    dropout: float = knob(0.05, "dropout on the LoRA input", minimum=0, exclusive_maximum=1)
+    target_modules: tuple[str, ...] = knob(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "leaf names of the language model's linear layers to adapt", items={"minLength": 1}, min_items=1,
+        unique_items=True)
+    vision: bool = knob(False, "also adapt the vision blocks (qkv, proj, linear_fc1, linear_fc2)")
+    merger: bool = knob(False, "also adapt the patch merger and deepstack mergers")
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    type: str  # none | lora | coord_offset
-    coord_offset: bool
-    lora: LoraConfig
+    type: str = knob("none", "none: train the weights model.freeze leaves trainable; lora: LoRA pairs (+ coord "
+                     "offsets when coord_offset); coord_offset: only the offsets of the 1000 coord rows",
+                     enum=("none", "lora", "coord_offset"))
+    coord_offset: bool = knob(True, "with type lora: also train offsets of the 1000 coord rows of the embedding "
+                              "table and LM head")
+    lora: LoraConfig = section(LoraConfig, "LoRA settings (type lora)")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name_or_path: str | None
-    tiny: TinyModelConfig
-    dtype: str  # float32 | bfloat16 | float16
-    attn_implementation: str  # auto | sdpa | eager | flash_attention_2
-    coord_tokens: CoordTokensConfig
-    gradient_checkpointing: bool
-    freeze: FreezeConfig
-    adapter: AdapterConfig
+    """Which Qwen3-VL checkpoint to load and how."""
+
+    name_or_path: str | None = knob(None, "HF id or local dir of a Qwen3-VL checkpoint; exactly one of this and "
+                                    "model.tiny.enabled", min_length=1)
+    tiny: TinyModelConfig = section(TinyModelConfig, "built-in tiny random Qwen3-VL (tests, demo)")
+    dtype: str = knob("float32", "parameter storage (master weights); compute precision is "
+                      "training.mixed_precision. Training: keep float32 (docs/MODEL.md, Precision); fp16 params need "
+                      "mixed_precision no, bfloat16 params refuse fp16; half params with trainable weights log a "
+                      "warning", enum=("float32", "bfloat16", "float16"))
+    attn_implementation: str = knob("auto", "auto: flash_attention_2 when flash-attn is importable and CUDA is "
+                                    "present, else sdpa; the choice is logged",
+                                    enum=("auto", "sdpa", "eager", "flash_attention_2"))
+    coord_tokens: CoordTokensConfig = section(CoordTokensConfig, "the 1000 coord tokens <|coord_0|>..<|coord_999|>")
+    gradient_checkpointing: bool = knob(False, "recompute activations in backward (also the way to turn it on "
+                                        "under FSDP)")
+    freeze: FreezeConfig = section(FreezeConfig, "parts of the VLM that get no gradient (adapter.type none)")
+    adapter: AdapterConfig = section(AdapterConfig, "parameter-efficient training (docs/MODEL.md \"Adapters\"): "
+                                     "under lora or coord_offset the whole base model is frozen and model.freeze is "
+                                     "not read")
 
 
 # ---------------------------------------------------------------- data
 
+DEFAULT_PROMPT = (
+    "Detect every object in the image. Answer with one line of JSON: {\"objects\": [{\"desc\": \"<what it is>\", "
+    "\"bbox_2d\": [x1, y1, x2, y2]}, ...]}, each corner written as a coordinate token, objects ordered top to "
+    "bottom then left to right."
+)
+
 
 @dataclass(frozen=True)
 class SyntheticDataConfig:
-    enabled: bool
-    out_dir: str
-    num_train: int
-    num_val: int
-    image_size: int  # pixels (square)
-    max_shapes: int
-    seed: int
+    enabled: bool = knob(False, "generate the shapes dataset into out_dir if absent")
+    out_dir: str = knob("runs/shapes", "where the generated train/val JSONL and images go", min_length=1)
+    num_train: int = knob(64, "training images", minimum=1)
+    num_val: int = knob(16, "validation images", minimum=0)
+    image_size: int = knob(64, "image side, pixels (square)", minimum=8)
+    max_shapes: int = knob(3, "shapes per image at most", minimum=0)
+    seed: int = knob(0, "generator seed", minimum=0)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_jsonl: str | None  # None only when synthetic.enabled (checked by the loader)
-    val_jsonl: str | None
-    image_root: str | None
-    coords: str  # pixel | bins
-    object_order: str  # yx | none
-    max_objects: int | None
-    min_pixels: int | None
-    max_pixels: int | None
-    prompt: str
-    system_prompt: str | None
-    skip_invalid: bool
-    cache_dir: str | None  # Arrow record cache + lengths + packing plan (null: beside the JSONL)
-    num_workers: int  # DataLoader workers that encode + collate micro-batches (0 = in process)
-    synthetic: SyntheticDataConfig
+    """Training / validation JSONL, image location, coordinate convention, prompt, synthetic shapes."""
+
+    train_jsonl: str | None = knob(None, "training records (docs/DATA.md); required unless data.synthetic.enabled "
+                                   "(cross-field check in the loader)", min_length=1)
+    val_jsonl: str | None = knob(None, "validation records for in-loop eval", min_length=1)
+    image_root: str | None = knob(None, "image paths are relative to this, else to the JSONL file", min_length=1)
+    coords: str = knob("pixel", "pixel: [x1,y1,x2,y2] in original-image pixels; bins: already 0..999. A box of 4 "
+                       "coord tokens (\"<|coord_k|>\") is bins in either mode", enum=("pixel", "bins"))
+    object_order: str = knob("yx", "yx: top-to-bottom then left-to-right by (y1, x1); none: file order",
+                             enum=("yx", "none"))
+    max_objects: int | None = knob(None, "keep the first N objects of each record (after object_order; counted and reported); null = all", minimum=1)
+    min_pixels: int | None = knob(None, "image processor lower bound of the resized image area, pixels; null = the processor's",
+                                  minimum=1)
+    max_pixels: int | None = knob(None, "image processor upper bound of the resized image area, pixels; null = the processor's",
+                                  minimum=1)
+    prompt: str = knob(DEFAULT_PROMPT, "user prompt of every sample (default: the detection prompt)", min_length=1)
+    system_prompt: str | None = knob(None, "system message; null = none")
+    skip_invalid: bool = knob(False, "skip invalid JSONL lines (not UTF-8, not JSON, contract violations; counted "
+                              "per reason, reported) instead of failing; an empty file always fails (docs/DATA.md)")
+    cache_dir: str | None = knob(None, "where each JSONL's validated Arrow copy, token lengths and packing plan are "
+                                 "cached (<cache_dir>/.coordexp_cache/<key>/); null: beside the JSONL (docs/DATA.md)")
+    num_workers: int = knob(0, "DataLoader worker processes that decode images, run the image processor and collate "
+                            "training micro-batches ahead of the step (0 = in the training process)", minimum=0)
+    synthetic: SyntheticDataConfig = section(SyntheticDataConfig, "generated shapes dataset (demo, tests)")
 
 
 # ---------------------------------------------------------------- training
@@ -188,36 +239,53 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LrMultConfig:
-    vision: float
-    merger: float
-    language_model: float
+    vision: float = knob(1.0, "vision tower without its mergers", exclusive_minimum=0)
+    merger: float = knob(1.0, "patch merger + deepstack mergers (vision -> LM projection)", exclusive_minimum=0)
+    language_model: float = knob(1.0, "text decoder, embeddings (incl. coord rows), LM head; train/lr logs this "
+                                 "group's lr", exclusive_minimum=0)
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    max_steps: int  # optimizer steps
-    batch_size: int  # packed rows (packing) or samples per micro-step and rank
-    max_length: int  # tokens
-    packing: bool
-    gradient_accumulation_steps: int
-    lr: float
-    lr_mult: LrMultConfig  # multiplier of lr per model part
-    weight_decay: float
-    adam_betas: tuple[float, float]
-    adam_eps: float
-    lr_scheduler: str  # cosine | linear | constant
-    warmup_steps: int
-    warmup_ratio: float  # fraction of max_steps, [0, 1)
-    min_lr_ratio: float  # fraction of lr
-    max_grad_norm: float  # 0 disables clipping
-    max_consecutive_nonfinite: int  # non-finite (skipped) optimizer steps in a row that stop the run
-    mixed_precision: str  # no | bf16 | fp16
-    save_every: int  # 0 = only at the end
-    save_total_limit: int | None
-    save_on_interrupt: bool  # SIGTERM / SIGINT: finish the step, save, stop
-    collective_timeout_s: int  # DDP collective timeout (InitProcessGroupKwargs)
-    eval_every: int  # 0 = only at the end
-    resume_from: str | None  # checkpoint dir or "latest"
+    """Optimisation loop shared by Stage-1 and Stage-2."""
+
+    max_steps: int = knob(100, "optimizer steps", minimum=1)
+    batch_size: int = knob(1, "packed rows (packing on) or samples (off) per micro-step and rank", minimum=1)
+    max_length: int = knob(4096, "tokens per packed row / per sample", minimum=16)
+    packing: bool = knob(True, "pack several samples into one row of max_length tokens (exact: same logits)")
+    gradient_accumulation_steps: int = knob(1, "micro-steps per optimizer step", minimum=1)
+    lr: float = knob(1e-05, "peak learning rate", exclusive_minimum=0)
+    lr_mult: LrMultConfig = section(LrMultConfig, "peak lr of each part of the VLM as a multiple of training.lr "
+                                    "(> 0; parts as in model.freeze)")
+    weight_decay: float = knob(0.0, "AdamW weight decay of the decay parameter groups (the no-decay groups never decay)", minimum=0)
+    adam_betas: tuple[float, float] = knob((0.9, 0.999), "AdamW betas, each in [0, 1)",
+                                           items={"minimum": 0, "exclusiveMaximum": 1})
+    adam_eps: float = knob(1e-08, "AdamW epsilon", exclusive_minimum=0)
+    lr_scheduler: str = knob("cosine", "decay after warmup", enum=("cosine", "linear", "constant"))
+    warmup_steps: int = knob(0, "linear warmup steps", minimum=0)
+    warmup_ratio: float = knob(0.0, "fraction of max_steps, [0, 1); use this or warmup_steps, not both",
+                               minimum=0, exclusive_maximum=1)
+    min_lr_ratio: float = knob(0.0, "[0, 1]: floor of the decayed lr as a fraction of lr", minimum=0, maximum=1)
+    max_grad_norm: float = knob(1.0, "gradient clipping norm; 0 disables clipping", minimum=0)
+    max_consecutive_nonfinite: int = knob(
+        10, "a step whose loss (any micro-step, any rank) or grad norm is NaN/Inf skips the optimizer update "
+        "(train/nonfinite_skipped_total); this many skipped steps in a row stop the run with an error "
+        "(docs/RELIABILITY.md)", minimum=1)
+    mixed_precision: str = knob("no", "autocast of forwards and losses over model.dtype parameters (bf16: the real "
+                                "recipes)", enum=("no", "bf16", "fp16"))
+    save_every: int = knob(0, "optimizer steps between checkpoints; 0 = only at the end", minimum=0)
+    save_total_limit: int | None = knob(None, "keep the newest N checkpoints (older ones go only after a save "
+                                        "completes); null = all", minimum=1)
+    save_on_interrupt: bool = knob(
+        True, "SIGTERM / SIGINT finish the current optimizer step, save a checkpoint (every rank agrees on the step) "
+        "and stop with exit 128 + signal (143 / 130); false: the default signal behaviour (immediate exit, no "
+        "checkpoint)")
+    collective_timeout_s: int = knob(
+        1800, "seconds a cross-rank collective may wait (a frozen or lost rank) before the run fails instead of "
+        "hanging (accelerate InitProcessGroupKwargs); multi-process runs only", minimum=1)
+    eval_every: int = knob(0, "optimizer steps between in-loop evals; 0 = only at the end", minimum=0)
+    resume_from: str | None = knob(None, "checkpoint dir, or \"latest\" (newest checkpoint in the run dir)",
+                                   min_length=1)
 
 
 # ---------------------------------------------------------------- custom
@@ -225,126 +293,202 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class CoordSoftCEW1Config:
-    enabled: bool
-    ce_weight: float
-    soft_ce_weight: float
-    w1_weight: float
-    gate_weight: float
-    temperature: float
-    target_sigma: float  # bins
-    target_truncate: int | None  # bins
+    enabled: bool = knob(False, "-> the coord_reg entry's enabled key (soft_ce_weight and w1_weight below)",
+                         maps_to="coord_reg.enabled")
+    ce_weight: float = alias(CoordRegConfig, "coord_ce_weight", "-> coord_reg.coord_ce_weight")
+    soft_ce_weight: float = alias(CoordRegConfig, "soft_ce_weight", "-> coord_reg.soft_ce_weight", default=1.0)
+    w1_weight: float = alias(CoordRegConfig, "w1_weight", "-> coord_reg.w1_weight", default=1.0)
+    gate_weight: float = alias(CoordRegConfig, "coord_gate_weight", "-> coord_reg.coord_gate_weight", default=1.0)
+    temperature: float = alias(CoordRegConfig, "temperature", "-> coord_reg.temperature")
+    target_sigma: float = alias(CoordRegConfig, "target_sigma", "-> coord_reg.target_sigma: Gaussian target "
+                                "width in bins")
+    target_truncate: int | None = alias(CoordRegConfig, "target_truncate", "-> coord_reg.target_truncate: zero "
+                                        "the target beyond this many bins from the GT bin; null = no truncation")
 
 
 @dataclass(frozen=True)
 class CustomConfig:
-    trainer_variant: str | None  # stage2_two_channel | stage2_rollout_aligned | None (Stage-1)
-    coord_soft_ce_w1: CoordSoftCEW1Config
+    """Trainer variant and the coord soft-CE / W1 regulariser knobs (docs/training/METRICS_LOSSES.md)."""
+
+    trainer_variant: str | None = knob(None, "stage2_two_channel or stage2_rollout_aligned for train_stage2.py; "
+                                       "null = Stage-1 (train_stage1.py)",
+                                       enum=("stage2_two_channel", "stage2_rollout_aligned", None))
+    coord_soft_ce_w1: CoordSoftCEW1Config = section(
+        CoordSoftCEW1Config, "flat block that maps onto coord_reg when no pipeline is written "
+        "(docs/training/METRICS_LOSSES.md)")
 
 
 # ---------------------------------------------------------------- objective surfaces
 # ``pipeline`` is the user's list exactly as written (frozen), or None when omitted;
 # the resolved module lists with defaults and checksum are on ``Config.pipeline``.
 
+CHANNELS: tuple[str, ...] = ("A", "B")
+
+
+@dataclass(frozen=True)
+class PipelineEntry:
+    """One module entry of an objective pipeline (schema only: ``pipeline.manifest`` resolves entries)."""
+
+    name: str = knob(REQUIRED, "the module to run (pipeline.registry)", min_length=1)
+    enabled: bool = knob(True, "false keeps the entry but runs nothing")
+    weight: float = knob(1.0, "multiplies the module loss (objective modules only)", minimum=0)
+    channels: tuple[str, ...] = knob(CHANNELS, "Stage-2 Two-Channel only: the channels the module runs in",
+                                     items={"enum": list(CHANNELS)}, unique_items=True, min_items=1)
+    config: Mapping[str, Any] = knob(OMITTED, "module knobs (allowlist per module in configs/modules.py, "
+                                     "docs/training/METRICS_LOSSES.md)", schema={"type": "object", "default": {}})
+
+
+@dataclass(frozen=True)
+class PipelineDecl:
+    """An objective pipeline: ordered objective and diagnostics module lists (docs/training/PIPELINE.md)."""
+
+    objective: tuple[PipelineEntry, ...] = knob(OMITTED, "objective modules (return a loss), in run order")
+    diagnostics: tuple[PipelineEntry, ...] = knob(OMITTED, "diagnostics modules (metrics only), in run order")
+
+
+def pipeline_knob(doc: str) -> Any:
+    return knob(None, doc, schema={"$ref": "pipeline.json"})
+
 
 @dataclass(frozen=True)
 class Stage1Config:
-    pipeline: Mapping[str, Any] | None
+    """Stage-1 objective (train_stage1.py)."""
+
+    pipeline: Mapping[str, Any] | None = pipeline_knob(
+        "optional; omitted = default Stage-1 manifest (docs/training/METRICS_LOSSES.md)")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    b_ratio: float  # target fraction of Rollout steps, [0, 1]
+    b_ratio: float = knob(0.2, "target fraction of Rollout (Channel-B) optimizer steps", minimum=0, maximum=1)
 
 
 @dataclass(frozen=True)
 class ChannelBConfig:
-    drop_invalid_struct_ce_multiplier: float  # losses.masks.DROP_INVALID_MULTIPLIER_RANGE
+    drop_invalid_struct_ce_multiplier: float = alias(
+        TokenCEWeights, "rollout_drop_invalid_struct_ce_multiplier",
+        "flat knob -> token_ce.rollout_drop_invalid_struct_ce_multiplier: struct weights of a rollout that dropped "
+        "an invalid object")
 
 
 @dataclass(frozen=True)
 class FallbackConfig:
-    on_rollout_failure: str  # fail | expectation
+    on_rollout_failure: str = knob("fail", "what a scheduled Rollout step does when it cannot be built",
+                                   enum=("fail", "expectation"))
 
 
 @dataclass(frozen=True)
 class Stage2ABConfig:
-    schedule: ScheduleConfig
-    n_softctx_iter: int
-    softctx_grad_mode: str  # unroll | em_detach
-    softctx_temperature: float
-    coord_ctx_embed_mode: str  # soft | st | hard
-    coord_decode_mode: str  # exp | st
-    desc_ce_weight: float
-    fmt_struct_ce_weight: float
-    bbox_smoothl1_weight: float
-    bbox_ciou_weight: float
-    coord_ce_weight: float
-    coord_el1_weight: float
-    coord_ehuber_weight: float
-    coord_huber_delta: float
-    coord_entropy_weight: float
-    coord_gate_weight: float
-    text_gate_weight: float
-    channel_b: ChannelBConfig
-    fallback: FallbackConfig
-    pipeline: Mapping[str, Any] | None
+    """Stage-2 Two-Channel (custom.trainer_variant: stage2_two_channel), docs/training/STAGE2_RUNBOOK.md.
+
+    The flat objective knobs (``*_weight``, ``coord_huber_delta``, ``channel_b``) are read only
+    without a pipeline; see "Default manifests" in docs/training/METRICS_LOSSES.md.
+    """
+
+    schedule: ScheduleConfig = section(ScheduleConfig, "which optimizer steps are Rollout steps")
+    n_softctx_iter: int = knob(2, "full forwards per Expectation step (1 = plain teacher forcing)", minimum=1)
+    softctx_grad_mode: str = knob("unroll", "unroll: backprop through every soft-context forward; em_detach: detach the coord logits that build the next context",
+                                  enum=("unroll", "em_detach"))
+    softctx_temperature: float = knob(1.0, "temperature of the coord distribution that builds the soft context embeddings", exclusive_minimum=0)
+    coord_ctx_embed_mode: str = knob("st", "how a coord distribution becomes the next forward's input embedding; hard is for "
+                                     "debugging only", enum=("soft", "st", "hard"))
+    coord_decode_mode: str = knob("exp", "coord decode of the geometry losses", enum=("exp", "st"))
+    desc_ce_weight: float = alias(TokenCEWeights, "desc_ce_weight", "flat knob -> token_ce.desc_ce_weight and "
+                                  "token_ce.rollout_fn_desc_weight")
+    fmt_struct_ce_weight: float = alias(TokenCEWeights, "self_context_struct_ce_weight",
+                                        "flat knob -> token_ce.self_context_struct_ce_weight")
+    bbox_smoothl1_weight: float = alias(BBoxGeoConfig, "smoothl1_weight", "flat knob -> bbox_geo.smoothl1_weight")
+    bbox_ciou_weight: float = alias(BBoxGeoConfig, "ciou_weight", "flat knob -> bbox_geo.ciou_weight")
+    coord_ce_weight: float = alias(CoordRegConfig, "coord_ce_weight", "flat knob -> coord_reg.coord_ce_weight")
+    coord_el1_weight: float = alias(CoordRegConfig, "coord_el1_weight", "flat knob -> coord_reg.coord_el1_weight")
+    coord_ehuber_weight: float = alias(CoordRegConfig, "coord_ehuber_weight",
+                                       "flat knob -> coord_reg.coord_ehuber_weight")
+    coord_huber_delta: float = alias(CoordRegConfig, "coord_huber_delta",
+                                     "flat knob -> coord_reg.coord_huber_delta (fraction units)")
+    coord_entropy_weight: float = alias(CoordRegConfig, "coord_entropy_weight",
+                                        "flat knob -> coord_reg.coord_entropy_weight")
+    # On by default (unlike the module default 0): without a term on the full-vocabulary mass at
+    # coord slots, text CE leaks mass there and expectation-based geometry flattens the coord
+    # distribution until greedy decoding writes text where a coordinate belongs.
+    coord_gate_weight: float = alias(CoordRegConfig, "coord_gate_weight", "flat knob -> coord_reg.coord_gate_weight; "
+                                     "on by default so coord slots keep their mass on coord tokens "
+                                     "(docs/training/STAGE2_RUNBOOK.md)", default=1.0)
+    text_gate_weight: float = alias(CoordRegConfig, "text_gate_weight", "flat knob -> coord_reg.text_gate_weight")
+    channel_b: ChannelBConfig = section(ChannelBConfig, "Channel-B (Rollout step) knobs")
+    fallback: FallbackConfig = section(FallbackConfig, "what happens when a Rollout step fails")
+    pipeline: Mapping[str, Any] | None = pipeline_knob(
+        "optional; omitted = default Two-Channel manifest from the flat knobs (docs/training/METRICS_LOSSES.md)")
 
 
 @dataclass(frozen=True)
 class DecodingConfig:
-    temperature: float  # 0.0 = greedy
-    top_p: float
-    top_k: int  # 0 = off
-    max_new_tokens: int
-    batch_size: Any  # int >= 1 | "auto" (rollout.backends.auto_batch_size)
-    seed: int
+    temperature: float = knob(0.0, "sampling temperature; 0.0 = greedy", minimum=0)
+    top_p: float = knob(1.0, "nucleus sampling mass", exclusive_minimum=0, maximum=1)
+    top_k: int = knob(0, "top-k sampling; 0 = off", minimum=0)
+    max_new_tokens: int = knob(512, "generated tokens per rollout at most", minimum=1)
+    batch_size: Any = knob(8, "prompts per generate call, or auto (from the free GPU memory, docs/ROLLOUT.md "
+                           "\"Generation backends\"; 8 off CUDA)",
+                           schema={"anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]})
+    seed: int = knob(0, "sampling seed", minimum=0)
 
 
 @dataclass(frozen=True)
 class HFBackendConfig:
-    cache: str  # static | dynamic
-    compile: str  # auto | always | never
+    cache: str = knob("auto", "static: preallocated KV cache (fixed shapes, compilable decode step); dynamic: grows "
+                      "per step (eager reference); auto: static on CUDA or with compile always, else dynamic",
+                      enum=("auto", "static", "dynamic"))
+    compile: str = knob("auto", "auto: compile the static-cache decode step on CUDA only; always: on any device; "
+                        "never: eager", enum=("auto", "always", "never"))
 
 
 @dataclass(frozen=True)
 class VLLMBackendConfig:
-    gpu_memory_utilization: float
-    sleep_mode: bool
-    max_model_len: int | None
-    enforce_eager: bool
+    gpu_memory_utilization: float = knob(0.3, "share of the GPU the colocated engine may take (weights + KV cache), "
+                                         "range (0, 1]", exclusive_minimum=0, maximum=1)
+    sleep_mode: bool = knob(True, "release the engine's GPU memory between rollouts (vLLM sleep level 1)")
+    max_model_len: int | None = knob(None, "engine context length (prompt + generated tokens); null = the model "
+                                     "config's", minimum=1)
+    enforce_eager: bool = knob(False, "disable vLLM's CUDA graphs (debugging)")
 
 
 @dataclass(frozen=True)
 class MatchingConfig:
-    iou_gate: float
-    fp_cost: float
-    fn_cost: float
+    iou_gate: float = knob(0.3, "pairs with IoU below this are infeasible", minimum=0, maximum=1)
+    fp_cost: float = knob(1.0, "Hungarian cost of leaving a prediction unmatched", minimum=0)
+    fn_cost: float = knob(1.0, "Hungarian cost of leaving a GT object unmatched", minimum=0)
 
 
 @dataclass(frozen=True)
 class EvalDetectionConfig:
-    enabled: bool
-    metrics: str  # coco
-    score_mode: str  # token_prob | constant
-    score_include_desc: bool
+    enabled: bool = knob(True, "in-loop eval also computes COCO detection metrics (eval/rollout/mAP, ...) besides the rollout counters")
+    metrics: str = knob("coco", "detection metric family", enum=("coco",))
+    score_mode: str = knob("token_prob", "token_prob: mean probability of the object's 4 coord tokens; constant: every object scores 1.0",
+                           enum=("token_prob", "constant"))
+    score_include_desc: bool = knob(False, "token_prob scores also multiply by the mean probability of the object's desc tokens (docs/EVAL.md)")
 
 
 @dataclass(frozen=True)
 class RolloutMatchingConfig:
-    pipeline: Mapping[str, Any] | None
-    coord_decode_mode: str  # exp | st
-    backend: str  # hf | vllm
-    hf: HFBackendConfig
-    vllm: VLLMBackendConfig
-    decoding: DecodingConfig
-    matching: MatchingConfig
-    eval_detection: EvalDetectionConfig
+    """Rollout generation, matching and in-loop detection eval (both Stage-2 variants; eval_detection/decoding also
+    Stage-1 in-loop eval). pipeline only for stage2_rollout_aligned."""
+
+    pipeline: Mapping[str, Any] | None = pipeline_knob("optional; stage2_rollout_aligned only")
+    coord_decode_mode: str = knob("exp", "coord decode of the geometry losses", enum=("exp", "st"))
+    backend: str = knob("hf", "hf: transformers generate on the training model (reference); vllm: a colocated vLLM "
+                        "engine (requirements-vllm.txt)", enum=("hf", "vllm"))
+    hf: HFBackendConfig = section(HFBackendConfig, "the hf backend")
+    vllm: VLLMBackendConfig = section(VLLMBackendConfig, "the vllm backend")
+    decoding: DecodingConfig = section(DecodingConfig, "generation settings of rollouts and in-loop eval")
+    matching: MatchingConfig = section(MatchingConfig, "Hungarian matching of rollout objects to GT")
+    eval_detection: EvalDetectionConfig = section(EvalDetectionConfig, "in-loop detection eval")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    max_samples: int | None
-    batch_size: int
+    """In-loop and offline evaluation sizes."""
+
+    max_samples: int | None = knob(None, "cap on validation images per eval; null = all", minimum=1)
+    batch_size: int = knob(8, "images per generation batch during eval", minimum=1)
 
 
 # ---------------------------------------------------------------- root

@@ -10,36 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from configs.modules import TokenCEWeights  # the token_ce knobs, declared once (type, default, range)
 from losses.checks import content_checks
 from losses.registry import CONTEXTS, DESC, EOS, FN, FP, GT, MATCHED, NO_SUBSET, SELF_CONTEXT, STRUCT
-
-# The one declaration of the drop-invalid multiplier's range (token_ce config, its flat
-# stage2_ab.channel_b alias in configs/schema/stage2_ab.json is checked against it by a test).
-DROP_INVALID_MULTIPLIER_RANGE: tuple[float, float] = (1.0, 4.0)
-
-
-@dataclass(frozen=True)
-class TokenCEWeights:
-    """Scalar knobs of the ``token_ce`` module (docs/training/METRICS_LOSSES.md), with its documented defaults."""
-
-    desc_ce_weight: float = 1.0
-    self_context_struct_ce_weight: float = 0.1
-    rollout_fn_desc_weight: float = 1.0
-    rollout_matched_prefix_struct_weight: float = 1.0
-    rollout_drop_invalid_struct_ce_multiplier: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("desc_ce_weight", "self_context_struct_ce_weight", "rollout_fn_desc_weight",
-                     "rollout_matched_prefix_struct_weight"):
-            value = getattr(self, name)
-            if not (value >= 0 and value < float("inf")):
-                raise ValueError(f"token_ce.config.{name} must be a finite number >= 0, got {value!r}")
-        m = self.rollout_drop_invalid_struct_ce_multiplier
-        lo, hi = DROP_INVALID_MULTIPLIER_RANGE
-        if not lo <= m <= hi:
-            raise ValueError(
-                f"token_ce.config.rollout_drop_invalid_struct_ce_multiplier must lie in [{lo}, {hi}], got {m!r}"
-            )
 
 
 @dataclass
@@ -170,4 +143,4 @@ def _check_shape(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         raise ValueError(f"{name} must have the shape of token_types {tuple(ref.shape)}, got {tuple(t.shape)}")
 
 
-__all__ = ["DROP_INVALID_MULTIPLIER_RANGE", "TokenCEWeights", "TokenCEMasks", "build_token_ce_weights", "text_gate_positions"]
+__all__ = ["TokenCEWeights", "TokenCEMasks", "build_token_ce_weights", "text_gate_positions"]

@@ -27,8 +27,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from configs.declare import coerce_record, declared_fields, default_value, defaults_of, maps_to, section_class
 from configs.errors import ConfigError, did_you_mean
-from pipeline.registry import DIAGNOSTICS, OBJECTIVE, KeyRule, ModuleDef, get_module, known_modules
+from configs.types import CHANNELS, CoordSoftCEW1Config, PipelineEntry, Stage2ABConfig
+from configs.validation import check, check_value, key_parts, record_validator, schema_at
+from pipeline.registry import DIAGNOSTICS, OBJECTIVE, ModuleDef, get_module, known_modules
 
 STAGE1 = "stage1"
 STAGE2_TWO_CHANNEL = "stage2_two_channel"
@@ -41,65 +44,43 @@ PIPELINE_LOCATIONS: dict[str, str] = {
     STAGE2_ROLLOUT_ALIGNED: "rollout_matching.pipeline",
 }
 
-ENTRY_KEYS: tuple[str, ...] = ("name", "enabled", "weight", "channels", "config")
-CHANNEL_ORDER: tuple[str, ...] = ("A", "B")
+ENTRY_KEYS: tuple[str, ...] = tuple(f.name for f in declared_fields(PipelineEntry))
+ENTRY_DEFAULTS: dict[str, Any] = defaults_of(PipelineEntry)  # enabled, weight, channels (config: {})
+CHANNEL_ORDER: tuple[str, ...] = CHANNELS
 
-# ST / decode modes that change what the objective computes: part of the pipeline identity.
-MODE_KEYS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
-    STAGE1: {},
-    STAGE2_TWO_CHANNEL: {
-        "stage2_ab.coord_ctx_embed_mode": ("st", ("soft", "st", "hard")),
-        "stage2_ab.coord_decode_mode": ("exp", ("exp", "st")),
-    },
-    STAGE2_ROLLOUT_ALIGNED: {
-        "rollout_matching.coord_decode_mode": ("exp", ("exp", "st")),
-    },
+# ST / decode modes that change what the objective computes: part of the pipeline identity
+# (defaults and allowed values: their declarations in configs/types.py).
+MODE_KEYS: dict[str, tuple[str, ...]] = {
+    STAGE1: (),
+    STAGE2_TWO_CHANNEL: ("stage2_ab.coord_ctx_embed_mode", "stage2_ab.coord_decode_mode"),
+    STAGE2_ROLLOUT_ALIGNED: ("rollout_matching.coord_decode_mode",),
 }
 
-# custom.coord_soft_ce_w1 sub-key -> coord_reg config key (docs/training/METRICS_LOSSES.md). "enabled" maps to the
-# coord_reg entry's own ``enabled`` key (an entry key, not a config key).
+
+def _flat_knobs(cls: type, prefix: str) -> dict[str, tuple[str, Any]]:
+    """Every flat knob declared under ``cls`` (nested sections too): dotted key -> (module.config_key, default)."""
+    out: dict[str, tuple[str, Any]] = {}
+    for f in declared_fields(cls):
+        sub = section_class(cls, f.name)
+        if sub is not None:
+            out.update(_flat_knobs(sub, f"{prefix}.{f.name}"))
+        elif maps_to(cls, f.name) is not None:
+            out[f"{prefix}.{f.name}"] = (maps_to(cls, f.name), default_value(f))
+    return out
+
+
+# custom.coord_soft_ce_w1 sub-key -> coord_reg key, and its defaults (docs/training/METRICS_LOSSES.md). "enabled"
+# maps to the coord_reg entry's own ``enabled`` key (an entry key, not a config key).
 _SOFT_CE_W1_MAP: dict[str, str] = {
-    "enabled": "enabled",
-    "ce_weight": "coord_ce_weight",
-    "soft_ce_weight": "soft_ce_weight",
-    "w1_weight": "w1_weight",
-    "gate_weight": "coord_gate_weight",
-    "temperature": "temperature",
-    "target_sigma": "target_sigma",
-    "target_truncate": "target_truncate",
+    k.rsplit(".", 1)[1]: target.split(".", 1)[1]
+    for k, (target, _) in _flat_knobs(CoordSoftCEW1Config, "custom.coord_soft_ce_w1").items()
 }
-# Defaults of custom.coord_soft_ce_w1 (configs/schema/custom.json); repeated here because raw
-# has no defaults filled in.
-_SOFT_CE_W1_DEFAULTS: dict[str, Any] = {
-    "enabled": False,
-    "ce_weight": 0.0,
-    "soft_ce_weight": 1.0,
-    "w1_weight": 1.0,
-    "gate_weight": 1.0,
-    "temperature": 1.0,
-    "target_sigma": 2.0,
-    "target_truncate": None,
-}
+_SOFT_CE_W1_DEFAULTS: dict[str, Any] = defaults_of(CoordSoftCEW1Config)
 _SOFT_CE_W1_KNOBS: dict[str, str] = {f"custom.coord_soft_ce_w1.{k}": f"coord_reg.{v}" for k, v in _SOFT_CE_W1_MAP.items()}
 
-# Two-Channel flat knob -> (module.config_key, default). desc_ce_weight feeds two token_ce keys.
-_TWO_CHANNEL_FLAT: dict[str, tuple[str, Any]] = {
-    "stage2_ab.desc_ce_weight": ("token_ce.desc_ce_weight", 1.0),
-    "stage2_ab.fmt_struct_ce_weight": ("token_ce.self_context_struct_ce_weight", 0.1),
-    "stage2_ab.channel_b.drop_invalid_struct_ce_multiplier": ("token_ce.rollout_drop_invalid_struct_ce_multiplier", 1.0),
-    "stage2_ab.bbox_smoothl1_weight": ("bbox_geo.smoothl1_weight", 1.0),
-    "stage2_ab.bbox_ciou_weight": ("bbox_geo.ciou_weight", 1.0),
-    "stage2_ab.coord_ce_weight": ("coord_reg.coord_ce_weight", 0.0),
-    "stage2_ab.coord_el1_weight": ("coord_reg.coord_el1_weight", 0.0),
-    "stage2_ab.coord_ehuber_weight": ("coord_reg.coord_ehuber_weight", 0.0),
-    "stage2_ab.coord_huber_delta": ("coord_reg.coord_huber_delta", 0.001),
-    "stage2_ab.coord_entropy_weight": ("coord_reg.coord_entropy_weight", 0.0),
-    # On by default (unlike the module default 0): without a term on the full-vocabulary mass at
-    # coord slots, text CE leaks mass there and expectation-based geometry flattens the coord
-    # distribution until greedy decoding writes text where a coordinate belongs (docs/training/STAGE2_RUNBOOK.md).
-    "stage2_ab.coord_gate_weight": ("coord_reg.coord_gate_weight", 1.0),
-    "stage2_ab.text_gate_weight": ("coord_reg.text_gate_weight", 0.0),
-}
+# Two-Channel flat knob -> (module.config_key, default), from configs/types.py. desc_ce_weight feeds two
+# token_ce keys; coord_gate_weight defaults to 1 there (unlike the module default 0; the declaration says why).
+_TWO_CHANNEL_FLAT: dict[str, tuple[str, Any]] = _flat_knobs(Stage2ABConfig, "stage2_ab")
 
 FLAT_OBJECTIVE_KNOBS: dict[str, dict[str, str]] = {
     STAGE1: dict(_SOFT_CE_W1_KNOBS),
@@ -109,7 +90,7 @@ FLAT_OBJECTIVE_KNOBS: dict[str, dict[str, str]] = {
 """Per variant: every flat objective knob (dotted key in raw) -> the ``module.config_key`` that
 replaces it in a written pipeline (``coord_reg.enabled`` is the entry's ``enabled`` key). When a
 pipeline is written, each of these present in raw is rejected; so is a bare
-``custom.coord_soft_ce_w1`` block."""
+``custom.coord_soft_ce_w1`` block. Derived from the ``alias`` declarations of configs/types.py."""
 
 DEFAULT_OBJECTIVE_ORDER: tuple[str, ...] = ("token_ce", "bbox_geo", "coord_reg")
 DEFAULT_DIAGNOSTICS: tuple[str, ...] = ("coord_diag",)
@@ -126,8 +107,8 @@ class ModuleSpec:
     """
 
     name: str
-    enabled: bool = True
-    weight: float = 1.0
+    enabled: bool = ENTRY_DEFAULTS["enabled"]
+    weight: float = ENTRY_DEFAULTS["weight"]
     channels: tuple[str, ...] = CHANNEL_ORDER
     config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -228,58 +209,12 @@ def _is_seq(value: Any) -> bool:
 # ---------------------------------------------------------------------------- value checks
 
 
-def _check_config_value(mod: ModuleDef, key: str, value: Any, where: str) -> Any:
-    """Validate one module config value; return it normalised (ints -> float for float keys)."""
-    default = mod.defaults[key]
-    rule = mod.rules.get(key, KeyRule())
-    if value is None:
-        if rule.nullable:
-            return None
-        raise ConfigError(where, f"must not be null (default {default!r})")
-    if rule.integer:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer() and math.isfinite(value):
-                value = int(value)
-            else:
-                extra = " or null" if rule.nullable else ""
-                raise ConfigError(where, f"must be an integer{extra}, got {value!r}")
-    elif isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(where, f"must be true or false, got {value!r}")
-        return value
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(where, f"must be a string, got {value!r}")
-        return value
-    else:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(where, f"must be a number, got {value!r}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(where, f"must be a finite number, got {value!r}")
-    if rule.minimum is not None:
-        if rule.exclusive_minimum and not value > rule.minimum:
-            raise ConfigError(where, f"must be > {rule.minimum}, got {value!r}")
-        if not rule.exclusive_minimum and not value >= rule.minimum:
-            raise ConfigError(where, f"must be >= {rule.minimum}, got {value!r}")
-    if rule.maximum is not None and not value <= rule.maximum:
-        raise ConfigError(where, f"must be <= {rule.maximum}, got {value!r}")
-    return value
-
-
 def _module_config(mod: ModuleDef, written: Mapping[str, Any], where: str) -> MappingProxyType:
-    """Defaults of ``mod`` overlaid with ``written`` (validated); unknown keys raise."""
-    out = dict(mod.defaults)
-    allowed = sorted(mod.defaults)
-    for key, value in written.items():
-        if key not in mod.defaults:
-            allowed_txt = ", ".join(allowed) if allowed else "none (this module takes no config)"
-            raise ConfigError(
-                f"{where}.{key}",
-                f"unknown config key for module {mod.name!r}{did_you_mean(str(key), allowed)}; allowed keys: {allowed_txt}",
-            )
-        out[key] = _check_config_value(mod, key, value, f"{where}.{key}")
-    return MappingProxyType(out)
+    """Defaults of ``mod`` overlaid with ``written``, validated against the module's declared config
+    (configs/modules.py) by the config validator; unknown keys raise with the allowed ones."""
+    written = dict(written)
+    check(record_validator(mod.config), written, key_parts(where))
+    return MappingProxyType({**mod.defaults, **coerce_record(mod.config, written)})
 
 
 # ---------------------------------------------------------------------------- explicit pipelines
@@ -314,11 +249,11 @@ def _parse_entry(entry: Any, where: str, list_kind: str, variant: str) -> Module
             f"{name!r} is a {mod.kind} module and cannot be listed under '{list_kind}'; move it to '{other}'",
         )
 
-    enabled = entry.get("enabled", True)
+    enabled = entry.get("enabled", ENTRY_DEFAULTS["enabled"])
     if not isinstance(enabled, bool):
         raise ConfigError(f"{where}.enabled", f"must be true or false, got {enabled!r}")
 
-    weight = entry.get("weight", 1.0)
+    weight = entry.get("weight", ENTRY_DEFAULTS["weight"])
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise ConfigError(f"{where}.weight", f"must be a number >= 0, got {weight!r}")
     weight = float(weight)
@@ -327,7 +262,7 @@ def _parse_entry(entry: Any, where: str, list_kind: str, variant: str) -> Module
     if list_kind == DIAGNOSTICS and weight != 1.0:
         raise ConfigError(f"{where}.weight", "diagnostics modules add no loss; remove 'weight' from this entry")
 
-    channels_raw = entry.get("channels", list(CHANNEL_ORDER))
+    channels_raw = entry.get("channels", ENTRY_DEFAULTS["channels"])
     if not _is_seq(channels_raw) or not channels_raw:
         raise ConfigError(f"{where}.channels", f"must be a non-empty list drawn from [A, B], got {channels_raw!r}")
     for c in channels_raw:
@@ -390,60 +325,48 @@ def _parse_explicit(pipe: Any, loc: str, variant: str) -> tuple[tuple[ModuleSpec
 # ---------------------------------------------------------------------------- default manifests
 
 
-def _flat(raw: Mapping[str, Any], dotted: str, default: Any) -> Any:
+def _flat(raw: Mapping[str, Any], dotted: str) -> Any:
+    """The value of the flat key ``dotted`` in raw, checked against its declaration; its declared
+    default when it is absent or null."""
     value = _lookup(raw, dotted)
-    return default if value is _MISSING or value is None else value
+    if value is _MISSING or value is None:
+        return schema_at(key_parts(dotted))["default"]
+    check_value(dotted, value)  # raw may come unvalidated (resolve_pipeline is public)
+    return value
 
 
 def _soft_ce_w1(raw: Mapping[str, Any], variant: str) -> dict[str, Any]:
     block = _lookup(raw, "custom.coord_soft_ce_w1")
     if block is _MISSING or block is None:
         block = {}
-    if not isinstance(block, Mapping):
-        raise ConfigError("custom.coord_soft_ce_w1", f"must be a mapping, got {block!r}")
-    for key in block:
-        if key not in _SOFT_CE_W1_DEFAULTS:
-            raise ConfigError(f"custom.coord_soft_ce_w1.{key}", f"unknown key{did_you_mean(str(key), _SOFT_CE_W1_DEFAULTS)}; "
-                              f"allowed: {', '.join(_SOFT_CE_W1_DEFAULTS)}")
-    out = {k: block.get(k, d) for k, d in _SOFT_CE_W1_DEFAULTS.items()}
-    if not isinstance(out["enabled"], bool):
-        raise ConfigError("custom.coord_soft_ce_w1.enabled", f"must be true or false, got {out['enabled']!r}")
+    check_value("custom.coord_soft_ce_w1", block)
     if variant == STAGE2_TWO_CHANNEL:
         # Two-Channel takes coord CE and the coord gate from its own flat knobs (docs/training/METRICS_LOSSES.md);
         # accepting these here would silently do nothing.
         for key, replacement in (("ce_weight", "stage2_ab.coord_ce_weight"), ("gate_weight", "stage2_ab.coord_gate_weight")):
             if key in block:
                 raise ConfigError(f"custom.coord_soft_ce_w1.{key}", f"is not used by stage2_two_channel; set {replacement} instead")
-    return out
+    return {**_SOFT_CE_W1_DEFAULTS, **block}
 
 
-def _build(name: str, values: Mapping[str, tuple[Any, str]], *, enabled: bool = True) -> ModuleSpec:
-    """Default-manifest entry: ``values`` maps config key -> (value, dotted source key for errors)."""
+def _build(name: str, values: Mapping[str, Any], *, enabled: bool = True) -> ModuleSpec:
+    """Default-manifest entry: the module's declared defaults overlaid with ``values`` (already checked
+    flat-knob values or built-in constants), each in its declared type."""
     mod = get_module(name)
-    cfg = dict(mod.defaults)
-    for key, (value, src) in values.items():
-        cfg[key] = _check_config_value(mod, key, value, src)
+    cfg = {**mod.defaults, **coerce_record(mod.config, values)}
     return ModuleSpec(name=name, enabled=enabled, weight=1.0, channels=CHANNEL_ORDER, config=MappingProxyType(cfg))
 
 
-def _coord_reg_from_soft(soft: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
-    src = "custom.coord_soft_ce_w1."
-    return {
-        "coord_ce_weight": (soft["ce_weight"], src + "ce_weight"),
-        "soft_ce_weight": (soft["soft_ce_weight"], src + "soft_ce_weight"),
-        "w1_weight": (soft["w1_weight"], src + "w1_weight"),
-        "coord_gate_weight": (soft["gate_weight"], src + "gate_weight"),
-        "temperature": (soft["temperature"], src + "temperature"),
-        "target_sigma": (soft["target_sigma"], src + "target_sigma"),
-        "target_truncate": (soft["target_truncate"], src + "target_truncate"),
-        "text_gate_weight": (0.0, "coord_reg.text_gate_weight"),
-    }
+def _coord_reg_from_soft(soft: Mapping[str, Any]) -> dict[str, Any]:
+    reg = {target: soft[key] for key, target in _SOFT_CE_W1_MAP.items() if key != "enabled"}
+    reg["text_gate_weight"] = 0.0
+    return reg
 
 
 def _default_manifest(raw: Mapping[str, Any], variant: str) -> tuple[ModuleSpec, ...]:
     soft = _soft_ce_w1(raw, variant)
     if variant == STAGE2_TWO_CHANNEL:
-        v = {flat: (_flat(raw, flat, default), flat) for flat, (_, default) in _TWO_CHANNEL_FLAT.items()}
+        v = {flat: _flat(raw, flat) for flat in _TWO_CHANNEL_FLAT}
         desc = v["stage2_ab.desc_ce_weight"]
         token_ce = _build("token_ce", {
             "desc_ce_weight": desc,
@@ -455,28 +378,27 @@ def _default_manifest(raw: Mapping[str, Any], variant: str) -> tuple[ModuleSpec,
             "smoothl1_weight": v["stage2_ab.bbox_smoothl1_weight"],
             "ciou_weight": v["stage2_ab.bbox_ciou_weight"],
         })
-        reg: dict[str, tuple[Any, str]] = {
+        reg: dict[str, Any] = {
             target.split(".", 1)[1]: v[flat]
             for flat, (target, _) in _TWO_CHANNEL_FLAT.items()
             if target.startswith("coord_reg.")
         }
-        src = "custom.coord_soft_ce_w1."
         if soft["enabled"]:
             for key in ("soft_ce_weight", "w1_weight", "temperature", "target_sigma", "target_truncate"):
-                reg[key] = (soft[key], src + key)
-            reg["self_context_soft_ce_weight"] = (soft["soft_ce_weight"], src + "soft_ce_weight")
+                reg[key] = soft[key]
+            reg["self_context_soft_ce_weight"] = soft["soft_ce_weight"]
         else:
-            reg["soft_ce_weight"] = (0.0, "coord_reg.soft_ce_weight")
-            reg["w1_weight"] = (0.0, "coord_reg.w1_weight")
-            reg["self_context_soft_ce_weight"] = (0.05, "coord_reg.self_context_soft_ce_weight")
+            reg["soft_ce_weight"] = 0.0
+            reg["w1_weight"] = 0.0
+            reg["self_context_soft_ce_weight"] = 0.05
         return (token_ce, bbox_geo, _build("coord_reg", reg))
 
     if variant == STAGE2_ROLLOUT_ALIGNED:
         token_ce = _build("token_ce", {})
         bbox_geo = _build("bbox_geo", {})
         # Without soft-CE/W1, coord_reg still runs with the coord gate alone (same reason as the
-        # Two-Channel default above).
-        reg = _coord_reg_from_soft(soft) if soft["enabled"] else {"coord_gate_weight": (1.0, "coord_reg.coord_gate_weight")}
+        # Two-Channel default of stage2_ab.coord_gate_weight).
+        reg = _coord_reg_from_soft(soft) if soft["enabled"] else {"coord_gate_weight": 1.0}
         return (token_ce, bbox_geo, _build("coord_reg", reg))
 
     # Stage-1: geometry only when asked for (an explicit pipeline); coord_reg either the
@@ -486,10 +408,9 @@ def _default_manifest(raw: Mapping[str, Any], variant: str) -> tuple[ModuleSpec,
     if soft["enabled"]:
         reg = _coord_reg_from_soft(soft)
     else:
-        ce_only = "coord_reg (CE-only baseline)"
-        reg = {k: (0.0, ce_only) for k in get_module("coord_reg").defaults if k.endswith("_weight")}
-        reg["coord_ce_weight"] = (1.0, ce_only)
-        reg["coord_gate_weight"] = (1.0, ce_only)
+        reg = {k: 0.0 for k in get_module("coord_reg").defaults if k.endswith("_weight")}
+        reg["coord_ce_weight"] = 1.0
+        reg["coord_gate_weight"] = 1.0
     return (token_ce, bbox_geo, _build("coord_reg", reg))
 
 
@@ -536,11 +457,8 @@ def _check_no_flat_knobs(raw: Mapping[str, Any], variant: str) -> None:
 
 def _extra(raw: Mapping[str, Any], variant: str) -> MappingProxyType:
     extra: dict[str, Any] = {"variant": variant}
-    for dotted, (default, allowed) in MODE_KEYS[variant].items():
-        value = _flat(raw, dotted, default)
-        if value not in allowed:
-            raise ConfigError(dotted, f"must be one of {', '.join(allowed)}, got {value!r}{did_you_mean(str(value), allowed)}")
-        extra[dotted] = value
+    for dotted in MODE_KEYS[variant]:
+        extra[dotted] = _flat(raw, dotted)
     return MappingProxyType(extra)
 
 

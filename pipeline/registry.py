@@ -8,40 +8,24 @@ Two plain dicts, filled by :func:`register_module` when ``pipeline.modules`` is 
 A module is a function ``fn(ctx: TeacherForcingContext, spec: ModuleSpec, settings: PipelineSettings)
 -> ModuleOutput``: ``spec`` is its own manifest entry, ``settings`` the pipeline-level facts other
 modules own (e.g. token_ce's knobs, which the text gate and token_stats must share).
-Its ``defaults`` dict is also its config allowlist: ``pipeline.manifest`` rejects any other
-config key and fills the missing ones from it. ``rules`` add type/range checks per key; a key
-without a rule takes its type from its default (bool, int or float; ints are accepted for floats).
+Its config is declared once, as a frozen dataclass of ``configs/modules.py`` (type, default,
+range and doc per key): ``pipeline.manifest`` validates a written ``config`` against the schema
+generated from it, rejects any other key and fills the missing ones from its defaults.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from types import MappingProxyType
 from typing import Any
 
-from losses.masks import TokenCEWeights
+from configs.declare import declared_fields, defaults_of, has_default
+from configs.modules import TokenCEWeights
 
 OBJECTIVE = "objective"
 DIAGNOSTICS = "diagnostics"
 KINDS: tuple[str, ...] = (OBJECTIVE, DIAGNOSTICS)
-
-
-@dataclass(frozen=True)
-class KeyRule:
-    """Extra checks of one module config key (applied at config load, before a model is built).
-
-    ``integer``: the value must be an int (bools rejected). ``nullable``: ``None`` is allowed.
-    ``minimum`` / ``maximum``: inclusive bounds; ``exclusive_minimum`` makes the lower one strict.
-    ``doc``: one line for docs/training/METRICS_LOSSES.md.
-    """
-
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusive_minimum: bool = False
-    integer: bool = False
-    nullable: bool = False
-    doc: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,14 +56,20 @@ class ModuleOutput:
 
 @dataclass(frozen=True)
 class ModuleDef:
-    """A registered module: its function, kind, config defaults (= allowlist), rules and doc."""
+    """A registered module: its function, kind, config declaration (``configs/modules.py``) and doc.
+
+    ``defaults``: the declared config defaults (= the allowlist of config keys), read-only.
+    """
 
     name: str
     kind: str
     fn: Callable[..., ModuleOutput]
-    defaults: Mapping[str, Any]
-    rules: Mapping[str, KeyRule]
+    config: type
     doc: str
+
+    @property
+    def defaults(self) -> Mapping[str, Any]:
+        return MappingProxyType(defaults_of(self.config))
 
 
 OBJECTIVE_MODULES: dict[str, ModuleDef] = {}
@@ -90,22 +80,20 @@ _BY_KIND: dict[str, dict[str, ModuleDef]] = {OBJECTIVE: OBJECTIVE_MODULES, DIAGN
 def register_module(
     name: str,
     kind: str,
-    defaults: Mapping[str, Any],
+    config: type,
     doc: str,
-    *,
-    rules: Mapping[str, KeyRule] | None = None,
 ) -> Callable[[Callable[..., ModuleOutput]], Callable[..., ModuleOutput]]:
     """Decorator: register ``fn(ctx, spec) -> ModuleOutput`` as module ``name`` of ``kind``.
 
-    Raises ValueError on an unknown kind, a name registered before (in either dict), or a
-    rule for a key that has no default.
+    ``config``: the module's config dataclass (``configs/modules.py``: every field a ``knob`` with
+    a default). Raises ValueError on an unknown kind, a name registered before (in either dict), or
+    a config class that is not such a dataclass.
     """
     if kind not in KINDS:
         raise ValueError(f"module kind {kind!r} unknown; allowed: {', '.join(KINDS)}")
-    rules = dict(rules or {})
-    stray = sorted(set(rules) - set(defaults))
-    if stray:
-        raise ValueError(f"module {name!r}: rules for keys without a default: {stray}; add them to defaults")
+    if not is_dataclass(config) or any(not has_default(f) for f in declared_fields(config)):
+        raise ValueError(f"module {name!r}: config must be a dataclass of knob() fields with defaults "
+                         f"(configs/modules.py), got {config!r}")
 
     def decorate(fn: Callable[..., ModuleOutput]) -> Callable[..., ModuleOutput]:
         if name in OBJECTIVE_MODULES or name in DIAGNOSTICS_MODULES:
@@ -114,8 +102,7 @@ def register_module(
             name=name,
             kind=kind,
             fn=fn,
-            defaults=MappingProxyType(dict(defaults)),
-            rules=MappingProxyType(rules),
+            config=config,
             doc=doc,
         )
         return fn

@@ -152,7 +152,7 @@ def test_supervised_first_token_of_segment_raises():
 
 
 def test_token_ce_weights_validate_ranges():
-    with pytest.raises(ValueError, match=r"rollout_drop_invalid_struct_ce_multiplier must lie in \[1.0, 4.0\]"):
+    with pytest.raises(ValueError, match=r"rollout_drop_invalid_struct_ce_multiplier: expected a value in \[1.0, 4.0\]"):
         TokenCEWeights(rollout_drop_invalid_struct_ce_multiplier=0.5)
     with pytest.raises(ValueError, match="token_ce.config.desc_ce_weight"):
         TokenCEWeights(desc_ce_weight=-1.0)

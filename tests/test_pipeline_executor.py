@@ -14,6 +14,7 @@ from types import MappingProxyType
 import pytest
 import torch
 
+from configs.modules import NoConfig
 from losses.geometry import bbox_geo_loss
 from losses.registry import DESC, EOS, FN, FP, MATCHED, NO_SUBSET, STRUCT
 from pipeline.context import PipelineError, TeacherForcingContext
@@ -397,7 +398,7 @@ def test_every_loss_metric_is_mean_like(setup):
 def test_diagnostics_failure_warns_once_and_training_continues():
     calls = []
 
-    @register_module("boom_diag", DIAGNOSTICS, {}, "raises on purpose (test)")
+    @register_module("boom_diag", DIAGNOSTICS, NoConfig, "raises on purpose (test)")
     def boom(ctx, spec, settings):
         calls.append(1)
         raise RuntimeError("kaboom")
@@ -493,11 +494,11 @@ def test_resolved_pipeline_built_by_hand_runs():
 
 def test_registry_rejects_duplicates_and_lists_known_names():
     with pytest.raises(ValueError, match="already registered"):
-        register_module("token_ce", DIAGNOSTICS, {}, "dup")(lambda ctx, spec, settings: ModuleOutput())
+        register_module("token_ce", DIAGNOSTICS, NoConfig, "dup")(lambda ctx, spec, settings: ModuleOutput())
     with pytest.raises(KeyError, match="known objective modules: bbox_geo, coord_reg, token_ce"):
         get_module("nope")
     with pytest.raises(ValueError, match="kind"):
-        register_module("x", "loss", {}, "bad kind")
+        register_module("x", "loss", NoConfig, "bad kind")
 
 
 def test_importing_losses_and_pipeline_pulls_no_heavy_backends():

@@ -332,7 +332,7 @@ def test_flat_knob_values_are_validated_with_their_own_key():
     with pytest.raises(ConfigError) as err:
         resolve_pipeline({"custom": {"coord_soft_ce_w1": {"enabled": True, "target_sigma": 0}}}, RA)
     assert err.value.key == "custom.coord_soft_ce_w1.target_sigma"
-    with pytest.raises(ConfigError, match="one of exp, st") as err:
+    with pytest.raises(ConfigError, match="one of 'exp', 'st'") as err:  # the loader's validator and wording
         resolve_pipeline({"rollout_matching": {"coord_decode_mode": "argmax"}}, RA)
     assert err.value.key == "rollout_matching.coord_decode_mode"
     with pytest.raises(ConfigError) as err:

@@ -11,25 +11,19 @@ Metrics (unweighted means over boxes): ``loss/geo`` = smoothl1_weight x ``loss/g
 
 from __future__ import annotations
 
+from configs.modules import BBoxGeoConfig
 from losses.coord import decode_coords
 from losses.geometry import bbox_geo_loss
 from losses.registry import GEO, NUM_COORD_BINS, loss_key
 from pipeline.context import MODE_ROLLOUT, ROLLOUT_GEO_SUBSETS, PipelineError, TeacherForcingContext
-from pipeline.registry import OBJECTIVE, KeyRule, ModuleOutput, PipelineSettings, register_module
-
-DEFAULTS = {"smoothl1_weight": 1.0, "ciou_weight": 1.0}
-RULES = {
-    "smoothl1_weight": KeyRule(minimum=0.0, doc="weight of SmoothL1 (beta = 0.01 fractions) inside loss/geo"),
-    "ciou_weight": KeyRule(minimum=0.0, doc="weight of (1 - CIoU) inside loss/geo"),
-}
+from pipeline.registry import OBJECTIVE, ModuleOutput, PipelineSettings, register_module
 
 
 @register_module(
     "bbox_geo",
     OBJECTIVE,
-    DEFAULTS,
+    BBoxGeoConfig,
     "Box loss on decoded boxes: smoothl1_weight * SmoothL1 + ciou_weight * (1 - CIoU), mean over boxes (loss/geo).",
-    rules=RULES,
 )
 def bbox_geo(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     mode = ctx.require_contexts("bbox_geo")

@@ -18,25 +18,19 @@ from __future__ import annotations
 
 import torch
 
+from configs.modules import CoordDiagConfig
 from losses.coord import coord_probs, expectation_decode
 from losses.coord_reg import entropy
 from losses.registry import NUM_COORD_BINS
 from pipeline.context import TeacherForcingContext
-from pipeline.registry import DIAGNOSTICS, KeyRule, ModuleOutput, PipelineSettings, register_module
-
-DEFAULTS = {"bin_tolerance": 0, "coord_mass": True}
-RULES = {
-    "bin_tolerance": KeyRule(minimum=0, integer=True, doc="bins of slack for coord_diag/bin_acc_frac"),
-    "coord_mass": KeyRule(doc="emit coord_diag/coord_mass_mean (costs one full-vocabulary logsumexp per coord)"),
-}
+from pipeline.registry import DIAGNOSTICS, ModuleOutput, PipelineSettings, register_module
 
 
 @register_module(
     "coord_diag",
     DIAGNOSTICS,
-    DEFAULTS,
+    CoordDiagConfig,
     "Coord entropy, expectation-vs-argmax gap, expectation error, bin accuracy and coord mass at geometry coord positions.",
-    rules=RULES,
 )
 def coord_diag(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     context = ctx.geometry_context()

@@ -20,50 +20,19 @@ from __future__ import annotations
 
 import torch
 
+from configs.modules import CoordRegConfig
 from losses.coord_reg import coord_ce, coord_gate, entropy, expected_huber, expected_l1, soft_ce, text_gate, w1
 from losses.masks import text_gate_positions
 from losses.registry import COORD_REG, COORD_TOKEN_CE, GT, SELF_CONTEXT, loss_key
 from pipeline.context import MODE_CHANNEL_A, TeacherForcingContext
-from pipeline.registry import OBJECTIVE, KeyRule, ModuleOutput, PipelineSettings, register_module
-
-DEFAULTS = {
-    "coord_ce_weight": 0.0,
-    "soft_ce_weight": 0.0,
-    "self_context_soft_ce_weight": 0.05,
-    "w1_weight": 0.0,
-    "coord_entropy_weight": 0.0,
-    "coord_el1_weight": 0.0,
-    "coord_ehuber_weight": 0.0,
-    "coord_huber_delta": 0.001,
-    "coord_gate_weight": 0.0,
-    "text_gate_weight": 0.0,
-    "temperature": 1.0,
-    "target_sigma": 2.0,
-    "target_truncate": None,
-}
-RULES = {
-    "coord_ce_weight": KeyRule(minimum=0.0, doc="hard CE over the coord logits (logged as loss/coord_token_ce)"),
-    "soft_ce_weight": KeyRule(minimum=0.0, doc="CE against the Gaussian bin target"),
-    "self_context_soft_ce_weight": KeyRule(minimum=0.0, doc="Channel-A soft_ce on self_context coord positions"),
-    "w1_weight": KeyRule(minimum=0.0, doc="1-Wasserstein between p and the Gaussian target (fractions)"),
-    "coord_entropy_weight": KeyRule(minimum=0.0, doc="entropy of p (nats)"),
-    "coord_el1_weight": KeyRule(minimum=0.0, doc="expected L1 |v_k - v_t| under p (fractions)"),
-    "coord_ehuber_weight": KeyRule(minimum=0.0, doc="expected Huber under p (fractions)"),
-    "coord_huber_delta": KeyRule(minimum=0.0, exclusive_minimum=True, doc="Huber delta of ehuber (fractions)"),
-    "coord_gate_weight": KeyRule(minimum=0.0, doc="-log(coord-vocabulary mass) at coord positions"),
-    "text_gate_weight": KeyRule(minimum=0.0, doc="-log(1 - coord mass) at supervised struct/desc positions"),
-    "temperature": KeyRule(minimum=0.0, exclusive_minimum=True, doc="tau of p = softmax(s / tau) (not coord_ce/gates)"),
-    "target_sigma": KeyRule(minimum=0.0, exclusive_minimum=True, doc="Gaussian target width (bins)"),
-    "target_truncate": KeyRule(minimum=0.0, integer=True, nullable=True, doc="zero the target beyond this many bins; null = off"),
-}
+from pipeline.registry import OBJECTIVE, ModuleOutput, PipelineSettings, register_module
 
 
 @register_module(
     "coord_reg",
     OBJECTIVE,
-    DEFAULTS,
+    CoordRegConfig,
     "Coord-distribution regularisers (coord_ce, soft_ce, w1, entropy, el1, ehuber) and coord/text gates (loss/coord_reg).",
-    rules=RULES,
 )
 def coord_reg(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     mode = ctx.require_contexts("coord_reg")

@@ -25,29 +25,11 @@ from dataclasses import replace
 
 import torch
 
+from configs.modules import TokenCEWeights
 from losses.ce import token_ce as token_ce_math
-from losses.masks import DROP_INVALID_MULTIPLIER_RANGE, TokenCEWeights
 from losses.registry import DESC_CE, GT, ROLLOUT, SELF_CONTEXT, STRUCT_CE, loss_key
 from pipeline.context import MODE_CHANNEL_A, MODE_ROLLOUT, TeacherForcingContext
-from pipeline.registry import OBJECTIVE, KeyRule, ModuleOutput, PipelineSettings, register_module
-
-DEFAULTS = {
-    "desc_ce_weight": 1.0,
-    "self_context_struct_ce_weight": 0.1,
-    "rollout_fn_desc_weight": 1.0,
-    "rollout_matched_prefix_struct_weight": 1.0,
-    "rollout_drop_invalid_struct_ce_multiplier": 1.0,
-}
-RULES = {
-    "desc_ce_weight": KeyRule(minimum=0.0, doc="scale of the gt desc CE mean (Stage-1, Channel-A)"),
-    "self_context_struct_ce_weight": KeyRule(minimum=0.0, doc="Channel-A struct/eos stabiliser on self_context"),
-    "rollout_fn_desc_weight": KeyRule(minimum=0.0, doc="scale of the desc CE mean of appended FN objects"),
-    "rollout_matched_prefix_struct_weight": KeyRule(
-        minimum=0.0, doc="per-token struct weight of matched objects and prefix struct (FN struct is 1)"),
-    "rollout_drop_invalid_struct_ce_multiplier": KeyRule(
-        minimum=DROP_INVALID_MULTIPLIER_RANGE[0], maximum=DROP_INVALID_MULTIPLIER_RANGE[1],
-        doc="struct weights of a rollout that dropped an invalid object"),
-}
+from pipeline.registry import OBJECTIVE, ModuleOutput, PipelineSettings, register_module
 
 
 def _ce(ctx: TeacherForcingContext, context: str, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,9 +40,8 @@ def _ce(ctx: TeacherForcingContext, context: str, weights: torch.Tensor) -> tupl
 @register_module(
     "token_ce",
     OBJECTIVE,
-    DEFAULTS,
+    TokenCEWeights,
     "CE on struct+eos (loss/struct_ce) and desc (loss/desc_ce) tokens with the per-context masks of docs/training/METRICS_LOSSES.md.",
-    rules=RULES,
 )
 def token_ce(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     mode = ctx.require_contexts("token_ce")

@@ -1,0 +1,95 @@
+"""The ``config`` maps of the built-in pipeline modules: one frozen dataclass per module, one knob per key.
+
+These fields are the modules' config allowlists, defaults, types and ranges (``pipeline.manifest``
+validates a written ``config`` against the schema generated from them, with the loader's
+validator) and the per-key docs of docs/CONFIG.md. The flat objective knobs of ``configs/types.py``
+(``stage2_ab.*_weight``, ``custom.coord_soft_ce_w1.*``) are declared as aliases of these keys, so
+a range such as the drop-invalid multiplier's [1, 4] is written once, here.
+
+``TokenCEWeights`` is also what the mask builder (``losses.masks``) reads.
+``MODULE_CONFIGS`` maps module name -> its config class (``token_stats`` takes none: :class:`NoConfig`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from configs.declare import knob
+
+
+@dataclass(frozen=True)
+class TokenCEWeights:
+    """Knobs of ``token_ce``: CE on struct (+ eos) and desc tokens (docs/training/METRICS_LOSSES.md)."""
+
+    MODULE = "token_ce"
+
+    desc_ce_weight: float = knob(1.0, "scale of the gt desc CE mean (Stage-1, Channel-A)", minimum=0.0)
+    self_context_struct_ce_weight: float = knob(0.1, "Channel-A struct/eos stabiliser on self_context", minimum=0.0)
+    rollout_fn_desc_weight: float = knob(1.0, "scale of the desc CE mean of appended FN objects", minimum=0.0)
+    rollout_matched_prefix_struct_weight: float = knob(
+        1.0, "per-token struct weight of matched objects and prefix struct (FN struct is 1)", minimum=0.0)
+    rollout_drop_invalid_struct_ce_multiplier: float = knob(
+        1.0, "struct weights of a rollout that dropped an invalid object", minimum=1.0, maximum=4.0)
+
+    def __post_init__(self) -> None:
+        # Built by code as well as from a validated config: the same declaration checks it.
+        from configs.validation import check_record
+
+        check_record(self, "token_ce.config")
+
+
+@dataclass(frozen=True)
+class BBoxGeoConfig:
+    """Knobs of ``bbox_geo``: SmoothL1 + CIoU on decoded boxes (loss/geo)."""
+
+    MODULE = "bbox_geo"
+
+    smoothl1_weight: float = knob(1.0, "weight of SmoothL1 (beta = 0.01 fractions) inside loss/geo", minimum=0.0)
+    ciou_weight: float = knob(1.0, "weight of (1 - CIoU) inside loss/geo", minimum=0.0)
+
+
+@dataclass(frozen=True)
+class CoordRegConfig:
+    """Knobs of ``coord_reg``: coord-distribution regularisers and the coord/text gates (loss/coord_reg)."""
+
+    MODULE = "coord_reg"
+
+    coord_ce_weight: float = knob(0.0, "hard CE over the coord logits (logged as loss/coord_token_ce)", minimum=0.0)
+    soft_ce_weight: float = knob(0.0, "CE against the Gaussian bin target", minimum=0.0)
+    self_context_soft_ce_weight: float = knob(0.05, "Channel-A soft_ce on self_context coord positions", minimum=0.0)
+    w1_weight: float = knob(0.0, "1-Wasserstein between p and the Gaussian target (fractions)", minimum=0.0)
+    coord_entropy_weight: float = knob(0.0, "entropy of p (nats)", minimum=0.0)
+    coord_el1_weight: float = knob(0.0, "expected L1 |v_k - v_t| under p (fractions)", minimum=0.0)
+    coord_ehuber_weight: float = knob(0.0, "expected Huber under p (fractions)", minimum=0.0)
+    coord_huber_delta: float = knob(0.001, "Huber delta of ehuber (fractions)", exclusive_minimum=0.0)
+    coord_gate_weight: float = knob(0.0, "-log(coord-vocabulary mass) at coord positions", minimum=0.0)
+    text_gate_weight: float = knob(0.0, "-log(1 - coord mass) at supervised struct/desc positions", minimum=0.0)
+    temperature: float = knob(1.0, "tau of p = softmax(s / tau) (not coord_ce/gates)", exclusive_minimum=0.0)
+    target_sigma: float = knob(2.0, "Gaussian target width (bins)", exclusive_minimum=0.0)
+    target_truncate: int | None = knob(None, "zero the target beyond this many bins; null = off", minimum=0)
+
+
+@dataclass(frozen=True)
+class CoordDiagConfig:
+    """Knobs of ``coord_diag`` (diagnostics): coord distributions where geometry reads them."""
+
+    MODULE = "coord_diag"
+
+    bin_tolerance: int = knob(0, "bins of slack for coord_diag/bin_acc_frac", minimum=0)
+    coord_mass: bool = knob(True, "emit coord_diag/coord_mass_mean (costs one full-vocabulary logsumexp per coord)")
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """Takes no config (any key is refused)."""
+
+
+MODULE_CONFIGS: dict[str, type] = {
+    "token_ce": TokenCEWeights,
+    "bbox_geo": BBoxGeoConfig,
+    "coord_reg": CoordRegConfig,
+    "coord_diag": CoordDiagConfig,
+    "token_stats": NoConfig,
+}
+
+__all__ = ["MODULE_CONFIGS", "BBoxGeoConfig", "CoordDiagConfig", "CoordRegConfig", "NoConfig", "TokenCEWeights"]
