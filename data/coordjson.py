@@ -5,7 +5,8 @@
 Rendering also returns a registry token type per *character* (struct / desc / coord), the
 character span of every object's ``{...}``, of its desc value (escaped form, between the quotes)
 and of its four coord tokens, so the encoder can map them onto BPE tokens. ``<|im_end|>`` is not
-part of the text: the encoder appends it as its own token.
+part of the text: the encoder appends it as its own token. ``find_outermost_closure`` is the one
+string-aware brace scan of CoordJSON text (parser, encoder and rollout builder use it).
 """
 
 from __future__ import annotations
@@ -192,6 +193,56 @@ class _Parser:
             bins.append(self.coord())
         self.expect(_OBJ_CLOSE, "']}' closing the object (bbox_2d has exactly 4 coords)")
         return GTObject(desc=desc, bins=tuple(bins))
+
+
+def find_outermost_closure(text: str, start: int = 0) -> int | None:
+    """Char index of the ``}`` closing the first top-level JSON object in ``text[start:]``.
+
+    String-aware stack scan: braces/brackets inside ``"..."`` do not count, a backslash
+    escapes the next character inside a string, and ``<|...|>`` special-token text outside
+    strings (coord tokens, ``<|im_end|>``) is skipped whole. A closer that does not match
+    the top of the stack is ignored (salvaged rollout text can be malformed; skipping keeps
+    the scan from closing the object early). Returns None when the object never closes.
+    This is the one brace scan of the code base (CoordJSON text scanning lives here, with
+    render/parse): the rollout parser uses it to find the end of each object, the encoder and
+    the rollout builder to find the closure token.
+    """
+    stack: list[str] = []
+    in_string = False
+    escaped = False
+    i = start
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+            i += 1
+            continue
+        if c == "<" and text.startswith("<|", i):
+            j = text.find("|>", i + 2)
+            if j != -1:
+                i = j + 2
+                continue
+        if c == '"':
+            in_string = True
+        elif c == "{":
+            stack.append("{")
+        elif c == "[":
+            if stack:
+                stack.append("[")
+        elif c in "}]":
+            want = "{" if c == "}" else "["
+            if stack and stack[-1] == want:
+                stack.pop()
+                if not stack:
+                    return i
+        i += 1
+    return None
 
 
 def parse_answer(text: str) -> list[GTObject]:

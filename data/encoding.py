@@ -8,17 +8,16 @@ the training tokens of the answer are exactly what the model would produce.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import torch
 from PIL import Image
 
-from data.coordjson import RenderedAnswer, render_answer
+from data.coordjson import RenderedAnswer, find_outermost_closure, render_answer
 from data.records import DataError
-from data.types import BBoxGroup, EncodedSample, ObjectSpan, Record
+from data.types import BBoxGroup, EncodedSample, GTObject, ObjectSpan, Record
 from losses.registry import EOS, IGNORE, NO_SUBSET
-from losses.tokens import assign_token_types, char_span_to_tokens, find_outermost_closure
+from losses.tokens import assign_token_types, char_span_to_tokens
 
 IMAGE_PAD = "<|image_pad|>"
 IM_END = "<|im_end|>"
@@ -154,73 +153,32 @@ class ChatEncoder:
         """Prompt only (ends with the assistant header): what generation starts from."""
         pixel_values, grid = self.process_image(record)
         ids = torch.tensor(self.prompt_ids(grid), dtype=torch.long)
-        n = ids.shape[0]
-        return EncodedSample(
-            input_ids=ids,
-            token_types=torch.full((n,), IGNORE, dtype=torch.long),
-            object_index=torch.full((n,), -1, dtype=torch.long),
-            subset=torch.full((n,), NO_SUBSET, dtype=torch.long),
-            coord_targets=torch.full((n,), -1, dtype=torch.long),
-            closure=torch.zeros(n, dtype=torch.bool),
-            mm_token_type_ids=(ids == self.image_pad_id).long(),
-            pixel_values=pixel_values,
-            image_grid_thw=grid,
-            prompt_len=n,
-            record=record,
-        )
+        return _prompt_sample(ids, (ids == self.image_pad_id).long(), pixel_values, grid, record)
 
     def encode(self, record: Record) -> EncodedSample:
         """Prompt + GT answer + ``<|im_end|>`` with token types, object spans and coord targets (gt context)."""
         prompt = self.encode_prompt(record)
-        rendered = render_answer(record.objects)
-        return self.append_answer(prompt, rendered, source=record.source)
+        return self.append_answer(prompt, record.objects, source=record.source)
 
-    def append_answer(self, prompt: EncodedSample, rendered: RenderedAnswer, *, source: str = "") -> EncodedSample:
-        """Teacher-forced sample = ``prompt`` + tokens of ``rendered.text`` + ``<|im_end|>``.
+    def append_answer(
+        self, prompt: EncodedSample, objects: Sequence[GTObject], *, source: str = ""
+    ) -> EncodedSample:
+        """Teacher-forced sample = ``prompt`` + tokens of ``render_answer(objects)`` + ``<|im_end|>``.
 
-        Object ``i`` of ``rendered`` gets ``object_index == i``, an ``ObjectSpan`` and a ``BBoxGroup``
-        (subset NO_SUBSET, target = its own bins). Coord tokens must each be one token.
+        Object ``i`` gets ``object_index == i``, an ``ObjectSpan`` and a ``BBoxGroup`` (subset
+        NO_SUBSET, target = its own bins, taken from ``objects``). Coord tokens must each be one token.
         """
+        rendered = render_answer(objects)
         text = rendered.text
         ans_ids, offsets = self.encode_answer_tokens(text)
         types = assign_token_types(offsets, rendered.char_types)
         p = prompt.prompt_len
-        n_ans = len(ans_ids) + 1  # + <|im_end|>
-        obj_index = [-1] * n_ans
-        coord_targets = [-1] * n_ans
-        best = [0] * n_ans
-        for i, (s, e) in enumerate(rendered.object_char_spans):
-            t0, t1 = char_span_to_tokens(offsets, s, e)
-            for t in range(t0, t1):
-                ov = min(e, offsets[t][1]) - max(s, offsets[t][0])
-                # Most-overlapped object wins; on a tie the earlier object keeps the token.
-                if ov > best[t]:
-                    best[t], obj_index[t] = ov, i
-        start_of = {tuple(o): t for t, o in enumerate(offsets)}
-        objects: list[ObjectSpan] = []
-        groups: list[BBoxGroup] = []
-        for i, ((s, e), (ds, de), cspans) in enumerate(
-            zip(rendered.object_char_spans, rendered.desc_char_spans, rendered.coord_char_spans, strict=True)
-        ):
-            t0, t1 = char_span_to_tokens(offsets, s, e)
-            d0, d1 = char_span_to_tokens(offsets, ds, de)
-            coord_tok: list[int] = []
-            for cs in cspans:
-                t = start_of.get(tuple(cs))
-                if t is None:
-                    raise ValueError(
-                        f"{source}: coord token {text[cs[0] : cs[1]]!r} is not a single token; add the 1000 coord "
-                        "tokens to the tokenizer (model.vocab) before encoding"
-                    )
-                coord_tok.append(t)
-            desc = _unescape(text[ds:de])
-            bins = tuple(int(text[cs[0] + 8 : cs[1] - 2]) for cs in cspans)
-            for t, k in zip(coord_tok, bins, strict=True):
-                coord_targets[t] = k
-            pos = tuple(p + t for t in coord_tok)
-            objects.append(ObjectSpan(i, p + t0, p + t1, p + d0, p + d1, pos, desc, bins))
-            groups.append(BBoxGroup(coord_pos=pos, target_bins=bins, subset=NO_SUBSET, object_index=i))
-        closure = [False] * n_ans
+        obj_index, tok_spans = object_token_index(offsets, rendered.object_char_spans)
+        coord_targets = [-1] * (len(ans_ids) + 1)  # + <|im_end|>
+        spans, groups = place_rendered_objects(
+            rendered, objects, offsets, tok_spans, coord_targets, prompt_len=p, where=f"{source}: "
+        )
+        closure = [False] * (len(ans_ids) + 1)
         c = find_outermost_closure(text)
         if c is not None:
             t0, t1 = char_span_to_tokens(offsets, c, c + 1)
@@ -232,7 +190,7 @@ class ChatEncoder:
         return EncodedSample(
             input_ids=ids,
             token_types=tt,
-            object_index=torch.cat([prompt.object_index, torch.tensor(obj_index, dtype=torch.long)]),
+            object_index=torch.cat([prompt.object_index, torch.tensor(obj_index + [-1], dtype=torch.long)]),
             subset=torch.full((ids.shape[0],), NO_SUBSET, dtype=torch.long),
             coord_targets=torch.cat([prompt.coord_targets, torch.tensor(coord_targets, dtype=torch.long)]),
             closure=torch.cat([prompt.closure, torch.tensor(closure, dtype=torch.bool)]),
@@ -240,14 +198,82 @@ class ChatEncoder:
             pixel_values=prompt.pixel_values,
             image_grid_thw=prompt.image_grid_thw,
             prompt_len=p,
-            objects=objects,
+            objects=spans,
             bbox_groups=groups,
             record=prompt.record,
         )
 
 
-def _unescape(escaped: str) -> str:
-    return json.loads('"' + escaped + '"')
+def object_token_index(
+    offsets: Sequence[tuple[int, int]], object_char_spans: Sequence[tuple[int, int]]
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Which object each token belongs to, and each object's token range (the one rule for GT and rollouts).
+
+    offsets: ``(start, end)`` chars of each answer token; object_char_spans: each object's ``{...}``.
+    Returns ``object_index`` per token (the object whose chars it overlaps most; ties: the earlier
+    object; -1 outside every object) and ``[t0, t1)`` per object (tokens overlapping its chars).
+    """
+    obj_index = [-1] * len(offsets)
+    best = [0] * len(offsets)
+    tok_spans: list[tuple[int, int]] = []
+    for k, (s, e) in enumerate(object_char_spans):
+        t0, t1 = char_span_to_tokens(offsets, s, e)
+        tok_spans.append((t0, t1))
+        for t in range(t0, t1):
+            ov = min(e, offsets[t][1]) - max(s, offsets[t][0])
+            if ov > best[t]:  # most-overlapped object wins; ties keep the earlier object
+                best[t], obj_index[t] = ov, k
+    return obj_index, tok_spans
+
+
+def place_rendered_objects(
+    rendered: RenderedAnswer,
+    objects: Sequence[GTObject],
+    offsets: Sequence[tuple[int, int]],
+    tok_spans: Sequence[tuple[int, int]],
+    coord_targets: list[int],
+    *,
+    prompt_len: int,
+    char_base: int = 0,
+    first_index: int = 0,
+    subset: int = NO_SUBSET,
+    where: str = "",
+) -> tuple[list[ObjectSpan], list[BBoxGroup]]:
+    """``ObjectSpan`` + ``BBoxGroup`` of every rendered object, and its coord targets (GT answers, FN tails).
+
+    ``rendered`` renders ``objects`` and starts at answer char ``char_base``; ``offsets`` are the
+    answer tokens' char spans; object ``m`` is answer object ``first_index + m`` with token range
+    ``tok_spans[first_index + m]``. Writes each object's bins (from ``objects``, never re-read
+    from text) into ``coord_targets`` (answer-token positions) at its 4 coord tokens; returned
+    positions are sample positions (``prompt_len +`` answer position). Raises when a coord token
+    is not one token (``where`` prefixes the message, e.g. the record's ``file:line``).
+    """
+    start_of = {tuple(o): t for t, o in enumerate(offsets)}
+    spans: list[ObjectSpan] = []
+    groups: list[BBoxGroup] = []
+    P = prompt_len
+    for m, (obj, (ds, de), cspans) in enumerate(
+        zip(objects, rendered.desc_char_spans, rendered.coord_char_spans, strict=True)
+    ):
+        k = first_index + m
+        t0, t1 = tok_spans[k]
+        d0, d1 = char_span_to_tokens(offsets, char_base + ds, char_base + de)
+        coord_tok: list[int] = []
+        for cs, ce in cspans:
+            t = start_of.get((char_base + cs, char_base + ce))
+            if t is None:
+                raise ValueError(
+                    f"{where}coord token {rendered.text[cs:ce]!r} is not a single token; add the 1000 coord "
+                    "tokens to the tokenizer (model.vocab.ensure_coord_tokens) before encoding"
+                )
+            coord_tok.append(t)
+        bins = tuple(int(b) for b in obj.bins)
+        for t, b in zip(coord_tok, bins, strict=True):
+            coord_targets[t] = b
+        pos = tuple(P + t for t in coord_tok)
+        spans.append(ObjectSpan(k, P + t0, P + t1, P + d0, P + d1, pos, obj.desc, bins))
+        groups.append(BBoxGroup(coord_pos=pos, target_bins=bins, subset=subset, object_index=k))
+    return spans, groups
 
 
 class EncodedRecords(Sequence):
@@ -287,16 +313,24 @@ def prompt_of(sample: EncodedSample) -> EncodedSample:
     again: Stage-2 Rollout steps roll out the GT micro-batch they were handed.
     """
     n = sample.prompt_len
+    return _prompt_sample(
+        sample.input_ids[:n], sample.mm_token_type_ids[:n], sample.pixel_values, sample.image_grid_thw, sample.record
+    )
+
+
+def _prompt_sample(ids: torch.Tensor, mm_token_type_ids: torch.Tensor, pixel_values, image_grid_thw, record):
+    """A prompt-only ``EncodedSample``: ids ``[n]``, nothing supervised (IGNORE / -1 / NO_SUBSET)."""
+    n = int(ids.shape[0])
     return EncodedSample(
-        input_ids=sample.input_ids[:n],
+        input_ids=ids,
         token_types=torch.full((n,), IGNORE, dtype=torch.long),
         object_index=torch.full((n,), -1, dtype=torch.long),
         subset=torch.full((n,), NO_SUBSET, dtype=torch.long),
         coord_targets=torch.full((n,), -1, dtype=torch.long),
         closure=torch.zeros(n, dtype=torch.bool),
-        mm_token_type_ids=sample.mm_token_type_ids[:n],
-        pixel_values=sample.pixel_values,
-        image_grid_thw=sample.image_grid_thw,
+        mm_token_type_ids=mm_token_type_ids,
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
         prompt_len=n,
-        record=sample.record,
+        record=record,
     )

@@ -22,7 +22,7 @@ import os
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from configs.errors import UserError, did_you_mean
@@ -98,6 +98,12 @@ def pixel_to_bin(x: float, size: float) -> int:
 def bin_to_pixel(k: int | float, size: float) -> float:
     """Bin (0..999, or a continuous decoded value in bin units) -> pixels: ``k / 999 * size``."""
     return float(k) / MAX_BIN * float(size)
+
+
+def bins_to_pixels(bins: Sequence[float], width: float, height: float) -> tuple[float, float, float, float]:
+    """Bins ``[x1, y1, x2, y2]`` (0..999) -> pixel corners in an image of ``width`` x ``height``."""
+    x1, y1, x2, y2 = bins
+    return (bin_to_pixel(x1, width), bin_to_pixel(y1, height), bin_to_pixel(x2, width), bin_to_pixel(y2, height))
 
 
 def _is_number(v: object) -> bool:

@@ -44,6 +44,9 @@ from typing import Any
 
 import numpy as np
 
+from data.records import bins_to_pixels
+from rollout.metrics import precision_recall_f1
+
 COORD_MODES = ("pixel", "bins")
 BACKENDS = ("pycocotools", "faster_coco_eval")
 
@@ -72,15 +75,6 @@ _WS = re.compile(r"\s+")
 def normalize_desc(desc: str) -> str:
     """Category key of a desc: stripped, lower-cased, whitespace runs collapsed to one space."""
     return _WS.sub(" ", str(desc).strip().lower())
-
-
-def bins_to_pixels(bins: Sequence[float], width: float, height: float) -> tuple[float, float, float, float]:
-    """Bins ``[x1, y1, x2, y2]`` (0..999) -> pixels in an image of ``width`` x ``height``.
-
-    Bin ``k`` is the fraction ``k / 999`` of the side (docs/DATA.md).
-    """
-    x1, y1, x2, y2 = (float(b) for b in bins)
-    return (x1 / 999.0 * width, y1 / 999.0 * height, x2 / 999.0 * width, y2 / 999.0 * height)
 
 
 # --------------------------------------------------------------------------- contracts
@@ -474,9 +468,8 @@ def evaluate_detection(
             per_category[name] = float(valid.mean()) if valid.size else 0.0
 
     tp, fp, fn = counters["f1_tp_count"], counters["f1_fp_count"], counters["f1_fn_count"]
-    prec = tp / (tp + fp) if tp + fp > 0 else 0.0
-    rec = tp / (tp + fn) if tp + fn > 0 else 0.0
-    metrics[f1_keys[0]] = 2 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0
+    prec, rec, f1 = precision_recall_f1(tp, tp + fp, tp + fn)
+    metrics[f1_keys[0]] = f1
     metrics[f1_keys[1]] = prec
     metrics[f1_keys[2]] = rec
     return DetectionReport(metrics=metrics, per_category=per_category, counters=counters, backend=backend, f1_iou=float(f1_iou))

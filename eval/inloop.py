@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data.records import bins_to_pixels
 from data.types import Record
 from eval.detection import evaluate_detection, write_predictions_jsonl
 from eval.evaluate import write_metrics_json
 from eval.scores import SCORE_MODES, score_objects
+from rollout.metrics import precision_recall_f1, rollout_counters
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +43,6 @@ def _cfg(obj: Any, key: str, default: Any) -> Any:
         return default
     value = obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
     return default if value is None else value
-
-
-def _bin_to_px(k: float, size: float) -> float:
-    return float(k) / 999.0 * float(size)
-
-
-def _box_px(bins: Sequence[int], width: int, height: int) -> list[float]:
-    x1, y1, x2, y2 = bins
-    return [_bin_to_px(x1, width), _bin_to_px(y1, height), _bin_to_px(x2, width), _bin_to_px(y2, height)]
 
 
 @dataclass
@@ -103,15 +96,13 @@ def sample_result(
 ) -> SampleResult:
     """Combine one image's generation (``rollout.types.GenerationOutput``), parse (``ParsedRollout``)
     and match (``MatchResult``) into a :class:`SampleResult` (boxes converted bins -> pixels)."""
-    from rollout.metrics import rollout_counters
-
     valid = parsed.valid_objects
     scores = score_objects(valid, generation.token_logprobs, mode=score_mode, include_desc=score_include_desc)
     pred = [
-        {"desc": o.desc, "bbox_2d": _box_px(o.bins, record.width, record.height), "score": s}
+        {"desc": o.desc, "bbox_2d": list(bins_to_pixels(o.bins, record.width, record.height)), "score": s}
         for o, s in zip(valid, scores, strict=True)
     ]
-    gt = [{"desc": o.desc, "bbox_2d": _box_px(o.bins, record.width, record.height)} for o in record.objects]
+    gt = [{"desc": o.desc, "bbox_2d": list(bins_to_pixels(o.bins, record.width, record.height))} for o in record.objects]
     counters = rollout_counters([parsed], [match], [len(record.objects)])
     return SampleResult(
         index=index,
@@ -139,8 +130,6 @@ def rollout_metrics(results: Sequence[SampleResult]) -> dict[str, float]:
     keys: ``samples_total``, ``finished_rate`` (the answer ended with ``<|im_end|>`` within
     ``max_new_tokens``), ``matched_iou_mean`` (bin-space IoU of matched pairs).
     """
-    from rollout.metrics import rollout_counters
-
     # Start from the zero counters of an empty batch so the key set never depends on the data.
     sums = {k: 0.0 for k in rollout_counters([], [], []) if k.endswith(_SUMMABLE)}
     for r in results:
@@ -157,10 +146,11 @@ def rollout_metrics(results: Sequence[SampleResult]) -> dict[str, float]:
         if name.startswith("_") or name == "fn_appended_total":
             continue
         out[PREFIX + name] = float(v)
+    precision, recall, f1 = precision_recall_f1(matched, valid, gt)
     out.update({
-        PREFIX + "precision": matched / valid if valid else 0.0,
-        PREFIX + "recall": matched / gt if gt else 0.0,
-        PREFIX + "f1": 2.0 * matched / (valid + gt) if valid + gt else 0.0,
+        PREFIX + "precision": precision,
+        PREFIX + "recall": recall,
+        PREFIX + "f1": f1,
         PREFIX + "parse_valid_rate": sum(r.parse_valid for r in results) / n if n else 0.0,
         PREFIX + "gt_per_sample": gt / n if n else 0.0,
         PREFIX + "pred_per_sample": valid / n if n else 0.0,

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from configs.errors import InputError, add_debug_flag, run_cli
-from eval.detection import bins_to_pixels, read_predictions_jsonl
+from data.records import bins_to_pixels
+from eval.detection import read_predictions_jsonl
 
 GT_COLOR = (0, 200, 0)
 PRED_COLOR = (230, 0, 0)

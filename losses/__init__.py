@@ -7,7 +7,6 @@ registry      token types IGNORE/STRUCT/DESC/COORD/EOS, subsets NO_SUBSET/MATCHE
               contexts gt/self_context/rollout, component names, ``loss_key``.
 tokens        ``assign_token_types``: a BPE token takes the type covering most of its chars
               (ties by TOKEN_TYPE_TIE_ORDER = coord > desc > struct > eos; zero-width → struct).
-              ``find_outermost_closure``: string-aware brace stack → index of the top-level ``}``.
               ``char_span_to_tokens``: chars [s, e) → tokens [first, last + 1).
 masks         ``build_token_ce_weights`` → TokenCEMasks(struct [B,T], desc [B,T]):
                 gt: struct+eos 1, desc desc_ce_weight;
@@ -56,7 +55,7 @@ from losses.coord_reg import (
 )
 from losses.geometry import SMOOTHL1_BETA, GeoLoss, bbox_geo_loss, canonicalize_boxes, ciou, smooth_l1_per_box
 from losses.masks import TokenCEMasks, TokenCEWeights, build_token_ce_weights, text_gate_positions
-from losses.tokens import assign_token_types, char_span_to_tokens, find_outermost_closure
+from losses.tokens import assign_token_types, char_span_to_tokens
 
 __all__ = [
     "DECODE_MODES",
@@ -82,7 +81,6 @@ __all__ = [
     "expectation_decode",
     "expected_huber",
     "expected_l1",
-    "find_outermost_closure",
     "full_logsumexp",
     "text_and_full_logsumexp",
     "gather_rows",

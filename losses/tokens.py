@@ -1,4 +1,6 @@
-"""Token-type assignment for BPE tokens over typed characters, and JSON closure finding.
+"""Token-type assignment for BPE tokens over typed characters, and char spans -> token ranges.
+
+(CoordJSON text scanning, e.g. the closure scan, lives in ``data.coordjson``.)
 
 Units: ``offsets`` are end-exclusive character spans ``(start, end)`` of each token inside
 one text (the answer, possibly followed by ``<|im_end|>``); ``char_types[i]`` is the
@@ -57,55 +59,6 @@ def assign_token_types(offsets: Sequence[tuple[int, int]], char_types: Sequence[
     width = end - start
     types = np.where(typed == 0, np.where(width == 0, STRUCT, IGNORE), types)
     return [int(t) for t in types]
-
-
-def find_outermost_closure(text: str, start: int = 0) -> int | None:
-    """Char index of the ``}`` closing the first top-level JSON object in ``text[start:]``.
-
-    String-aware stack scan: braces/brackets inside ``"..."`` do not count, a backslash
-    escapes the next character inside a string, and ``<|...|>`` special-token text outside
-    strings (coord tokens, ``<|im_end|>``) is skipped whole. A closer that does not match
-    the top of the stack is ignored (salvaged rollout text can be malformed; skipping keeps
-    the scan from closing the object early). Returns None when the object never closes.
-    This is the one brace scan of the code base: the rollout parser uses it to find the end
-    of each object, the encoder and the rollout builder to find the closure token.
-    """
-    stack: list[str] = []
-    in_string = False
-    escaped = False
-    i = start
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
-            elif c == '"':
-                in_string = False
-            i += 1
-            continue
-        if c == "<" and text.startswith("<|", i):
-            j = text.find("|>", i + 2)
-            if j != -1:
-                i = j + 2
-                continue
-        if c == '"':
-            in_string = True
-        elif c == "{":
-            stack.append("{")
-        elif c == "[":
-            if stack:
-                stack.append("[")
-        elif c in "}]":
-            want = "{" if c == "}" else "["
-            if stack and stack[-1] == want:
-                stack.pop()
-                if not stack:
-                    return i
-        i += 1
-    return None
 
 
 def char_span_to_tokens(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:

@@ -25,10 +25,11 @@ from collections.abc import Sequence
 
 import torch
 
-from data.coordjson import CONTAINER_CLOSE, CONTAINER_OPEN, OBJECT_SEP, render_objects_fragment
+from data.coordjson import CONTAINER_CLOSE, CONTAINER_OPEN, OBJECT_SEP, find_outermost_closure, render_objects_fragment
+from data.encoding import object_token_index, place_rendered_objects
 from data.types import BBoxGroup, EncodedSample, GTObject, ObjectSpan
-from losses.registry import COORD, DESC, EOS, FN, FP, MATCHED, NO_SUBSET, STRUCT
-from losses.tokens import assign_token_types, char_span_to_tokens, find_outermost_closure
+from losses.registry import DESC, EOS, FN, FP, MATCHED, NO_SUBSET, STRUCT
+from losses.tokens import assign_token_types, char_span_to_tokens
 from rollout.parser import default_eos_id
 from rollout.types import MatchResult, ParsedRollout, RolloutMeta
 
@@ -122,16 +123,8 @@ def build_rollout_sample(
     n_ans = len(ans_ids) + 1  # + <|im_end|>
     types = assign_token_types(offsets, char_types) + [EOS]
 
-    obj_index = [-1] * n_ans
-    best = [0] * n_ans
-    tok_spans: list[tuple[int, int]] = []
-    for k, (s, e) in enumerate(spans):
-        t0, t1 = char_span_to_tokens(offsets, s, e)
-        tok_spans.append((t0, t1))
-        for t in range(t0, t1):
-            ov = min(e, offsets[t][1]) - max(s, offsets[t][0])
-            if ov > best[t]:  # most-overlapped object wins; ties keep the earlier object
-                best[t], obj_index[t] = ov, k
+    obj_index, tok_spans = object_token_index(offsets, spans)  # the GT encoder's rule
+    obj_index.append(-1)  # <|im_end|>
     subset = [subsets[k] if k >= 0 else NO_SUBSET for k in obj_index]
 
     P = prompt.prompt_len
@@ -140,7 +133,6 @@ def build_rollout_sample(
     coord_targets = [-1] * n_ans
     objects: list[ObjectSpan] = []
     groups_prefix: list[BBoxGroup] = []
-    groups_fn: list[BBoxGroup] = []
     for k, o in enumerate(kept):
         t0, t1 = tok_spans[k]
         d0, d1 = char_span_to_tokens(offsets, *o.desc_char_span) if o.desc_char_span is not None else (t0, t0)
@@ -151,27 +143,12 @@ def build_rollout_sample(
             for t, b in zip(o.coord_pos, target, strict=True):
                 coord_targets[t] = int(b)
             groups_prefix.append(BBoxGroup(pos, target, MATCHED, k))  # type: ignore[arg-type]
-    start_of = {o: t for t, o in enumerate(offsets)}
-    for m, j in enumerate(fn):
-        k = len(kept) + m
-        t0, t1 = tok_spans[k]
-        ds, de = frag.desc_char_spans[m]
-        d0, d1 = char_span_to_tokens(offsets, frag_base + ds, frag_base + de)
-        coord_tok = []
-        for cs, ce in frag.coord_char_spans[m]:
-            t = start_of.get((frag_base + cs, frag_base + ce))
-            if t is None or types[t] != COORD:
-                raise ValueError(
-                    f"coord token {answer[frag_base + cs : frag_base + ce]!r} is not a single token; add the 1000 "
-                    "coord tokens to the tokenizer (model.vocab.ensure_coord_tokens)"
-                )
-            coord_tok.append(t)
-        target = tuple(gt[j].bins)
-        for t, b in zip(coord_tok, target, strict=True):
-            coord_targets[t] = int(b)
-        pos = tuple(P + t for t in coord_tok)
-        objects.append(ObjectSpan(k, P + t0, P + t1, P + d0, P + d1, pos, gt[j].desc, target))
-        groups_fn.append(BBoxGroup(pos, target, FN, k))  # type: ignore[arg-type]
+    # FN objects: the same span/target placement as a GT answer (data.encoding), at the tail.
+    fn_objects, groups_fn = place_rendered_objects(
+        frag, [gt[j] for j in fn], offsets, tok_spans, coord_targets,
+        prompt_len=P, char_base=frag_base, first_index=len(kept), subset=FN,
+    )
+    objects.extend(fn_objects)
 
     # The container's own `}` is the last answer character by construction; the string-aware scan
     # agrees because the parser delimits objects with the same rules (docs/ROLLOUT.md).

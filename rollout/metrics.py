@@ -13,6 +13,18 @@ from collections.abc import Sequence
 from rollout.types import DROP_REASONS, MatchResult, ParsedRollout
 
 
+def precision_recall_f1(matched: float, n_pred: float, n_gt: float) -> tuple[float, float, float]:
+    """The one detection-counts formula: ``(matched / pred, matched / gt, 2·matched / (pred + gt))``.
+
+    Each is 0 when its denominator is 0 (no predictions: precision 0, not NaN). Used by the
+    rollout counters, the training aggregator's derived step values, in-loop and offline eval.
+    """
+    precision = matched / n_pred if n_pred else 0.0
+    recall = matched / n_gt if n_gt else 0.0
+    f1 = 2.0 * matched / (n_pred + n_gt) if n_pred + n_gt else 0.0
+    return float(precision), float(recall), float(f1)
+
+
 def rollout_counters(
     parsed_list: Sequence[ParsedRollout], match_list: Sequence[MatchResult], gt_counts: Sequence[int]
 ) -> dict[str, float]:
@@ -44,8 +56,7 @@ def rollout_counters(
         for reason, c in p.drop_reasons.items():
             drops[reason] = drops.get(reason, 0) + c
     parse_valid = sum(1 for p in parsed_list if p.parse_valid)
-    precision = matched / valid if valid else 0.0
-    recall = matched / gt if gt else 0.0
+    precision, recall, f1 = precision_recall_f1(matched, valid, gt)
     out: dict[str, float] = {
         "rollout/fn_appended_total": float(fn),
         "rollout/gt_objects_total": float(gt),
@@ -57,7 +68,7 @@ def rollout_counters(
         "rollout/pred_per_sample": valid / n if n else 0.0,
         "rollout/precision": precision,
         "rollout/recall": recall,
-        "rollout/f1": 2.0 * matched / (valid + gt) if valid + gt else 0.0,
+        "rollout/f1": f1,
         "rollout/parse_valid_rate": parse_valid / n if n else 0.0,
         "rollout/container_missing_count": float(sum(1 for p in parsed_list if not p.container_found)),
         "rollout/container_preamble_count": float(sum(1 for p in parsed_list if p.has_preamble)),
@@ -70,4 +81,4 @@ def rollout_counters(
     return out
 
 
-__all__ = ["rollout_counters"]
+__all__ = ["precision_recall_f1", "rollout_counters"]

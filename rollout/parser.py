@@ -12,7 +12,7 @@ CoordJSON with salvage rules:
 - an object must be exactly ``desc`` then ``bbox_2d``: ``bbox_2d`` first is dropped as
   ``key_order``; a whitespace-only desc is ``missing_desc`` (as in the ground truth contract);
 - each array element ``{...}`` is delimited with the same string-aware brace/bracket stack as
-  ``losses.tokens.find_outermost_closure`` (so the closure found later on the built answer is the
+  ``data.coordjson.find_outermost_closure`` (so the closure found later on the built answer is the
   container's own ``}``); a complete element is *kept* in the prefix whether it is valid or not
   (invalid ones become FP spans), an element cut off by the end of the text is ``truncated``;
 - the scan stops at the container's ``]}`` (anything after it is ignored trailing text), at the end
@@ -33,9 +33,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data.coordjson import COORD_TOKEN_FMT
+from data.coordjson import COORD_TOKEN_FMT, find_outermost_closure
 from losses.registry import COORD, DESC, IGNORE, STRUCT
-from losses.tokens import char_span_to_tokens, find_outermost_closure
+from losses.tokens import char_span_to_tokens
 from rollout.types import DROP_REASONS, ParsedObject, ParsedRollout
 
 _WS = " \t\n\r"
@@ -208,7 +208,7 @@ class _Scanner:
     def match_object(self, start: int) -> int | None:
         """End (exclusive) of the ``{...}`` starting at ``start``; None when the text ends first.
 
-        ``losses.tokens.find_outermost_closure`` from ``start`` (the one brace scan): string-aware,
+        ``data.coordjson.find_outermost_closure`` from ``start`` (the one brace scan): string-aware,
         ``<|...|>`` outside strings skipped whole, a closer that does not match the top is ignored.
         """
         close = find_outermost_closure(self.text, start)

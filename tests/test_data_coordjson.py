@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from data.coordjson import (
     CoordJSONError,
     coord_token,
+    find_outermost_closure,
     parse_answer,
     parse_coord_token,
     render_answer,
@@ -123,3 +124,23 @@ def test_render_parse_round_trip(objs):
         assert set(r.char_types[a:b]) <= {DESC}
     for spans, o in zip(r.coord_char_spans, objs):
         assert [r.text[a:b] for a, b in spans] == [coord_token(k) for k in o.bins]
+
+
+def test_find_outermost_closure_is_string_aware():
+    text = '{"objects": [{"desc": "a } b { \\" c ]}", "bbox_2d": [<|coord_1|>, <|coord_2|>]}]}<|im_end|>'
+    assert find_outermost_closure(text) == text.index("]}<|im_end|>") + 1
+    # backslash before the closing quote of a string: escaped backslash, string still closes
+    t2 = '{"objects": [{"desc": "x\\\\", "b": 1}]} trailing }'
+    assert find_outermost_closure(t2) == t2.index("]} trailing") + 1
+    # nested objects in an answer and leading text before the object
+    t3 = 'sure: {"a": {"b": [1, {"c": "}"}]}} }'
+    assert find_outermost_closure(t3) == len(t3) - 3
+
+
+def test_find_outermost_closure_none_when_unclosed_or_only_inside_strings():
+    assert find_outermost_closure('{"objects": [{"desc": "cat}"}') is None
+    assert find_outermost_closure('"{}"') is None
+    assert find_outermost_closure("") is None
+    # A stray ']' that does not match is skipped instead of closing the object early.
+    t = '{"objects": ]}'
+    assert find_outermost_closure(t) == len(t) - 1

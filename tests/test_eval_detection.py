@@ -11,10 +11,10 @@ import math
 
 import pytest
 
+from data.records import bins_to_pixels
 from eval.detection import (
     DetectionObject,
     DetectionRecord,
-    bins_to_pixels,
     box_iou,
     evaluate_detection,
     normalize_desc,

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from data.coordjson import find_outermost_closure
 from losses.registry import COORD, DESC, EOS, IGNORE, STRUCT
-from losses.tokens import assign_token_types, char_span_to_tokens, find_outermost_closure
+from losses.tokens import assign_token_types, char_span_to_tokens
 
 S, D, C, E = STRUCT, DESC, COORD, EOS
 
@@ -93,26 +94,6 @@ def test_real_qwen_tokenizer_answer_types(qwen_tok):
     assert text[close] == "}" and close == text.index("<|im_end|>") - 1
     first, stop = char_span_to_tokens(offsets, close, close + 1)
     assert (first, stop) == (len(pieces) - 2, len(pieces) - 1)
-
-
-def test_find_outermost_closure_is_string_aware():
-    text = '{"objects": [{"desc": "a } b { \\" c ]}", "bbox_2d": [<|coord_1|>, <|coord_2|>]}]}<|im_end|>'
-    assert find_outermost_closure(text) == text.index("]}<|im_end|>") + 1
-    # backslash before the closing quote of a string: escaped backslash, string still closes
-    t2 = '{"objects": [{"desc": "x\\\\", "b": 1}]} trailing }'
-    assert find_outermost_closure(t2) == t2.index("]} trailing") + 1
-    # nested objects in an answer and leading text before the object
-    t3 = 'sure: {"a": {"b": [1, {"c": "}"}]}} }'
-    assert find_outermost_closure(t3) == len(t3) - 3
-
-
-def test_find_outermost_closure_none_when_unclosed_or_only_inside_strings():
-    assert find_outermost_closure('{"objects": [{"desc": "cat}"}') is None
-    assert find_outermost_closure('"{}"') is None
-    assert find_outermost_closure("") is None
-    # A stray ']' that does not match is skipped instead of closing the object early.
-    t = '{"objects": ]}'
-    assert find_outermost_closure(t) == len(t) - 1
 
 
 def test_char_span_to_tokens():

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from losses.registry import COMPONENTS, loss_key
+from rollout.metrics import precision_recall_f1
 
 COUNTER_SUFFIXES: tuple[str, ...] = ("_total", "_count", "_sum", "_num", "_den")
 KEY_CLASSES: tuple[str, ...] = ("counter", "time", "mean", "internal")
@@ -178,8 +179,7 @@ class F1:
     def __call__(self, values: Mapping[str, float]) -> float | None:
         if not any(k in values for k in (self.matched, self.pred, self.gt)):
             return None
-        den = values.get(self.pred, 0.0) + values.get(self.gt, 0.0)
-        return 0.0 if den == 0 else 2.0 * values.get(self.matched, 0.0) / den
+        return precision_recall_f1(values.get(self.matched, 0.0), values.get(self.pred, 0.0), values.get(self.gt, 0.0))[2]
 
 
 # Rollout precision/recall/f1 from the docs/training/METRICS_CONTRACT.md counters. Matched / valid
