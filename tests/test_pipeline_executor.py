@@ -100,7 +100,9 @@ def _check_key_classes(metrics):
 
     for key in metrics:
         check_metric_key(key)
-        assert not key.split("/", 1)[-1].startswith("_")
+        if key.split("/", 1)[-1].startswith("_"):  # internal: only numerators of step ratios
+            assert key.endswith("_sum") and key.startswith("coord_diag/"), key
+            continue
         if key.startswith("loss/"):
             continue
         assert key.endswith(MEAN_SUFFIXES + COUNTER_SUFFIXES), key

@@ -7,6 +7,7 @@ No model code lives here; ``train_stage1.py`` / ``train_stage2.py`` wire these t
 from training.aggregator import (
     F1,
     ROLLOUT_DERIVED,
+    STEP_DERIVED,
     MetricAggregator,
     Ratio,
     check_log_row,
@@ -28,6 +29,7 @@ from training.tracking import Tracker, read_metrics
 __all__ = [
     "F1",
     "ROLLOUT_DERIVED",
+    "STEP_DERIVED",
     "ChannelRouter",
     "MetricAggregator",
     "Ratio",

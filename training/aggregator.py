@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from losses.registry import COMPONENTS, loss_key
+from pipeline.modules.coord_diag import COORD_DIAG_MEANS, COORD_DIAG_SUM
 from rollout.metrics import precision_recall_f1
 
 COUNTER_SUFFIXES: tuple[str, ...] = ("_total", "_count", "_sum", "_num", "_den")
@@ -152,20 +153,21 @@ DerivedFn = Callable[[Mapping[str, float]], "float | None"]
 class Ratio:
     """``num / den`` over the whole step (after micro-step and rank sums).
 
-    Returns ``None`` (key not emitted) when the denominator was not reported
-    this step (a step without rollouts has no parse rate), ``empty`` when it
-    is 0 (e.g. precision with no predictions is 0, not NaN).
+    Returns ``None`` (key not emitted) when the numerator or the denominator
+    was not reported this step (a step without rollouts has no parse rate),
+    ``empty`` when the denominator is 0 (e.g. precision with no predictions
+    is 0, not NaN; ``empty=None``: not emitted, for means that need support).
     """
 
     num: str
     den: str
-    empty: float = 0.0
+    empty: float | None = 0.0
 
     def __call__(self, values: Mapping[str, float]) -> float | None:
-        if self.den not in values:
+        if self.den not in values or self.num not in values:
             return None
-        den = values.get(self.den, 0.0)
-        return self.empty if den == 0 else values.get(self.num, 0.0) / den
+        den = values[self.den]
+        return self.empty if den == 0 else values[self.num] / den
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,18 @@ ROLLOUT_DERIVED: dict[str, DerivedFn] = {
     "rollout/parse_valid_rate": Ratio("rollout/_parse_valid_num", "rollout/_samples_den"),
     "rollout/gt_per_sample": Ratio("rollout/gt_objects_total", "rollout/_samples_den"),
     "rollout/pred_per_sample": Ratio("rollout/valid_pred_objects_total", "rollout/_samples_den"),
+}
+
+# Every ratio the recipes log, as a ratio of step sums: the rollout rates above, the packing fill
+# (tokens / [B, T] slots) and coord_diag's per-position means (Σ sums / Σ positions; not emitted
+# for a step without coord positions).
+STEP_DERIVED: dict[str, DerivedFn] = {
+    **ROLLOUT_DERIVED,
+    "packing/fill_frac": Ratio("train/tokens_total", "packing/_slots_den"),
+    **{
+        f"coord_diag/{name}": Ratio(COORD_DIAG_SUM.format(name), "coord_diag/coord_positions_total", empty=None)
+        for name in COORD_DIAG_MEANS
+    },
 }
 
 
@@ -225,13 +239,13 @@ class MetricAggregator:
             initialised with world size > 1.
         derived: ``{output key: fn(reduced values incl. internal) -> float | None}``,
             computed after the cross-rank reduction; a derived key replaces a
-            same-named mean-like value. Default: :data:`ROLLOUT_DERIVED`.
+            same-named mean-like value. Default: :data:`STEP_DERIVED`.
         strict: run :func:`check_metric_key` on every new key.
     """
 
     def __init__(self, accelerator: Any = None, derived: Mapping[str, DerivedFn] | None = None, strict: bool = True):
         self.accelerator = accelerator
-        self.derived: dict[str, DerivedFn] = dict(ROLLOUT_DERIVED if derived is None else derived)
+        self.derived: dict[str, DerivedFn] = dict(STEP_DERIVED if derived is None else derived)
         for name in self.derived:
             if classify_key(name) != "mean":
                 raise ValueError(f"derived metric {name!r} must be a mean-like (ratio) key, not {classify_key(name)}")

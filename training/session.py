@@ -382,6 +382,7 @@ def batch_metrics(batch) -> dict[str, float]:
         "train/supervised_tokens_total": float((batch.token_types != IGNORE).sum()),
         "packing/segments_total": float(len(batch.segments)),
         "packing/fill_frac": batch.num_tokens / max(batch.input_ids.numel(), 1),
+        "packing/_slots_den": float(batch.input_ids.numel()),  # step fill = Σ tokens / Σ slots (STEP_DERIVED)
     }
 
 

@@ -2,7 +2,10 @@
 
 Context: ``gt`` (Stage-1), ``self_context`` (Channel-A), ``rollout`` (matched + FN coords).
 Runs under no_grad (the executor); all values are means over the N coord positions with a
-target, plus one counter. Keys (docs/training/METRICS_CONTRACT.md classes: ``_mean``/``_frac`` mean-like, ``_total`` summed):
+target, plus one counter. Keys (docs/training/METRICS_CONTRACT.md classes: ``_mean``/``_frac`` mean-like, ``_total`` summed).
+Each mean also goes out as an internal position sum (``coord_diag/_<name>_sum``) so the step value
+is ``Σ sums / Σ coord_positions_total`` over micro-steps and ranks
+(``training.aggregator.STEP_DERIVED``), not a mean of per-micro-step means:
 
 - ``coord_diag/entropy_mean``: entropy of p = softmax(s) over the 1000 coord bins (nats)
 - ``coord_diag/exp_argmax_gap_mean``: |expectation decode − argmax/999| (fractions): the
@@ -25,6 +28,11 @@ from losses.registry import NUM_COORD_BINS
 from pipeline.context import TeacherForcingContext
 from pipeline.registry import DIAGNOSTICS, ModuleOutput, PipelineSettings, register_module
 
+COORD_DIAG_MEANS: tuple[str, ...] = (
+    "entropy_mean", "exp_argmax_gap_mean", "exp_abs_err_mean", "bin_acc_frac", "coord_mass_mean"
+)
+COORD_DIAG_SUM = "coord_diag/_{}_sum"  # internal: the mean's numerator over the micro-step's positions
+
 
 @register_module(
     "coord_diag",
@@ -43,12 +51,17 @@ def coord_diag(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> 
     x_exp = expectation_decode(logits)
     argmax = coord_probs(logits).argmax(dim=-1)
     scale = NUM_COORD_BINS - 1
-    metrics["coord_diag/entropy_mean"] = entropy(logits).mean()
-    metrics["coord_diag/exp_argmax_gap_mean"] = (x_exp - argmax.float() / scale).abs().mean()
-    metrics["coord_diag/exp_abs_err_mean"] = (x_exp - targets.bins.float() / scale).abs().mean()
     tol = int(spec.config["bin_tolerance"])
-    metrics["coord_diag/bin_acc_frac"] = ((argmax - targets.bins).abs() <= tol).float().mean()
+    per_position = {
+        "entropy_mean": entropy(logits),
+        "exp_argmax_gap_mean": (x_exp - argmax.float() / scale).abs(),
+        "exp_abs_err_mean": (x_exp - targets.bins.float() / scale).abs(),
+        "bin_acc_frac": ((argmax - targets.bins).abs() <= tol).float(),
+    }
     if spec.config["coord_mass"]:
         full = ctx.coord_full_lse(context).detach()
-        metrics["coord_diag/coord_mass_mean"] = (torch.logsumexp(logits, dim=-1) - full).clamp_max(0.0).exp().mean()
+        per_position["coord_mass_mean"] = (torch.logsumexp(logits, dim=-1) - full).clamp_max(0.0).exp()
+    for name, values in per_position.items():
+        metrics[f"coord_diag/{name}"] = values.mean()
+        metrics[COORD_DIAG_SUM.format(name)] = values.sum()
     return ModuleOutput(metrics=metrics)
