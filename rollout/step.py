@@ -40,22 +40,10 @@ class RolloutBatch:
 
 
 def prepare_rollout_batch(
-    records: Sequence[Record],
-    *,
-    encoder,
-    prompts: Sequence[EncodedSample] | None = None,
-    backend: GenerationBackend,
-    coord_vocab,
-    matching: MatchingConfig,
-    max_length: int,
-    packing: bool,
-    pad_token_id: int,
+    records: Sequence[Record], *, prompts: Sequence[EncodedSample] | None = None, **kwargs
 ) -> RolloutBatch:
-    """Roll out one micro-batch of ``records``: :func:`prepare_rollout_batches` with one group."""
-    return prepare_rollout_batches(
-        [records], encoder=encoder, prompts=None if prompts is None else [prompts], backend=backend,
-        coord_vocab=coord_vocab, matching=matching, max_length=max_length, packing=packing, pad_token_id=pad_token_id,
-    )[0]
+    """Roll out one micro-batch of ``records``: :func:`prepare_rollout_batches` (same keywords) with one group."""
+    return prepare_rollout_batches([records], prompts=None if prompts is None else [prompts], **kwargs)[0]
 
 
 def prepare_rollout_batches(

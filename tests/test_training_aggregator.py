@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests._dist import spawn_ranks
 from training.aggregator import F1, MetricAggregator, Ratio, check_log_row, check_metric_key, classify_key
 
 # ------------------------------------------------------------ classification
@@ -277,13 +276,7 @@ def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
 
 
 def test_ddp_two_gloo_ranks_different_keys_same_result(tmp_path):
-    ctx = mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 60
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP aggregator hung (collectives out of step)")
+    spawn_ranks(_ddp_worker, (2, str(tmp_path)), what="DDP aggregator")
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0 == r1

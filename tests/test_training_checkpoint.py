@@ -279,18 +279,9 @@ def _ddp_ckpt_worker(rank: int, world: int, out_dir: str, store: str) -> None:
 
 
 def test_two_gloo_ranks_save_per_rank_rng(tmp_path):
-    import time
+    from tests._dist import spawn_ranks
 
-    import torch.multiprocessing as mp
-
-    store = f"file://{tmp_path / 'pg_store'}"
-    ctx = mp.spawn(_ddp_ckpt_worker, args=(2, str(tmp_path), store), nprocs=2, join=False)
-    deadline = time.monotonic() + 60
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("checkpoint save hung across ranks")
+    spawn_ranks(_ddp_ckpt_worker, (2, str(tmp_path), f"file://{tmp_path / 'pg_store'}"), what="checkpoint save")
     ckpt = tmp_path / "checkpoint-1"
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "manifest.json",

@@ -48,34 +48,28 @@ def token_ce(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> Mo
     w = TokenCEWeights(**spec.config)
     metrics: dict[str, torch.Tensor] = {}
 
-    if mode == MODE_ROLLOUT:
-        masks = ctx.token_ce_masks(ROLLOUT, w)
-        struct_mean, struct_sum = _ce(ctx, ROLLOUT, masks.struct)
-        desc_mean, desc_sum = _ce(ctx, ROLLOUT, masks.desc)
-        struct = struct_mean
-        desc = float(w.rollout_fn_desc_weight) * desc_mean
-        has_struct = bool(struct_sum > 0)
-    else:
-        masks = ctx.token_ce_masks(GT, w)
-        struct_mean, struct_sum = _ce(ctx, GT, masks.struct)
-        desc_mean, desc_sum = _ce(ctx, GT, masks.desc)
-        struct = struct_mean
-        desc = float(w.desc_ce_weight) * desc_mean
-        has_struct = bool(struct_sum > 0)
-        if mode == MODE_CHANNEL_A:
-            w_sc = float(w.self_context_struct_ce_weight)
-            # The indicator mask (weight 1) gives the unweighted self_context mean, logged even at
-            # weight 0; the graph is only kept when the stabiliser actually enters the loss.
-            sc_masks = ctx.token_ce_masks(SELF_CONTEXT, replace(w, self_context_struct_ce_weight=1.0))
-            with torch.set_grad_enabled(torch.is_grad_enabled() and w_sc > 0):
-                sc_mean, sc_sum = _ce(ctx, SELF_CONTEXT, sc_masks.struct)
-            if w_sc > 0:
-                struct = struct + w_sc * sc_mean
-            if struct_sum > 0:
-                metrics[loss_key(STRUCT_CE, context=GT)] = struct_mean
-            if sc_sum > 0:
-                metrics[loss_key(STRUCT_CE, context=SELF_CONTEXT)] = sc_mean
-            has_struct = has_struct or bool(sc_sum > 0)
+    # The first context (rollout in Rollout steps, gt otherwise) and its desc scalar.
+    first, desc_scale = (ROLLOUT, w.rollout_fn_desc_weight) if mode == MODE_ROLLOUT else (GT, w.desc_ce_weight)
+    masks = ctx.token_ce_masks(first, w)
+    struct_mean, struct_sum = _ce(ctx, first, masks.struct)
+    desc_mean, desc_sum = _ce(ctx, first, masks.desc)
+    struct = struct_mean
+    desc = float(desc_scale) * desc_mean
+    has_struct = bool(struct_sum > 0)
+    if mode == MODE_CHANNEL_A:
+        w_sc = float(w.self_context_struct_ce_weight)
+        # The indicator mask (weight 1) gives the unweighted self_context mean, logged even at
+        # weight 0; the graph is only kept when the stabiliser actually enters the loss.
+        sc_masks = ctx.token_ce_masks(SELF_CONTEXT, replace(w, self_context_struct_ce_weight=1.0))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and w_sc > 0):
+            sc_mean, sc_sum = _ce(ctx, SELF_CONTEXT, sc_masks.struct)
+        if w_sc > 0:
+            struct = struct + w_sc * sc_mean
+        if struct_sum > 0:
+            metrics[loss_key(STRUCT_CE, context=GT)] = struct_mean
+        if sc_sum > 0:
+            metrics[loss_key(STRUCT_CE, context=SELF_CONTEXT)] = sc_mean
+        has_struct = has_struct or bool(sc_sum > 0)
 
     if has_struct:
         metrics[loss_key(STRUCT_CE)] = struct
