@@ -6,6 +6,7 @@ code under test, and reports a ratio: absolute times depend on the machine, rati
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -91,6 +92,22 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def bench_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The parser every benchmark starts from: the docstring's first paragraph and ``--quick``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    return p
+
+
+def parse_and_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, run: Callable[..., dict]) -> dict:
+    """Add ``--seed`` and ``--threads``, parse ``argv`` and return ``run(args)`` under that many torch threads."""
+    parser.add_argument("--seed", type=int, default=0)
+    add_threads_arg(parser)
+    args = parser.parse_args(argv)
+    with torch_threads(args.threads):
+        return run(args)
 
 
 def add_threads_arg(parser) -> None:

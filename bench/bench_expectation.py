@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bench._common import add_threads_arg, print_table, ratio_line, time_call, tiny_setup, torch_threads
+from bench._common import bench_parser, parse_and_run, print_table, ratio_line, time_call, tiny_setup
 from data.packing import collate_rows, pack_samples
 from data.types import PackedBatch
 from losses.ce import coord_logits, hidden_at_logit_pos, token_ce
@@ -71,18 +71,13 @@ def _loss(hidden: dict[str, torch.Tensor], batch: PackedBatch, lm_head_weight: t
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny run: 2 samples, one repeat")
+    p = bench_parser(__doc__, "tiny run: 2 samples, one repeat")
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024, help="packed row budget in tokens")
     p.add_argument("--n-iter", type=int, nargs="+", default=[2, 3], help="forwards per Expectation step")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--image-size", type=int, default=192, help="image side in pixels ((side/32)^2 image tokens)")
-    p.add_argument("--seed", type=int, default=0)
-    add_threads_arg(p)
-    args = p.parse_args(argv)
-    with torch_threads(args.threads):
-        return _run(args)
+    return parse_and_run(p, argv, _run)
 
 
 def _run(args: argparse.Namespace) -> dict:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bench._common import add_threads_arg, pick_device, print_table, ratio_line, time_call, tiny_setup, torch_threads
+from bench._common import bench_parser, parse_and_run, pick_device, print_table, ratio_line, time_call, tiny_setup
 from bench.bench_packing import packed_batches, train_step
 from model.forward import HiddenStatesModel
 from model.vocab import coord_vocab_from_tokenizer
@@ -50,21 +50,16 @@ SIZES = {
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_parser(__doc__, "smoke run: 4 prompts, 4 new tokens, one repeat")
     p.add_argument("--size", choices=tuple(SIZES), default="tiny")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     p.add_argument("--backend", choices=BACKENDS, default="hf-static", help="the candidate; the baseline is always hf")
     p.add_argument("--compile", choices=("auto", "always", "never"), default="auto", help="hf-static: rollout_matching.hf.compile")
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 prompts, 4 new tokens, one repeat")
     p.add_argument("--num-prompts", type=int, default=None, help="default: 16 (tiny), 12 (2b)")
     p.add_argument("--batch-size", default=None, help="decoding.batch_size (int or auto); default 8 (tiny), 16 (2b)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 48 (tiny, under a minute on CPU), 256 (2b)")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    add_threads_arg(p)
-    args = p.parse_args(argv)
-    with torch_threads(args.threads):
-        return _run(args)
+    return parse_and_run(p, argv, _run)
 
 
 def _build(args: argparse.Namespace, device: torch.device):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from bench._common import add_threads_arg, print_table, ratio_line, time_call, tiny_setup, torch_threads
+from bench._common import bench_parser, parse_and_run, print_table, ratio_line, time_call, tiny_setup
 from data.packing import collate_rows, pack_samples
 from data.types import EncodedSample, PackedBatch
 from losses.ce import token_ce
@@ -60,8 +60,7 @@ def _stats(batches: list[PackedBatch]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny run: 6 samples, batch 3, tiny LM, one repeat")
+    p = bench_parser(__doc__, "tiny run: 6 samples, batch 3, tiny LM, one repeat")
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--max-shapes", type=int, default=8, help="objects per image are 1..max_shapes")
     p.add_argument("--batch-size", type=int, default=8, help="samples per padded batch")
@@ -73,11 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=2, help="epochs timed per method (best of)")
     p.add_argument("--hidden", type=int, default=192, help="LM width of the tiny model")
     p.add_argument("--layers", type=int, default=4, help="LM layers of the tiny model")
-    p.add_argument("--seed", type=int, default=0)
-    add_threads_arg(p)
-    args = p.parse_args(argv)
-    with torch_threads(args.threads):
-        return _run(args)
+    return parse_and_run(p, argv, _run)
 
 
 def _run(args: argparse.Namespace) -> dict:

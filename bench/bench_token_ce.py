@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from bench._common import (
-    add_threads_arg,
+    bench_parser,
     mib,
+    parse_and_run,
     peak_bytes,
     pick_device,
     print_table,
     ratio_line,
     time_call,
-    torch_threads,
 )
 from losses.ce import token_ce
 
@@ -69,8 +69,7 @@ def _loss_and_grads(loss_fn, hidden, weight, input_ids, weights):
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny run (T=64, H=32) with the real vocabulary size")
+    p = bench_parser(__doc__, "tiny run (T=64, H=32) with the real vocabulary size")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--hidden", type=int, default=256)
@@ -79,11 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--chunk-size", type=int, default=2048, help="token_ce rows projected per chunk")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--seed", type=int, default=0)
-    add_threads_arg(p)
-    args = p.parse_args(argv)
-    with torch_threads(args.threads):
-        return _run(args)
+    return parse_and_run(p, argv, _run)
 
 
 def _run(args: argparse.Namespace) -> dict:

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
-from bench._common import add_threads_arg, mib, pick_device, print_table, ratio_line, torch_threads
+from bench._common import bench_parser, mib, parse_and_run, pick_device, print_table, ratio_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -329,9 +329,8 @@ def _sync_counter(device: torch.device):
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_parser(__doc__, "CPU smoke: tiny shapes, 64 px, 2 x 384 tokens, 1 step")
     p.add_argument("--size", choices=tuple(SIZES), default="2b")
-    p.add_argument("--quick", action="store_true", help="CPU smoke: tiny shapes, 64 px, 2 x 384 tokens, 1 step")
     p.add_argument("--image-size", type=int, default=448)
     p.add_argument("--max-shapes", type=int, default=8)
     p.add_argument("--max-length", type=int, default=8192, help="tokens per packed row (one row per micro-step)")
@@ -351,11 +350,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--profile", default=None, help="write a torch.profiler table of one Stage-1 step here")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-table", action="store_true",
                    help="print the estimated per-rank memory of 2b/4b/8b at --max-length tokens and exit")
-    add_threads_arg(p)
-    args = p.parse_args(argv)
+    return parse_and_run(p, argv, _main)
+
+
+def _main(args: argparse.Namespace) -> dict:
     if args.memory_table:
         rows = [memory_estimate(size, args.max_length, args.image_size) for size in ("2b", "4b", "8b")]
         print(f"estimated per-rank training memory (GB) at {args.max_length} tokens per row, {args.image_size} px images, "
@@ -367,8 +367,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.quick:
         args.size, args.image_size, args.max_shapes = "tiny", 64, 3
         args.max_length, args.grad_accum, args.new_tokens, args.steps, args.warmup = 384, 2, 8, 1, 0
-    with torch_threads(args.threads):
-        return _run(args)
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> dict:
