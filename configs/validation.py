@@ -115,6 +115,19 @@ def schema_at(parts: Sequence[str | int]) -> dict[str, Any] | None:
     return schema
 
 
+def declared_default(key: str) -> Any:
+    """The declared default of the config key ``key`` (dotted, e.g. ``"rollout_matching.decoding.seed"``)."""
+    schema = schema_at(key_parts(key))
+    if schema is None or "default" not in schema:
+        raise KeyError(f"no default is declared for config key {key!r}")
+    return copy.deepcopy(schema["default"])
+
+
+def declared_enum(key: str) -> tuple[Any, ...]:
+    """The allowed values of the enum config key ``key`` (dotted)."""
+    return tuple((schema_at(key_parts(key)) or {})["enum"])
+
+
 @cache
 def record_validator(cls: type) -> Draft202012Validator:
     """A validator of one knob record (a module config class of ``configs/modules.py``)."""
@@ -336,6 +349,8 @@ __all__ = [
     "check",
     "check_record",
     "check_value",
+    "declared_default",
+    "declared_enum",
     "fill_defaults",
     "format_key",
     "key_parts",

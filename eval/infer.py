@@ -21,18 +21,17 @@ from eval.inloop import predict_records, rollout_metrics
 from eval.scores import SCORE_MODES
 
 
-def _schema_default(*parts: str):
-    """Default of a config key from the JSON Schema, so the CLI prompts exactly like training does."""
-    from configs.loader import schema_at
+def _default(key: str):
+    """Default of a config key from its declaration (configs/types.py), so the CLI behaves like training."""
+    from configs.validation import declared_default
 
-    node = schema_at(list(parts)) or {}
-    return node.get("default")
+    return declared_default(key)
 
 
-def _schema_enum(*parts: str) -> tuple:
-    from configs.loader import schema_at
+def _enum(key: str) -> tuple:
+    from configs.validation import declared_enum
 
-    return tuple(schema_at(list(parts))["enum"])
+    return declared_enum(key)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,25 +39,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="model dir (save_pretrained layout with the coord tokens)")
     p.add_argument("--jsonl", required=True, help="records in the data contract (docs/DATA.md)")
     p.add_argument("--out", required=True, help="predictions.jsonl to write")
-    p.add_argument("--batch-size", type=_batch_size, default=8, help="prompts per generate call, or auto (free GPU memory)")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=_batch_size, default=_default("eval.batch_size"),
+                   help="prompts per generate call, or auto (free GPU memory); eval.batch_size")
+    p.add_argument("--max-new-tokens", type=int, default=_default("rollout_matching.decoding.max_new_tokens"))
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--image-root", default=None, help="base of relative image paths (default: the JSONL folder)")
-    p.add_argument("--coords", default="pixel", choices=("pixel", "bins"), help="box unit of the JSONL (data.coords)")
-    p.add_argument("--prompt", default=None, help="user prompt (default: data.prompt of the config schema)")
+    p.add_argument("--coords", default=_default("data.coords"), choices=_enum("data.coords"), help="box unit of the JSONL (data.coords)")
+    p.add_argument("--prompt", default=None, help="user prompt (default: the declared data.prompt)")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--min-pixels", type=int, default=None, help="image resize budget (data.min_pixels)")
     p.add_argument("--max-pixels", type=int, default=None, help="image resize budget (data.max_pixels)")
-    p.add_argument("--score-mode", default="token_prob", choices=SCORE_MODES)
+    p.add_argument("--score-mode", default=_default("rollout_matching.eval_detection.score_mode"), choices=SCORE_MODES)
     p.add_argument("--score-include-desc", action="store_true", help="token_prob also times the desc tokens' mean prob")
-    p.add_argument("--iou-gate", type=float, default=0.3, help="matching gate of the printed precision/recall")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--iou-gate", type=float, default=_default("rollout_matching.matching.iou_gate"),
+                   help="matching gate of the printed precision/recall (rollout_matching.matching.iou_gate)")
+    p.add_argument("--dtype", default=_default("model.dtype"), choices=_enum("model.dtype"))
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--backend", default=_schema_default("rollout_matching", "backend"), choices=("hf", "vllm"),
+    p.add_argument("--backend", default=_default("rollout_matching.backend"), choices=_enum("rollout_matching.backend"),
                    help="rollout_matching.backend (vllm: requirements-vllm.txt, a GPU)")
-    p.add_argument("--cache", default=_schema_default("rollout_matching", "hf", "cache"), choices=_schema_enum("rollout_matching", "hf", "cache"),
+    p.add_argument("--cache", default=_default("rollout_matching.hf.cache"), choices=_enum("rollout_matching.hf.cache"),
                    help="rollout_matching.hf.cache")
-    p.add_argument("--compile", default=_schema_default("rollout_matching", "hf", "compile"), choices=_schema_enum("rollout_matching", "hf", "compile"),
+    p.add_argument("--compile", default=_default("rollout_matching.hf.compile"), choices=_enum("rollout_matching.hf.compile"),
                    help="rollout_matching.hf.compile")
     return add_debug_flag(p)
 
@@ -76,16 +77,15 @@ def _batch_size(text: str) -> int | str:
 
 
 def backend_config(args: argparse.Namespace):
-    """The ``rollout_matching`` fields ``make_generation_backend`` reads, from the CLI and the schema defaults."""
+    """The ``rollout_matching`` fields ``make_generation_backend`` reads, from the CLI and the declared defaults."""
     from types import SimpleNamespace
 
     from configs.types import HFBackendConfig, VLLMBackendConfig
 
-    vllm_keys = ("gpu_memory_utilization", "sleep_mode", "max_model_len", "enforce_eager")
     return SimpleNamespace(
         backend=args.backend,
         hf=HFBackendConfig(cache=args.cache, compile=args.compile),
-        vllm=VLLMBackendConfig(**{k: _schema_default("rollout_matching", "vllm", k) for k in vllm_keys}),
+        vllm=VLLMBackendConfig(),  # every key at its declared default
         decoding=SimpleNamespace(max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
                                  batch_size=args.batch_size, seed=0),
     )
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = load_model_and_processors(args.checkpoint, dtype=args.dtype, add_coord_tokens=False)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = loaded.model.to(device)
-    prompt = args.prompt if args.prompt is not None else _schema_default("data", "prompt")
+    prompt = args.prompt if args.prompt is not None else _default("data.prompt")
     encoder = ChatEncoder(
         loaded.tokenizer, loaded.image_processor, prompt=prompt, system_prompt=args.system_prompt,
         min_pixels=args.min_pixels, max_pixels=args.max_pixels,

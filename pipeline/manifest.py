@@ -30,7 +30,7 @@ from typing import Any
 from configs.declare import coerce_record, declared_fields, default_value, defaults_of, maps_to, section_class
 from configs.errors import ConfigError, did_you_mean
 from configs.types import CHANNELS, CoordSoftCEW1Config, PipelineEntry, Stage2ABConfig
-from configs.validation import check, check_value, key_parts, record_validator, schema_at
+from configs.validation import check, check_value, declared_default, key_parts, record_validator
 from pipeline.registry import DIAGNOSTICS, OBJECTIVE, ModuleDef, get_module, known_modules
 
 STAGE1 = "stage1"
@@ -330,7 +330,7 @@ def _flat(raw: Mapping[str, Any], dotted: str) -> Any:
     default when it is absent or null."""
     value = _lookup(raw, dotted)
     if value is _MISSING or value is None:
-        return schema_at(key_parts(dotted))["default"]
+        return declared_default(dotted)
     check_value(dotted, value)  # raw may come unvalidated (resolve_pipeline is public)
     return value
 
