@@ -25,7 +25,7 @@ class TokenCEWeights:
 
     desc_ce_weight: float = knob(1.0, "scale of the gt desc CE mean (Stage-1, Channel-A)", minimum=0.0)
     self_context_struct_ce_weight: float = knob(0.1, "Channel-A struct/eos stabiliser on self_context", minimum=0.0)
-    rollout_fn_desc_weight: float = knob(1.0, "scale of the desc CE mean of appended FN objects", minimum=0.0)
+    rollout_fn_desc_weight: float = knob(1.0, "scale of the desc CE mean of appended FN objects (rollout)", minimum=0.0)
     rollout_matched_prefix_struct_weight: float = knob(
         1.0, "per-token struct weight of matched objects and prefix struct (FN struct is 1)", minimum=0.0)
     rollout_drop_invalid_struct_ce_multiplier: float = knob(
@@ -57,14 +57,15 @@ class CoordRegConfig:
     coord_ce_weight: float = knob(0.0, "hard CE over the coord logits (logged as loss/coord_token_ce)", minimum=0.0)
     soft_ce_weight: float = knob(0.0, "CE against the Gaussian bin target", minimum=0.0)
     self_context_soft_ce_weight: float = knob(0.05, "Channel-A soft_ce on self_context coord positions", minimum=0.0)
-    w1_weight: float = knob(0.0, "1-Wasserstein between p and the Gaussian target (fractions)", minimum=0.0)
+    w1_weight: float = knob(0.0, "1-Wasserstein between p and the Gaussian target q: sum_k |CDF_p - CDF_q| / 999 (fractions)", minimum=0.0)
     coord_entropy_weight: float = knob(0.0, "entropy of p (nats)", minimum=0.0)
     coord_el1_weight: float = knob(0.0, "expected L1 |v_k - v_t| under p (fractions)", minimum=0.0)
     coord_ehuber_weight: float = knob(0.0, "expected Huber under p (fractions)", minimum=0.0)
-    coord_huber_delta: float = knob(0.001, "Huber delta of ehuber (fractions)", exclusive_minimum=0.0)
-    coord_gate_weight: float = knob(0.0, "-log(coord-vocabulary mass) at coord positions", minimum=0.0)
-    text_gate_weight: float = knob(0.0, "-log(1 - coord mass) at supervised struct/desc positions", minimum=0.0)
-    temperature: float = knob(1.0, "tau of p = softmax(s / tau) (not coord_ce/gates)", exclusive_minimum=0.0)
+    coord_huber_delta: float = knob(0.001, "Huber delta of ehuber (fractions), > 0", exclusive_minimum=0.0)
+    coord_gate_weight: float = knob(0.0, "-log(p_coord + eps) at coord positions (p_coord: coord-vocabulary mass of the full softmax)", minimum=0.0)
+    text_gate_weight: float = knob(0.0, "-log(1 - p_coord + eps) at struct/desc positions whose token-CE weight > 0 under the run's token_ce "
+                                   "knobs (never eos, never FP); numerics in docs/training/METRICS_LOSSES.md", minimum=0.0)
+    temperature: float = knob(1.0, "tau of p = softmax(s / tau) for soft_ce / w1 / entropy / el1 / ehuber (not coord_ce, not the gates)", exclusive_minimum=0.0)
     target_sigma: float = knob(2.0, "Gaussian target width (bins)", exclusive_minimum=0.0)
     target_truncate: int | None = knob(None, "zero the target beyond this many bins; null = off", minimum=0)
 
@@ -76,7 +77,8 @@ class CoordDiagConfig:
     MODULE = "coord_diag"
 
     bin_tolerance: int = knob(0, "bins of slack for coord_diag/bin_acc_frac", minimum=0)
-    coord_mass: bool = knob(True, "emit coord_diag/coord_mass_mean (costs one full-vocabulary logsumexp per coord)")
+    coord_mass: bool = knob(True, "emit coord_diag/coord_mass_mean (one full-vocabulary logsumexp per coord position, shared with "
+                             "coord_reg's coord_gate)")
 
 
 @dataclass(frozen=True)

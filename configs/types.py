@@ -334,8 +334,8 @@ class PipelineEntry:
     weight: float = knob(1.0, "multiplies the module loss (objective modules only)", minimum=0)
     channels: tuple[str, ...] = knob(CHANNELS, "Stage-2 Two-Channel only: the channels the module runs in",
                                      items={"enum": list(CHANNELS)}, unique_items=True, min_items=1)
-    config: Mapping[str, Any] = knob(OMITTED, "module knobs (allowlist per module in configs/modules.py, "
-                                     "docs/training/METRICS_LOSSES.md)", schema={"type": "object", "default": {}})
+    config: Mapping[str, Any] = knob(OMITTED, "module knobs, declared per module in configs/modules.py "
+                                     "(listed under \"Pipeline module `config` keys\")", schema={"type": "object", "default": {}})
 
 
 @dataclass(frozen=True)
