@@ -58,9 +58,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     # (autocast: the training precision throughout, docs/MODEL.md)
                     with accelerator.autocast():
                         result = s.model(batch, STRATEGY_GT)
-                    backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)
+                    optim_metrics = backward_and_step(run, s, result.loss, t.max_grad_norm)
                 tokens += batch.num_tokens
-                s.aggregator.add({**result.metrics, **batch_metrics(batch)})
+                s.aggregator.add({**result.metrics, **optim_metrics, **batch_metrics(batch)})
             # reduce metrics, progress, eval / log / save when due
             metrics = finish_step(cfg, run, s, step, started=started, tokens=tokens)
     finally:  # close the progress bar and the metrics file even when a step raises

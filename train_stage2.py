@@ -23,7 +23,7 @@ import numpy as np
 from configs import load_config
 from configs.errors import run_cli
 from configs.loader import add_config_args
-from data.encoding import prompt_of
+from data.encoding import prompts_of
 from pipeline.wrapper import STRATEGY_EXPECTATION, STRATEGY_ROLLOUT
 from rollout.step import MatchingConfig, prepare_rollout_batches, token_budget_warning
 from training.faults import any_rank
@@ -100,12 +100,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 try:
                     # generate in the training precision; sharded engines gather the weights once for the call
                     with accelerator.autocast(), full_weights(s.model):
-                        # every micro-batch of the window in one generate call
+                        # every micro-batch of the window in one generate call; records from the training
+                        # set by each segment's sample index, prompts sliced out of the GT batches
+                        prompts = [prompts_of(gt, s.splits.train) for gt in window]
                         rollouts = prepare_rollout_batches(
-                            [[sample.record for sample in gt.samples] for gt in window], encoder=s.encoder,
-                            prompts=[[prompt_of(sample) for sample in gt.samples] for gt in window], backend=backend,
-                            coord_vocab=s.loaded.coord_vocab, matching=matching, max_length=t.max_length,
-                            packing=t.packing, pad_token_id=s.pad_id,
+                            [[p.record for p in group] for group in prompts], encoder=s.encoder, prompts=prompts,
+                            backend=backend, coord_vocab=s.loaded.coord_vocab, matching=matching,
+                            max_length=t.max_length, packing=t.packing, pad_token_id=s.pad_id,
                         )
                 except Exception as exc:  # noqa: BLE001 - routed to the configured fallback (default: re-raise)
                     error = exc
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     # the objective pipeline in one wrapped forward. Rollout-Aligned has no channels (None).
                     with accelerator.autocast():  # the training precision throughout (docs/MODEL.md)
                         result = s.model(batch, strategy, channel if two_channel else None)
-                    backward_and_step(run, s, result.loss, result.metrics, t.max_grad_norm)
+                    step_metrics.update(backward_and_step(run, s, result.loss, t.max_grad_norm))
                     step_metrics["time/forward_backward_s"] = time.perf_counter() - forward_start
                     if i == 0 and (channel == CHANNEL_B or rerouted):  # ranks whose rollouts raised, summed
                         step_metrics["stage2/rollout_error_count"] = float(error is not None)

@@ -145,7 +145,7 @@ def _configs(size: str):
 
 
 def _micro_batches(encoder, pad_id: int, *, image_size: int, max_length: int, grad_accum: int, max_shapes: int):
-    """``grad_accum`` packed rows of at most ``max_length`` tokens of encoded shapes samples."""
+    """``grad_accum`` packed rows of at most ``max_length`` tokens of encoded shapes samples, and their records."""
     from data.packing import collate_rows, pack_samples
     from data.records import read_jsonl
     from data.shapes import make_shapes_dataset
@@ -156,10 +156,11 @@ def _micro_batches(encoder, pad_id: int, *, image_size: int, max_length: int, gr
         mean_len = sum(len(encoder.encode(r)) for r in read_jsonl(train)[0]) / 4
         n = int(1.2 * need / mean_len) + 2 * grad_accum  # enough that every row fills up
         train, _ = make_shapes_dataset(Path(tmp) / "data", n, 0, image_size=image_size, max_shapes=max_shapes, seed=0)
-        samples = [encoder.encode(r) for r in read_jsonl(train)[0]]
+        records = read_jsonl(train)[0]
+        samples = [encoder.encode(r) for r in records]
     rows = pack_samples(samples, max_length)
     rows = sorted(rows, key=lambda r: -sum(len(samples[i]) for i in r))[:grad_accum]
-    return [collate_rows([[samples[i] for i in r]], pad_id) for r in rows]
+    return [collate_rows([[samples[i] for i in r]], pad_id, indices=[r]) for r in rows], records
 
 
 def memory_estimate(size: str, tokens: int = 8192, image_size: int = 448, sample_tokens: int = 370) -> dict:
@@ -409,7 +410,7 @@ def _run(args: argparse.Namespace) -> dict:
     vlm.train()
     counts = _param_counts(vlm)
 
-    batches = _micro_batches(encoder, pad_id, image_size=args.image_size, max_length=args.max_length,
+    batches, records = _micro_batches(encoder, pad_id, image_size=args.image_size, max_length=args.max_length,
                              grad_accum=args.grad_accum, max_shapes=args.max_shapes)
     tokens = sum(b.num_tokens for b in batches)
     patches = sum(int(b.pixel_values.shape[0]) for b in batches)
@@ -436,7 +437,8 @@ def _run(args: argparse.Namespace) -> dict:
 
     print(f"Channel-A: {100 * prefix:.0f}% of the tokens lie before their segment's first coord slot "
           "(identical in forwards 1..N; not reused yet, see bench/README.md)")
-    step = _StepRunner(args, accelerator, model, vlm, optimizer, batches, coord_ids, s1_cfg, s2_cfg, encoder, tok)
+    step = _StepRunner(args, accelerator, model, vlm, optimizer, batches, records, coord_ids, s1_cfg, s2_cfg, encoder,
+                       tok)
     for kind in args.kinds:
         results["kinds"][kind] = step.measure(kind, counts, device)
     if args.profile:
@@ -479,16 +481,17 @@ class _StepRunner:
     """One optimizer step of each kind, written as the recipes write it (accumulate, forward, pipeline,
     backward, clip, step), with phase timers around the calls."""
 
-    def __init__(self, args, accelerator, model, vlm, optimizer, batches, coord_ids, s1_cfg, s2_cfg, encoder, tok):
+    def __init__(self, args, accelerator, model, vlm, optimizer, batches, records, coord_ids, s1_cfg, s2_cfg, encoder,
+                 tok):
         self.args, self.accelerator, self.model, self.vlm = args, accelerator, model, vlm
-        self.optimizer, self.batches, self.coord_ids = optimizer, batches, coord_ids
+        self.optimizer, self.batches, self.records, self.coord_ids = optimizer, batches, records, coord_ids
         self.s1, self.s2, self.encoder, self.tok = s1_cfg, s2_cfg, encoder, tok
         self.lm_head = vlm.get_output_embeddings().weight
         self.backend = None
         self.counter: HostReadCounter | None = None
 
     def _rollouts(self, timer: PhaseTimer):
-        from data.encoding import prompt_of
+        from data.encoding import prompts_of
         from rollout.backends import HFGenerationBackend
         from rollout.step import MatchingConfig, prepare_rollout_batches
 
@@ -500,9 +503,10 @@ class _StepRunner:
                                                seed=rm.decoding.seed,
                                                eos_token_ids=[self.lm_head.shape[0] - 1])
         with timer.phase("generation"), self.accelerator.autocast():
+            prompts = [prompts_of(b, self.records) for b in self.batches]
             return prepare_rollout_batches(
-                [[s.record for s in b.samples] for b in self.batches], encoder=self.encoder,
-                prompts=[[prompt_of(s) for s in b.samples] for b in self.batches], backend=self.backend,
+                [[p.record for p in group] for group in prompts], encoder=self.encoder, prompts=prompts,
+                backend=self.backend,
                 coord_vocab=coord_vocab_of(self.tok),
                 matching=MatchingConfig(rm.matching.iou_gate, rm.matching.fp_cost, rm.matching.fn_cost),
                 max_length=self.args.max_length, packing=True, pad_token_id=int(self.tok.pad_token_id),

@@ -15,7 +15,7 @@ from PIL import Image
 
 from data.coordjson import RenderedAnswer, find_outermost_closure, render_answer
 from data.records import DataError
-from data.types import BBoxGroup, EncodedSample, GTObject, ObjectSpan, Record
+from data.types import BBoxGroup, EncodedSample, GTObject, ObjectSpan, PackedBatch, Record
 from losses.registry import EOS, IGNORE, NO_SUBSET
 from losses.tokens import assign_token_types, char_span_to_tokens
 
@@ -306,16 +306,28 @@ class EncodedRecords(Sequence):
         return table_sources() if table_sources is not None else [r.source for r in self.records]
 
 
-def prompt_of(sample: EncodedSample) -> EncodedSample:
-    """The prompt part of an encoded sample (what generation starts from), reusing its image tensors.
+def prompts_of(batch: PackedBatch, records: Sequence[Record]) -> list[EncodedSample]:
+    """The prompt of every sample of a GT ``batch``, in segment order (what a Rollout step generates from).
 
-    Equal to ``ChatEncoder.encode_prompt(sample.record)`` without decoding and processing the image
-    again: Stage-2 Rollout steps roll out the GT micro-batch they were handed.
+    Sliced out of the batch's own tensors (prompt tokens at the start of each segment, the
+    segment's rows of ``pixel_values`` / ``image_grid_thw``): equal to
+    ``ChatEncoder.encode_prompt(record)`` without decoding and processing the image again, and
+    without the batch carrying its samples. ``records``: the sequence the batch was drawn from
+    (the training set); segment ``k``'s record is ``records[segment.sample_index]``, set as the
+    prompt's ``record``.
     """
-    n = sample.prompt_len
-    return _prompt_sample(
-        sample.input_ids[:n], sample.mm_token_type_ids[:n], sample.pixel_values, sample.image_grid_thw, sample.record
-    )
+    prompts: list[EncodedSample] = []
+    grid_row = pixel_row = 0
+    for seg in batch.segments:
+        grid = batch.image_grid_thw[grid_row : grid_row + seg.image_rows]
+        n_pixels = int(grid.prod(dim=-1).sum()) if seg.image_rows else 0  # one pixel row per patch (t * h * w)
+        tokens = slice(seg.start, seg.start + seg.prompt_len)
+        prompts.append(_prompt_sample(
+            batch.input_ids[seg.row, tokens], batch.mm_token_type_ids[seg.row, tokens],
+            batch.pixel_values[pixel_row : pixel_row + n_pixels], grid, records[seg.sample_index],
+        ))
+        grid_row, pixel_row = grid_row + seg.image_rows, pixel_row + n_pixels
+    return prompts
 
 
 def _prompt_sample(ids: torch.Tensor, mm_token_type_ids: torch.Tensor, pixel_values, image_grid_thw, record):

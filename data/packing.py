@@ -76,16 +76,25 @@ def pack_samples(samples: Sequence[EncodedSample], max_length: int) -> list[list
     return pack_lengths([len(s) for s in samples], max_length, sources=sources)
 
 
-def collate_rows(rows: Sequence[Sequence[EncodedSample]], pad_token_id: int) -> PackedBatch:
+def collate_rows(
+    rows: Sequence[Sequence[EncodedSample]],
+    pad_token_id: int,
+    *,
+    indices: Sequence[Sequence[int]] | None = None,
+) -> PackedBatch:
     """Collate packed rows (each inner list = one row of segments) into a right-padded ``PackedBatch``.
 
     Shapes: per-token tensors ``[B, T]`` with ``T`` = the longest row. Padding: ``input_ids`` =
     ``pad_token_id``, ``token_types`` IGNORE, ``object_index``/``coord_targets`` -1, ``subset``
     NO_SUBSET, ``segment_ids``/``text_position_ids`` -1, ``dropped_invalid`` False. Images are
     concatenated row-major in segment order; ``bbox_groups`` get flat positions ``row * T + pos``.
+    ``indices`` (same shape as ``rows``): each sample's index in the sequence it came from, kept as
+    ``Segment.sample_index``; default: its position in the collated order.
     """
     if not rows or any(len(r) == 0 for r in rows):
         raise PackingError("collate_rows needs at least one row and no empty rows")
+    if indices is not None and [len(r) for r in indices] != [len(r) for r in rows]:
+        raise PackingError(f"collate_rows: indices {[len(r) for r in indices]} do not match rows {[len(r) for r in rows]}")
     B = len(rows)
     T = max(sum(len(s) for s in r) for r in rows)
 
@@ -106,7 +115,6 @@ def collate_rows(rows: Sequence[Sequence[EncodedSample]], pad_token_id: int) -> 
     }
     per_token = ("input_ids", "token_types", "object_index", "subset", "coord_targets", "closure", "mm_token_type_ids")
     segments: list[Segment] = []
-    samples: list[EncodedSample] = []
     groups: list[BBoxGroup] = []
     pixels: list[torch.Tensor] = []
     grids: list[torch.Tensor] = []
@@ -120,14 +128,17 @@ def collate_rows(rows: Sequence[Sequence[EncodedSample]], pad_token_id: int) -> 
             out["dropped_invalid"][r, sl] = bool(s.dropped_invalid)
             out["segment_ids"][r, sl] = k
             out["text_position_ids"][r, sl] = torch.arange(n)
-            segments.append(Segment(row=r, start=start, length=n, sample_index=len(samples)))
-            for g in s.bbox_groups:
-                flat = tuple(r * T + start + p for p in g.coord_pos)
-                groups.append(BBoxGroup(flat, g.target_bins, g.subset, g.object_index))
+            image_rows = 0
             if s.pixel_values is not None and s.pixel_values.numel():
                 pixels.append(s.pixel_values)
                 grids.append(s.image_grid_thw.reshape(-1, 3))
-            samples.append(s)
+                image_rows = grids[-1].shape[0]
+            index = len(segments) if indices is None else int(indices[r][k])
+            segments.append(Segment(row=r, start=start, length=n, sample_index=index, prompt_len=s.prompt_len,
+                                    image_rows=image_rows))
+            for g in s.bbox_groups:
+                flat = tuple(r * T + start + p for p in g.coord_pos)
+                groups.append(BBoxGroup(flat, g.target_bins, g.subset, g.object_index))
             start += n
     pixel_values = torch.cat(pixels) if pixels else torch.zeros(0)
     image_grid_thw = torch.cat(grids).to(torch.long) if grids else torch.zeros(0, 3, dtype=torch.long)
@@ -136,7 +147,6 @@ def collate_rows(rows: Sequence[Sequence[EncodedSample]], pad_token_id: int) -> 
         pixel_values=pixel_values,
         image_grid_thw=image_grid_thw,
         segments=segments,
-        samples=samples,
         bbox_groups=groups,
     )
 
@@ -276,8 +286,10 @@ class _EpochBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> PackedBatch:
         samples = self.dataset.samples
-        rows = [[samples[j] for j in row] for row in self.dataset.batch_indices(i, self.epoch)]
-        return collate_rows(rows, self.pad_token_id)
+        indices = self.dataset.batch_indices(i, self.epoch)
+        # Segment.sample_index = the record's index in the training set: a Rollout step looks the
+        # records up there instead of receiving them (and their image tensors) a second time.
+        return collate_rows([[samples[j] for j in row] for row in indices], self.pad_token_id, indices=indices)
 
 
 def _as_is(batch):

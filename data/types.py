@@ -115,12 +115,20 @@ class EncodedSample:
 
 @dataclass(frozen=True)
 class Segment:
-    """Where one sample sits in a packed batch: row ``row``, tokens ``[start, start + length)``."""
+    """Where one sample sits in a packed batch: row ``row``, tokens ``[start, start + length)``.
+
+    sample_index: the sample's index in the sequence its rows were drawn from (the training set for
+                  ``PackedDataset`` batches: the index of its record; the collated order otherwise)
+    prompt_len:   the sample's prompt tokens (its answer starts at ``start + prompt_len``)
+    image_rows:   its rows of ``PackedBatch.image_grid_thw`` (1 per image; 0 without an image)
+    """
 
     row: int
     start: int
     length: int
     sample_index: int
+    prompt_len: int = 0
+    image_rows: int = 0
 
 
 @dataclass
@@ -133,6 +141,9 @@ class PackedBatch:
     ``token_types == IGNORE``. ``pixel_values``/``image_grid_thw`` are concatenated
     in segment order (row-major), matching the order of image pads in ``input_ids``.
     ``bbox_groups`` carry *flat* positions into the ``[B, T]`` grid (``row * T + pos``).
+    The batch holds tensors and positions only, no samples or records (what loader workers send
+    back once): a Rollout step takes its records by ``Segment.sample_index`` from the training set
+    and its prompts out of these tensors (``data.encoding.prompts_of``).
     """
 
     input_ids: torch.Tensor
@@ -148,7 +159,6 @@ class PackedBatch:
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
     segments: list[Segment]
-    samples: list[EncodedSample]
     bbox_groups: list[BBoxGroup]
 
     @property

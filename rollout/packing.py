@@ -21,7 +21,8 @@ def pack_rollout_samples(
 
     Returns one ``PackedBatch`` per ``rows_per_batch`` rows (``[rows, T]`` tensors), rows in the
     order ``pack_lengths`` opens them. Every sample appears exactly once. A sample longer than
-    ``max_length`` raises ``PackingError`` naming its index and length.
+    ``max_length`` raises ``PackingError`` naming its index and length. Each segment's
+    ``sample_index`` is the sample's index in ``samples``.
     """
     if rows_per_batch <= 0:
         raise PackingError(f"rows_per_batch must be a positive integer, got {rows_per_batch}")
@@ -36,7 +37,7 @@ def pack_rollout_samples(
     batches = []
     for b in range(0, len(rows), rows_per_batch):
         chunk = rows[b : b + rows_per_batch]
-        batches.append(collate_rows([[samples[i] for i in row] for row in chunk], pad_token_id))
+        batches.append(collate_rows([[samples[i] for i in row] for row in chunk], pad_token_id, indices=chunk))
     return batches
 
 

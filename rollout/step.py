@@ -63,7 +63,7 @@ def prepare_rollout_batches(
 
     All prompts of the window go to the backend in one ``generate`` call (it batches them by
     ``rollout_matching.decoding.batch_size``), so small micro-batches still fill generation
-    batches. ``prompts``: the groups' prompt samples when already encoded (``data.encoding.prompt_of``
+    batches. ``prompts``: the groups' prompt samples when already encoded (``data.encoding.prompts_of``
     of the GT micro-batches); otherwise they are encoded here. Packing on: each micro-batch's
     sequences are packed into rows of at most ``max_length`` tokens (a longer sequence raises with
     its length); off: one sequence per row. Each micro-batch's rows form one ``PackedBatch`` (one

@@ -192,13 +192,21 @@ def test_tricky_descs_keep_types_spans_and_closure(encoder, record):
     assert a <= len(r.text) - 1 < b and c == len(s) - 2
 
 
-def test_prompt_of_equals_encode_prompt(encoder, record):
-    """``prompt_of`` cuts the prompt off an encoded sample without touching the image again."""
-    from data.encoding import prompt_of
+def test_prompts_of_equals_encode_prompt(encoder, record, tmp_path):
+    """``prompts_of`` slices every segment's prompt out of a packed GT batch (images of different
+    sizes, two samples in one row) and takes its record from the training set by sample index."""
+    from data.encoding import prompts_of
+    from data.packing import collate_rows
 
-    full = encoder.encode(record)
-    a, b = prompt_of(full), encoder.encode_prompt(record)
-    for name in ("input_ids", "token_types", "object_index", "subset", "coord_targets", "closure",
-                 "mm_token_type_ids", "pixel_values", "image_grid_thw"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    assert a.prompt_len == b.prompt_len == len(a) and a.record == record
+    big = write_png(str(tmp_path / "big.png"), 200, 90)
+    records = [Record(big, 200, 90, (CAT,), "b", "x.jsonl:3"), record, Record(big, 200, 90, (), "c", "x.jsonl:4")]
+    rows = [[2, 0], [1]]  # training-set indices, the order PackedDataset hands them to collate_rows
+    batch = collate_rows([[encoder.encode(records[j]) for j in row] for row in rows], 0, indices=rows)
+    assert [seg.sample_index for seg in batch.segments] == [2, 0, 1]
+    prompts = prompts_of(batch, records)
+    for j, a in zip([2, 0, 1], prompts, strict=True):
+        b = encoder.encode_prompt(records[j])
+        for name in ("input_ids", "token_types", "object_index", "subset", "coord_targets", "closure",
+                     "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (j, name)
+        assert a.prompt_len == b.prompt_len == len(a) and a.record == records[j]

@@ -110,12 +110,17 @@ def test_collate_rows_layout():
     # pixel values row-major in segment order: a (tag 1), b (tag 2), c (tag 3)
     assert batch.pixel_values[:, 0].tolist() == [1.0] * 4 + [2.0] * 4 + [3.0] * 4
     assert batch.image_grid_thw.tolist() == [[1, 2, 2]] * 3
-    assert [(s.row, s.start, s.length, s.sample_index) for s in batch.segments] == [
-        (0, 0, 8, 0),
-        (0, 8, 4, 1),
-        (1, 0, 9, 2),
+    assert [(s.row, s.start, s.length, s.sample_index, s.prompt_len, s.image_rows) for s in batch.segments] == [
+        (0, 0, 8, 0, a.prompt_len, 1),
+        (0, 8, 4, 1, b.prompt_len, 1),
+        (1, 0, 9, 2, c.prompt_len, 1),
     ]
-    assert batch.samples == [a, b, c] and batch.num_tokens == 21
+    assert batch.num_tokens == 21 and not hasattr(batch, "samples")  # no samples travel with the batch
+    # indices: each sample's index in the sequence it came from (a PackedDataset batch: the training set)
+    again = collate_rows([[a, b], [c]], pad_token_id=0, indices=[[7, 3], [5]])
+    assert [s.sample_index for s in again.segments] == [7, 3, 5]
+    with pytest.raises(PackingError, match="indices"):
+        collate_rows([[a, b], [c]], pad_token_id=0, indices=[[7], [5]])
     # b has no box (too short); a's coords at 2..5 in row 0, c's at 2..5 in row 1 -> 12 + 2..5
     assert [g.coord_pos for g in batch.bbox_groups] == [(2, 3, 4, 5), (14, 15, 16, 17)]
     flat_targets = batch.coord_targets.flatten()

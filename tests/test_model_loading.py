@@ -99,7 +99,6 @@ def test_round_trip_and_generate_with_image(ckpt):
         pixel_values=vis["pixel_values"],
         image_grid_thw=vis["image_grid_thw"],
         segments=[Segment(0, 0, L, 0)],
-        samples=[],
         bbox_groups=[],
     )
     hs = HiddenStatesModel(model)

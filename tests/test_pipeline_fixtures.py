@@ -116,7 +116,6 @@ def make_batch(rows, dropped_invalid=None) -> PackedBatch:
         pixel_values=torch.zeros(0),
         image_grid_thw=torch.zeros(0, 3, dtype=torch.long),
         segments=segments,
-        samples=[],
         bbox_groups=groups,
     )
 
@@ -132,7 +131,7 @@ def duplicate_batch(batch: PackedBatch) -> PackedBatch:
     ]
     segments = list(batch.segments) + [Segment(sg.row + B, sg.start, sg.length, sg.sample_index + B) for sg in batch.segments]
     return PackedBatch(**f, pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-                       segments=segments, samples=[], bbox_groups=groups)
+                       segments=segments, bbox_groups=groups)
 
 
 def random_hidden(batch: PackedBatch, seed: int) -> torch.Tensor:

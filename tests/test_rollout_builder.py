@@ -312,15 +312,15 @@ def test_pack_rollout_samples(png):
     max_len = max(lengths) + min(lengths)
     batches = pack_rollout_samples(samples, max_len, tok.pad_token_id)
     again = pack_rollout_samples(samples, max_len, tok.pad_token_id)
-    seen = sorted(id(s) for b in batches for s in b.samples)
-    assert seen == sorted(id(s) for s in samples)  # every sample exactly once
-    assert [[s.meta.train_len for s in b.samples] for b in batches] == [
-        [s.meta.train_len for s in b.samples] for b in again
+    seen = sorted(seg.sample_index for b in batches for seg in b.segments)
+    assert seen == list(range(len(samples)))  # every sample exactly once; sample_index = its index in `samples`
+    assert [[seg.sample_index for seg in b.segments] for b in batches] == [
+        [seg.sample_index for seg in b.segments] for b in again
     ]
     for b in batches:
         assert b.input_ids.shape[1] <= max_len
         for seg in b.segments:
-            smp = b.samples[seg.sample_index]
+            smp = samples[seg.sample_index]
             row = b.input_ids[seg.row, seg.start : seg.start + seg.length]
             assert torch.equal(row, smp.input_ids)
             assert torch.equal(b.subset[seg.row, seg.start : seg.start + seg.length], smp.subset)

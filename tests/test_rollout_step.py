@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from data.encoding import prompt_of
+from data.encoding import prompts_of
+from data.packing import collate_rows
 from rollout.step import MatchingConfig, prepare_rollout_batch, prepare_rollout_batches
 from tests.test_forwards_fixtures import FixedBackend, make_env, mixed_rollout_texts
 
@@ -18,7 +19,10 @@ def test_window_in_one_generate_call_equals_micro_batches_alone(tmp_path):
     texts = [mixed_rollout_texts(g) for g in groups]
 
     window_backend = FixedBackend(env.tokenizer, texts[0] + texts[1])
-    prompts = [[prompt_of(env.samples[i]) for i in range(2)], [prompt_of(env.samples[i]) for i in range(2, 4)]]
+    # the GT micro-batches as the loader hands them over: their prompts are sliced out of the batches
+    gt = [collate_rows([[env.samples[i] for i in ids]], env.pad_id, indices=[ids]) for ids in ([0, 1], [2, 3])]
+    prompts = [prompts_of(b, env.records) for b in gt]
+    assert [[p.record for p in group] for group in prompts] == groups
     window = prepare_rollout_batches(groups, encoder=env.encoder, prompts=prompts, backend=window_backend,
                                      coord_vocab=env.coord_vocab, pad_token_id=env.pad_id, **KW)
     assert window_backend.calls == 1 and len(window) == 2

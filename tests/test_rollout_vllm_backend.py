@@ -183,20 +183,20 @@ def test_backward_and_step_notifies_only_steps_that_changed_weights():
     s = SimpleNamespace(optimizer=optimizer, scheduler=SimpleNamespace(step=lambda: None), rollout_backend=backend,
                         model=torch.nn.Linear(1, 1), guard=NonFiniteGuard(10), interrupt=InterruptFlag(False))
     run = SimpleNamespace(accelerator=accelerator)
-    backward_and_step(run, s, torch.tensor(0.0), {}, 0.0)  # inside the window
+    backward_and_step(run, s, torch.tensor(0.0), 0.0)  # inside the window
     assert notes == []
     accelerator.sync_gradients = True
-    backward_and_step(run, s, torch.tensor(0.0), {}, 0.0)
+    backward_and_step(run, s, torch.tensor(0.0), 0.0)
     assert notes == [1]
-    backward_and_step(run, s, torch.tensor(float("nan")), {}, 0.0)  # non-finite loss: step skipped
+    backward_and_step(run, s, torch.tensor(float("nan")), 0.0)  # non-finite loss: step skipped
     assert notes == [1]
     accelerator.scaler = object()
     optimizer.step_was_skipped = True  # fp16: the scaler found an overflow, weights unchanged
-    backward_and_step(run, s, torch.tensor(0.0), {}, 0.0)
+    backward_and_step(run, s, torch.tensor(0.0), 0.0)
     assert notes == [1]
     s.rollout_backend = None  # Stage-1 before its first eval
     optimizer.step_was_skipped = False
-    backward_and_step(run, s, torch.tensor(0.0), {}, 0.0)
+    backward_and_step(run, s, torch.tensor(0.0), 0.0)
     assert notes == [1]
 
 

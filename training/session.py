@@ -8,20 +8,62 @@ that the recipes themselves read top to bottom without repeating this code.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
-from collections.abc import Sequence
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
+from configs.errors import UserError
+from configs.loader import save_resolved
 from data.encoding import ChatEncoder, EncodedRecords
-from data.types import Record
+from data.packing import PackedDataset, iterate_batches
+from data.shapes import make_shapes_dataset
+from data.table import ReadOptions, cached_packing, open_records
+from data.types import PackedBatch, Record
+from eval.inloop import run_rollout_eval
+from losses.registry import IGNORE
 from model.adapters import apply_adapter, load_adapter_weights, save_adapter, spec_from_config
 from model.loading import PARTS, LoadedModel, apply_freeze, load_model_and_processors, memory_summary, param_parts
+from model.tiny import build_tiny_checkpoint
+from pipeline.wrapper import ExpectationConfig, TrainingWrapper
+from rollout.backends import GenerationBackend, make_generation_backend
+from training.aggregator import MetricAggregator
+from training.checkpoint import (
+    TrainerState,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_training_state,
+    read_trainer_state,
+    resolve_resume,
+    save_training_state,
+)
+from training.faults import (
+    LOCK_NAME,
+    NONFINITE_METRIC,
+    InterruptFlag,
+    NonFiniteError,
+    NonFiniteGuard,
+    RunLock,
+    TrainingInterrupted,
+    acquire_run_lock,
+    main_process_decides,
+    weights_finite,
+)
+from training.optim import build_optimizer, build_scheduler
+from training.preflight import check_model_path, check_paths
+from training.progress import TrainProgress
+from training.setup import log_run_header, make_accelerator, make_run_dir, run_dir_in_use, setup_logging, what_run_holds
+from training.sharding import check_engine, configure_engine, full_weights, register_direct_weights
+from training.tracking import Tracker, truncate_metrics_after
 
 logger = logging.getLogger("coordexp")
 
@@ -30,23 +72,17 @@ logger = logging.getLogger("coordexp")
 class RunContext:
     """What every recipe sets up first: the accelerator, the run dir, the logger, the pipeline identity."""
 
-    accelerator: Any
+    accelerator: Accelerator
     run_dir: Path
     logger: logging.Logger
     identity: dict
     resume_dir: Path | None
-    lock: Any = None  # training.faults.RunLock on the main process
+    lock: RunLock | None = None  # held by the main process
 
 
 def start_run(cfg) -> RunContext:
     """Accelerator + seed, the run lock, run dir, resolved config, start-up log of config path / run name /
     seed / pipeline identity (docs/training/PIPELINE.md), and the verified checkpoint to resume from (``training.resume_from``)."""
-    from configs.errors import UserError
-    from training.faults import acquire_run_lock, main_process_decides
-    from training.preflight import check_paths
-    from training.setup import make_accelerator
-    from training.sharding import check_engine
-
     t = cfg.training
     check_paths(cfg)  # a wrong model dir / data file / image root fails now, naming its key
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -83,10 +119,6 @@ def _released_on_error(lock):
 
 
 def _start_locked_run(cfg, accelerator, run_dir: Path, lock) -> RunContext:
-    from configs.loader import save_resolved
-    from training.faults import LOCK_NAME, main_process_decides
-    from training.setup import log_run_header, make_run_dir, run_dir_in_use, setup_logging
-
     t = cfg.training
     # Checked before anything is written: a resume that cannot train must not touch the run dir.
     # Verified (sizes + SHA-256) once, on the main process; `latest` skips a corrupt one.
@@ -110,9 +142,6 @@ def _start_locked_run(cfg, accelerator, run_dir: Path, lock) -> RunContext:
     log_run_header(run_logger, config_path=cfg.path, run_name=cfg.run.name, seed=cfg.run.seed,
                    pipeline_identity=identity, run_dir=run_dir if accelerator.is_main_process else None)
     if resume_dir is not None and accelerator.is_main_process:  # before the tracker opens metrics.jsonl
-        from training.checkpoint import read_trainer_state
-        from training.tracking import truncate_metrics_after
-
         step = int(read_trainer_state(resume_dir)["step"])
         dropped = truncate_metrics_after(run_dir / "metrics.jsonl", step)
         if dropped:
@@ -123,10 +152,6 @@ def _start_locked_run(cfg, accelerator, run_dir: Path, lock) -> RunContext:
 def resume_point(cfg, run_dir: Path) -> Path | None:
     """The checkpoint ``training.resume_from`` names (None when not resuming), checked to exist and to
     leave steps to train (its step < ``training.max_steps``); every error names the fix."""
-    from configs.errors import UserError
-    from training.checkpoint import list_checkpoints, read_trainer_state, resolve_resume
-    from training.setup import what_run_holds
-
     t = cfg.training
     if not t.resume_from:
         return None
@@ -142,23 +167,18 @@ def resume_point(cfg, run_dir: Path) -> Path | None:
     return resume_dir
 
 
-def make_tracker(cfg, run: RunContext):
-    from training.tracking import Tracker
-
+def make_tracker(cfg, run: RunContext) -> Tracker:
     tr = cfg.run.tracker
     return Tracker(run.run_dir, tr.backend, tr.mode, tr.project, tr.entity, cfg.run.name,
                    config={"config": cfg.resolved, "pipeline": run.identity}, tags=tr.tags,
                    is_main_process=run.accelerator.is_main_process)
 
 
-def make_train_dataset(cfg, samples: EncodedRecords, accelerator):
+def make_train_dataset(cfg, samples: EncodedRecords, accelerator: Accelerator) -> PackedDataset:
     """Static packing over the whole train set (SPEC Stage-1 policy), sharded by rank, resumable.
 
     The token lengths and the packing plan are computed once by the main process and cached beside
     the record table (``data.table.cached_packing``); every rank reads them."""
-    from data.packing import PackedDataset
-    from data.table import cached_packing
-
     t = cfg.training
     lengths, rows = cached_packing(samples.records, samples.encoder, t.max_length, t.packing,
                                    main_process_first=accelerator.main_process_first)
@@ -170,10 +190,8 @@ def make_train_dataset(cfg, samples: EncodedRecords, accelerator):
     return dataset
 
 
-def micro_batches(cfg, s: TrainingSetup):
+def micro_batches(cfg, s: TrainingSetup) -> Iterator[PackedBatch]:
     """Collated micro-batches across epochs on ``data.num_workers`` loader workers (resumable)."""
-    from data.packing import iterate_batches
-
     return iterate_batches(s.dataset, s.pad_id, num_workers=cfg.data.num_workers)
 
 
@@ -187,14 +205,10 @@ def resolve_checkpoint(cfg, *, resume_model_dir: Path | None = None) -> str:
     if resume_model_dir is not None:
         return str(resume_model_dir)
     if cfg.model.tiny.enabled:
-        from model.tiny import build_tiny_checkpoint
-
         tiny = cfg.model.tiny
         return build_tiny_checkpoint(tiny.dir, seed=tiny.seed, hidden=tiny.hidden, layers=tiny.layers,
                                      vision_hidden=tiny.vision_hidden, vision_depth=tiny.vision_depth,
                                      intermediate=2 * tiny.hidden, max_pixels=tiny.max_pixels)
-    from training.preflight import check_model_path
-
     return check_model_path(cfg)
 
 
@@ -248,13 +262,9 @@ def load_records(cfg, accelerator=None) -> DataSplits:
     """Open (or synthesise, then open) the train/val JSONL files as memory-mapped Arrow tables
     (``data.table.open_records``: validated once by the main process, cached beside the file or under
     ``data.cache_dir``); reports are logged, never silent."""
-    from data.table import ReadOptions, open_records
-
     d = cfg.data
     train_path, val_path = d.train_jsonl, d.val_jsonl
     if d.synthetic.enabled:
-        from data.shapes import make_shapes_dataset
-
         train_path, val_path = make_shapes_dataset(
             d.synthetic.out_dir,
             d.synthetic.num_train,
@@ -327,7 +337,7 @@ def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel, *, adapte
 
 
 def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder, val: list[Record], run_dir: Path,
-             step: int, backend) -> dict[str, Any]:
+             step: int, backend: GenerationBackend) -> dict[str, Any]:
     """In-loop rollout eval on the validation records (docs/EVAL.md); returns ``eval/rollout/*`` metrics.
 
     ``backend``: the run's ``rollout.backends.GenerationBackend``; eval generates with the same
@@ -335,8 +345,6 @@ def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder
     """
     if not val:
         return {}
-    from eval.inloop import run_rollout_eval
-
     records = val if cfg.eval.max_samples is None else val[: cfg.eval.max_samples]
     rm = cfg.rollout_matching
     was_training = vlm.training
@@ -363,20 +371,16 @@ def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder
     return metrics
 
 
-def rollout_backend_for(cfg, run: RunContext, s: TrainingSetup):
+def rollout_backend_for(cfg, run: RunContext, s: TrainingSetup) -> GenerationBackend:
     """The run's generation backend (``rollout_matching.backend``), built on first use and kept on ``s``."""
     if s.rollout_backend is None:
-        from rollout.backends import make_generation_backend
-
         s.rollout_backend = make_generation_backend(cfg.rollout_matching, s.vlm, s.loaded.tokenizer, encoder=s.encoder,
                                                     work_dir=run.run_dir)
     return s.rollout_backend
 
 
-def batch_metrics(batch) -> dict[str, float]:
+def batch_metrics(batch: PackedBatch) -> dict[str, float]:
     """Token and packing counters of one micro-batch (docs/training/METRICS_CONTRACT.md names)."""
-    from losses.registry import IGNORE
-
     return {
         "train/tokens_total": float(batch.num_tokens),
         "train/supervised_tokens_total": float((batch.token_types != IGNORE).sum()),
@@ -393,30 +397,28 @@ class TrainingSetup:
     loaded: LoadedModel
     splits: DataSplits
     encoder: ChatEncoder
-    dataset: Any  # data.packing.PackedDataset
-    model: Any  # accelerate-prepared pipeline.wrapper.TrainingWrapper: model(batch, strategy, channel) -> StepOutput
-    vlm: Any  # the unwrapped Qwen3-VL model (generation, embeddings, LM head, save_pretrained)
-    optimizer: Any
-    scheduler: Any
+    dataset: PackedDataset
+    model: torch.nn.Module  # accelerate-prepared TrainingWrapper: model(batch, strategy, channel) -> StepOutput
+    vlm: torch.nn.Module  # the unwrapped Qwen3-VL model (generation, embeddings, LM head, save_pretrained)
+    optimizer: torch.optim.Optimizer  # accelerate-wrapped
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # accelerate-wrapped
     coord_ids: torch.Tensor  # [1000] coord token ids on the accelerator device
     pad_id: int
     start_step: int
-    resume_state: Any  # training.checkpoint.TrainerState when resuming, else None
-    tracker: Any
-    aggregator: Any
-    progress: Any
-    save_model: Any  # model_save_fn for save_training_state
-    guard: Any  # training.faults.NonFiniteGuard
-    interrupt: Any  # training.faults.InterruptFlag
-    # rollout.backends.GenerationBackend for rollouts and in-loop eval: Stage-2 sets it before its loop,
-    # Stage-1 gets one at its first eval (rollout_backend_for); told of every optimizer step that changed the weights
-    rollout_backend: Any = None
+    resume_state: TrainerState | None  # set when resuming
+    tracker: Tracker
+    aggregator: MetricAggregator
+    progress: TrainProgress
+    save_model: Callable[[Path], None]  # model_save_fn for save_training_state
+    guard: NonFiniteGuard
+    interrupt: InterruptFlag
+    # for rollouts and in-loop eval: Stage-2 sets it before its loop, Stage-1 gets one at its first
+    # eval (rollout_backend_for); told of every optimizer step that changed the weights
+    rollout_backend: GenerationBackend | None = None
 
 
-def make_training_wrapper(cfg, vlm, coord_ids: torch.Tensor):
+def make_training_wrapper(cfg, vlm: torch.nn.Module, coord_ids: torch.Tensor) -> TrainingWrapper:
     """The module ``accelerator.prepare`` wraps: forwards + objective pipeline of ``cfg.variant`` in one forward."""
-    from pipeline.wrapper import ExpectationConfig, TrainingWrapper
-
     sab, rm = cfg.stage2_ab, cfg.rollout_matching
     decode_mode = {"stage2_two_channel": sab.coord_decode_mode, "stage2_rollout_aligned": rm.coord_decode_mode}
     return TrainingWrapper(
@@ -435,13 +437,6 @@ def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
 
 
 def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
-    from training.aggregator import MetricAggregator
-    from training.checkpoint import load_training_state
-    from training.faults import InterruptFlag, NonFiniteGuard
-    from training.optim import build_optimizer, build_scheduler
-    from training.progress import TrainProgress
-    from training.sharding import configure_engine, register_direct_weights
-
     t, accelerator = cfg.training, run.accelerator
     tracker = make_tracker(cfg, run)  # before the model: a wandb set-up error costs seconds, not a model load
     resume_model_dir = run.resume_dir / "model" if run.resume_dir else None
@@ -488,14 +483,14 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     )
 
 
-def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, metrics: dict, max_grad_norm: float) -> None:
+def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, max_grad_norm: float) -> dict[str, float]:
     """Backward one micro-step inside ``accelerator.accumulate``; on the sync step clip, then step the
     optimizer only if the loss of every micro-step on every rank and the gradient norm are finite
     (``training.faults.NonFiniteGuard``), and step the schedule (it counts optimizer steps, skipped or not).
-    The same cross-rank agreement tells every rank whether any rank received SIGTERM / SIGINT."""
-    import math
-
+    The same cross-rank agreement tells every rank whether any rank received SIGTERM / SIGINT.
+    Returns this micro-step's optimizer metrics (``train/grad_norm`` on a clipped sync step, else none)."""
     accelerator = run.accelerator
+    metrics: dict[str, float] = {}
     accelerator.backward(loss)
     s.guard.observe_loss(loss)
     if accelerator.sync_gradients:
@@ -517,19 +512,13 @@ def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, met
                 s.rollout_backend.weights_changed()
         s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
+    return metrics
 
 
 def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: float, tokens: int,
                 step_values: dict | None = None, router_state: dict | None = None) -> dict:
     """End of optimizer step ``step`` (0-based): reduce metrics over micro-steps and ranks, update the
     progress bar, eval / log / save when due (and on SIGTERM / SIGINT, then stop). Returns the logged metrics."""
-    import signal
-    import time
-
-    from training.checkpoint import find_latest_checkpoint, save_training_state
-    from training.faults import NONFINITE_METRIC, NonFiniteError, TrainingInterrupted, weights_finite
-    from training.sharding import full_weights
-
     t = cfg.training
     done = step + 1
     s.aggregator.add({"time/step_s": time.perf_counter() - started})
@@ -583,7 +572,7 @@ def finish_run(run: RunContext, s: TrainingSetup) -> None:
     s.interrupt.close()
     if run.accelerator.is_main_process:
         try:
-            from scripts.plot_metrics import plot_run
+            from scripts.plot_metrics import plot_run  # matplotlib: loaded only when a run ends
 
             plot_run(run.run_dir)
         except Exception as exc:  # noqa: BLE001 - the run's results are written; a plot must not fail it
