@@ -2,6 +2,8 @@
 
     python -m bench.bench_train_step --quick                 # CPU smoke: tiny shapes, seconds
     python -m bench.bench_train_step --size tiny             # CPU profile-sized run
+    python -m bench.bench_train_step --size small --clock cpu --threads 1 --image-size 448 --max-length 2048 \
+        --grad-accum 1 --kinds stage1 channel_a channel_a_full   # CPU: prefix reuse where the decoder dominates
     python -m bench.bench_train_step --size 2b --out bench_2b.json   # one H100/H200 (bench/README.md)
 
 The model is a random Qwen3-VL built by ``model.tiny.tiny_qwen3vl_config`` with the real dims of
@@ -13,7 +15,8 @@ under ``--mixed-precision`` autocast (bf16 on CUDA), through ``accelerate`` exac
 prepare them. Each step kind runs the same calls as ``train_stage1.py`` / ``train_stage2.py``:
 
 - stage1:    ``gt_forward`` -> ``run_pipeline`` (configs/stage1 objective) -> backward -> AdamW
-- channel_a: ``expectation_forward`` (N=2, the config's embed / grad modes) -> Channel-A pipeline
+- channel_a: ``expectation_forward`` (N=2, the config's embed / grad modes and prefix reuse) -> Channel-A pipeline
+- channel_a_full: the same with ``prefix_reuse=False`` (forward 2 recomputes every position)
 - channel_b: ``prepare_rollout_batches`` (HF generate, ``--new-tokens`` new tokens per prompt, no
              early stop: a random model rarely says ``<|im_end|>``) -> ``rollout_forward`` -> pipeline
 
@@ -25,7 +28,8 @@ bound); peak memory; and the per-phase split (vision tower, LM forward, losses, 
 optimizer, generation; each phase is timed with a device synchronise at its edges, so the split is
 from separate timed steps). On CUDA the host<->device syncs of one step are counted
 (``torch.cuda.set_sync_debug_mode``). Then ``RATIO`` lines: Channel-A / Stage-1 and Channel-B /
-Stage-1 step time. ``--out`` writes everything as JSON.
+Stage-1 step time (``--clock cpu``: this process's CPU seconds instead of wall seconds, for CPU runs
+on a shared machine). ``--out`` writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES: dict[str, dict] = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2, vision_hidden=32,
                  vision_heads=2),
+    # CPU-sized: the 2B layout scaled down so a step takes seconds on one core and the decoder, not
+    # the losses or the vision tower, dominates (the prefix-reuse numbers in bench/README.md)
+    "small": dict(hidden=512, layers=4, heads=8, kv_heads=4, head_dim=64, intermediate=1536, vision_depth=2,
+                  vision_hidden=64, vision_heads=2, vision_position_embeddings=256),
     "2b": dict(hidden=2048, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=6144,
                vision_depth=24, vision_hidden=1024, vision_heads=16, vision_intermediate=4096,
                deepstack_indexes=[5, 11, 17], vision_position_embeddings=2304, vocab_size=152_704,
@@ -68,15 +76,18 @@ SIZES: dict[str, dict] = {
                deepstack_indexes=[8, 16, 24], vision_position_embeddings=2304, vocab_size=152_704,
                tie_word_embeddings=False, max_position_embeddings=262_144),
 }
-KINDS = ("stage1", "channel_a", "channel_b")
+# step clock: wall seconds (the GPU measure), or this process's CPU seconds (time.process_time) for CPU
+# runs on a shared machine, where other processes' load lengthens wall time but not our CPU time
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+KINDS = ("stage1", "channel_a", "channel_a_full", "channel_b")
 PHASES = ("vision", "lm_forward", "losses", "backward", "optimizer", "generation")
 
 
 class PhaseTimer:
     """Wall seconds per phase; with ``sync`` every edge synchronises the device so GPU work is attributed."""
 
-    def __init__(self, device: torch.device, sync: bool):
-        self.device, self.sync = device, sync
+    def __init__(self, device: torch.device, sync: bool, clock=time.perf_counter):
+        self.device, self.sync, self.clock = device, sync, clock
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.forward_s = 0.0  # vision + LM forward; LM forward = forward - vision
 
@@ -87,13 +98,13 @@ class PhaseTimer:
     @contextmanager
     def phase(self, name: str):
         self._sync()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         yield
         self._sync()
         if name == "forward":
-            self.forward_s += time.perf_counter() - t0
+            self.forward_s += self.clock() - t0
         else:
-            self.seconds[name] += time.perf_counter() - t0
+            self.seconds[name] += self.clock() - t0
 
     def vision_hooks(self, visual: torch.nn.Module):
         """Forward hooks timing the vision tower (it runs inside the forward phase)."""
@@ -101,11 +112,11 @@ class PhaseTimer:
 
         def pre(_module, _args):
             self._sync()
-            start.append(time.perf_counter())
+            start.append(self.clock())
 
         def post(_module, _args, _out):
             self._sync()
-            self.seconds["vision"] += time.perf_counter() - start.pop()
+            self.seconds["vision"] += self.clock() - start.pop()
 
         return [visual.register_forward_pre_hook(pre), visual.register_forward_hook(post)]
 
@@ -135,10 +146,10 @@ def _param_counts(vlm) -> dict[str, int]:
 
 
 def _configs(size: str):
-    """The shipped Stage-1 and Two-Channel configs of this size (2B for tiny): their pipelines and modes."""
+    """The shipped Stage-1 and Two-Channel configs of this size (2B for tiny and small): their pipelines and modes."""
     from configs import load_config
 
-    name = "qwen3vl_2b.yaml" if size == "tiny" else f"qwen3vl_{size}.yaml"
+    name = "qwen3vl_2b.yaml" if size in ("tiny", "small") else f"qwen3vl_{size}.yaml"
     s1 = load_config(REPO / "configs" / "stage1" / name, expect="stage1")
     s2 = load_config(REPO / "configs" / "stage2_two_channel" / name, expect="stage2")
     return s1, s2
@@ -296,7 +307,7 @@ def _call_site() -> str:
 def _prefix_fraction(batches) -> float:
     """Fraction of real tokens before each segment's first coord slot: what Channel-A forwards 2..N
     could reuse from forward 1 (their inputs and, with block-diagonal attention, their hidden states
-    are identical there); the saving a prefix KV cache would bring."""
+    are identical there): what ``stage2_ab.prefix_reuse`` skips in those forwards."""
     from losses.registry import COORD
 
     before = total = 0
@@ -338,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--grad-accum", type=int, default=4, help="micro-steps per optimizer step")
     p.add_argument("--new-tokens", type=int, default=256, help="Channel-B generation length per prompt")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="step time: wall seconds, or this process's CPU seconds (shared CPU machines; with --threads 1)")
     p.add_argument("--steps", type=int, default=3, help="measured optimizer steps per kind (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured optimizer steps per kind first")
     p.add_argument("--device", default="auto")
@@ -432,11 +445,11 @@ def _run(args: argparse.Namespace) -> dict:
     }
     print(f"bench_train_step: size {args.size} ({counts['n_total'] / 1e9:.3f} B params; N_LM {counts['n_lm'] / 1e9:.3f} B, "
           f"N_vision {counts['n_vision'] / 1e9:.3f} B) on {results['config']['device_name']}, params {args.param_dtype}, "
-          f"mixed {mixed}, attn {args.attn}, grad ckpt {args.gradient_checkpointing}; {args.grad_accum} x "
+          f"mixed {mixed}, attn {args.attn}, grad ckpt {args.gradient_checkpointing}, clock {args.clock}; {args.grad_accum} x "
           f"{args.max_length}-token rows = {tokens} tokens, {patches} patches per step")
 
     print(f"Channel-A: {100 * prefix:.0f}% of the tokens lie before their segment's first coord slot "
-          "(identical in forwards 1..N; not reused yet, see bench/README.md)")
+          "(identical in forwards 1..N; channel_a reuses them from forward 1, channel_a_full recomputes them)")
     step = _StepRunner(args, accelerator, model, vlm, optimizer, batches, records, coord_ids, s1_cfg, s2_cfg, encoder,
                        tok)
     for kind in args.kinds:
@@ -457,12 +470,13 @@ def _run(args: argparse.Namespace) -> dict:
         print(f"host reads per {kind} step by site: {top}")
     base = results["kinds"].get("stage1")
     if base:
-        for kind in ("channel_a", "channel_b"):
+        whats = {"channel_a": "Channel-A N=2 step time over Stage-1 (prefix reuse)",
+                 "channel_a_full": "Channel-A N=2 step time over Stage-1 (forward 2 recomputed in full)",
+                 "channel_b": f"Channel-B step time (generation of {args.new_tokens} tokens included) over Stage-1"}
+        for kind, what in whats.items():
             if kind in results["kinds"]:
                 r = results["kinds"][kind]["step_s"] / base["step_s"]
                 results[f"ratio_{kind}_over_stage1"] = r
-                what = "Channel-A N=2 step time over Stage-1" if kind == "channel_a" else \
-                    f"Channel-B step time (generation of {args.new_tokens} tokens included) over Stage-1"
                 ratio_line(f"{kind}_over_stage1", r, what)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
@@ -525,7 +539,7 @@ class _StepRunner:
             if self.counter is not None:  # on CPU .to() may return the same tensors: mark them as on the device
                 self.counter.mark_all(v for b in batches for v in vars(b).values())
         cfg = self.s1 if kind == "stage1" else self.s2
-        channel = {"stage1": None, "channel_a": "A", "channel_b": "B"}[kind]
+        channel = {"stage1": None, "channel_a": "A", "channel_a_full": "A", "channel_b": "B"}[kind]
         tokens = 0
         for batch in batches:
             with acc.accumulate(self.model):
@@ -533,10 +547,11 @@ class _StepRunner:
                     with timer.phase("forward"):
                         if kind == "stage1":
                             fwd = gt_forward(self.model, self.vlm, batch)
-                        elif kind == "channel_a":
+                        elif kind in ("channel_a", "channel_a_full"):
                             fwd = expectation_forward(self.model, self.vlm, batch, self.coord_ids, n_iter=sab.n_softctx_iter,
                                                       embed_mode=sab.coord_ctx_embed_mode, grad_mode=sab.softctx_grad_mode,
-                                                      temperature=sab.softctx_temperature)
+                                                      temperature=sab.softctx_temperature,
+                                                      prefix_reuse=sab.prefix_reuse and kind == "channel_a")
                         else:
                             fwd = rollout_forward(self.model, self.vlm, batch)
                     with timer.phase("losses"):
@@ -564,14 +579,15 @@ class _StepRunner:
         times, tokens = [], 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        clock = CLOCKS[args.clock]
         for _ in range(args.steps):
             _sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             tokens = self.run(kind, PhaseTimer(device, sync=False))
             _sync()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-        timed = PhaseTimer(device, sync=True)
+        timed = PhaseTimer(device, sync=True, clock=clock)
         hooks = timed.vision_hooks(self.vlm.model.visual)
         counter = _sync_counter(device)
         try:

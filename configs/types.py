@@ -392,6 +392,10 @@ class Stage2ABConfig:
     softctx_temperature: float = knob(1.0, "temperature of the coord distribution that builds the soft context embeddings", exclusive_minimum=0)
     coord_ctx_embed_mode: str = knob("st", "how a coord distribution becomes the next forward's input embedding; hard is for "
                                      "debugging only", enum=("soft", "st", "hard"))
+    prefix_reuse: bool = knob(True, "Channel-A forwards 2..N recompute only each sample from its first coord slot on "
+                              "and reuse forward 1's keys/values before it (same losses and gradients as full "
+                              "forwards); full recomputation where the attention kernel or the batch does not allow "
+                              "it (docs/training/STAGE2_RUNBOOK.md, Prefix reuse)")
     coord_decode_mode: str = knob("exp", "coord decode of the geometry losses", enum=("exp", "st"))
     desc_ce_weight: float = alias(TokenCEWeights, "desc_ce_weight", "flat knob -> token_ce.desc_ce_weight and "
                                   "token_ce.rollout_fn_desc_weight")

@@ -142,6 +142,7 @@ class HiddenStatesModel(torch.nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         vision=None,
+        prefix=None,
     ) -> torch.Tensor:
         """Final normed hidden states ``[B, T, H]``.
 
@@ -150,7 +151,17 @@ class HiddenStatesModel(torch.nn.Module):
         ``position_ids`` ``[4, B, T]`` from ``position_ids_for_batch`` (required: 3-D rope cannot be
         recovered from a packed row). Give ``pixel_values`` to run the vision tower here, or ``vision``
         (from ``compute_vision``) to reuse one run; not both.
+
+        ``prefix`` (a ``model.prefix_reuse.PrefixReuse``): run only the language model on
+        ``inputs_embeds`` ``[B, S, H]`` (the suffix positions of a Channel-A forward 2..N, position ids
+        ``[4, B, S]``) against forward 1's recorded keys/values; returns ``[B, S, H]``. It runs here so
+        that it is inside this module's forward like every other forward (autocast and output
+        conversion of a prepared model, DDP).
         """
+        if prefix is not None:
+            if input_ids is not None or inputs_embeds is None or pixel_values is not None or vision is not None:
+                raise ValueError("a prefix-reuse forward takes inputs_embeds only (no input_ids, pixel_values, vision)")
+            return prefix.decode(self.vlm, inputs_embeds, position_ids)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("HiddenStatesModel.forward needs exactly one of input_ids / inputs_embeds")
         if position_ids is None or position_ids.dim() != 3 or position_ids.shape[0] != 4:
@@ -182,6 +193,12 @@ class HiddenStatesModel(torch.nn.Module):
         return out.last_hidden_state
 
 
+def _hidden_states_model(model):
+    """``model`` if it is a (possibly accelerate/DDP-wrapped) ``HiddenStatesModel``, else one over its Qwen3-VL."""
+    inner = model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+    return model if isinstance(inner, HiddenStatesModel) else HiddenStatesModel(unwrap_vlm(model))
+
+
 def hidden_states(
     model,
     batch: PackedBatch,
@@ -197,9 +214,7 @@ def hidden_states(
     ``compute_vision``) replaces running the vision tower on ``batch.pixel_values``;
     ``position_ids`` ``[4, B, T]`` can be passed to reuse them across N forwards.
     """
-    inner = model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
-    if not isinstance(inner, HiddenStatesModel):
-        model = HiddenStatesModel(unwrap_vlm(model))
+    model = _hidden_states_model(model)
     pos = position_ids if position_ids is not None else position_ids_for_batch(model, batch)
     has_images = batch.pixel_values is not None and batch.pixel_values.numel() > 0
     kwargs = {"vision": vision} if vision is not None else {"pixel_values": batch.pixel_values if has_images else None}
@@ -211,3 +226,13 @@ def hidden_states(
         image_grid_thw=batch.image_grid_thw if has_images else None,
         **kwargs,
     )
+
+
+def suffix_hidden_states(model, inputs_embeds: torch.Tensor, prefix) -> torch.Tensor:
+    """Final hidden states ``[B, T, H]`` of a Channel-A forward 2..N with prefix reuse: ``prefix``
+    (``model.prefix_reuse.PrefixReuse``) gathers the suffix of ``inputs_embeds`` ``[B, T, H]``, the
+    decoder runs on it through ``model`` (as ``hidden_states`` does), and the result is forward 1's
+    hidden states with the suffix positions replaced."""
+    suffix = prefix.gather(inputs_embeds)
+    out = _hidden_states_model(model)(inputs_embeds=suffix, position_ids=prefix.position_ids, prefix=prefix)
+    return prefix.scatter(out)

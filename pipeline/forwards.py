@@ -26,7 +26,14 @@ from losses.ce import coord_logits as project_coord_logits
 from losses.ce import hidden_at_logit_pos
 from losses.coord import context_embeddings
 from losses.registry import COORD, GT, ROLLOUT, SELF_CONTEXT
-from model.forward import compute_vision, embed_tokens, hidden_states, position_ids_for_batch
+from model.forward import (
+    compute_vision,
+    embed_tokens,
+    hidden_states,
+    position_ids_for_batch,
+    suffix_hidden_states,
+)
+from model.prefix_reuse import KVRecorder, PrefixReuse, plan_prefix_reuse
 
 EMBED_MODES = ("soft", "st", "hard")
 GRAD_MODES = ("unroll", "em_detach")
@@ -65,8 +72,9 @@ def expectation_forward(
     embed_mode: str = "st",
     grad_mode: str = "unroll",
     temperature: float = 1.0,
+    prefix_reuse: bool = True,
 ) -> ForwardResult:
-    """Channel-A Expectation step (docs/training/STAGE2_RUNBOOK.md): N full forwards, vision once.
+    """Channel-A Expectation step (docs/training/STAGE2_RUNBOOK.md): N forwards, vision once.
 
     ``coord_token_ids``: ``[1000]`` ids of ``<|coord_0..999|>`` (their input
     embedding rows are the table ``E`` of docs/training/METRICS_LOSSES.md). Coord input positions are the
@@ -74,6 +82,10 @@ def expectation_forward(
     the coord distribution read at ``coord_in_pos - 1`` of the previous forward.
     Text, struct and image inputs stay GT. ``n_iter == 1`` is plain teacher forcing:
     ``self_context`` is then the ``gt`` forward itself.
+
+    ``prefix_reuse`` (``stage2_ab.prefix_reuse``): forwards 2..N recompute only each segment from its
+    first coord slot on and take the rest from forward 1 (``model.prefix_reuse``; same losses and
+    gradients as full forwards); where the batch or the attention kernel does not allow it they run in full.
     """
     if n_iter < 1:
         raise ValueError(f"stage2_ab.n_softctx_iter must be >= 1, got {n_iter}")
@@ -83,8 +95,16 @@ def expectation_forward(
         raise ValueError(f"stage2_ab.softctx_grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
 
     position_ids = position_ids_for_batch(vlm, batch)
+    # host-side planning before any kernel is queued (on a GPU its host copies wait for nothing)
+    layout = plan_prefix_reuse(vlm, batch) if prefix_reuse and n_iter > 1 else None
     vision = compute_vision(vlm, batch.pixel_values, batch.image_grid_thw)
-    hidden = hidden_states(model, batch, vision=vision, position_ids=position_ids)
+    if layout is None:
+        hidden = hidden_states(model, batch, vision=vision, position_ids=position_ids)
+        reuse = None
+    else:
+        with KVRecorder(vlm) as recorded:
+            hidden = hidden_states(model, batch, vision=vision, position_ids=position_ids)
+        reuse = PrefixReuse(vlm, recorded, layout, position_ids, hidden)
     result = {GT: hidden}
     if n_iter == 1:
         result[SELF_CONTEXT] = hidden
@@ -102,6 +122,9 @@ def expectation_forward(
             logits = logits.detach()
         ctx_embeds = context_embeddings(logits, table, embed_mode, temperature)
         embeds = base_embeds.index_put((rows, cols), ctx_embeds.to(base_embeds.dtype))
-        hidden = hidden_states(model, batch, inputs_embeds=embeds, vision=vision, position_ids=position_ids)
+        if reuse is None:
+            hidden = hidden_states(model, batch, inputs_embeds=embeds, vision=vision, position_ids=position_ids)
+        else:
+            hidden = suffix_hidden_states(model, embeds, reuse)
     result[SELF_CONTEXT] = hidden
     return ForwardResult(hidden=result, num_forwards=n_iter)

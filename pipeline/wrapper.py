@@ -37,12 +37,13 @@ STRATEGIES = (STRATEGY_GT, STRATEGY_EXPECTATION, STRATEGY_ROLLOUT)
 @dataclass(frozen=True)
 class ExpectationConfig:
     """Channel-A knobs (``stage2_ab.n_softctx_iter``, ``coord_ctx_embed_mode``, ``softctx_grad_mode``,
-    ``softctx_temperature``); see ``pipeline.forwards.expectation_forward``."""
+    ``softctx_temperature``, ``prefix_reuse``); see ``pipeline.forwards.expectation_forward``."""
 
     n_iter: int = 2
     embed_mode: str = "st"
     grad_mode: str = "unroll"
     temperature: float = 1.0
+    prefix_reuse: bool = True
 
 
 class StepOutput(NamedTuple):
@@ -94,7 +95,8 @@ class TrainingWrapper(torch.nn.Module):
         elif strategy == STRATEGY_EXPECTATION:
             e = self.expectation
             fwd = expectation_forward(hidden_model, self.vlm, batch, self.coord_token_ids, n_iter=e.n_iter,
-                                      embed_mode=e.embed_mode, grad_mode=e.grad_mode, temperature=e.temperature)
+                                      embed_mode=e.embed_mode, grad_mode=e.grad_mode, temperature=e.temperature,
+                                      prefix_reuse=e.prefix_reuse)
         else:
             raise ValueError(f"TrainingWrapper strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         ctx = TeacherForcingContext(channel=channel, batch=batch, hidden=fwd.hidden,

@@ -96,11 +96,13 @@ def test_train_step_quick(capsys, tmp_path):
     out = tmp_path / "train_step.json"
     r = bench_train_step.main(["--quick", "--out", str(out)])
     lines = capsys.readouterr().out.strip().splitlines()
-    a_line, b_line = lines[-2], lines[-1]
+    a_line, full_line, b_line = lines[-3], lines[-2], lines[-1]
     assert RATIO_RE.match(a_line).group(1) == "channel_a_over_stage1"
+    assert RATIO_RE.match(full_line).group(1) == "channel_a_full_over_stage1"
     assert RATIO_RE.match(b_line).group(1) == "channel_b_over_stage1"
     assert float(RATIO_RE.match(a_line).group(2)) == pytest.approx(r["ratio_channel_a_over_stage1"], abs=0.006)
-    assert json.loads(out.read_text())["kinds"].keys() == r["kinds"].keys() == {"stage1", "channel_a", "channel_b"}
+    assert json.loads(out.read_text())["kinds"].keys() == r["kinds"].keys() == set(bench_train_step.KINDS)
+    assert set(bench_train_step.KINDS) == {"stage1", "channel_a", "channel_a_full", "channel_b"}
     cfg = r["config"]
     assert cfg["size"] == "tiny" and cfg["n_lm"] > 0 and cfg["n_vision"] > 0
     assert 0 < cfg["channel_a_prefix_fraction"] < 1

@@ -13,6 +13,10 @@ What is checked, each against an independent computation:
   embeddings (``unroll`` keeps it; ``hard`` has none by construction);
 - the vision tower runs once per step for N = 1, 2, 3 (forward hook on ``vlm.model.visual``);
 - a packed row gives the same self_context hidden states as its samples alone.
+
+The tests that read the language model's full-row inputs run with ``prefix_reuse=False`` (every
+forward sees the whole row); tests/test_prefix_reuse.py shows reuse gives the same hidden states,
+losses and gradients.
 """
 
 from __future__ import annotations
@@ -151,7 +155,8 @@ def test_hard_mode_feeds_argmax_embeddings(env, batch, n_iter):
     cap = LMInputs(env.vlm)
     try:
         with torch.no_grad():
-            ex = expectation_forward(env.model, env.vlm, batch, env.coord_ids, n_iter=n_iter, embed_mode="hard")
+            ex = expectation_forward(env.model, env.vlm, batch, env.coord_ids, n_iter=n_iter, embed_mode="hard",
+                                     prefix_reuse=False)
             vision = compute_vision(env.vlm, batch.pixel_values, batch.image_grid_thw)
     finally:
         cap.close()
@@ -185,7 +190,8 @@ def test_soft_and_st_embeddings(env, batch):
         cap = LMInputs(env.vlm)
         try:
             with torch.no_grad():
-                expectation_forward(env.model, env.vlm, batch, env.coord_ids, n_iter=2, embed_mode=mode, temperature=tau)
+                expectation_forward(env.model, env.vlm, batch, env.coord_ids, n_iter=2, embed_mode=mode, temperature=tau,
+                                    prefix_reuse=False)
         finally:
             cap.close()
         fed[mode] = cap.embeds[1]

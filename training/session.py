@@ -424,7 +424,8 @@ def make_training_wrapper(cfg, vlm: torch.nn.Module, coord_ids: torch.Tensor) ->
     return TrainingWrapper(
         vlm, cfg.pipeline, coord_ids, coord_decode_mode=decode_mode.get(cfg.variant, "exp"),
         expectation=ExpectationConfig(n_iter=sab.n_softctx_iter, embed_mode=sab.coord_ctx_embed_mode,
-                                      grad_mode=sab.softctx_grad_mode, temperature=sab.softctx_temperature),
+                                      grad_mode=sab.softctx_grad_mode, temperature=sab.softctx_temperature,
+                                      prefix_reuse=sab.prefix_reuse),
     )
 
 
