@@ -167,7 +167,7 @@ _TYPE_WORDS = {
     "string": "a string",
     "integer": "an integer",
     "number": "a number",
-    "boolean": "true/false",
+    "boolean": "true or false",
     "null": "null",
 }
 

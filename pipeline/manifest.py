@@ -29,7 +29,7 @@ from typing import Any
 
 from configs.declare import coerce_record, declared_fields, default_value, defaults_of, maps_to, section_class
 from configs.errors import ConfigError, did_you_mean
-from configs.types import CHANNELS, CoordSoftCEW1Config, PipelineEntry, Stage2ABConfig
+from configs.types import CHANNELS, CoordSoftCEW1Config, PipelineEntry, Stage2ABConfig, thaw
 from configs.validation import check, check_value, declared_default, key_parts, record_validator
 from pipeline.registry import DIAGNOSTICS, OBJECTIVE, ModuleDef, get_module, known_modules
 
@@ -223,18 +223,11 @@ def _module_config(mod: ModuleDef, written: Mapping[str, Any], where: str) -> Ma
 def _parse_entry(entry: Any, where: str, list_kind: str, variant: str) -> ModuleSpec:
     if not isinstance(entry, Mapping):
         raise ConfigError(where, f"each module entry must be a mapping with keys {', '.join(ENTRY_KEYS)}; got {entry!r}")
-    for key in entry:
-        if key not in ENTRY_KEYS:
-            raise ConfigError(
-                f"{where}.{key}",
-                f"unknown module entry key{did_you_mean(str(key), ENTRY_KEYS)}; allowed: {', '.join(ENTRY_KEYS)} "
-                "(module knobs go under 'config')",
-            )
-    if "name" not in entry:
-        raise ConfigError(f"{where}.name", "is required (the module to run)")
+    # Keys, types and ranges come from the entry's declaration (configs.types.PipelineEntry), checked by
+    # the one validator; channels are checked below, with the variant's scoping rules.
+    declared = thaw({k: v for k, v in entry.items() if k != "channels" and not (k == "config" and v is None)})
+    check(record_validator(PipelineEntry), declared, key_parts(where))
     name = entry["name"]
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{where}.name", f"must be a non-empty string, got {name!r}")
     try:
         mod = get_module(name)
     except KeyError:
@@ -250,15 +243,7 @@ def _parse_entry(entry: Any, where: str, list_kind: str, variant: str) -> Module
         )
 
     enabled = entry.get("enabled", ENTRY_DEFAULTS["enabled"])
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"{where}.enabled", f"must be true or false, got {enabled!r}")
-
-    weight = entry.get("weight", ENTRY_DEFAULTS["weight"])
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise ConfigError(f"{where}.weight", f"must be a number >= 0, got {weight!r}")
-    weight = float(weight)
-    if not math.isfinite(weight) or weight < 0:
-        raise ConfigError(f"{where}.weight", f"must be a finite number >= 0, got {weight!r}")
+    weight = float(entry.get("weight", ENTRY_DEFAULTS["weight"]))
     if list_kind == DIAGNOSTICS and weight != 1.0:
         raise ConfigError(f"{where}.weight", "diagnostics modules add no loss; remove 'weight' from this entry")
 
@@ -278,11 +263,7 @@ def _parse_entry(entry: Any, where: str, list_kind: str, variant: str) -> Module
         raise ConfigError(f"{where}.channels", "stage2_rollout_aligned steps are all rollout (channel B) steps; a module "
                           "scoped to [A] would never run: use [B], [A, B] or enabled: false")
 
-    written_cfg = entry.get("config", {})
-    if written_cfg is None:
-        written_cfg = {}
-    if not isinstance(written_cfg, Mapping):
-        raise ConfigError(f"{where}.config", f"must be a mapping of module knobs, got {written_cfg!r}")
+    written_cfg = entry.get("config") or {}
     config = _module_config(mod, written_cfg, f"{where}.config")
     return ModuleSpec(name=name, enabled=enabled, weight=weight, channels=channels, config=config)
 
@@ -339,7 +320,7 @@ def _soft_ce_w1(raw: Mapping[str, Any], variant: str) -> dict[str, Any]:
     block = _lookup(raw, "custom.coord_soft_ce_w1")
     if block is _MISSING or block is None:
         block = {}
-    check_value("custom.coord_soft_ce_w1", block)
+    check_value("custom.coord_soft_ce_w1", thaw(block))
     if variant == STAGE2_TWO_CHANNEL:
         # Two-Channel takes coord CE and the coord gate from its own flat knobs (docs/training/METRICS_LOSSES.md);
         # accepting these here would silently do nothing.
