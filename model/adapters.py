@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from model.shapes import logical_numel
 from model.vocab import CoordVocab
 
 ADAPTER_TYPES = ("none", "lora", "coord_offset")
@@ -130,7 +131,7 @@ def _tables_tied(vlm) -> bool:
 
 
 def _count(params) -> int:
-    return int(sum(p.numel() for p in params))
+    return int(sum(logical_numel(p) for p in params))
 
 
 def apply_adapter(vlm, spec: AdapterSpec, coord_vocab: CoordVocab, seed: int = 0) -> dict[str, int]:

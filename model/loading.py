@@ -17,7 +17,8 @@ import torch
 
 from configs.errors import ConfigError, UserError
 from model.adapters import apply_adapter, is_adapter_dir, load_adapter_weights, merge_adapter, read_adapter_config
-from model.vocab import COORD_INITS, CoordVocab, coord_vocab_from_tokenizer, ensure_coord_tokens
+from model.shapes import logical_numel
+from model.vocab import COORD_INITS, CoordVocab, coord_vocab_from_tokenizer, ensure_coord_tokens, table_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -161,7 +162,7 @@ def load_model_and_processors(
         except ValueError as e:
             raise ValueError(f"{e} (or set model.coord_tokens.add_if_missing=true)") from e
         added = False
-        rows = model.get_input_embeddings().weight.shape[0]
+        rows = table_rows(model.get_input_embeddings())
         if rows < vocab.end_id:
             raise ValueError(
                 f"{name_or_path}: embedding table has {rows} rows but coord ids reach {vocab.end_id - 1}; "
@@ -198,9 +199,9 @@ def memory_summary(model) -> dict[str, float]:
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     return {
-        "params_gib": round(sum(p.numel() * p.element_size() for p in params) / gib, 4),
-        "trainable_params_gib": round(sum(p.numel() * p.element_size() for p in trainable) / gib, 4),
-        "adamw_state_gib": round(sum(2 * 4 * p.numel() for p in trainable) / gib, 4),
+        "params_gib": round(sum(logical_numel(p) * p.element_size() for p in params) / gib, 4),
+        "trainable_params_gib": round(sum(logical_numel(p) * p.element_size() for p in trainable) / gib, 4),
+        "adamw_state_gib": round(sum(2 * 4 * logical_numel(p) for p in trainable) / gib, 4),
     }
 
 
@@ -219,7 +220,7 @@ def _ensure_generation_ids(model, tokenizer) -> None:
 
 
 def _count(params) -> int:
-    return int(sum(p.numel() for p in params))
+    return int(sum(logical_numel(p) for p in params))
 
 
 PARTS: tuple[str, ...] = ("language_model", "merger", "vision")

@@ -8,7 +8,9 @@ table has more rows than the tokenizer has entries (as real checkpoints do).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -316,6 +318,51 @@ def _saved_params(out_dir: str) -> dict | None:
         return json.load(fh)
 
 
+def _build_params(**given) -> dict:
+    """The arguments that decide a tiny checkpoint, defaults filled in (``tiny_params.json``).
+
+    Passing a default explicitly (a config's ``model.tiny.hidden: 64``) and leaving it out (a test
+    fixture) describe the same model, so they must not make each other's checkpoint look stale.
+    """
+    import inspect
+
+    params = {}
+    for fn in (build_tiny_in_memory, tiny_qwen3vl_config):
+        for name, p in inspect.signature(fn).parameters.items():
+            if p.default is not inspect.Parameter.empty:
+                params[name] = p.default
+    unknown = sorted(set(given) - set(params))
+    if unknown:
+        raise TypeError(f"build_tiny_checkpoint got unknown arguments {unknown}; allowed: {sorted(params)}")
+    params.update(given)
+    return dict(sorted(params.items()))
+
+
+@contextlib.contextmanager
+def _without_zero3_init() -> Iterator[None]:
+    """Build the tiny model as plain tensors even inside a DeepSpeed ZeRO-3 launch.
+
+    Under ``accelerate launch`` with a ZeRO-3 config, transformers constructs models inside
+    ``deepspeed.zero.Init`` (it sees accelerate's DeepSpeed config through a module-level weak
+    reference), which partitions every weight as it is created: the seeded random initialisation is
+    then not the one a plain run draws, and ``save_pretrained`` from one rank writes empty tensors.
+    The tiny builder is a data-preparation step, not the training model, so the reference is
+    cleared for the build and restored after it. The training model is still loaded (and sharded) by
+    ``from_pretrained`` as usual.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - transformers always ships the module
+        yield
+        return
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def build_tiny_checkpoint(out_dir: str, seed: int = 0, coord_tokens: bool = True, **kwargs) -> str:
     """Save a tiny checkpoint (model + tokenizer + image processor) with ``save_pretrained`` into ``out_dir``.
 
@@ -326,14 +373,15 @@ def build_tiny_checkpoint(out_dir: str, seed: int = 0, coord_tokens: bool = True
     """
     import json
 
-    params = {"seed": seed, "coord_tokens": coord_tokens, **dict(sorted(kwargs.items()))}
+    params = _build_params(seed=seed, coord_tokens=coord_tokens, **kwargs)
     if _is_complete_checkpoint(out_dir) and _saved_params(out_dir) == params:
         return out_dir
     if os.path.isdir(out_dir):  # stale or half-written: unmark it first (a crash below must not leave it "complete")
         for name in os.listdir(out_dir):
             if name == _PARAMS_FILE or name.endswith(".safetensors"):
                 os.remove(os.path.join(out_dir, name))
-    model, tok, proc = build_tiny_in_memory(seed=seed, coord_tokens=coord_tokens, **kwargs)
+    with _without_zero3_init():
+        model, tok, proc = build_tiny_in_memory(seed=seed, coord_tokens=coord_tokens, **kwargs)
     os.makedirs(out_dir, exist_ok=True)
     tok.save_pretrained(out_dir)
     proc.save_pretrained(out_dir)

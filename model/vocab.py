@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from data.coordjson import NUM_COORD_BINS, coord_token_texts
+from model.shapes import gathered_for_write, logical_shape
 
 COORD_INITS = ("sincos", "mean", "random")
 
@@ -122,7 +123,7 @@ def ensure_coord_tokens(tokenizer, model=None, init: str = "sincos", seed: int =
         return vocab, added
 
     grown = False
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = table_rows(model.get_input_embeddings())
     needed = max(len(tokenizer), vocab.end_id)
     if needed > rows:
         # mean_resizing=False: the coord rows get our own init below; other grown rows (none in
@@ -130,8 +131,8 @@ def ensure_coord_tokens(tokenizer, model=None, init: str = "sincos", seed: int =
         model.resize_token_embeddings(needed, mean_resizing=False)
         grown = True
     out = model.get_output_embeddings()
-    if out is not None and out.weight.shape[0] < vocab.end_id:
-        raise RuntimeError(f"LM head has {out.weight.shape[0]} rows after resize; coord ids need {vocab.end_id}")
+    if out is not None and table_rows(out) < vocab.end_id:
+        raise RuntimeError(f"LM head has {table_rows(out)} rows after resize; coord ids need {vocab.end_id}")
     if added or grown:
         init_coord_rows(model, vocab, init=init, seed=seed)
     return vocab, added
@@ -194,8 +195,23 @@ def init_coord_rows(model, vocab: CoordVocab, init: str = "sincos", seed: int = 
     emb = model.get_input_embeddings().weight
     tables = [(emb, seed)]
     out = model.get_output_embeddings()
-    if out is not None and out.weight.data_ptr() != emb.data_ptr():
+    if out is not None and out.weight is not emb:  # a tied head is the same Parameter
         tables.append((out.weight, seed + 1))
-    for weight, s in tables:
-        rows = coord_init_rows(weight[: vocab.first_id], vocab.num_bins, init=init, seed=s)
-        weight[vocab.first_id : vocab.end_id] = rows.to(device=weight.device, dtype=weight.dtype)
+    with gathered_for_write([w for w, _ in tables]):
+        for weight, s in tables:
+            rows = coord_init_rows(weight[: vocab.first_id], vocab.num_bins, init=init, seed=s)
+            weight[vocab.first_id : vocab.end_id] = rows.to(device=weight.device, dtype=weight.dtype)
+
+
+def table_rows(module: torch.nn.Module) -> int:
+    """Rows of an embedding table or LM head, read from the module.
+
+    Not ``weight.shape[0]``: under DeepSpeed ZeRO-3 a partitioned weight's local tensor is empty
+    (shape ``[0]``) outside its module's forward, and a loader that trusted it would "grow" the
+    table and re-initialise the coord rows of a checkpoint that already has them.
+    """
+    if isinstance(module, torch.nn.Embedding):
+        return int(module.num_embeddings)
+    if isinstance(module, torch.nn.Linear):
+        return int(module.out_features)
+    return int(logical_shape(module.weight)[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -45,7 +46,60 @@ def test_checkpoint_rebuilds_when_arguments_change(tmp_path):
     assert loaded.model.config.text_config.num_hidden_layers == 1
     assert loaded.image_processor.size["longest_edge"] == 128 * 128
     with open(os.path.join(out, "tiny_params.json")) as fh:
-        assert json.load(fh) == {"seed": 0, "coord_tokens": True, "hidden": 48, "layers": 1, "max_pixels": 16384}
+        saved = json.load(fh)
+    assert {k: saved[k] for k in ("seed", "coord_tokens", "hidden", "layers", "max_pixels")} == {
+        "seed": 0, "coord_tokens": True, "hidden": 48, "layers": 1, "max_pixels": 16384}
+    assert saved["vision_hidden"] == 32  # defaults are recorded too
+
+
+def test_explicit_defaults_do_not_rebuild(ckpt):
+    """A config that spells out the defaults (every recipe passes model.tiny.*) reuses a checkpoint built
+    without them (the test fixtures): otherwise every rank of every launch would rebuild it concurrently."""
+    stamp = {f: os.path.getmtime(os.path.join(ckpt, f)) for f in os.listdir(ckpt)}
+    same = build_tiny_checkpoint(ckpt, seed=0, hidden=64, layers=2, vision_hidden=32, vision_depth=2,
+                                 intermediate=128, max_pixels=4096)
+    assert same == ckpt
+    assert {f: os.path.getmtime(os.path.join(ckpt, f)) for f in os.listdir(ckpt)} == stamp
+    with pytest.raises(TypeError, match="unknown arguments \\['hiden'\\]"):
+        build_tiny_checkpoint(ckpt, hiden=64)
+
+
+def test_tiny_build_ignores_a_zero3_launch(tmp_path, monkeypatch):
+    """Inside a DeepSpeed ZeRO-3 launch transformers would build the model under zero.Init (partitioned,
+    differently initialised, saved as empty tensors); the builder hides accelerate's config for the
+    build and restores it after."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    import model.tiny as tiny_mod
+
+    class FakeZero3Config:
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self):
+            return True
+
+    fake = FakeZero3Config()
+    hf_ds.set_hf_deepspeed_config(fake)
+    seen = []
+    real = tiny_mod.build_tiny_in_memory
+
+    @functools.wraps(real)  # keeps the signature the builder reads its defaults from
+    def spy(**kw):
+        seen.append(hf_ds.is_deepspeed_zero3_enabled())
+        return real(**kw)
+
+    monkeypatch.setattr(tiny_mod, "build_tiny_in_memory", spy)
+    try:
+        out = build_tiny_checkpoint(str(tmp_path / "z3"), seed=0)
+        assert seen == [False]
+        assert hf_ds.is_deepspeed_zero3_enabled()  # restored for the real model load
+    finally:
+        hf_ds.unset_hf_deepspeed_config()
+    plain = build_tiny_checkpoint(str(tmp_path / "plain"), seed=0)
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(plain, "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_round_trip_and_generate_with_image(ckpt):

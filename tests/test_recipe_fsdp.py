@@ -4,8 +4,9 @@ run resumed from a sharded checkpoint (what a killed job leaves on disk: ``check
 ``sharded/``) continues exactly, and the gathered ``model/`` export equals the DDP weights.
 
 FSDP2: the fast Stage-1 test is in the default suite; Stage-2 Two-Channel (Channel-A N forwards and
-Channel-B rollouts generated under FSDP) is marked slow. DeepSpeed ZeRO-2 (slow) needs the optional
-``deepspeed`` package (``pip install -r requirements-deepspeed.txt``) and is skipped without it.
+Channel-B rollouts generated under FSDP) is marked slow. The DeepSpeed tests (ZeRO-2 and ZeRO-3 Stage-1,
+ZeRO-3 Stage-2; slow) need the optional ``deepspeed`` package (``pip install -r requirements-deepspeed.txt``)
+and are skipped without it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests._recipe_helpers import (
 
 FSDP = REPO / "configs" / "accelerate" / "fsdp.yaml"
 ZERO2 = REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"
+ZERO3 = REPO / "configs" / "accelerate" / "deepspeed_zero3.yaml"
 # Keys that depend on the weights: they must agree between engines (reduce order only) and be
 # identical after a resume. Timings and throughput are left out.
 COMPARED_PREFIXES = ("loss/", "train/grad_norm", "train/lr", "coord_diag/", "rollout/", "stage2/channel", "eval/rollout/")
@@ -100,9 +102,29 @@ def test_fsdp2_stage2_two_channel_matches_ddp_and_resumes_exactly(recipe_env, tm
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_stage1_matches_ddp_and_resumes_exactly(recipe_env, tmp_path):
-    """ZeRO-2 (optimizer + gradient shards, DeepSpeed's CPU accelerator over gloo), resume from checkpoint-2."""
+@pytest.mark.parametrize("engine", [ZERO2, ZERO3], ids=["zero2", "zero3"])
+def test_deepspeed_stage1_matches_ddp_and_resumes_exactly(recipe_env, tmp_path, engine):
+    """ZeRO-2 (optimizer + gradient shards) and ZeRO-3 (parameters too), DeepSpeed's CPU accelerator over
+    gloo, as shipped: eval generation at step 3 (each rank generates its own records with the weights
+    gathered once), resume from checkpoint-2, and the gathered export equals the DDP weights."""
     pytest.importorskip("deepspeed", reason="optional: pip install -r requirements-deepspeed.txt")
-    ddp, zero2, resumed = _ddp_fsdp_resumed(recipe_env, tmp_path, "train_stage1.py", STAGE1_DEMO, max_steps=3,
-                                            resume_at=2, engine=ZERO2, training__eval_every=3)
-    _assert_matches(ddp, zero2, resumed, max_steps=3, resume_at=2)
+    ddp, zero, resumed = _ddp_fsdp_resumed(recipe_env, tmp_path, "train_stage1.py", STAGE1_DEMO, max_steps=3,
+                                           resume_at=2, engine=engine, training__eval_every=3)
+    _assert_matches(ddp, zero, resumed, max_steps=3, resume_at=2)
+    assert "eval/rollout/f1" in zero[-1]
+    ddp_w = _model_weights(tmp_path / "ddp" / "checkpoint-3" / "model")
+    zero_w = _model_weights(tmp_path / "fsdp" / "checkpoint-3" / "model")
+    assert sorted(ddp_w) == sorted(zero_w)
+    torch.testing.assert_close(zero_w, ddp_w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_stage2_two_channel_matches_ddp_and_resumes_exactly(recipe_env, tmp_path):
+    """Steps A, B, A, B under ZeRO-3: Channel-A's N forwards and Channel-B's rollouts (generated with the
+    weights gathered once and ZeRO-3's hooks lifted) match DDP; resume from checkpoint-2 is exact."""
+    pytest.importorskip("deepspeed", reason="optional: pip install -r requirements-deepspeed.txt")
+    ddp, zero, resumed = _ddp_fsdp_resumed(recipe_env, tmp_path, "train_stage2.py", STAGE2_DEMO, max_steps=4,
+                                           resume_at=2, engine=ZERO3, stage2_ab__schedule__b_ratio=0.5,
+                                           training__eval_every=0)
+    _assert_matches(ddp, zero, resumed, max_steps=4, resume_at=2)
+    assert [r["stage2/channel_b_count"] for r in zero] == [0.0, 1.0, 0.0, 1.0]

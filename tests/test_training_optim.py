@@ -36,6 +36,30 @@ def test_decay_groups():
     assert len(no_decay) == 4  # tied head weight counted once
 
 
+def _partition_like_zero3(param: torch.Tensor) -> None:
+    """What DeepSpeed ZeRO-3 does to a parameter outside its module's forward: the local tensor is
+    empty and the real size is kept in ``ds_shape`` / ``ds_numel``."""
+    param.ds_shape, param.ds_numel = tuple(param.shape), param.numel()
+    param.data = torch.empty(0)
+
+
+def test_decay_groups_and_sizes_are_the_same_for_zero3_partitioned_parameters():
+    from model.shapes import logical_numel, logical_shape
+    from model.vocab import table_rows
+
+    plain = _Toy()
+    decay_plain, no_decay_plain = split_decay_params(plain)
+    model = _Toy()
+    for p in model.parameters():
+        _partition_like_zero3(p)
+    assert all(p.ndim == 1 for p in model.parameters())  # what the old `param.ndim < 2` test saw
+    decay, no_decay = split_decay_params(model)
+    assert [id(p) for p in decay] == [id(model.proj.weight)]
+    assert len(decay) == len(decay_plain) and len(no_decay) == len(no_decay_plain)
+    assert logical_shape(model.proj.weight) == torch.Size([4, 4]) and logical_numel(model.embed.weight) == 40
+    assert table_rows(model.embed) == 10 and table_rows(model.head) == 10  # not weight.shape[0] == 0
+
+
 def test_adamw_decays_only_decay_group():
     model = _Toy()
     opt = build_optimizer(model, lr=0.1, weight_decay=0.5, betas=(0.9, 0.99), eps=1e-8)

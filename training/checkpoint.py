@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from configs.errors import UserError
+from model.shapes import logical_numel
 
 FORMAT_VERSION = 2  # 2: manifest.json with sizes and SHA-256 of every file
 MANIFEST = "manifest.json"
@@ -370,7 +371,7 @@ def estimate_checkpoint_bytes(out_dir: str | Path, optimizer: Any = None) -> int
     if ckpts and (size := checkpoint_size(ckpts[-1][1])):
         return size
     params = [p for group in getattr(optimizer, "param_groups", ()) for p in group["params"]]
-    return 3 * sum(p.numel() * p.element_size() for p in params)
+    return 3 * sum(logical_numel(p) * p.element_size() for p in params)
 
 
 def check_free_space(out_dir: str | Path, needed: int) -> None:

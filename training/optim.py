@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from model.shapes import logical_shape
+
 SCHEDULERS = ("cosine", "linear", "constant")
 
 
@@ -31,7 +33,8 @@ def split_decay_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        (no_decay if param.ndim < 2 or id(param) in no_decay_ids else decay).append(param)
+        # logical_shape: a ZeRO-3 partitioned weight is a 1-D empty tensor here
+        (no_decay if len(logical_shape(param)) < 2 or id(param) in no_decay_ids else decay).append(param)
     return decay, no_decay
 
 

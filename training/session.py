@@ -14,7 +14,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from eval.inloop import run_rollout_eval
 from losses.registry import IGNORE
 from model.adapters import apply_adapter, load_adapter_weights, save_adapter, spec_from_config
 from model.loading import PARTS, LoadedModel, apply_freeze, load_model_and_processors, memory_summary, param_parts
+from model.shapes import logical_numel
 from model.tiny import build_tiny_checkpoint
 from pipeline.wrapper import ExpectationConfig, TrainingWrapper
 from rollout.backends import GenerationBackend, make_generation_backend
@@ -62,7 +63,7 @@ from training.optim import build_optimizer, build_scheduler
 from training.preflight import check_model_path, check_paths
 from training.progress import TrainProgress
 from training.setup import log_run_header, make_accelerator, make_run_dir, run_dir_in_use, setup_logging, what_run_holds
-from training.sharding import check_engine, configure_engine, full_weights, register_direct_weights
+from training.sharding import configure_engine, full_weights, register_direct_weights
 from training.tracking import Tracker, truncate_metrics_after
 
 logger = logging.getLogger("coordexp")
@@ -93,7 +94,6 @@ def start_run(cfg) -> RunContext:
     accelerator = make_accelerator(t.mixed_precision, t.gradient_accumulation_steps, cfg.run.seed,
                                    collective_timeout_s=t.collective_timeout_s,
                                    **({"cpu": True} if cpu else {}))
-    check_engine(accelerator)
     if accelerator.num_processes != world:
         raise UserError(
             f"launched with WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es) "
@@ -200,15 +200,22 @@ def should(every: int, done: int, max_steps: int) -> bool:
     return bool(every and done % every == 0) or done == max_steps
 
 
-def resolve_checkpoint(cfg, *, resume_model_dir: Path | None = None) -> str:
-    """The directory (or HF id) to load weights from: a resumed checkpoint, the tiny builder, or ``model.name_or_path``."""
+def resolve_checkpoint(cfg, *, resume_model_dir: Path | None = None, accelerator=None) -> str:
+    """The directory (or HF id) to load weights from: a resumed checkpoint, the tiny builder, or ``model.name_or_path``.
+
+    The tiny checkpoint is built by the main process while the other ranks wait (``accelerator``
+    given); they then find it complete. Without the wait every rank would write the same files at
+    once, and a rank could read a half-written checkpoint.
+    """
     if resume_model_dir is not None:
         return str(resume_model_dir)
     if cfg.model.tiny.enabled:
         tiny = cfg.model.tiny
-        return build_tiny_checkpoint(tiny.dir, seed=tiny.seed, hidden=tiny.hidden, layers=tiny.layers,
-                                     vision_hidden=tiny.vision_hidden, vision_depth=tiny.vision_depth,
-                                     intermediate=2 * tiny.hidden, max_pixels=tiny.max_pixels)
+        first = accelerator.main_process_first() if accelerator is not None else nullcontext()
+        with first:
+            return build_tiny_checkpoint(tiny.dir, seed=tiny.seed, hidden=tiny.hidden, layers=tiny.layers,
+                                         vision_hidden=tiny.vision_hidden, vision_depth=tiny.vision_depth,
+                                         intermediate=2 * tiny.hidden, max_pixels=tiny.max_pixels)
     return check_model_path(cfg)
 
 
@@ -238,7 +245,7 @@ def load_model(cfg, name_or_path: str, *, adapter_weights: Path | None = None) -
         )
     logger.info("model %s: %s", name_or_path, counts)
     logger.info("model memory: %s", memory_summary(loaded.model))
-    half = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad and p.dtype != torch.float32)
+    half = sum(logical_numel(p) for p in loaded.model.parameters() if p.requires_grad and p.dtype != torch.float32)
     if half:  # an adapter's tensors are fp32 over a half-precision frozen base: no warning then
         logger.warning(
             "model.dtype=%s stores the %d trainable parameters in half precision: AdamW updates smaller than "
@@ -442,10 +449,10 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     tracker = make_tracker(cfg, run)  # before the model: a wandb set-up error costs seconds, not a model load
     resume_model_dir = run.resume_dir / "model" if run.resume_dir else None
     if cfg.model.adapter.type != "none":  # the base comes from the config; the checkpoint holds the adapter
-        base = resolve_checkpoint(cfg)
+        base = resolve_checkpoint(cfg, accelerator=accelerator)
         loaded = load_model(cfg, base, adapter_weights=resume_model_dir)
     else:
-        base = resolve_checkpoint(cfg, resume_model_dir=resume_model_dir)
+        base = resolve_checkpoint(cfg, resume_model_dir=resume_model_dir, accelerator=accelerator)
         loaded = load_model(cfg, base)
     splits = load_records(cfg, accelerator)
     encoder = make_encoder(cfg, loaded.tokenizer, loaded.image_processor)

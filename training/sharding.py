@@ -58,19 +58,6 @@ def prepare_cpu_sharding(init_kwargs: dict | None = None) -> bool:
     return True
 
 
-def check_engine(accelerator: Any) -> None:
-    """Refuse the engines whose training is known not to match DDP (DeepSpeed ZeRO-3); see docs/SCALING.md."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        raise NotImplementedError(
-            "accelerate launch config selects DeepSpeed ZeRO-3 (configs/accelerate/deepspeed_zero3.yaml), which CoordExp "
-            "does not support yet: on the 2-process CPU check its losses differ from DDP from the first step. Shard "
-            "parameters with configs/accelerate/fsdp.yaml (FSDP2, tested), or shard optimizer state only with "
-            "deepspeed_zero2.yaml; see docs/SCALING.md"
-        )
-
-
 def configure_engine(accelerator: Any, micro_batch_size: int) -> None:
     """Engine settings that depend on the run, before ``accelerator.prepare``.
 
@@ -126,7 +113,10 @@ def full_weights(model: Any) -> Iterator[None]:
     - FSDP2: every FSDP unit is all-gathered once and kept gathered across the generate loop's
       forwards (their reshard-after-forward is switched off for the block, then restored), and
       resharded at the end. Costs one full copy of the weights in ``param_dtype`` for the block.
-    - DeepSpeed ZeRO-3: ``deepspeed.zero.GatheredParameters`` over all parameters (read-only).
+    - DeepSpeed ZeRO-3: ``deepspeed.zero.GatheredParameters`` over all parameters (read-only), with the
+      engine's ZeRO-3 module hooks removed for the block and restored after it (DeepSpeed's own
+      ``unwrap_model_for_generation``), so the generate loop runs no collectives and ranks may
+      generate different amounts.
     - DDP / single process / ZeRO-1/2: nothing to do.
     """
     from torch.distributed.fsdp import FSDPModule
@@ -140,6 +130,16 @@ def full_weights(model: Any) -> Iterator[None]:
     if zero3:
         import deepspeed
 
+        if getattr(model, "optimizer", None) is not None and hasattr(model, "zero_optimization_stage"):
+            # The DeepSpeed engine: gather once AND lift ZeRO-3's module hooks for the block. With the
+            # hooks left on, each forward of the generate loop re-partitions and re-gathers the
+            # weights: a collective per forward, which deadlocks as soon as ranks generate different
+            # numbers of tokens or batches (the eval split gives them different record counts).
+            from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+            with unwrap_model_for_generation(model):
+                yield
+            return
         with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
             yield
         return
