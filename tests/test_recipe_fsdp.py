@@ -115,7 +115,9 @@ def test_deepspeed_stage1_matches_ddp_and_resumes_exactly(recipe_env, tmp_path, 
     ddp_w = _model_weights(tmp_path / "ddp" / "checkpoint-3" / "model")
     zero_w = _model_weights(tmp_path / "fsdp" / "checkpoint-3" / "model")
     assert sorted(ddp_w) == sorted(zero_w)
-    torch.testing.assert_close(zero_w, ddp_w, rtol=1e-4, atol=1e-5)
+    # 3 AdamW steps at lr 3e-3 move weights by ~1e-2; the engines' gradient reductions sum in a
+    # different order, which leaves single elements ~1e-5 apart (measured: 1 of 2048 at 1.1e-5).
+    torch.testing.assert_close(zero_w, ddp_w, rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.slow

@@ -336,7 +336,11 @@ def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel, *, adapte
         state_dict = {k[len(prefix):] if k.startswith(prefix) else k:
                       v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in full.items()}
         if accelerator.is_main_process:
-            vlm.save_pretrained(str(model_dir), state_dict=state_dict, save_function=accelerator.save)
+            # save_original_format=False: write the parameter names as they are in memory (what
+            # from_pretrained loads). Reverting the load-time renaming depends on how the model was
+            # loaded: under ZeRO-3 (zero.Init loading) it inserted a spurious ".model." into the names.
+            vlm.save_pretrained(str(model_dir), state_dict=state_dict, save_function=accelerator.save,
+                                save_original_format=False)
             loaded.tokenizer.save_pretrained(str(model_dir))
             loaded.image_processor.save_pretrained(str(model_dir))
 
