@@ -25,7 +25,7 @@ from configs.errors import run_cli
 from configs.loader import add_config_args
 from data.encoding import prompts_of
 from pipeline.wrapper import STRATEGY_EXPECTATION, STRATEGY_ROLLOUT
-from rollout.step import MatchingConfig, prepare_rollout_batches, token_budget_warning
+from rollout.step import prepare_rollout_batches, token_budget_warning
 from training.faults import any_rank
 from training.preflight import dry_run
 from training.router import CHANNEL_A, CHANNEL_B, ChannelRouter
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     budget_warning = token_budget_warning(rm.decoding.max_new_tokens, [s.encoder.answer_length(r) for r in s.splits.train])
     if budget_warning:
         run.logger.warning(budget_warning)
-    matching = MatchingConfig(rm.matching.iou_gate, rm.matching.fp_cost, rm.matching.fn_cost)
+    matching = rm.matching
 
     data_iter = micro_batches(cfg, s)
     metrics: dict = {}

@@ -507,7 +507,7 @@ class _StepRunner:
     def _rollouts(self, timer: PhaseTimer):
         from data.encoding import prompts_of
         from rollout.backends import HFGenerationBackend
-        from rollout.step import MatchingConfig, prepare_rollout_batches
+        from rollout.step import prepare_rollout_batches
 
         rm = self.s2.rollout_matching
         if self.backend is None:
@@ -522,7 +522,7 @@ class _StepRunner:
                 [[p.record for p in group] for group in prompts], encoder=self.encoder, prompts=prompts,
                 backend=self.backend,
                 coord_vocab=coord_vocab_of(self.tok),
-                matching=MatchingConfig(rm.matching.iou_gate, rm.matching.fp_cost, rm.matching.fn_cost),
+                matching=rm.matching,
                 max_length=self.args.max_length, packing=True, pad_token_id=int(self.tok.pad_token_id),
             )
 

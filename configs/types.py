@@ -458,8 +458,14 @@ class VLLMBackendConfig:
 @dataclass(frozen=True)
 class MatchingConfig:
     iou_gate: float = knob(0.3, "pairs with IoU below this are infeasible", minimum=0, maximum=1)
-    fp_cost: float = knob(1.0, "Hungarian cost of leaving a prediction unmatched", minimum=0)
-    fn_cost: float = knob(1.0, "Hungarian cost of leaving a GT object unmatched", minimum=0)
+    fp_cost: float = knob(1.0, "Hungarian cost of leaving a prediction unmatched", exclusive_minimum=0)
+    fn_cost: float = knob(1.0, "Hungarian cost of leaving a GT object unmatched", exclusive_minimum=0)
+
+    def __post_init__(self) -> None:
+        # Built by code too (rollout.matching.hungarian_match, tests): the same declaration checks it.
+        from configs.validation import check_record
+
+        check_record(self, "rollout_matching.matching")
 
 
 @dataclass(frozen=True)

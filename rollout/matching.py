@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from configs.types import MatchingConfig
 from rollout.types import MatchResult
 
 _QUANT = 1_000_000  # cost units per 1.0
@@ -65,20 +66,18 @@ def hungarian_match(
     pred_bins: Sequence[Sequence[int]],
     gt_bins: Sequence[Sequence[int]],
     *,
-    iou_gate: float = 0.3,
-    fp_cost: float = 1.0,
-    fn_cost: float = 1.0,
+    iou_gate: float = MatchingConfig.iou_gate,
+    fp_cost: float = MatchingConfig.fp_cost,
+    fn_cost: float = MatchingConfig.fn_cost,
 ) -> MatchResult:
     """Match ``pred_bins [P, 4]`` to ``gt_bins [G, 4]`` (bins); see the module docstring.
 
     iou_gate: ``rollout_matching.matching.iou_gate``, pairs with IoU below it never match (0..1)
-    fp_cost / fn_cost: cost of leaving a prediction / a GT unmatched (> 0)
+    fp_cost / fn_cost: cost of leaving a prediction / a GT unmatched (> 0); out-of-range values raise
+    ``configs.ConfigError`` (a ValueError) naming the key
     Returns pairs sorted by prediction index, plus unmatched prediction (fp) and GT (fn) indices.
     """
-    if not 0.0 <= iou_gate <= 1.0:
-        raise ValueError(f"rollout_matching.matching.iou_gate must be in [0, 1], got {iou_gate}")
-    if fp_cost <= 0 or fn_cost <= 0:
-        raise ValueError(f"rollout_matching.matching fp_cost/fn_cost must be > 0, got {fp_cost}/{fn_cost}")
+    MatchingConfig(iou_gate, fp_cost, fn_cost)  # defaults and ranges: the rollout_matching.matching declaration
     p_arr = _check_boxes("pred_bins", pred_bins)
     g_arr = _check_boxes("gt_bins", gt_bins)
     P, G = p_arr.shape[0], g_arr.shape[0]

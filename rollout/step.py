@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from configs.types import MatchingConfig  # rollout_matching.matching (re-exported for callers)
 from data.packing import collate_rows
 from data.types import EncodedSample, PackedBatch, Record
 from rollout.backends import GenerationBackend
@@ -19,15 +20,6 @@ from rollout.matching import hungarian_match
 from rollout.metrics import rollout_counters
 from rollout.packing import pack_rollout_samples
 from rollout.parser import parse_rollout
-
-
-@dataclass(frozen=True)
-class MatchingConfig:
-    """``rollout_matching.matching``: IoU gate and unmatched costs."""
-
-    iou_gate: float = 0.3
-    fp_cost: float = 1.0
-    fn_cost: float = 1.0
 
 
 @dataclass
