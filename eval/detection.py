@@ -44,10 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from data.records import bins_to_pixels
+from data.records import COORD_MODES, bins_to_pixels
 from rollout.metrics import precision_recall_f1
 
-COORD_MODES = ("pixel", "bins")
 BACKENDS = ("pycocotools", "faster_coco_eval")
 
 # COCO summary order (COCOeval.stats indices 0..11).

@@ -24,7 +24,7 @@ import torch
 from data.types import PackedBatch
 from losses.ce import coord_logits as project_coord_logits
 from losses.ce import hidden_at_logit_pos
-from losses.coord import context_embeddings
+from losses.coord import EMBED_MODES, context_embeddings
 from losses.registry import COORD, GT, ROLLOUT, SELF_CONTEXT
 from model.forward import (
     compute_vision,
@@ -35,7 +35,6 @@ from model.forward import (
 )
 from model.prefix_reuse import KVRecorder, PrefixReuse, plan_prefix_reuse
 
-EMBED_MODES = ("soft", "st", "hard")
 GRAD_MODES = ("unroll", "em_detach")
 
 

@@ -218,3 +218,21 @@ def test_flat_knobs_share_the_range_of_their_module_key():
     assert checked >= 19
     flat = schema_at(["stage2_ab", "channel_b", "drop_invalid_struct_ce_multiplier"])
     assert (flat["minimum"], flat["maximum"]) == (1.0, 4.0)
+
+
+def test_declared_enums_are_the_code_vocabularies():
+    # The code owns what it can compute; the declaration (and so the schema, the docs and every
+    # error) must offer exactly that set, in the same order.
+    from configs.validation import declared_enum
+    from data.records import COORD_MODES
+    from eval.scores import SCORE_MODES
+    from losses.coord import DECODE_MODES, EMBED_MODES
+    from pipeline.forwards import GRAD_MODES
+    from rollout.backends import COMPILE_MODES
+
+    assert declared_enum("data.coords") == COORD_MODES
+    assert declared_enum("stage2_ab.coord_decode_mode") == declared_enum("rollout_matching.coord_decode_mode") == DECODE_MODES
+    assert declared_enum("stage2_ab.coord_ctx_embed_mode") == EMBED_MODES
+    assert declared_enum("stage2_ab.softctx_grad_mode") == GRAD_MODES
+    assert declared_enum("rollout_matching.eval_detection.score_mode") == SCORE_MODES
+    assert declared_enum("rollout_matching.hf.compile") == COMPILE_MODES
