@@ -362,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak (H100/H200 dense bf16: 989)")
     p.add_argument("--lr", type=float, default=5e-6)
-    p.add_argument("--profile", default=None, help="write a torch.profiler table of one Stage-1 step here")
+    p.add_argument("--profile", default=None, help="write a torch.profiler table of one --profile-kind step here")
+    p.add_argument("--profile-kind", choices=KINDS, default="stage1", help="the step kind --profile profiles")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--memory-table", action="store_true",
                    help="print the estimated per-rank memory of 2b/4b/8b at --max-length tokens and exit")
@@ -455,7 +456,7 @@ def _run(args: argparse.Namespace) -> dict:
     for kind in args.kinds:
         results["kinds"][kind] = step.measure(kind, counts, device)
     if args.profile:
-        _write_profile(step, device, args.profile)
+        _write_profile(step, device, args.profile, args.profile_kind)
 
     rows = []
     for kind, r in results["kinds"].items():
@@ -634,16 +635,16 @@ def coord_vocab_of(tok):
     return coord_vocab_from_tokenizer(tok)
 
 
-def _write_profile(step: _StepRunner, device: torch.device, path: str) -> None:
-    """torch.profiler table (top ops by self time) of one Stage-1 optimizer step."""
+def _write_profile(step: _StepRunner, device: torch.device, path: str, kind: str = "stage1") -> None:
+    """torch.profiler table (top ops by self time) of one optimizer step of ``kind``."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=False) as prof:
-        step.run("stage1", PhaseTimer(device, sync=False))
+        step.run(kind, PhaseTimer(device, sync=False))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
-    print(f"profile of one Stage-1 step: {path}")
+    print(f"profile of one {kind} step: {path}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ Activations (bf16, T tokens per micro-batch, per decoder layer and token, elemen
 - with it: the L layer inputs (T H each) + one layer recomputed in backward.
 Loss head: one [chunk = 2048, V] fp32 projection and its gradient (losses recompute chunks).
 Channel-A runs ``n_softctx_iter`` forwards whose activations all live until backward: multiply
-the activation column by N (2 in the shipped configs). Not counted: the vision tower's
+the activation column by N (2 in the shipped configs; an upper bound, since with
+``stage2_ab.prefix_reuse`` forwards 2..N hold activations only for the suffix tokens). Not counted: the vision tower's
 activations (they scale with image patches, not text tokens; frozen in the 8B configs), the
 CUDA context and allocator fragmentation (budget 1-3 GiB).
 """
