@@ -1,8 +1,9 @@
 """Stage-2's default objective keeps coord slots' mass on the coord tokens (the guard metric
 ``coord_diag/coord_mass_mean`` of docs/training/STAGE2_RUNBOOK.md, "Guard metrics").
 
-Fast proxy of "Stage-2 does not break the format": a few Expectation (Channel-A) steps at the
-Stage-2 demo's lr from the tiny model. With the default objective the coord mass never falls
+Fast proxy of "Stage-2 does not break the format": a few Expectation (Channel-A) steps from the
+tiny model at lr 5e-4 (10x the shipped Stage-2 demo's 5e-5, so that the mass moves measurably in
+6 steps). With the default objective the coord mass never falls
 below its first value and rises; with the coord gate off (the old default) it barely moves. The
 end-to-end check (Stage-2 on the demo keeps the eval parse-valid rate at Stage-1's) is the slow
 ``tests/test_recipe_slow.py::test_demo_configs_end_to_end``.
@@ -20,7 +21,8 @@ STEPS = 6
 
 def _coord_mass(recipe_env, tmp_path, name, **sets) -> list[float]:
     argv = recipe_argv(recipe_env, STAGE2_DEMO, tmp_path, name=name, max_steps=STEPS,
-                       stage2_ab__schedule__b_ratio=0.0, training__eval_every=0, training__save_every=0, **sets)
+                       stage2_ab__schedule__b_ratio=0.0, training__eval_every=0, training__save_every=0,
+                       training__lr=5e-4, **sets)
     train_stage2.main(argv)
     return [row["coord_diag/coord_mass_mean"] for row in read_rows(tmp_path / name)]
 
