@@ -124,6 +124,9 @@ class TinyModelConfig:
     vision_depth: int = knob(2, "vision tower blocks", minimum=1)
     max_pixels: int = knob(4096, "image budget of the saved image processor (resized area in pixels): 4096 = 64x64 "
                            "= 4 image tokens, 16384 = 128x128 = 16", minimum=1024)
+    init_std: float = knob(0.02, "std of the random initial weights (HF initializer_range; 0.02 as Qwen3-VL; the "
+                           "demo uses 0.1: at width 64 it shortens the plateau before the model reads the image)",
+                           exclusive_minimum=0)
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,7 @@ def tiny_qwen3vl_config(
     deepstack_indexes: list[int] | None = None,
     vision_position_embeddings: int = 64,
     max_position_embeddings: int = 4096,
+    init_std: float = 0.02,
 ):
     """Qwen3VLConfig for a tiny random model matching ``tokenizer``.
 
@@ -182,7 +183,12 @@ def tiny_qwen3vl_config(
     ``hidden / heads``; Qwen3 uses 128 at every size), ``vision_intermediate`` (default
     ``2 * vision_hidden``), ``deepstack_indexes``, the vision tower's learned position grid
     ``vision_position_embeddings`` (a square number; 2304 in Qwen3-VL) and ``max_position_embeddings``.
+    ``init_std`` is the std of the random weights (HF's ``initializer_range``, 0.02 as in Qwen3-VL); at
+    width 64 a larger one (0.1) shortens the plateau before the model starts reading the image
+    (docs/MODEL.md, "The tiny model").
     """
+    if not init_std > 0:
+        raise ValueError(f"init_std must be > 0, got {init_std}")
     from transformers import Qwen3VLConfig
 
     if head_dim is None:
@@ -237,6 +243,9 @@ def tiny_qwen3vl_config(
     )
     cfg.eos_token_id = ids("<|im_end|>")
     cfg.pad_token_id = ids("<|endoftext|>")
+    # Every sub-model's _init_weights reads its own config's initializer_range.
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c.initializer_range = float(init_std)
     return cfg
 
 

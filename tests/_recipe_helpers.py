@@ -55,6 +55,10 @@ def recipe_argv(env: RecipeEnv, config: Path, out_dir: Path, *, name: str, max_s
         "model.name_or_path": None,
         "model.tiny.enabled": True,
         "model.tiny.dir": str(env.tiny_dir),
+        # the schema defaults, whatever a demo sets: every recipe test shares one checkpoint (a
+        # different model.tiny.* would rebuild it between tests)
+        "model.tiny.max_pixels": 4096,
+        "model.tiny.init_std": 0.02,
         "data.synthetic.enabled": True,
         "data.synthetic.out_dir": str(env.shapes_dir),
         **{f"data.synthetic.{k}": v for k, v in SHAPES.items()},

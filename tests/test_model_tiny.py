@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from model.tiny import (
@@ -50,6 +51,23 @@ def test_config_is_qwen_shaped():
     assert tc.vocab_size > len(tok) and tc.vocab_size % 64 == 0
     assert vc.out_hidden_size == tc.hidden_size
     assert (vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size) == (16, 2, 2)
+
+
+def test_init_std_sets_the_std_of_every_random_weight():
+    # Linear/Embedding weights are N(0, init_std) in both towers; 0.02 (the default) is Qwen3-VL's
+    # initializer_range, so the default build is the one every test and checkpoint already had.
+    def stds(model):
+        lm, vis = model.model.language_model, model.model.visual
+        weights = [lm.embed_tokens.weight, lm.layers[0].self_attn.q_proj.weight, lm.layers[1].mlp.up_proj.weight,
+                   vis.blocks[0].attn.qkv.weight, model.lm_head.weight]
+        return [float(w.std()) for w in weights]
+
+    assert stds(build_tiny_in_memory(seed=0)[0]) == pytest.approx([0.02] * 5, rel=0.05)
+    assert stds(build_tiny_in_memory(seed=0, init_std=0.1)[0]) == pytest.approx([0.1] * 5, rel=0.05)
+    cfg = tiny_qwen3vl_config(build_tiny_tokenizer(), init_std=0.1)
+    assert cfg.initializer_range == cfg.text_config.initializer_range == cfg.vision_config.initializer_range == 0.1
+    with pytest.raises(ValueError, match="init_std must be > 0"):
+        tiny_qwen3vl_config(build_tiny_tokenizer(), init_std=0.0)
 
 
 def test_in_memory_build_is_fast_and_seeded():
