@@ -95,7 +95,8 @@ def _run(args: argparse.Namespace) -> dict:
     batch = collate_rows([[samples[i] for i in row] for row in pack_samples(samples, args.max_length)], pad_id)
 
     def ours(n: int) -> dict[str, torch.Tensor]:
-        return expectation_forward(model, vlm, batch, coord_ids, n_iter=n, embed_mode="st").hidden
+        # vision once only: prefix reuse (measured by bench_train_step's channel_a vs channel_a_full) stays off
+        return expectation_forward(model, vlm, batch, coord_ids, n_iter=n, embed_mode="st", prefix_reuse=False).hidden
 
     def base(n: int) -> dict[str, torch.Tensor]:
         return baseline_recompute_vision(model, batch, coord_ids, n, embed_mode="st")
