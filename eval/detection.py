@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from configs.errors import InputError
 from data.records import COORD_MODES, bins_to_pixels
 from rollout.metrics import precision_recall_f1
 
@@ -517,7 +518,7 @@ def read_predictions(path: str | Path, *, lenient: bool = False) -> PredictionsR
 
     Strict (default): the first invalid line (not UTF-8, not JSON, a record that fails
     :func:`to_detection_record`: missing image_id/width/height, malformed GT ...) raises
-    ``ValueError`` with ``file:line``. ``lenient=True`` skips such lines and counts them
+    ``configs.errors.InputError`` (a ``ValueError``) with ``file:line``. ``lenient=True`` skips such lines and counts them
     (``lines_skipped``; the first 20 messages kept). Malformed *predictions* inside a valid line
     are dropped and counted in either mode (``pred_invalid_count``).
     """
@@ -540,8 +541,8 @@ def read_predictions(path: str | Path, *, lenient: bool = False) -> PredictionsR
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
             det = to_detection_record(obj, where=where)  # validate now so errors carry file:line
         except ValueError as e:
-            if not lenient:
-                raise ValueError(f"{e}; fix the line, or evaluate with --lenient to skip and count such lines") from e
+            if not lenient:  # InputError: the CLIs print it as one line (it is still a ValueError)
+                raise InputError(f"{e}; fix the line, or evaluate with --lenient to skip and count such lines") from e
             out.lines_skipped += 1
             if len(out.skipped_examples) < 20:
                 out.skipped_examples.append(str(e))

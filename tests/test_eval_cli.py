@@ -7,6 +7,7 @@ import json
 import pytest
 from PIL import Image
 
+from configs.errors import run_cli
 from eval import evaluate as evaluate_cli
 from eval import visualize
 from eval.detection import evaluate_detection, read_predictions_jsonl, write_predictions_jsonl
@@ -141,6 +142,11 @@ def test_invalid_line_strict_by_default_lenient_skips_and_counts(tmp_path, capsy
     path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(ValueError, match=r"preds.jsonl:2: not valid JSON.*--lenient"):
         evaluate_cli.main(["--predictions", str(path)])
+    # from the command line: one line naming file:line and the fix, exit status 2, no traceback
+    assert run_cli(evaluate_cli.main, ["--predictions", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "preds.jsonl:2: not valid JSON" in err and "--lenient" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     out = tmp_path / "m.json"
     assert evaluate_cli.main(["--predictions", str(path), "--lenient", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
