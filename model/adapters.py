@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from model.shapes import logical_numel
+from model.shapes import logical_numel, logical_shape
 from model.vocab import CoordVocab
 
 ADAPTER_TYPES = ("none", "lora", "coord_offset")
@@ -175,10 +175,10 @@ def _apply_adapter(vlm, spec: AdapterSpec, coord_vocab: CoordVocab) -> dict[str,
         head = vlm.get_output_embeddings()
         w = emb.weight
         # Adapter tensors are fp32 whatever the base dtype: they are the only master weights of the run.
-        offset = CoordRowOffset(coord_vocab.first_id, coord_vocab.num_bins, w.shape[1], torch.float32, w.device)
+        offset = CoordRowOffset(coord_vocab.first_id, coord_vocab.num_bins, logical_shape(w)[1], torch.float32, w.device)
         parametrize.register_parametrization(emb, "weight", offset, unsafe=True)
         head_offset = offset if tied else CoordRowOffset(
-            coord_vocab.first_id, coord_vocab.num_bins, head.weight.shape[1], torch.float32, head.weight.device)
+            coord_vocab.first_id, coord_vocab.num_bins, logical_shape(head.weight)[1], torch.float32, head.weight.device)
         parametrize.register_parametrization(head, "weight", head_offset, unsafe=True)
     params = list(vlm.parameters())
     trainable = [p for p in params if p.requires_grad]
