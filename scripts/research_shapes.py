@@ -81,6 +81,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-train", type=int, default=None, help="training images (default: the config's)")
     p.add_argument("--num-heldout", type=int, default=None, help="held-out images (default: the config's data.synthetic.num_val)")
     p.add_argument("--quick", action="store_true", help="plumbing only: tiny data, 2 steps per run (seconds)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="seeds trained side by side, one worker process each (OMP_NUM_THREADS=cores/jobs unless set); "
+                        "2 on a 2-core machine halves the wall time")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for every run (e.g. model.tiny.max_pixels=4096); recorded in the doc")
     return p.parse_args(argv)
@@ -319,9 +322,54 @@ Per seed (arm: AP50 / mAP):
     doc.write_text(text, encoding="utf-8")
 
 
+def _cells_done(out: Path, seed: int) -> bool:
+    return all((out / f"seed{seed}" / arm / "cell.json").is_file() for arm in ARMS)
+
+
+def run_seed_workers(args: argparse.Namespace, user_sets: Sequence[str], out: Path) -> None:
+    """Train the unfinished seeds in ``args.jobs`` worker processes (this script, one seed each, same
+    size and overrides); the caller then reads their cells back like any finished cell."""
+    import os
+    import subprocess
+
+    todo = [s for s in range(args.first_seed, args.first_seed + args.seeds) if not _cells_done(out, s)]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    shared = ["--out-dir", str(out)] + (["--quick"] if args.quick else [])
+    for key in ("stage1_steps", "stage2_steps", "num_train", "num_heldout"):
+        if getattr(args, key) is not None:
+            shared += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    for item in user_sets:
+        shared += ["--set", item]
+    running: list[tuple[int, subprocess.Popen, Path]] = []
+    failed: list[str] = []
+
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            seed = todo.pop(0)
+            log = out / f"seed{seed}" / "worker.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            argv = [sys.executable, str(Path(__file__).resolve()), *shared, "--first-seed", str(seed), "--seeds", "1",
+                    "--doc", str(out / f"seed{seed}" / "RESEARCH.seed.md")]
+            print(f"[research] seed {seed}: worker started, log {log}", flush=True)
+            with open(log, "w", encoding="utf-8") as fh:
+                running.append((seed, subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(0.5)
+        for entry in [e for e in running if e[1].poll() is not None]:
+            seed, proc, log = entry
+            if proc.returncode != 0:
+                failed.append(f"seed {seed} (exit {proc.returncode}, log {log})")
+            running.remove(entry)
+    if failed:
+        raise SystemExit("error: research worker failed: " + "; ".join(failed))
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
     """Run (or resume) every cell, write the doc; returns ``{arm: [cell result per seed]}``."""
     args = parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs must be >= 1, got {args.jobs}")
+    user_sets = list(args.overrides)
     extra = list(args.overrides) + (_quick_overrides() if args.quick else [])
     args.overrides = extra
     size = _size(args)
@@ -330,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
     from configs import load_config
 
     base = load_config(CONFIGS["ce"], extra, expect="stage1")
+    if args.jobs > 1:
+        run_seed_workers(args, user_sets, out)
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     per_seed: dict[int, dict[str, dict]] = {}
     for seed in range(args.first_seed, args.first_seed + args.seeds):

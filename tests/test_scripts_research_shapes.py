@@ -43,3 +43,20 @@ def test_quick_run_writes_the_table_and_resumes(tmp_path, monkeypatch):
     doc.unlink()
     again = research_shapes.main(argv)
     assert again == results and doc.read_text() == text
+
+
+def test_jobs_train_seeds_in_worker_processes(tmp_path):
+    """--jobs 2: each seed is trained by its own worker process; the parent reads their cells back
+    and writes one table over both seeds with the command it was given."""
+    out, doc = tmp_path / "r", tmp_path / "RESEARCH.md"
+    argv = ["--quick", "--seeds", "2", "--jobs", "2", "--out-dir", str(out), "--doc", str(doc)]
+    results = research_shapes.main(argv)
+    for seed in (0, 1):
+        log = (out / f"seed{seed}" / "worker.log").read_text()
+        assert f"seed {seed} coordexp+stage1: training" in log  # trained by the worker, not the parent
+        for arm in research_shapes.ARMS:
+            cell = json.loads((out / f"seed{seed}" / arm / "cell.json").read_text())
+            assert results[arm][seed] == cell
+    text = doc.read_text()
+    assert "python scripts/research_shapes.py --quick --seeds 2 --jobs 2" in text
+    assert "- seed 0:" in text and "- seed 1:" in text
