@@ -13,6 +13,35 @@ def test_mean_std_by_hand():
     assert research_shapes._mean_std([0.25], 3) == "0.250 ± 0.000"
 
 
+def test_compare_flags_gaps_inside_the_seed_spread():
+    # means 0.5 vs 0.4, stds 0.1 and 0.0: the 0.1 gap is within the spread
+    assert research_shapes._compare("(c)", [0.4, 0.5, 0.6], "(d)", [0.4, 0.4, 0.4]) == (
+        "(c) higher, within the seed spread (gap 0.100 <= std 0.100)")
+    assert research_shapes._compare("(c)", [0.1, 0.1], "(d)", [0.5, 0.5]) == "(d) higher"
+    assert research_shapes._compare("(c)", [0.3], "(d)", [0.3]) == "equal"
+
+
+def _cell(ap50: float, pv: float = 1.0, cpu: float = 600.0) -> dict:
+    return {"AP50": ap50, "parse_valid_rate": pv, "coord_err": 0.05, "train_cpu_s": cpu}
+
+
+def test_verdict_states_the_target_and_the_runbook_conclusion():
+    size = {"stage1_steps": 7500}
+    results = {"ce": [_cell(0.6, cpu=1500.0), _cell(0.5, cpu=1500.0)], "coordexp": [_cell(0.5), _cell(0.5)],
+               "coordexp+stage2": [_cell(0.4, pv=0.9), _cell(0.4, pv=0.9)],
+               "coordexp+stage1": [_cell(0.5), _cell(0.5)]}
+    text = research_shapes.verdict(results, size)
+    assert "held-out AP50 0.550 after 7500 steps (25.0 CPU-minutes of training per seed): meets the 0.5 target" in text
+    assert "(c) vs (d): AP50 0.400 vs 0.500 ((d) higher)" in text
+    assert 'STAGE2_RUNBOOK.md \"Stage-2 vs more Stage-1\"' in text
+    assert "kept the parse-valid rate of its Stage-1 start: no (0.90 vs 1.00)" in text
+    results["coordexp+stage2"] = [_cell(0.5), _cell(0.6)]
+    results["ce"] = [_cell(0.2), _cell(0.3)]
+    text = research_shapes.verdict(results, size)
+    assert "below the 0.5 target" in text
+    assert "Stage-2 did at least as well as spending its compute on more Stage-1." in text
+
+
 def test_quick_run_writes_the_table_and_resumes(tmp_path, monkeypatch):
     out, doc = tmp_path / "r", tmp_path / "RESEARCH.md"
     argv = ["--quick", "--seeds", "1", "--out-dir", str(out), "--doc", str(doc)]
