@@ -136,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     if i == 0 and (channel == CHANNEL_B or rerouted):  # ranks whose rollouts raised, summed
                         step_metrics["stage2/rollout_error_count"] = float(error is not None)
                     step_metrics["stage2/forwards_total"] = float(result.num_forwards)
+                    step_metrics["stage2/suffix_forwards_total"] = float(result.suffix_forwards)
                 tokens += batch.num_tokens
                 s.aggregator.add({**result.metrics, **step_metrics, **batch_metrics(batch)})
             router.record(step, channel, rerouted)

@@ -40,10 +40,12 @@ GRAD_MODES = ("unroll", "em_detach")
 
 @dataclass
 class ForwardResult:
-    """Hidden states per context (``[B, T, H]`` each) and how many model forwards ran."""
+    """Hidden states per context (``[B, T, H]`` each), how many model forwards ran, and how many of
+    them ran only the suffixes (Channel-A prefix reuse; 0 when every forward ran in full)."""
 
     hidden: dict[str, torch.Tensor]
     num_forwards: int
+    suffix_forwards: int = 0
 
 
 def gt_forward(model, vlm, batch: PackedBatch, *, context: str = GT) -> ForwardResult:
@@ -126,4 +128,4 @@ def expectation_forward(
         else:
             hidden = suffix_hidden_states(model, embeds, reuse)
     result[SELF_CONTEXT] = hidden
-    return ForwardResult(hidden=result, num_forwards=n_iter)
+    return ForwardResult(hidden=result, num_forwards=n_iter, suffix_forwards=0 if reuse is None else n_iter - 1)

@@ -47,7 +47,8 @@ class ExpectationConfig:
 
 
 class StepOutput(NamedTuple):
-    """loss: scalar to back-propagate; metrics: key -> float of this micro-step; num_forwards: model forwards run.
+    """loss: scalar to back-propagate; metrics: key -> float of this micro-step; num_forwards: model forwards run;
+    suffix_forwards: how many of them ran only the suffixes (Channel-A prefix reuse).
 
     A NamedTuple rather than a dataclass on purpose: it is the prepared module's output, and the
     engines find the output tensors to hook their backward on by walking tuples and dicts
@@ -58,6 +59,7 @@ class StepOutput(NamedTuple):
     loss: torch.Tensor
     metrics: dict[str, float]
     num_forwards: int
+    suffix_forwards: int = 0
 
 
 class TrainingWrapper(torch.nn.Module):
@@ -103,7 +105,8 @@ class TrainingWrapper(torch.nn.Module):
                                     lm_head_weight=self.vlm.get_output_embeddings().weight,
                                     coord_token_ids=self.coord_token_ids, coord_decode_mode=self.coord_decode_mode)
         result = self.executor.run(ctx)
-        return StepOutput(loss=result.loss, metrics=result.metrics, num_forwards=fwd.num_forwards)
+        return StepOutput(loss=result.loss, metrics=result.metrics, num_forwards=fwd.num_forwards,
+                          suffix_forwards=fwd.suffix_forwards)
 
 
 __all__ = ["ExpectationConfig", "STRATEGIES", "StepOutput", "TrainingWrapper"]

@@ -125,9 +125,10 @@ def test_later_forwards_run_only_the_suffix(env, batch):
                                           with_kwargs=True)
     try:
         with torch.no_grad():
-            expectation_forward(env.model, env.vlm, batch, env.coord_ids, n_iter=3, prefix_reuse=True)
+            fwd = expectation_forward(env.model, env.vlm, batch, env.coord_ids, n_iter=3, prefix_reuse=True)
     finally:
         handle.remove()
+    assert (fwd.num_forwards, fwd.suffix_forwards) == (3, 2)  # logged as stage2/suffix_forwards_total
     layout = plan_prefix_reuse(env.vlm, batch)
     width = int(layout.valid.sum(dim=1).max())
     assert shapes == [tuple(batch.input_ids.shape), (2, width), (2, width)]
@@ -162,6 +163,19 @@ def test_flash_attention_and_images_in_a_suffix_fall_back(env, batch, caplog):
     odd = dataclasses.replace(batch, mm_token_type_ids=mm)
     assert plan_prefix_reuse(env.vlm, odd) is None
     assert plan_prefix_reuse(env.vlm, batch) is not None
+
+
+def test_full_recomputation_is_counted(env, batch, monkeypatch):
+    """A fallback (no layout) or prefix_reuse off: every forward runs in full and suffix_forwards
+    (stage2/suffix_forwards_total) says so."""
+    import pipeline.forwards
+
+    with torch.no_grad():
+        fwd = expectation_forward(env.model, env.vlm, batch, env.coord_ids, n_iter=3, prefix_reuse=False)
+        assert (fwd.num_forwards, fwd.suffix_forwards) == (3, 0)
+        monkeypatch.setattr(pipeline.forwards, "plan_prefix_reuse", lambda vlm, b: None)  # e.g. flash-attention
+        fwd = expectation_forward(env.model, env.vlm, batch, env.coord_ids, n_iter=3, prefix_reuse=True)
+        assert (fwd.num_forwards, fwd.suffix_forwards) == (3, 0)
 
 
 def test_batch_without_coord_slots_still_calls_every_layer(env):

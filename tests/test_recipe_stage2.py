@@ -64,6 +64,7 @@ def test_two_channel_takes_both_channels_and_emits_contract_keys(two_channel_run
         rollout_keys = [k for k in row if k.startswith("rollout/")]
         if row["stage2/channel_b_count"] == 1:
             assert row["stage2/forwards_total"] == 1 and row["stage2/rollout_error_count"] == 0
+            assert row["stage2/suffix_forwards_total"] == 0
             for key in ROLLOUT_PAYLOAD:
                 assert finite(row[key]), (row["step"], key)
             drops = [k for k in rollout_keys if re.fullmatch(r"rollout/drop_[a-z0-9_]+_count", k)]
@@ -74,6 +75,7 @@ def test_two_channel_takes_both_channels_and_emits_contract_keys(two_channel_run
             assert row["rollout/fn_appended_total"] == row["rollout/fn_total"]
         else:
             assert row["stage2/forwards_total"] == 2  # n_softctx_iter of the demo config
+            assert row["stage2/suffix_forwards_total"] == 1  # forward 2 reused forward 1's prefix
             assert rollout_keys == []
             # Channel-A computes struct CE in two contexts: both are logged per context.
             assert finite(row["loss/struct_ce/gt"]) and finite(row["loss/struct_ce/self_context"])
