@@ -31,14 +31,16 @@ def test_verdict_states_the_target_and_the_runbook_conclusion():
                "coordexp+stage2": [_cell(0.4, pv=0.9), _cell(0.4, pv=0.9)],
                "coordexp+stage1": [_cell(0.5), _cell(0.5)]}
     text = research_shapes.verdict(results, size)
-    assert "held-out AP50 0.550 after 7500 steps (25.0 CPU-minutes of training per seed): meets the 0.5 target" in text
+    assert ("(a) CE-only Stage-1: held-out AP50 0.550 after 7500 steps (25.0 CPU-minutes of training per seed): "
+            "meets the 0.5 target") in text
+    assert "(b) CoordExp Stage-1: held-out AP50 0.500 after 7500 steps (10.0 CPU-minutes" in text
     assert "(c) vs (d): AP50 0.400 vs 0.500 ((d) higher)" in text
     assert 'STAGE2_RUNBOOK.md \"Stage-2 vs more Stage-1\"' in text
     assert "kept the parse-valid rate of its Stage-1 start: no (0.90 vs 1.00)" in text
     results["coordexp+stage2"] = [_cell(0.5), _cell(0.6)]
     results["ce"] = [_cell(0.2), _cell(0.3)]
     text = research_shapes.verdict(results, size)
-    assert "below the 0.5 target" in text
+    assert "(a) CE-only Stage-1: held-out AP50 0.250" in text and "below the 0.5 target" in text
     assert "Stage-2 did at least as well as spending its compute on more Stage-1." in text
 
 
