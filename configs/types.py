@@ -207,6 +207,9 @@ class SyntheticDataConfig:
     image_size: int = knob(64, "image side, pixels (square)", minimum=8)
     max_shapes: int = knob(3, "shapes per image at most", minimum=0)
     seed: int = knob(0, "generator seed", minimum=0)
+    supersample: int = knob(1, "draw at this many times image_size and area-average down: box edges on 1/S-pixel "
+                               "positions, so more of the 1000 coord bins occur (all once S >= 1000/image_size)",
+                            minimum=1, maximum=16)
 
 
 @dataclass(frozen=True)

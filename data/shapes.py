@@ -3,6 +3,13 @@
 Deterministic from ``seed`` (train and val use disjoint sub-seeds), written as the JSONL record
 contract with pixel boxes, so the demo exercises the same reader as real data. Each shape's box
 is exactly the extent it is drawn in (``[x1, y1, x2, y2]`` pixels, x2/y2 exclusive edges).
+
+``supersample=S`` draws each image at S times its side and area-averages it down, so box edges
+fall on 1/S-pixel positions (fractional pixel boxes, anti-aliased edges). Without it a 128-px image
+has only 129 distinct edge positions, i.e. 129 of the 1000 coord bins ever occur in the answers
+and the other 871 coord tokens are never seen as inputs in training; a model that then writes one
+of them (a smooth coord distribution's argmax can land there) continues from an untrained
+embedding. ``S >= ceil(1000 / image_size)`` makes every bin occur.
 """
 
 from __future__ import annotations
@@ -35,25 +42,31 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
         draw.polygon([((x1 + x2 - 1) / 2, y1), (x1, y2 - 1), (x2 - 1, y2 - 1)], fill=color)
 
 
-def _make_image(rng: random.Random, image_size: int, max_shapes: int) -> tuple[Image.Image, list[dict]]:
-    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+def _make_image(rng: random.Random, image_size: int, max_shapes: int,
+                supersample: int = 1) -> tuple[Image.Image, list[dict]]:
+    big = image_size * supersample  # drawn at this side, then area-averaged to image_size
+    img = Image.new("RGB", (big, big), BACKGROUND)
     draw = ImageDraw.Draw(img)
     objects = []
-    lo = max(4, image_size // 8)
-    hi = max(lo + 1, image_size // 2)
+    lo = max(4, image_size // 8) * supersample
+    hi = max(lo + supersample, image_size // 2 * supersample)
     for _ in range(rng.randint(1, max_shapes)):
         side = rng.randint(lo, hi)
-        x1 = rng.randint(0, image_size - side)
-        y1 = rng.randint(0, image_size - side)
+        x1 = rng.randint(0, big - side)
+        y1 = rng.randint(0, big - side)
         shape = rng.choice(SHAPES)
         color = rng.choice(sorted(COLORS))
         box = (x1, y1, x1 + side, y1 + side)
         _draw(draw, shape, box, COLORS[color])
-        objects.append({"desc": f"{color} {shape}", "bbox_2d": list(box)})
+        bbox = list(box) if supersample == 1 else [v / supersample for v in box]
+        objects.append({"desc": f"{color} {shape}", "bbox_2d": bbox})
+    if supersample > 1:
+        img = img.resize((image_size, image_size), Image.Resampling.BOX)
     return img, objects
 
 
-def _write_split(out_dir: str, split: str, n: int, seed: int, image_size: int, max_shapes: int) -> str:
+def _write_split(out_dir: str, split: str, n: int, seed: int, image_size: int, max_shapes: int,
+                 supersample: int) -> str:
     img_dir = os.path.join(out_dir, "images", split)
     os.makedirs(img_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{split}.jsonl")
@@ -61,7 +74,7 @@ def _write_split(out_dir: str, split: str, n: int, seed: int, image_size: int, m
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         for i in range(n):
-            img, objects = _make_image(rng, image_size, max_shapes)
+            img, objects = _make_image(rng, image_size, max_shapes, supersample)
             rel = f"images/{split}/{i:06d}.png"
             img.save(os.path.join(out_dir, rel))
             row = {"image": rel, "width": image_size, "height": image_size, "objects": objects}
@@ -78,6 +91,7 @@ def make_shapes_dataset(
     image_size: int = 64,
     max_shapes: int = 3,
     seed: int = 0,
+    supersample: int = 1,
 ) -> tuple[str, str]:
     """Write ``out_dir/{train,val}.jsonl`` + ``out_dir/images/``; return the two JSONL paths.
 
@@ -90,6 +104,8 @@ def make_shapes_dataset(
         raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
     if max_shapes < 1:
         raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
+    if supersample < 1:
+        raise ValueError(f"supersample must be >= 1, got {supersample}")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     params = {
@@ -98,6 +114,7 @@ def make_shapes_dataset(
         "image_size": image_size,
         "max_shapes": max_shapes,
         "seed": seed,
+        "supersample": supersample,
         "version": 1,
     }
     train, val = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "val.jsonl")
@@ -108,8 +125,8 @@ def make_shapes_dataset(
                 return train, val
     if os.path.isfile(pfile):
         os.remove(pfile)  # a crash below must not leave stale params claiming a finished dataset
-    _write_split(out_dir, "train", num_train, seed, image_size, max_shapes)
-    _write_split(out_dir, "val", num_val, seed, image_size, max_shapes)
+    _write_split(out_dir, "train", num_train, seed, image_size, max_shapes, supersample)
+    _write_split(out_dir, "val", num_val, seed, image_size, max_shapes, supersample)
     with open(pfile, "w", encoding="utf-8") as fh:
         json.dump(params, fh, sort_keys=True)
     return train, val

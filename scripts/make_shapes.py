@@ -24,9 +24,12 @@ def main(argv: list[str] | None = None) -> tuple[str, str]:
     ap.add_argument("--image-size", type=int, default=64, help="square image side in pixels")
     ap.add_argument("--max-shapes", type=int, default=3, help="at most this many shapes per image")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--supersample", type=int, default=1,
+                    help="draw at this many times the side and area-average down (fractional pixel boxes)")
     args = add_debug_flag(ap).parse_args(argv)
     train, val = make_shapes_dataset(
-        args.out, args.num_train, args.num_val, image_size=args.image_size, max_shapes=args.max_shapes, seed=args.seed
+        args.out, args.num_train, args.num_val, image_size=args.image_size, max_shapes=args.max_shapes, seed=args.seed,
+        supersample=args.supersample,
     )
     print(f"train: {train}\nval:   {val}")
     return train, val

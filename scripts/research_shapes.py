@@ -98,7 +98,7 @@ def _size(args: argparse.Namespace) -> dict:
     syn = base.data.synthetic
     size = {"stage1_steps": base.training.max_steps, "stage2_steps": stage2.training.max_steps,
             "num_train": syn.num_train, "num_heldout": syn.num_val, "image_size": syn.image_size,
-            "max_shapes": syn.max_shapes}
+            "max_shapes": syn.max_shapes, "supersample": syn.supersample}
     if args.quick:
         size.update(stage1_steps=2, stage2_steps=2, num_train=6, num_heldout=2, image_size=32)
     for key in ("stage1_steps", "stage2_steps", "num_train", "num_heldout"):
@@ -115,10 +115,9 @@ def make_data(out: Path, size: dict) -> tuple[Path, Path]:
     """(train.jsonl, held-out.jsonl): training images from TRAIN_DATA_SEED, held-out from HELDOUT_SEED."""
     from data.shapes import make_shapes_dataset
 
-    train, _ = make_shapes_dataset(out / "data_train", size["num_train"], 0, image_size=size["image_size"],
-                                   max_shapes=size["max_shapes"], seed=TRAIN_DATA_SEED)
-    _, heldout = make_shapes_dataset(out / "data_heldout", 0, size["num_heldout"], image_size=size["image_size"],
-                                     max_shapes=size["max_shapes"], seed=HELDOUT_SEED)
+    shape = {"image_size": size["image_size"], "max_shapes": size["max_shapes"], "supersample": size["supersample"]}
+    train, _ = make_shapes_dataset(out / "data_train", size["num_train"], 0, seed=TRAIN_DATA_SEED, **shape)
+    _, heldout = make_shapes_dataset(out / "data_heldout", 0, size["num_heldout"], seed=HELDOUT_SEED, **shape)
     return Path(train), Path(heldout)
 
 
@@ -313,6 +312,13 @@ def verdict(results: dict[str, list[dict]], size: dict) -> str:
     return "\n".join(lines)
 
 
+def _drawn(size: dict) -> str:
+    s = size.get("supersample", 1)
+    if s == 1:
+        return ", integer pixel boxes"
+    return f", drawn at {s}x and area-averaged (box edges on 1/{s}-pixel positions)"
+
+
 def write_doc(doc: Path, command: str, size: dict, seeds: int, results: dict[str, list[dict]],
               per_seed: dict[int, dict[str, dict]], extra: Sequence[str]) -> None:
     steps_d = [per_seed[s]["coordexp+stage1"]["steps"] for s in sorted(per_seed)]
@@ -323,7 +329,7 @@ Written by `scripts/research_shapes.py` (do not edit by hand; rerun the command 
 Command: `{command}`
 
 Size: {seeds} seed(s); {size['num_train']} training images and {size['num_heldout']} held-out images of
-{size['image_size']} px with 1–{size['max_shapes']} shapes each (training data seed {TRAIN_DATA_SEED}, held-out seed
+{size['image_size']} px with 1–{size['max_shapes']} shapes each{_drawn(size)} (training data seed {TRAIN_DATA_SEED}, held-out seed
 {HELDOUT_SEED}, never trained on); Stage-1 {size['stage1_steps']} steps for (a) and (b); Stage-2
 {size['stage2_steps']} steps for (c); (d) {steps_d} extra Stage-1 steps per seed (the CPU time (c) spent).
 Overrides for every run: {', '.join(f'`{o}`' for o in extra) if extra else 'none'}.

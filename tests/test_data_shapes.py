@@ -56,3 +56,32 @@ def test_idempotent_and_regenerates_on_new_params(tmp_path):
 def test_cli(tmp_path, capsys):
     train, val = make_shapes_main(["--out", str(tmp_path), "--num-train", "2", "--num-val", "1", "--seed", "3"])
     assert len(_lines(train)) == 2 and len(_lines(val)) == 1 and "train:" in capsys.readouterr().out
+
+
+def test_supersample_gives_fractional_boxes_on_every_bin_and_area_averaged_edges(tmp_path):
+    from data.records import pixel_to_bin
+    from data.shapes import BACKGROUND
+
+    # 1/8-pixel edges on a 128-px side reach every one of the 1000 bins; integer edges reach 129
+    assert {pixel_to_bin(k / 8, 128) for k in range(8 * 128 + 1)} == set(range(1000))
+    assert len({pixel_to_bin(k, 128) for k in range(129)}) == 129
+    train, _ = make_shapes_dataset(tmp_path, 40, 0, image_size=128, max_shapes=1, seed=4, supersample=8)
+    rows = _lines(train)
+    edges = [v for row in rows for o in row["objects"] for v in o["bbox_2d"]]
+    assert all((8 * v) == int(8 * v) for v in edges) and any(v != int(v) for v in edges)
+    checked = 0
+    for row in rows:
+        (obj,) = row["objects"]
+        color, shape = obj["desc"].split()
+        x1, y1, x2, y2 = obj["bbox_2d"]
+        if shape != "square" or x1 == int(x1):
+            continue
+        img = Image.open(os.path.join(tmp_path, row["image"])).convert("RGB")
+        assert img.size == (128, 128)
+        covered = 1 - (x1 - int(x1))  # fraction of pixel column int(x1) the square covers
+        got = img.getpixel((int(x1), int((y1 + y2) / 2)))
+        want = [covered * c + (1 - covered) * b for c, b in zip(COLORS[color], BACKGROUND)]
+        assert all(abs(g - w) <= 1 for g, w in zip(got, want)), (got, want)
+        assert img.getpixel((int(x1) + 1, int((y1 + y2) / 2))) == COLORS[color]
+        checked += 1
+    assert checked >= 2

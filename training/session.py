@@ -280,6 +280,7 @@ def load_records(cfg, accelerator=None) -> DataSplits:
             image_size=d.synthetic.image_size,
             max_shapes=d.synthetic.max_shapes,
             seed=d.synthetic.seed,
+            supersample=d.synthetic.supersample,
         )
         if d.synthetic.num_val == 0:  # the generator writes an empty val.jsonl; an empty file is an error
             val_path = None
