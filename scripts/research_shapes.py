@@ -313,7 +313,7 @@ def verdict(results: dict[str, list[dict]], size: dict) -> str:
 
 
 def _drawn(size: dict) -> str:
-    s = size.get("supersample", 1)
+    s = size["supersample"]
     if s == 1:
         return ", integer pixel boxes"
     return f", drawn at {s}x and area-averaged (box edges on 1/{s}-pixel positions)"
