@@ -303,6 +303,12 @@ def check_cross_fields(resolved: Mapping[str, Any]) -> None:
                     f"data.{key}",
                     f"data.synthetic.enabled writes its own train/val JSONL under data.synthetic.out_dir; set data.{key}: null or data.synthetic.enabled: false",
                 )
+    rm = resolved["rollout_matching"]
+    if rm["decoding"]["coord_pick"] == "expectation" and rm["backend"] != "hf":
+        raise ConfigError(
+            "rollout_matching.decoding.coord_pick",
+            f"expectation needs rollout_matching.backend: hf (got {rm['backend']!r}); set coord_pick: argmax to keep the {rm['backend']} backend",
+        )
     if data["min_pixels"] is not None and data["max_pixels"] is not None and data["min_pixels"] > data["max_pixels"]:
         raise ConfigError("data.min_pixels", f"must be <= data.max_pixels ({data['max_pixels']}), got {data['min_pixels']}")
     half, mixed = model["dtype"], training["mixed_precision"]

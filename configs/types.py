@@ -440,6 +440,12 @@ class DecodingConfig:
                            "\"Generation backends\"; 8 off CUDA)",
                            schema={"anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]})
     seed: int = knob(0, "sampling seed", minimum=0)
+    coord_pick: str = knob("argmax", "how a generated coord token is chosen: argmax = the decoder's own choice "
+                           "(greedy argmax or the sampled token); expectation = the 1000 coord tokens collapse onto "
+                           "the bin nearest their expected bin (coord-only softmax) carrying their summed probability, "
+                           "so a coord is written when the coord mass beats every text token and its value is the "
+                           "expectation the geometry losses train (hf backend only; docs/ROLLOUT.md)",
+                           enum=("argmax", "expectation"))
 
 
 @dataclass(frozen=True)

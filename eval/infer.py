@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--min-pixels", type=int, default=None, help="image resize budget (data.min_pixels)")
     p.add_argument("--max-pixels", type=int, default=None, help="image resize budget (data.max_pixels)")
+    p.add_argument("--coord-pick", default=_default("rollout_matching.decoding.coord_pick"),
+                   choices=_enum("rollout_matching.decoding.coord_pick"),
+                   help="coord token choice (rollout_matching.decoding.coord_pick): argmax or expectation")
     p.add_argument("--score-mode", default=_default("rollout_matching.eval_detection.score_mode"), choices=SCORE_MODES)
     p.add_argument("--score-include-desc", action="store_true", help="token_prob also times the desc tokens' mean prob")
     p.add_argument("--iou-gate", type=float, default=_default("rollout_matching.matching.iou_gate"),
@@ -87,7 +90,7 @@ def backend_config(args: argparse.Namespace):
         hf=HFBackendConfig(cache=args.cache, compile=args.compile),
         vllm=VLLMBackendConfig(),  # every key at its declared default
         decoding=SimpleNamespace(max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
-                                 batch_size=args.batch_size, seed=0),
+                                 batch_size=args.batch_size, seed=0, coord_pick=args.coord_pick),
     )
 
 

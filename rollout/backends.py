@@ -212,6 +212,38 @@ def trim_at_eos(token_ids: Sequence[int], logprobs: Sequence[float], eos_ids: Se
     )
 
 
+COORD_PICKS = ("argmax", "expectation")
+
+
+class CoordExpectationPick:
+    """Logits processor for ``coord_pick: expectation``: the coord block collapses onto its expectation.
+
+    The 1000 coord logits are replaced by one entry: the coord token of bin
+    ``round(Σ_k softmax(coord logits)_k · k)`` gets ``logsumexp(coord logits)`` (the block's whole
+    probability under the full softmax), every other coord token ``-inf``; text logits are untouched.
+    So a coord is written exactly when the summed coord probability beats the best text token
+    (greedy) or is drawn with that probability (sampling), and its value is the expectation that the
+    geometry losses train instead of the single most likely bin, which for a flat coord distribution
+    can sit far from it. It runs on the raw logits, before temperature / top-k / top-p.
+
+    ``coord_ids``: the coord token ids in bin order (``CoordVocab.ids``).
+    """
+
+    def __init__(self, coord_ids: Sequence[int]):
+        self.coord_ids = torch.as_tensor(coord_ids, dtype=torch.long)
+        self.bins = torch.arange(len(self.coord_ids), dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        ids = self.coord_ids.to(scores.device)
+        coord = scores[:, ids].float()
+        expected = (torch.softmax(coord, dim=-1) * self.bins.to(scores.device)).sum(-1)
+        chosen = ids[expected.round().long().clamp_(0, len(ids) - 1)]
+        out = scores.clone()
+        out[:, ids] = float("-inf")
+        out.scatter_(1, chosen[:, None], torch.logsumexp(coord, dim=-1, keepdim=True).to(out.dtype))
+        return out
+
+
 # ------------------------------------------------------------------ HF
 
 
@@ -236,6 +268,8 @@ class HFGenerationBackend(GenerationBackend):
                     cache only adds attention over empty slots
     compile:        ``"auto"``: transformers compiles the decode step of a static cache on CUDA;
                     ``"always"``: also on other devices; ``"never"``: eager
+    coord_pick:     ``"argmax"``: coord tokens as the decoder chooses them; ``"expectation"``:
+                    :class:`CoordExpectationPick` (the coord ids come from the tokenizer)
 
     Prompts are sorted by length into batches (:func:`length_sorted_batches`) and the outputs put
     back in prompt order. A batch stops as soon as every row has produced an eos (finished rows are
@@ -259,6 +293,7 @@ class HFGenerationBackend(GenerationBackend):
         eos_token_ids: Sequence[int] | None = None,
         cache: str = "auto",
         compile: str = "auto",
+        coord_pick: str = "argmax",
     ):
         check_decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                        batch_size=batch_size)
@@ -269,8 +304,16 @@ class HFGenerationBackend(GenerationBackend):
         if compile == "always" and cache == "dynamic":
             raise ValueError("rollout_matching.hf.compile: always needs rollout_matching.hf.cache: static "
                              "(a dynamic cache changes shape every step)")
+        if coord_pick not in COORD_PICKS:
+            raise ValueError(f"rollout_matching.decoding.coord_pick must be one of {COORD_PICKS}, got {coord_pick!r}")
         self.model = model
         self.tokenizer = tokenizer
+        self.coord_pick = coord_pick
+        self._coord_pick_processor = None
+        if coord_pick == "expectation":
+            from model.vocab import coord_vocab_from_tokenizer
+
+            self._coord_pick_processor = CoordExpectationPick(coord_vocab_from_tokenizer(tokenizer).ids)
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)
         self.top_p = float(top_p)
@@ -289,7 +332,7 @@ class HFGenerationBackend(GenerationBackend):
         return HFGenerationBackend(
             self.model, self.tokenizer, max_new_tokens=self.max_new_tokens, temperature=temperature,
             top_p=self.top_p, top_k=self.top_k, batch_size=batch_size, seed=self.seed,
-            eos_token_ids=self.eos_token_ids, cache=self.cache, compile=self.compile,
+            eos_token_ids=self.eos_token_ids, cache=self.cache, compile=self.compile, coord_pick=self.coord_pick,
         )  # fmt: skip
 
     def weights_changed(self) -> None:
@@ -369,6 +412,8 @@ class HFGenerationBackend(GenerationBackend):
 
         recorder = _ChosenTokenLogprobs()
         processors = [recorder]  # first: it must see the raw logits
+        if self._coord_pick_processor is not None:  # on the raw logits too, before any warper
+            processors.append(self._coord_pick_processor)
         if sample:
             processors.append(TemperatureLogitsWarper(self.temperature))
             if self.top_k > 0:
@@ -440,9 +485,13 @@ def make_generation_backend(
         max_new_tokens=d.max_new_tokens, temperature=d.temperature if temperature is None else temperature,
         top_p=d.top_p, top_k=d.top_k, batch_size=d.batch_size if batch_size is None else batch_size, seed=d.seed,
     )  # fmt: skip
+    coord_pick = getattr(d, "coord_pick", "argmax")
     if rm.backend == "hf":
-        return HFGenerationBackend(model, tokenizer, cache=rm.hf.cache, compile=rm.hf.compile, **kwargs)
+        return HFGenerationBackend(model, tokenizer, cache=rm.hf.cache, compile=rm.hf.compile, coord_pick=coord_pick,
+                                   **kwargs)
     if rm.backend == "vllm":
+        if coord_pick != "argmax":
+            raise ValueError("rollout_matching.decoding.coord_pick: expectation needs rollout_matching.backend: hf")
         from rollout.vllm_backend import VLLMGenerationBackend
 
         return VLLMGenerationBackend.start(model, tokenizer, rm.vllm, encoder=encoder, work_dir=work_dir, **kwargs)
@@ -450,6 +499,8 @@ def make_generation_backend(
 
 
 __all__ = [
+    "COORD_PICKS",
+    "CoordExpectationPick",
     "GenerationBackend",
     "HFGenerationBackend",
     "auto_batch_size",

@@ -187,9 +187,13 @@ def train_cell(arm: str, seed: int, out: Path, size: dict, train: Path, extra: S
             "extra_cpu_s": cpu, "steps": steps, "step_s": _mean_step_s(seed_dir / arm)}
 
 
-def evaluate_cell(model_dir: Path, heldout: Path, prompt: str, out_dir: Path, max_new_tokens: int,
-                  batch_size: int) -> dict:
-    """Held-out metrics of one checkpoint: greedy-rollout detection metrics + teacher-forced coord error."""
+def evaluate_cell(model_dir: Path, heldout: Path, cfg, out_dir: Path) -> dict:
+    """Held-out metrics of one checkpoint: greedy-rollout detection metrics + teacher-forced coord error.
+
+    ``cfg``: the research config; its ``data`` prompt and image budget (``min_pixels`` / ``max_pixels``,
+    as in training), ``rollout_matching.decoding`` (``max_new_tokens``, ``coord_pick``),
+    ``rollout_matching.eval_detection`` scores and ``eval.batch_size`` are used.
+    """
     import torch
 
     from data.encoding import ChatEncoder
@@ -199,12 +203,17 @@ def evaluate_cell(model_dir: Path, heldout: Path, prompt: str, out_dir: Path, ma
 
     loaded = load_model_and_processors(str(model_dir))
     records, _ = read_jsonl(heldout)
-    encoder = ChatEncoder(loaded.tokenizer, loaded.image_processor, prompt=prompt)
+    encoder = ChatEncoder(loaded.tokenizer, loaded.image_processor, prompt=cfg.data.prompt,
+                          min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    decoding, detection = cfg.rollout_matching.decoding, cfg.rollout_matching.eval_detection
     with torch.no_grad():
         payload = run_rollout_eval(
             loaded.model, loaded.tokenizer, loaded.coord_vocab, encoder, records,
-            backend_kwargs={"max_new_tokens": max_new_tokens, "temperature": 0.0, "batch_size": batch_size},
-            matching={"iou_gate": 0.5, "fp_cost": 1.0, "fn_cost": 1.0}, out_dir=out_dir,
+            backend_kwargs={"max_new_tokens": decoding.max_new_tokens, "temperature": 0.0,
+                            "batch_size": cfg.eval.batch_size, "coord_pick": decoding.coord_pick},
+            matching={"iou_gate": 0.5, "fp_cost": 1.0, "fn_cost": 1.0},
+            eval_detection={"score_mode": detection.score_mode, "score_include_desc": detection.score_include_desc},
+            out_dir=out_dir,
         )
     report = json.loads((out_dir / "metrics.json").read_text())
     answers = [json.loads(line)["raw_text"] for line in (out_dir / "predictions.jsonl").read_text().splitlines()]
@@ -427,9 +436,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
             else:
                 print(f"[research] seed {seed} {arm}: training", flush=True)
                 cell = train_cell(arm, seed, out, size, train, extra, cells)
-                cell.update(evaluate_cell(_checkpoint(out / f"seed{seed}" / arm), heldout, base.data.prompt,
-                                          out / f"seed{seed}" / arm / "heldout_eval",
-                                          base.rollout_matching.decoding.max_new_tokens, base.eval.batch_size))
+                cell.update(evaluate_cell(_checkpoint(out / f"seed{seed}" / arm), heldout, base,
+                                          out / f"seed{seed}" / arm / "heldout_eval"))
                 cell_file.write_text(json.dumps(cell, indent=2, sort_keys=True) + "\n")
                 cells[arm] = cell
             results[arm].append(cells[arm])

@@ -290,6 +290,13 @@ def test_min_pixels_not_above_max_pixels(tmp_path):
     assert err.key == "data.min_pixels"
 
 
+def test_coord_pick_expectation_needs_the_hf_backend(tmp_path):
+    path = write(tmp_path, "c.yaml", MINIMAL)
+    err = error_of(path, ["rollout_matching.decoding.coord_pick=expectation", "rollout_matching.backend=vllm"])
+    assert err.key == "rollout_matching.decoding.coord_pick" and "rollout_matching.backend: hf" in str(err)
+    assert load_config(path, ["rollout_matching.decoding.coord_pick=expectation"]).rollout_matching.decoding.coord_pick == "expectation"
+
+
 # ---------------------------------------------------------------- extends
 
 

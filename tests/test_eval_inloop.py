@@ -208,6 +208,25 @@ def test_infer_cli_writes_predictions(tiny, tmp_path, capsys):
     assert "eval/rollout/parse_valid_rate" in printed and "python -m eval.evaluate" in printed
 
 
+def test_infer_cli_coord_pick_reaches_the_backend(tiny, tmp_path, monkeypatch):
+    import rollout.backends as backends
+
+    built = []
+    real = backends.make_generation_backend
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(backends, "make_generation_backend", spy)
+    ckpt = build_tiny_checkpoint(str(tmp_path / "ckpt"))
+    out = tmp_path / "preds.jsonl"
+    rc = infer.main(["--checkpoint", ckpt, "--jsonl", tiny["val"], "--out", str(out), "--batch-size", "2",
+                     "--max-new-tokens", "4", "--limit", "2", "--device", "cpu", "--coord-pick", "expectation"])  # fmt: skip
+    assert rc == 0 and len(read_predictions_jsonl(out)) == 2
+    assert [b.coord_pick for b in built] == ["expectation"]
+
+
 def _ddp_worker(rank, world, store, queue):
     import os
     from datetime import timedelta

@@ -13,6 +13,7 @@ from data.types import GTObject, Record
 from model.tiny import build_tiny_in_memory
 from rollout.backends import (
     AUTO_BATCH_NO_CUDA,
+    CoordExpectationPick,
     GenerationBackend,
     HFGenerationBackend,
     estimate_batch_size,
@@ -81,6 +82,69 @@ def test_logprobs_match_teacher_forced_forward(setup):
     assert [int(lp[L - 1 + t].argmax()) for t in range(len(out.token_ids))] == out.token_ids
 
 
+def test_coord_expectation_pick_by_hand():
+    """Vocab of 7: text ids 0, 1, 6; coord ids 2..5 are bins 0..3."""
+    pick = CoordExpectationPick([2, 3, 4, 5])
+    log = torch.log
+    p1 = torch.tensor([0.1, 0.2, 0.3, 0.4])  # E = 0.2 + 0.6 + 1.2 = 2.0 -> bin 2 (id 4)
+    p2 = torch.tensor([0.4, 0.2, 0.2, 0.2])  # E = 0.2 + 0.4 + 0.6 = 1.2 -> bin 1 (id 3)
+    raw = torch.zeros(3, 7)
+    # row 0: coord block of total mass 2 (logits log(2 p)), three text logits 0 (mass 1 each): every
+    # single coord token (best 0.8) loses to a text token, the block (2) beats every one of them
+    raw[0, 2:6] = log(2 * p1)
+    raw[1, 2:6] = log(2 * p2)
+    raw[1, 6] = 5.0  # row 1: one text token (e^5) beats the whole coord block (2)
+    raw[2, 2:6] = log(p1) + 3.0  # row 2: text logits 0 too, block mass e^3
+    out = pick(torch.zeros(3, 1, dtype=torch.long), raw.clone())
+    assert int(raw[0].argmax()) in (0, 1, 6)  # argmax decoding would write text here
+    assert int(out[0].argmax()) == 4 and float(out[0, 4]) == pytest.approx(float(log(torch.tensor(2.0))), abs=1e-6)
+    assert int(out[1].argmax()) == 6  # the text token still wins
+    assert float(out[1, 3]) == pytest.approx(float(log(torch.tensor(2.0))), abs=1e-6)  # bin 1 carries the block
+    assert int(out[2].argmax()) == 4 and float(out[2, 4]) == pytest.approx(3.0, abs=1e-6)
+    for row in range(3):
+        others = [i for i in (2, 3, 4, 5) if i != int(out[row, 2:6].argmax()) + 2]
+        assert torch.isinf(out[row, others]).all() and (out[row, others] < 0).all()
+        assert torch.equal(out[row, [0, 1, 6]], raw[row, [0, 1, 6]])  # text logits untouched
+        # the full-softmax probability of the kept coord token is the raw block's mass
+        kept = int(out[row, 2:6].argmax()) + 2
+        assert float(torch.softmax(out[row], -1)[kept]) == pytest.approx(float(torch.softmax(raw[row], -1)[2:6].sum()), abs=1e-6)
+
+
+def test_coord_pick_expectation_generation_follows_the_teacher_forced_rule(setup):
+    """Every generated token obeys the rule on the teacher-forced logits: a coord token iff the coord
+    block's mass beats the best text token, and then the bin nearest the block's expectation."""
+    from model.vocab import coord_vocab_from_tokenizer
+
+    model, tok, prompts = setup
+    ids = torch.as_tensor(coord_vocab_from_tokenizer(tok).ids)
+    is_coord = torch.zeros(model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
+    is_coord[ids] = True
+    backend = HFGenerationBackend(model, tok, max_new_tokens=MAX_NEW, coord_pick="expectation")
+    assert backend.derive(temperature=0.0, batch_size=2).coord_pick == "expectation"
+    coords_written = 0
+    for p, out in zip(prompts[:3], backend.generate(prompts[:3])):
+        seq = torch.cat([p.input_ids, torch.tensor(out.token_ids)])[None]
+        mm = torch.cat([p.mm_token_type_ids, torch.zeros(len(out.token_ids), dtype=torch.long)])[None]
+        with torch.no_grad():
+            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), pixel_values=p.pixel_values,
+                           image_grid_thw=p.image_grid_thw, mm_token_type_ids=mm).logits[0].float()
+        model.model.rope_deltas = None
+        for t, chosen in enumerate(out.token_ids):
+            z = logits[len(p) - 1 + t]
+            z = z[: len(is_coord)]
+            mass, best_text = torch.logsumexp(z[ids], -1), z[~is_coord].max()
+            lp = torch.log_softmax(z, -1)
+            assert out.token_logprobs[t] == pytest.approx(float(lp[chosen]), abs=1e-4)  # raw log-prob, as always
+            if is_coord[chosen]:
+                coords_written += 1
+                assert mass >= best_text
+                expected = float((torch.softmax(z[ids], -1) * torch.arange(len(ids))).sum())
+                assert chosen == int(ids[round(expected)])
+            else:
+                assert z[chosen] == best_text and z[chosen] >= mass
+    assert coords_written > 0
+
+
 def test_sampling_leaves_global_rng_and_train_mode_alone(setup):
     model, tok, prompts = setup
     model.train()
@@ -129,6 +193,8 @@ def test_bad_settings_fail_fast(setup):
         HFGenerationBackend(model, tok, max_new_tokens=4, compile="yes")
     with pytest.raises(ValueError, match="needs rollout_matching.hf.cache: static"):
         HFGenerationBackend(model, tok, max_new_tokens=4, cache="dynamic", compile="always")
+    with pytest.raises(ValueError, match="rollout_matching.decoding.coord_pick"):
+        HFGenerationBackend(model, tok, max_new_tokens=4, coord_pick="mode")
 
 
 def test_static_cache_matches_dynamic_cache_greedy(setup):
@@ -233,6 +299,9 @@ def test_factory_builds_the_configured_backend(setup):
     assert backend.max_new_tokens == cfg.rollout_matching.decoding.max_new_tokens
     greedy = backend.derive(temperature=0.0, batch_size=3)
     assert (greedy.temperature, greedy.batch_size, greedy.cache) == (0.0, 3, "dynamic")
+    assert backend.coord_pick == "argmax"
+    exp = load_config("configs/demo/stage2_shapes.yaml", ["rollout_matching.decoding.coord_pick=expectation"])
+    assert make_generation_backend(exp.rollout_matching, model, tok).coord_pick == "expectation"
 
 
 @pytest.mark.slow

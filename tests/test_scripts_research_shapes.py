@@ -91,3 +91,45 @@ def test_jobs_train_seeds_in_worker_processes(tmp_path):
     text = doc.read_text()
     assert "python scripts/research_shapes.py --quick --seeds 2 --jobs 2" in text
     assert "- seed 0:" in text and "- seed 1:" in text
+
+
+def test_heldout_eval_sees_images_and_decodes_as_the_config_says(tmp_path, monkeypatch):
+    """evaluate_cell resizes with the config's data.min_pixels / max_pixels (as training did) and
+    decodes with its rollout_matching.decoding (max_new_tokens, coord_pick)."""
+    import data.encoding
+    import eval.inloop
+    from configs import load_config
+    from model.tiny import build_tiny_checkpoint
+    from tests._data_fixtures import write_png
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    real_encoder = data.encoding.ChatEncoder
+
+    def encoder(*args, **kwargs):
+        seen["encoder"] = kwargs
+        return real_encoder(*args, **kwargs)
+
+    def rollout_eval(*args, backend_kwargs, **kwargs):
+        seen["backend"] = backend_kwargs
+        raise Stop
+
+    monkeypatch.setattr(data.encoding, "ChatEncoder", encoder)
+    monkeypatch.setattr(eval.inloop, "run_rollout_eval", rollout_eval)
+    cfg = load_config(research_shapes.CONFIGS["ce"], ["data.min_pixels=36864", "data.max_pixels=36864",
+                                                      "rollout_matching.decoding.coord_pick=expectation"], expect="stage1")
+    build_tiny_checkpoint(str(tmp_path / "ckpt"))
+    write_png(str(tmp_path / "a.png"), 32, 32)
+    heldout = tmp_path / "h.jsonl"
+    heldout.write_text('{"image": "a.png", "width": 32, "height": 32, "objects": []}\n')
+    try:
+        research_shapes.evaluate_cell(tmp_path / "ckpt", heldout, cfg, tmp_path / "eval")
+    except Stop:
+        pass
+    assert (seen["encoder"]["min_pixels"], seen["encoder"]["max_pixels"]) == (36864, 36864)
+    assert seen["encoder"]["prompt"] == cfg.data.prompt
+    assert seen["backend"]["coord_pick"] == "expectation"
+    assert seen["backend"]["max_new_tokens"] == cfg.rollout_matching.decoding.max_new_tokens
