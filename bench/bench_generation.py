@@ -106,7 +106,7 @@ def _backend(name: str, args, setup, work_dir):
         hf=HFBackendConfig(cache=cache, compile="never" if name == "hf" else args.compile),
         vllm=VLLMBackendConfig(gpu_memory_utilization=0.3, sleep_mode=True, max_model_len=None, enforce_eager=False),
         decoding=SimpleNamespace(max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
-                                 batch_size=args.batch_size, seed=args.seed),
+                                 batch_size=args.batch_size, seed=args.seed, coord_pick="argmax"),
     )
     return make_generation_backend(rm, setup.model, setup.tokenizer, encoder=setup.encoder, work_dir=work_dir)
 

@@ -224,7 +224,8 @@ class CoordExpectationPick:
     So a coord is written exactly when the summed coord probability beats the best text token
     (greedy) or is drawn with that probability (sampling), and its value is the expectation that the
     geometry losses train instead of the single most likely bin, which for a flat coord distribution
-    can sit far from it. It runs on the raw logits, before temperature / top-k / top-p.
+    can sit far from it. It edits the raw logits in place, after the log-prob recorder and before
+    temperature / top-k / top-p.
 
     ``coord_ids``: the coord token ids in bin order (``CoordVocab.ids``).
     """
@@ -234,14 +235,16 @@ class CoordExpectationPick:
         self.bins = torch.arange(len(self.coord_ids), dtype=torch.float32)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        ids = self.coord_ids.to(scores.device)
-        coord = scores[:, ids].float()
-        expected = (torch.softmax(coord, dim=-1) * self.bins.to(scores.device)).sum(-1)
+        if self.coord_ids.device != scores.device:  # once: no host-to-device copy per decode step
+            self.coord_ids, self.bins = self.coord_ids.to(scores.device), self.bins.to(scores.device)
+        ids = self.coord_ids
+        coord = scores[:, ids].float()  # a copy: the block is read before it is overwritten
+        expected = (torch.softmax(coord, dim=-1) * self.bins).sum(-1)
         chosen = ids[expected.round().long().clamp_(0, len(ids) - 1)]
-        out = scores.clone()
-        out[:, ids] = float("-inf")
-        out.scatter_(1, chosen[:, None], torch.logsumexp(coord, dim=-1, keepdim=True).to(out.dtype))
-        return out
+        # in place (the log-prob recorder before this has already read the raw logits): no [B, V] copy
+        scores[:, ids] = float("-inf")
+        scores.scatter_(1, chosen[:, None], torch.logsumexp(coord, dim=-1, keepdim=True).to(scores.dtype))
+        return scores
 
 
 # ------------------------------------------------------------------ HF
@@ -485,12 +488,11 @@ def make_generation_backend(
         max_new_tokens=d.max_new_tokens, temperature=d.temperature if temperature is None else temperature,
         top_p=d.top_p, top_k=d.top_k, batch_size=d.batch_size if batch_size is None else batch_size, seed=d.seed,
     )  # fmt: skip
-    coord_pick = getattr(d, "coord_pick", "argmax")
     if rm.backend == "hf":
-        return HFGenerationBackend(model, tokenizer, cache=rm.hf.cache, compile=rm.hf.compile, coord_pick=coord_pick,
+        return HFGenerationBackend(model, tokenizer, cache=rm.hf.cache, compile=rm.hf.compile, coord_pick=d.coord_pick,
                                    **kwargs)
     if rm.backend == "vllm":
-        if coord_pick != "argmax":
+        if d.coord_pick != "argmax":  # the loader rejects it too; eval.infer builds its settings without the loader
             raise ValueError("rollout_matching.decoding.coord_pick: expectation needs rollout_matching.backend: hf")
         from rollout.vllm_backend import VLLMGenerationBackend
 

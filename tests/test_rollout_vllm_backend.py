@@ -203,7 +203,8 @@ def test_backward_and_step_notifies_only_steps_that_changed_weights():
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
 def test_missing_vllm_fails_at_start_with_one_line():
     rm = SimpleNamespace(backend="vllm", vllm=SimpleNamespace(), hf=None,
-                         decoding=SimpleNamespace(max_new_tokens=4, temperature=0.0, top_p=1.0, top_k=0, batch_size=8, seed=0))
+                         decoding=SimpleNamespace(max_new_tokens=4, temperature=0.0, top_p=1.0, top_k=0, batch_size=8, seed=0,
+                                                  coord_pick="argmax"))
     with pytest.raises(ImportError) as err:
         make_generation_backend(rm, torch.nn.Linear(1, 1), None)
     assert str(err.value) == INSTALL_HINT and "\n" not in INSTALL_HINT
