@@ -358,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="parameter storage (model.dtype); float32 = the recipes' fp32 master weights")
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
                    help="training.mixed_precision; auto = bf16 on CUDA, no on CPU")
-    p.add_argument("--attn", default="sdpa", help="model.attn_implementation (sdpa | flash_attention_2 | eager)")
+    p.add_argument("--attn", default="auto",
+                   help="model.attn_implementation (auto | sdpa_packed | sdpa | flash_attention_2 | eager)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak (H100/H200 dense bf16: 989)")
     p.add_argument("--lr", type=float, default=5e-6)
@@ -409,8 +410,10 @@ def _run(args: argparse.Namespace) -> dict:
 
     from transformers import Qwen3VLForConditionalGeneration
 
+    from model.loading import resolve_attn
+
     cfg = _model_config(args.size, tok)
-    cfg._attn_implementation = args.attn
+    cfg._attn_implementation = args.attn = resolve_attn(args.attn)  # auto -> its choice; registers sdpa_packed
     torch.manual_seed(args.seed)
     with torch.device(device):
         vlm = Qwen3VLForConditionalGeneration(cfg).to(getattr(torch, args.param_dtype))

@@ -14,6 +14,7 @@ import itertools
 import torch
 
 from data.types import PackedBatch
+from model import packed_attention
 from model.vocab import CoordVocab
 
 
@@ -176,6 +177,9 @@ class HiddenStatesModel(torch.nn.Module):
             # collate_rows gives an empty tensor for text-only batches
             pixel_values, image_grid_thw = None, None
         kwargs = {}
+        if self.vlm.model.language_model.config._attn_implementation == packed_attention.NAME:
+            # the samples of each packed row, found once here for every decoder layer (one host copy)
+            kwargs[packed_attention.SEGMENTS_KWARG] = packed_attention.packed_segments(position_ids[0])
         if vision is not None:
             # A fresh dict each call: the library writes into the one it is given.
             kwargs["mm_encoder_outputs"] = {"image": vision}

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from configs.errors import ConfigError, UserError
+from model import packed_attention
 from model.adapters import apply_adapter, is_adapter_dir, load_adapter_weights, merge_adapter, read_adapter_config
 from model.shapes import logical_numel
 from model.vocab import COORD_INITS, CoordVocab, coord_vocab_from_tokenizer, ensure_coord_tokens, table_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa_packed", "sdpa", "eager", "flash_attention_2")
 logger = logging.getLogger("coordexp")
 
 
@@ -52,16 +53,18 @@ def _flash_attn_usable() -> bool:
 
 def resolve_attn(attn_implementation: str) -> str:
     """The attention kernel to load with: ``auto`` is ``flash_attention_2`` when flash-attn is importable
-    (and CUDA is there), else ``sdpa``; the choice is logged. Other values are checked and returned."""
+    (and CUDA is there), else ``sdpa_packed`` (``model.packed_attention``: SDPA per packed sample instead
+    of a dense block mask over the row); the choice is logged. Other values are checked and returned;
+    ``sdpa_packed`` is registered with transformers here."""
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ConfigError(
             "model.attn_implementation", f"must be one of {list(ATTN_IMPLEMENTATIONS)}, got {attn_implementation!r}"
         )
     if attn_implementation == "auto":
-        chosen = "flash_attention_2" if _flash_attn_usable() else "sdpa"
-        why = "flash-attn importable" if chosen != "sdpa" else "flash-attn not installed or no CUDA (requirements-gpu.txt)"
+        chosen = "flash_attention_2" if _flash_attn_usable() else packed_attention.NAME
+        why = "flash-attn importable" if chosen == "flash_attention_2" else "flash-attn not installed or no CUDA (requirements-gpu.txt)"
         logger.info("model.attn_implementation=auto -> %s (%s)", chosen, why)
-        return chosen
+        attn_implementation = chosen
     if attn_implementation == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401
@@ -70,6 +73,8 @@ def resolve_attn(attn_implementation: str) -> str:
                 "model.attn_implementation=flash_attention_2 needs the flash-attn package: "
                 "`pip install -r requirements-gpu.txt` (CUDA only), or set model.attn_implementation=auto"
             ) from e
+    if attn_implementation == packed_attention.NAME:
+        packed_attention.register()
     return attn_implementation
 
 

@@ -40,7 +40,7 @@ from model.forward import unwrap_vlm
 
 logger = logging.getLogger("coordexp")
 
-MASK_KERNELS = ("sdpa", "eager")  # attention implementations that take an explicit [B, 1, S, T] mask
+MASK_KERNELS = ("sdpa", "sdpa_packed", "eager")  # take an explicit [B, 1, S, T] mask (sdpa_packed: as sdpa)
 
 
 @dataclass(frozen=True)

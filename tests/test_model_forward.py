@@ -318,3 +318,39 @@ def test_hidden_states_one_call_matches_explicit_path(tiny, samples):
         torch.testing.assert_close(hidden_states(model, packed, vision=enc), ref, atol=1e-6, rtol=0)
         emb = embed_tokens(model, packed.input_ids)
         torch.testing.assert_close(hidden_states(hs, packed, inputs_embeds=emb, vision=enc), ref, atol=1e-6, rtol=0)
+
+
+def test_sdpa_packed_equals_sdpa_on_packed_rows_with_gradients(tiny, samples, monkeypatch):
+    """model.attn_implementation sdpa_packed (attention per packed sample) gives sdpa's hidden states and
+    gradients on packed, right-padded rows, and its decoder layers really take the per-sample path."""
+    import copy
+
+    from model import packed_attention
+
+    model, tok, _ = tiny
+    a, b = samples
+    packed = collate_rows([[a, b, a], [b, a]], pad_token_id=tok.pad_token_id)
+    packed_attention.register()
+    models = {"sdpa": copy.deepcopy(model), packed_attention.NAME: copy.deepcopy(model)}
+    models[packed_attention.NAME].set_attn_implementation(packed_attention.NAME)
+    per_sample = []
+    real = packed_attention.F.scaled_dot_product_attention
+    hidden, grads = {}, {}
+    for name, m in models.items():
+        if name == packed_attention.NAME:  # count its unmasked causal calls (the vision tower's are not causal)
+            monkeypatch.setattr(packed_attention.F, "scaled_dot_product_attention", lambda *x, **kw: per_sample.append(
+                kw.get("is_causal") and kw.get("attn_mask") is None) or real(*x, **kw))
+        hs = HiddenStatesModel(m)
+        out = hs(input_ids=packed.input_ids, position_ids=position_ids_for_batch(m, packed),
+                 mm_token_type_ids=packed.mm_token_type_ids, pixel_values=packed.pixel_values,
+                 image_grid_thw=packed.image_grid_thw)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        hidden[name] = out.detach()
+        grads[name] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    layers = model.config.text_config.num_hidden_layers
+    n_buckets = len(packed_attention.packed_segments(position_ids_for_batch(model, packed)[0]).buckets)
+    assert sum(per_sample) == layers * n_buckets  # every decoder layer per sample, causal, no mask
+    torch.testing.assert_close(hidden[packed_attention.NAME], hidden["sdpa"], atol=ATOL, rtol=0)
+    assert grads["sdpa"].keys() == grads[packed_attention.NAME].keys()
+    for n, g in grads["sdpa"].items():
+        torch.testing.assert_close(grads[packed_attention.NAME][n], g, atol=1e-4, rtol=1e-4, msg=n)

@@ -270,15 +270,15 @@ def test_attn_auto_picks_flash_only_when_usable(monkeypatch, caplog):
     console.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO, logger="coordexp"):
-            assert loading.resolve_attn("auto") == "sdpa"
+            assert loading.resolve_attn("auto") == "sdpa_packed"
     finally:
         console.removeHandler(caplog.handler)
-    assert "model.attn_implementation=auto -> sdpa" in caplog.text
+    assert "model.attn_implementation=auto -> sdpa_packed" in caplog.text
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
     monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: True)
     assert loading.resolve_attn("auto") == "flash_attention_2"
     monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
-    assert loading.resolve_attn("auto") == "sdpa"  # flash-attn without CUDA cannot run
+    assert loading.resolve_attn("auto") == "sdpa_packed"  # flash-attn without CUDA cannot run
     assert loading.resolve_attn("eager") == "eager"
 
 

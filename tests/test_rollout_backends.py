@@ -313,3 +313,22 @@ def test_compiled_static_decode_matches_dynamic_on_cpu(setup):
     assert [o.token_ids for o in out] == [o.token_ids for o in ref]
     for a, b in zip(out, ref):
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-3)
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_sdpa_packed_model_generates_what_sdpa_does(setup, cache):
+    """A model loaded with sdpa_packed (the CPU default) generates through transformers' sdpa: same tokens
+    and log-probs, padded batches and KV caches included."""
+    import copy
+
+    from model import packed_attention
+
+    model, tok, prompts = setup
+    packed_attention.register()
+    packed = copy.deepcopy(model)
+    packed.set_attn_implementation(packed_attention.NAME)
+    ref = HFGenerationBackend(model, tok, max_new_tokens=MAX_NEW, batch_size=8, cache=cache, compile="never").generate(prompts)
+    out = HFGenerationBackend(packed, tok, max_new_tokens=MAX_NEW, batch_size=8, cache=cache, compile="never").generate(prompts)
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+    for a, b in zip(out, ref):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-5)
