@@ -18,7 +18,7 @@ metrics.jsonl, setup and eval excluded), so both get the same extra compute (the
 show how close that came on a machine whose load changes).
 
 Each cell writes ``<out-dir>/seed<k>/<arm>/cell.json`` when done; a rerun skips finished cells
-(resumable). Then the table of mean ± std over seeds (mAP, AP50, AP75, F1@0.5, expected-coordinate
+(resumable). A seed trains (b) first, then (c), (d) and (a) (``TRAIN_ORDER``). Then the table of mean ± std over seeds (mAP, AP50, AP75, F1@0.5, expected-coordinate
 error, distinct answers, training CPU and wall time, cumulative for c and d) is written to
 ``--doc`` with the command that produced it. Evaluation: greedy rollouts on the held-out images
 (COCO AP via ``eval.detection``; F1 at IoU 0.5), and the teacher-forced expected-coordinate error
@@ -40,7 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-ARMS = ("ce", "coordexp", "coordexp+stage2", "coordexp+stage1")
+ARMS = ("ce", "coordexp", "coordexp+stage2", "coordexp+stage1")  # table order
+# Training order within a seed: (b) first, so a run stopped early (the cells are resumable) already has
+# the CoordExp Stage-1 result of every seed it started; (c) and (d) need (b)'s checkpoint.
+TRAIN_ORDER = ("coordexp", "coordexp+stage2", "coordexp+stage1", "ce")
 ARM_LABELS = {
     "ce": "(a) CE-only Stage-1",
     "coordexp": "(b) CoordExp Stage-1",
@@ -428,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
     per_seed: dict[int, dict[str, dict]] = {}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         cells: dict[str, dict] = {}
-        for arm in ARMS:
+        for arm in TRAIN_ORDER:
             cell_file = out / f"seed{seed}" / arm / "cell.json"
             if cell_file.is_file():
                 cells[arm] = json.loads(cell_file.read_text())
@@ -440,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
                                           out / f"seed{seed}" / arm / "heldout_eval"))
                 cell_file.write_text(json.dumps(cell, indent=2, sort_keys=True) + "\n")
                 cells[arm] = cell
+        for arm in ARMS:
             results[arm].append(cells[arm])
         per_seed[seed] = cells
     command = " ".join(["python scripts/research_shapes.py", *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
