@@ -145,3 +145,14 @@ def test_records_quick(capsys):
     for way in ("today", "build", "rank"):
         assert _positive(r[way]["seconds"])
     assert printed == pytest.approx(r["speedup"], abs=0.006)
+
+
+def test_packed_attention_quick(capsys):
+    from bench import bench_packed_attention
+
+    r = bench_packed_attention.main(["--quick", "--threads", "1"])
+    printed = _ratio_line(capsys.readouterr().out, "packed_attention")
+    assert r["samples_per_row"] > 1  # a packed row: the two kernels differ in what they compute
+    assert r["hidden_max_abs_diff"] < 1e-4 and r["grad_max_abs_diff_rel"] < 1e-4
+    assert _positive(r["sdpa_s"]) and _positive(r["sdpa_packed_s"])
+    assert printed == pytest.approx(r["ratio"], abs=0.006)
