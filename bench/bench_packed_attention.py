@@ -6,7 +6,7 @@
 
 One random Qwen3-VL (``--size``: ``research`` = configs/demo/research_shapes.yaml's tiny model, else the
 real dims of ``bench.bench_train_step.SIZES``), one packed batch of shapes samples (``--rows`` rows of
-``--max-length`` tokens, encoded by the recipes' ``ChatEncoder``). The same ``HiddenStatesModel``
+``--max-length`` tokens, encoded by the recipes' ``ChatEncoder`` and packed as ``bench_train_step`` packs them). The same ``HiddenStatesModel``
 forward + backward (a fixed random projection of the hidden states as the loss) runs with the
 decoder's attention implementation switched between ``sdpa`` (the baseline: transformers' SDPA
 with the block-diagonal mask it builds from the packed position ids) and ``sdpa_packed``
@@ -17,9 +17,7 @@ sdpa / sdpa_packed step time (> 1: sdpa_packed is faster).
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -29,26 +27,10 @@ RESEARCH = dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=256, vis
                 vision_heads=2, init_std=0.1)  # configs/demo/research_shapes.yaml model.tiny
 
 
-def _batch(encoder, pad_id: int, *, image_size: int, max_shapes: int, max_length: int, rows: int):
-    """``rows`` packed rows (the fullest of a first-fit packing of enough shapes samples), collated."""
-    from data.packing import collate_rows, pack_samples
-    from data.records import read_jsonl
-    from data.shapes import make_shapes_dataset
-
-    with tempfile.TemporaryDirectory(prefix="coordexp_bench_packed_") as tmp:
-        probe, _ = make_shapes_dataset(Path(tmp) / "probe", 4, 0, image_size=image_size, max_shapes=max_shapes, seed=1)
-        mean_len = sum(len(encoder.encode(r)) for r in read_jsonl(probe)[0]) / 4
-        n = int(1.2 * max_length * rows / mean_len) + 2 * rows
-        train, _ = make_shapes_dataset(Path(tmp) / "data", n, 0, image_size=image_size, max_shapes=max_shapes, seed=0)
-        samples = [encoder.encode(r) for r in read_jsonl(train)[0]]
-    packed = sorted(pack_samples(samples, max_length), key=lambda r: -sum(len(samples[i]) for i in r))[:rows]
-    return collate_rows([[samples[i] for i in r] for r in packed], pad_id), sum(len(r) for r in packed) / len(packed)
-
-
 def _run(args) -> dict:
     from transformers import Qwen3VLForConditionalGeneration
 
-    from bench.bench_train_step import SIZES
+    from bench.bench_train_step import SIZES, _micro_batches
     from data.encoding import ChatEncoder
     from model import packed_attention
     from model.forward import HiddenStatesModel, position_ids_for_batch
@@ -62,8 +44,9 @@ def _run(args) -> dict:
     pixels = args.image_size * args.image_size
     proc = build_tiny_image_processor(min_pixels=min(pixels, 64 * 64), max_pixels=pixels)
     encoder = ChatEncoder(tok, proc, prompt="Detect all objects.", min_pixels=min(pixels, 64 * 64), max_pixels=pixels)
-    batch, per_row = _batch(encoder, int(tok.pad_token_id), image_size=args.image_size, max_shapes=args.max_shapes,
-                            max_length=args.max_length, rows=args.rows)
+    batches, _ = _micro_batches(encoder, int(tok.pad_token_id), image_size=args.image_size, max_length=args.max_length,
+                                grad_accum=args.rows, max_shapes=args.max_shapes)  # one packed row each
+    per_row = sum(len(b.segments) for b in batches) / len(batches)
     packed_attention.register()
     cfg = tiny_qwen3vl_config(tok, **(RESEARCH if args.size == "research" else SIZES[args.size]))
     torch.manual_seed(args.seed)
@@ -71,18 +54,22 @@ def _run(args) -> dict:
         vlm = Qwen3VLForConditionalGeneration(cfg).to(dtype)
     vlm.train()
     model = HiddenStatesModel(vlm)
-    batch = batch.to(device)
-    pos = position_ids_for_batch(vlm, batch)
+    batches = [b.to(device) for b in batches]
+    positions = [position_ids_for_batch(vlm, b) for b in batches]
     g = torch.Generator(device="cpu").manual_seed(args.seed)
-    weight = torch.randn(batch.input_ids.shape + (cfg.text_config.hidden_size,), generator=g).to(device, dtype)
+    weights = [torch.randn(b.input_ids.shape + (cfg.text_config.hidden_size,), generator=g).to(device) for b in batches]
 
     def step(kernel: str):
+        """Forward + backward of every row (accumulated); the rows' hidden states, flattened."""
         vlm.set_attn_implementation(kernel)
         vlm.zero_grad(set_to_none=True)
-        hidden = model(input_ids=batch.input_ids, position_ids=pos, mm_token_type_ids=batch.mm_token_type_ids,
-                       pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
-        (hidden.float() * weight.float()).sum().backward()
-        return hidden.detach().float()
+        out = []
+        for batch, pos, weight in zip(batches, positions, weights):
+            hidden = model(input_ids=batch.input_ids, position_ids=pos, mm_token_type_ids=batch.mm_token_type_ids,
+                           pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
+            (hidden.float() * weight).sum().backward()
+            out.append(hidden.detach().float().reshape(-1))
+        return torch.cat(out)
 
     kernels = ("sdpa", packed_attention.NAME)
     out, grads, secs = {}, {}, {}
@@ -93,7 +80,7 @@ def _run(args) -> dict:
     scale = grads["sdpa"].abs().max().item()
     result = {
         "size": args.size, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "rows": args.rows, "tokens": batch.num_tokens, "samples_per_row": per_row,
+        "rows": args.rows, "tokens": sum(b.num_tokens for b in batches), "samples_per_row": per_row,
         "sdpa_s": secs["sdpa"], "sdpa_packed_s": secs[packed_attention.NAME],
         "hidden_max_abs_diff": (out["sdpa"] - out[packed_attention.NAME]).abs().max().item(),
         "grad_max_abs_diff_rel": (grads["sdpa"] - grads[packed_attention.NAME]).abs().max().item() / max(scale, 1e-30),
@@ -114,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--max-shapes", type=int, default=3)
     p.add_argument("--max-length", type=int, default=512, help="tokens per packed row")
-    p.add_argument("--rows", type=int, default=1, help="packed rows in the batch")
+    p.add_argument("--rows", type=int, default=1, help="packed rows, one forward + backward each (accumulated)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="auto")
     return parse_and_run(p, argv, _run)

@@ -13,9 +13,9 @@ included (``tests/test_packed_attention.py``). On the tiny research model (one C
 per 512-token row) a training forward + backward takes ~20 % less time.
 
 It applies only where the segments are known: the training forwards of ``model.forward.HiddenStatesModel``
-pass them (``SEGMENTS_KWARG``, computed once per forward from the position ids by the same rule as
-transformers' mask builder: a new segment wherever the position does not continue the previous one
-by 1). Every other call (vision tower, generation with its KV cache and padding mask, the
+pass them (``SEGMENTS_KWARG``, computed once per forward from the position ids with transformers'
+own ``find_packed_sequence_indices``, the rule its mask builder uses: a new segment wherever the
+position does not continue the previous one by 1). Every other call (vision tower, generation with its KV cache and padding mask, the
 prefix-reuse decode with its explicit mask) goes to transformers' ``sdpa`` unchanged.
 """
 
@@ -53,10 +53,15 @@ def packed_segments(text_position_ids: torch.Tensor) -> PackedSegments:
     """Segments of a packed batch from its text position ids ``[B, T]`` (one host copy)."""
     if text_position_ids.dim() != 2:
         raise ValueError(f"text position ids must be [B, T], got {tuple(text_position_ids.shape)}")
+    from transformers.masking_utils import find_packed_sequence_indices
+
     b, t = text_position_ids.shape
-    pos = text_position_ids.detach().to("cpu", torch.long)
-    starts = torch.ones(b, t, dtype=torch.bool)
-    starts[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
+    # transformers' own rule (the one its mask builder uses): sequence ids per token, None = one per row
+    seq = find_packed_sequence_indices(text_position_ids.detach().to("cpu", torch.long))
+    starts = torch.zeros(b, t, dtype=torch.bool)
+    starts[:, 0] = True
+    if seq is not None:
+        starts[:, 1:] = seq[:, 1:] != seq[:, :-1]
     first = starts.reshape(-1).nonzero().reshape(-1)  # every row starts a segment: none spans two rows
     lengths = torch.diff(first, append=torch.tensor([b * t]))
     keys = torch.ceil(torch.log(lengths.double()) / math.log(BUCKET_RATIO)).long()

@@ -36,11 +36,13 @@ import torch
 
 from data.types import PackedBatch
 from losses.registry import COORD
+from model import packed_attention
 from model.forward import unwrap_vlm
 
 logger = logging.getLogger("coordexp")
 
-MASK_KERNELS = ("sdpa", "sdpa_packed", "eager")  # take an explicit [B, 1, S, T] mask (sdpa_packed: as sdpa)
+# attention implementations that take an explicit [B, 1, S, T] mask (sdpa_packed hands such calls to sdpa)
+MASK_KERNELS = ("sdpa", packed_attention.NAME, "eager")
 
 
 @dataclass(frozen=True)

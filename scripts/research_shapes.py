@@ -18,9 +18,9 @@ metrics.jsonl, setup and eval excluded), so both get the same extra compute (the
 show how close that came on a machine whose load changes).
 
 Each cell writes ``<out-dir>/seed<k>/<arm>/cell.json`` when done; a rerun skips finished cells
-(resumable). A seed trains (b) first, then (c), (d) and (a) (``TRAIN_ORDER``). Then the table of mean ± std over seeds (mAP, AP50, AP75, F1@0.5, expected-coordinate
-error, distinct answers, training CPU and wall time, cumulative for c and d) is written to
-``--doc`` with the command that produced it. Evaluation: greedy rollouts on the held-out images
+(resumable); a seed trains (b) first, then (c), (d) and (a) (``TRAIN_ORDER``). Then the table of
+mean ± std over seeds (mAP, AP50, AP75, F1@0.5, expected-coordinate error, distinct answers,
+training CPU and wall time, cumulative for c and d) is written to ``--doc`` with the command that produced it. Evaluation: greedy rollouts on the held-out images
 (COCO AP via ``eval.detection``; F1 at IoU 0.5), and the teacher-forced expected-coordinate error
 ``|Σ p_k·k/999 − target/999|`` (fractions of the image side) over the held-out GT coord tokens.
 """
