@@ -127,6 +127,9 @@ class TinyModelConfig:
     init_std: float = knob(0.02, "std of the random initial weights (HF initializer_range; 0.02 as Qwen3-VL; the "
                            "demo uses 0.1: at width 64 it shortens the plateau before the model reads the image)",
                            exclusive_minimum=0)
+    coord_init: str = knob("hf", "coord-token rows of the built model: hf = random like every other row; sincos / "
+                           "mean / random = as the loader initialises the coord rows it adds to a real checkpoint "
+                           "(model.coord_tokens.init)", enum=("hf", "sincos", "mean", "random"))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from data.coordjson import coord_token_texts
+from model.vocab import COORD_INITS, coord_vocab_from_tokenizer, init_coord_rows
 
 # The 26 special tokens of a real Qwen3-VL tokenizer (ids 151643..151668 there), in Qwen order.
 QWEN_SPECIAL_TOKENS: tuple[str, ...] = tuple(
@@ -260,20 +261,32 @@ def _tiny_generation_config(tokenizer):
     )
 
 
-def build_tiny_in_memory(seed: int = 0, coord_tokens: bool = True, max_pixels: int = TINY_MAX_PIXELS, **config_kwargs):
+# "hf": the coord rows are random like every other row; the rest as model.vocab.COORD_INITS.
+TINY_COORD_INITS = ("hf", *COORD_INITS)
+
+
+def build_tiny_in_memory(seed: int = 0, coord_tokens: bool = True, max_pixels: int = TINY_MAX_PIXELS,
+                         coord_init: str = "hf", **config_kwargs):
     """(model, tokenizer, image_processor): tiny random Qwen3-VL in fp32, eval mode, weights seeded by ``seed``.
 
     ``coord_tokens=False`` builds the tokenizer WITHOUT the 1000 coord tokens (to test adding them).
     ``max_pixels`` is the image processor's budget (resized area in pixels); ``config_kwargs`` go to
     :func:`tiny_qwen3vl_config` (``hidden``, ``layers``, ``vision_depth``, ``vision_hidden``, ...).
+    ``coord_init``: ``"hf"`` leaves the coord rows (input embeddings and LM head) as random as every
+    other row; one of ``model.vocab.COORD_INITS`` re-initialises them the way the loader initialises
+    the coord rows it adds to a real checkpoint (:func:`model.vocab.init_coord_rows`, seeded by ``seed``).
     """
     from transformers import Qwen3VLForConditionalGeneration
 
+    if coord_init not in TINY_COORD_INITS:
+        raise ValueError(f"model.tiny.coord_init must be one of {list(TINY_COORD_INITS)}, got {coord_init!r}")
     tok = _cached_tokenizer(coord_tokens)
     cfg = tiny_qwen3vl_config(tok, **config_kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3VLForConditionalGeneration(cfg)
+    if coord_init in COORD_INITS and coord_tokens:
+        init_coord_rows(model, coord_vocab_from_tokenizer(tok), init=coord_init, seed=seed)
     model.generation_config = _tiny_generation_config(tok)
     model.eval()
     return model, tok, build_tiny_image_processor(max_pixels=max_pixels)

@@ -59,6 +59,7 @@ def recipe_argv(env: RecipeEnv, config: Path, out_dir: Path, *, name: str, max_s
         # different model.tiny.* would rebuild it between tests)
         "model.tiny.max_pixels": 4096,
         "model.tiny.init_std": 0.02,
+        "model.tiny.coord_init": "hf",
         "data.synthetic.enabled": True,
         "data.synthetic.out_dir": str(env.shapes_dir),
         **{f"data.synthetic.{k}": v for k, v in SHAPES.items()},

@@ -57,7 +57,7 @@ def test_explicit_defaults_do_not_rebuild(ckpt):
     without them (the test fixtures): otherwise every rank of every launch would rebuild it concurrently."""
     stamp = {f: os.path.getmtime(os.path.join(ckpt, f)) for f in os.listdir(ckpt)}
     same = build_tiny_checkpoint(ckpt, seed=0, hidden=64, layers=2, vision_hidden=32, vision_depth=2,
-                                 intermediate=128, max_pixels=4096)
+                                 intermediate=128, max_pixels=4096, init_std=0.02, coord_init="hf")
     assert same == ckpt
     assert {f: os.path.getmtime(os.path.join(ckpt, f)) for f in os.listdir(ckpt)} == stamp
     with pytest.raises(TypeError, match="unknown arguments \\['hiden'\\]"):

@@ -70,6 +70,35 @@ def test_init_std_sets_the_std_of_every_random_weight():
         tiny_qwen3vl_config(build_tiny_tokenizer(), init_std=0.0)
 
 
+def test_coord_init_initialises_the_coord_rows_as_the_loader_does():
+    # "hf" (the default) leaves the coord rows random like every other row; "sincos" replaces exactly the
+    # coord rows of the input embeddings and of the (untied) LM head with what the loader writes into
+    # the rows it adds to a real checkpoint: coord_init_rows of the table's rows below the coord block,
+    # seeded by the build seed (head: seed + 1, as init_coord_rows does).
+    from model.vocab import coord_init_rows, coord_vocab_from_tokenizer
+
+    hf, tok, _ = build_tiny_in_memory(seed=2)
+    sc, _, _ = build_tiny_in_memory(seed=2, coord_init="sincos")
+    vocab = coord_vocab_from_tokenizer(tok)
+    lo, hi = vocab.first_id, vocab.end_id
+    for table, seed in ((lambda m: m.get_input_embeddings().weight, 2), (lambda m: m.lm_head.weight, 3)):
+        a, b = table(hf), table(sc)
+        assert torch.equal(a[:lo], b[:lo]) and torch.equal(a[hi:], b[hi:])
+        expected = coord_init_rows(a[:lo], vocab.num_bins, init="sincos", seed=seed)
+        assert torch.equal(b[lo:hi], expected)
+        centred = b[lo:hi] - b[lo:hi].mean(0)
+        neighbours = torch.nn.functional.cosine_similarity(centred[:-1], centred[1:]).mean()
+        far = torch.nn.functional.cosine_similarity(centred[:1], centred[-1:]).item()
+        assert neighbours > 0.9 and far < 0.5  # smooth in the bin index, unlike the random rows
+        raw = a[lo:hi] - a[lo:hi].mean(0)
+        assert abs(torch.nn.functional.cosine_similarity(raw[:-1], raw[1:]).mean()) < 0.1
+    others = dict(sc.named_parameters())
+    assert all(torch.equal(p, others[k]) for k, p in hf.named_parameters()
+               if k not in ("model.language_model.embed_tokens.weight", "lm_head.weight"))
+    with pytest.raises(ValueError, match="model.tiny.coord_init must be one of"):
+        build_tiny_in_memory(coord_init="smooth")
+
+
 def test_in_memory_build_is_fast_and_seeded():
     build_tiny_in_memory(seed=0)  # warm the tokenizer cache and imports
     t0 = time.perf_counter()

@@ -216,7 +216,7 @@ def resolve_checkpoint(cfg, *, resume_model_dir: Path | None = None, accelerator
             return build_tiny_checkpoint(tiny.dir, seed=tiny.seed, hidden=tiny.hidden, layers=tiny.layers,
                                          vision_hidden=tiny.vision_hidden, vision_depth=tiny.vision_depth,
                                          intermediate=2 * tiny.hidden, max_pixels=tiny.max_pixels,
-                                         init_std=tiny.init_std)
+                                         init_std=tiny.init_std, coord_init=tiny.coord_init)
     return check_model_path(cfg)
 
 
