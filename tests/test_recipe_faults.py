@@ -238,8 +238,14 @@ def test_save_on_interrupt_false_keeps_the_default_signal_behaviour(recipe_env, 
         return real(self, ctx)
 
     monkeypatch.setattr(PipelineExecutor, "run", ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        train_stage1.main(_argv(recipe_env, tmp_path, "plain", max_steps=3, training__save_on_interrupt=False))
+    # Python's own Ctrl-C handler for the test: a shell starts a background job (`nohup ... &`, some CI
+    # runners) with SIGINT ignored, and the process inherits that
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_stage1.main(_argv(recipe_env, tmp_path, "plain", max_steps=3, training__save_on_interrupt=False))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert list_checkpoints(tmp_path / "plain") == []
     assert not (tmp_path / "plain" / "run.lock").exists()
 
