@@ -280,12 +280,15 @@ def build_tiny_in_memory(seed: int = 0, coord_tokens: bool = True, max_pixels: i
 
     if coord_init not in TINY_COORD_INITS:
         raise ValueError(f"model.tiny.coord_init must be one of {list(TINY_COORD_INITS)}, got {coord_init!r}")
+    if coord_init != "hf" and not coord_tokens:
+        raise ValueError(f"coord_init={coord_init!r} needs the coord tokens (coord_tokens=True): without them there "
+                         "are no coord rows to initialise")
     tok = _cached_tokenizer(coord_tokens)
     cfg = tiny_qwen3vl_config(tok, **config_kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3VLForConditionalGeneration(cfg)
-    if coord_init in COORD_INITS and coord_tokens:
+    if coord_init != "hf":
         init_coord_rows(model, coord_vocab_from_tokenizer(tok), init=coord_init, seed=seed)
     model.generation_config = _tiny_generation_config(tok)
     model.eval()

@@ -97,6 +97,22 @@ def test_coord_init_initialises_the_coord_rows_as_the_loader_does():
                if k not in ("model.language_model.embed_tokens.weight", "lm_head.weight"))
     with pytest.raises(ValueError, match="model.tiny.coord_init must be one of"):
         build_tiny_in_memory(coord_init="smooth")
+    with pytest.raises(ValueError, match="needs the coord tokens"):
+        build_tiny_in_memory(coord_tokens=False, coord_init="sincos")
+
+
+def test_config_enums_are_the_builders_choices():
+    # configs/ stays torch-free, so its enums restate the model's tuples; the generated schema must agree
+    import json
+    from pathlib import Path
+
+    from model.tiny import TINY_COORD_INITS
+    from model.vocab import COORD_INITS
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "configs/schema/model.json").read_text())
+    props = schema["properties"]
+    assert props["tiny"]["properties"]["coord_init"]["enum"] == list(TINY_COORD_INITS)
+    assert props["coord_tokens"]["properties"]["init"]["enum"] == list(COORD_INITS)
 
 
 def test_in_memory_build_is_fast_and_seeded():
