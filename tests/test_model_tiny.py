@@ -106,6 +106,7 @@ def test_config_enums_are_the_builders_choices():
     import json
     from pathlib import Path
 
+    from model.loading import ATTN_IMPLEMENTATIONS, DTYPES
     from model.tiny import TINY_COORD_INITS
     from model.vocab import COORD_INITS
 
@@ -113,6 +114,8 @@ def test_config_enums_are_the_builders_choices():
     props = schema["properties"]
     assert props["tiny"]["properties"]["coord_init"]["enum"] == list(TINY_COORD_INITS)
     assert props["coord_tokens"]["properties"]["init"]["enum"] == list(COORD_INITS)
+    assert props["attn_implementation"]["enum"] == list(ATTN_IMPLEMENTATIONS)
+    assert props["dtype"]["enum"] == list(DTYPES)
 
 
 def test_in_memory_build_is_fast_and_seeded():
