@@ -18,7 +18,9 @@ metrics.jsonl, setup and eval excluded), so both get the same extra compute (the
 show how close that came on a machine whose load changes).
 
 Each cell writes ``<out-dir>/seed<k>/<arm>/cell.json`` when done; a rerun skips finished cells
-(resumable); a seed trains (b) first, then (c), (d) and (a) (``TRAIN_ORDER``). Then the table of
+(resumable) whose recorded ``cell_key`` still matches (the arm's config after ``--set`` overrides, the
+run size and the seed; (c) and (d) also (b)'s key): after a config edit the stale cells train again.
+A seed trains (b) first, then (c), (d) and (a) (``TRAIN_ORDER``). Then the table of
 mean ± std over seeds (mAP, AP50, AP75, F1@0.5, expected-coordinate error, distinct answers,
 training CPU and wall time, cumulative for c and d) is written to ``--doc`` with the command that produced it. Evaluation: greedy rollouts on the held-out images
 (COCO AP via ``eval.detection``; F1 at IoU 0.5), and the teacher-forced expected-coordinate error
@@ -369,17 +371,51 @@ Per seed (arm: AP50 / mAP):
     doc.write_text(text, encoding="utf-8")
 
 
-def _cells_done(out: Path, seed: int) -> bool:
-    return all((out / f"seed{seed}" / arm / "cell.json").is_file() for arm in ARMS)
+def cell_key(arm: str, seed: int, size: dict, extra: Sequence[str], out: Path) -> str:
+    """What a cell's result depends on, hashed: the arm's merged config tree (its yaml chain + ``extra``),
+    the run size and the seed. (c) and (d) continue from (b)'s checkpoint and (d) spends the compute (c)
+    measured, so they include the recorded key and timing of the (b) (and (d) of the (c)) run they used:
+    a rerun of (b) reruns (c) and (d), a rerun of (c) reruns (d)."""
+    import hashlib
+
+    from configs.loader import merge_config_tree
+
+    parts = {"arm": arm, "seed": seed, "size": size, "config": merge_config_tree(CONFIGS[arm], extra)}
+    if arm in ("coordexp+stage2", "coordexp+stage1"):
+        parts["start"] = _recorded(out, seed, "coordexp", ("cell_key", "train_cpu_s", "step_s"))
+    if arm == "coordexp+stage1":
+        parts["matches"] = _recorded(out, seed, "coordexp+stage2", ("cell_key", "steps", "step_s"))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_seed_workers(args: argparse.Namespace, user_sets: Sequence[str], out: Path) -> None:
+def _recorded(out: Path, seed: int, arm: str, keys: Sequence[str]) -> list:
+    """These fields of the arm's cell.json as recorded (None where absent): which run of it a later cell used."""
+    path = out / f"seed{seed}" / arm / "cell.json"
+    cell = json.loads(path.read_text()) if path.is_file() else {}
+    return [cell.get(k) for k in keys]
+
+
+def _finished_cell(out: Path, arm: str, seed: int, size: dict, extra: Sequence[str]) -> dict | None:
+    """The cell's recorded result when it exists and its key still matches, else None."""
+    path = out / f"seed{seed}" / arm / "cell.json"
+    if not path.is_file():
+        return None
+    cell = json.loads(path.read_text())
+    return cell if cell.get("cell_key") == cell_key(arm, seed, size, extra, out) else None
+
+
+def _cells_done(out: Path, seed: int, size: dict, extra: Sequence[str]) -> bool:
+    return all(_finished_cell(out, arm, seed, size, extra) is not None for arm in ARMS)
+
+
+def run_seed_workers(args: argparse.Namespace, user_sets: Sequence[str], out: Path, size: dict) -> None:
     """Train the unfinished seeds in ``args.jobs`` worker processes (this script, one seed each, same
     size and overrides); the caller then reads their cells back like any finished cell."""
     import os
     import subprocess
 
-    todo = [s for s in range(args.first_seed, args.first_seed + args.seeds) if not _cells_done(out, s)]
+    todo = [s for s in range(args.first_seed, args.first_seed + args.seeds)
+            if not _cells_done(out, s, size, args.overrides)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     shared = ["--out-dir", str(out)] + (["--quick"] if args.quick else [])
@@ -426,21 +462,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
 
     base = load_config(CONFIGS["ce"], extra, expect="stage1")
     if args.jobs > 1:
-        run_seed_workers(args, user_sets, out)
+        run_seed_workers(args, user_sets, out, size)
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     per_seed: dict[int, dict[str, dict]] = {}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         cells: dict[str, dict] = {}
         for arm in TRAIN_ORDER:
             cell_file = out / f"seed{seed}" / arm / "cell.json"
-            if cell_file.is_file():
-                cells[arm] = json.loads(cell_file.read_text())
+            done = _finished_cell(out, arm, seed, size, extra)
+            if done is not None:
+                cells[arm] = done
                 print(f"[research] seed {seed} {arm}: done, skipped", flush=True)
             else:
-                print(f"[research] seed {seed} {arm}: training", flush=True)
+                why = "stale (config, size or its start changed), training again" if cell_file.is_file() else "training"
+                print(f"[research] seed {seed} {arm}: {why}", flush=True)
                 cell = train_cell(arm, seed, out, size, train, extra, cells)
                 cell.update(evaluate_cell(_checkpoint(out / f"seed{seed}" / arm), heldout, base,
                                           out / f"seed{seed}" / arm / "heldout_eval"))
+                cell["cell_key"] = cell_key(arm, seed, size, extra, out)
                 cell_file.write_text(json.dumps(cell, indent=2, sort_keys=True) + "\n")
                 cells[arm] = cell
         for arm in ARMS:

@@ -75,6 +75,28 @@ def test_quick_run_writes_the_table_and_resumes(tmp_path, monkeypatch):
     again = research_shapes.main(argv)
     assert again == results and doc.read_text() == text
 
+    # a cell whose recorded key no longer matches is stale and trains again, with whatever depends on it:
+    # here (c) lost its key, so (c) and (d) (whose steps are (c)'s compute) retrain, (a) and (b) do not
+    monkeypatch.undo()
+    train_cell, trained = research_shapes.train_cell, []
+
+    def spy(arm, *a, **k):
+        trained.append(arm)
+        return train_cell(arm, *a, **k)
+
+    monkeypatch.setattr(research_shapes, "train_cell", spy)
+    c_file = out / "seed0" / "coordexp+stage2" / "cell.json"
+    c_file.write_text(json.dumps({k: v for k, v in json.loads(c_file.read_text()).items() if k != "cell_key"}))
+    research_shapes.main(argv)
+    assert trained == ["coordexp+stage2", "coordexp+stage1"]
+    # an override changes every arm's config: everything trains again, and the keys differ
+    trained.clear()
+    keys = {arm: json.loads((out / "seed0" / arm / "cell.json").read_text())["cell_key"] for arm in research_shapes.ARMS}
+    research_shapes.main([*argv, "--set", "training.max_grad_norm=0.5"])
+    assert sorted(trained) == sorted(research_shapes.ARMS)
+    assert all(json.loads((out / "seed0" / arm / "cell.json").read_text())["cell_key"] != keys[arm]
+               for arm in research_shapes.ARMS)
+
 
 def test_jobs_train_seeds_in_worker_processes(tmp_path):
     """--jobs 2: each seed is trained by its own worker process; the parent reads their cells back
