@@ -32,8 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -427,22 +429,39 @@ def run_seed_workers(args: argparse.Namespace, user_sets: Sequence[str], out: Pa
     running: list[tuple[int, subprocess.Popen, Path]] = []
     failed: list[str] = []
 
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            seed = todo.pop(0)
-            log = out / f"seed{seed}" / "worker.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            argv = [sys.executable, str(Path(__file__).resolve()), *shared, "--first-seed", str(seed), "--seeds", "1",
-                    "--doc", str(out / f"seed{seed}" / "RESEARCH.seed.md")]
-            print(f"[research] seed {seed}: worker started, log {log}", flush=True)
-            with open(log, "w", encoding="utf-8") as fh:
-                running.append((seed, subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env), log))
-        time.sleep(0.5)
-        for entry in [e for e in running if e[1].poll() is not None]:
-            seed, proc, log = entry
-            if proc.returncode != 0:
-                failed.append(f"seed {seed} (exit {proc.returncode}, log {log})")
-            running.remove(entry)
+    def stop(signum, frame):  # a plain SIGTERM would end this process and leave the workers training
+        raise SystemExit(128 + signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if in_main else None
+    try:
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                seed = todo.pop(0)
+                log = out / f"seed{seed}" / "worker.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                argv = [sys.executable, str(Path(__file__).resolve()), *shared, "--first-seed", str(seed),
+                        "--seeds", "1", "--doc", str(out / f"seed{seed}" / "RESEARCH.seed.md")]
+                print(f"[research] seed {seed}: worker started, log {log}", flush=True)
+                with open(log, "w", encoding="utf-8") as fh:
+                    running.append((seed, subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env), log))
+            time.sleep(0.5)
+            for entry in [e for e in running if e[1].poll() is not None]:
+                seed, proc, log = entry
+                if proc.returncode != 0:
+                    failed.append(f"seed {seed} (exit {proc.returncode}, log {log})")
+                running.remove(entry)
+    finally:
+        # stopped (Ctrl-C, SIGTERM, an error): stop the workers too; their finished cells stay, a rerun resumes
+        for _, proc, _ in running:
+            proc.terminate()
+        for _, proc, _ in running:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     if failed:
         raise SystemExit("error: research worker failed: " + "; ".join(failed))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from scripts import research_shapes
 
 
@@ -113,6 +115,38 @@ def test_jobs_train_seeds_in_worker_processes(tmp_path):
     text = doc.read_text()
     assert "python scripts/research_shapes.py --quick --seeds 2 --jobs 2" in text
     assert "- seed 0:" in text and "- seed 1:" in text
+
+
+def test_stopping_the_parent_stops_its_workers(tmp_path, monkeypatch):
+    """SIGTERM (or Ctrl-C) to the --jobs parent terminates the worker processes instead of leaving them
+    training unattended; the parent exits 128 + 15 and its SIGTERM handler is restored."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import types
+
+    spawned = []
+    real_popen = subprocess.Popen
+
+    def popen(argv, **kwargs):
+        proc = real_popen([sys.executable, "-c", "import time; time.sleep(120)"], **kwargs)
+        spawned.append(proc)
+        return proc
+
+    def sleep(_seconds):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(research_shapes, "time", types.SimpleNamespace(sleep=sleep))  # not the global time.sleep
+    monkeypatch.setattr(research_shapes, "_cells_done", lambda *a: False)
+    before = signal.getsignal(signal.SIGTERM)
+    args = research_shapes.parse_args(["--quick", "--seeds", "2", "--jobs", "2", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as stopped:
+        research_shapes.run_seed_workers(args, [], tmp_path, {})
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert len(spawned) == 2 and all(p.poll() is not None for p in spawned)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_heldout_eval_sees_images_and_decodes_as_the_config_says(tmp_path, monkeypatch):
