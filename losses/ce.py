@@ -5,7 +5,10 @@ projected through the LM head ``chunk_size`` rows at a time (Qwen3-VL's V is ~15
 4k-token row of fp32 logits is ~2.5 GB). Logits are upcast to fp32 after the matmul.
 Under autograd each chunk is recomputed in backward (activation checkpointing), so no
 chunk's ``[chunk, V]`` logits stay alive between forward and backward: peak memory is one
-chunk, whatever the number of supervised tokens, for one extra LM-head matmul per chunk.
+chunk, whatever the number of supervised tokens, for one extra LM-head matmul per chunk. A chunk
+whose fp32 logits are at most ``RECOMPUTE_ABOVE_BYTES`` (16 MiB: ~27 rows of Qwen3-VL's vocabulary,
+a whole 512-token row of the tiny model's) is kept instead: recomputing it would save no memory
+worth its matmul.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from losses.checks import content_checks
 
 _EPS = 1e-8
+RECOMPUTE_ABOVE_BYTES = 16 * 2**20
 
 
 def _project(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -64,11 +68,12 @@ def _chunk_lse(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(_project(rows, weight), dim=-1)
 
 
-def _recomputed(fn, *args: torch.Tensor) -> torch.Tensor:
-    """``fn(*args)``, recomputed in backward instead of keeping its ``[chunk, V]`` intermediates."""
-    if _needs_grad(*args):
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+def _recomputed(fn, rows: torch.Tensor, weight: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+    """``fn(rows, weight, *args)``, recomputed in backward instead of keeping its ``[chunk, V]``
+    intermediates, unless those fp32 logits are at most ``RECOMPUTE_ABOVE_BYTES``."""
+    if _needs_grad(rows, weight, *args) and rows.shape[0] * weight.shape[0] * 4 > RECOMPUTE_ABOVE_BYTES:
+        return checkpoint(fn, rows, weight, *args, use_reentrant=False)
+    return fn(rows, weight, *args)
 
 
 def token_ce(

@@ -92,9 +92,18 @@ def test_hidden_at_logit_pos_and_projections():
     assert full_logsumexp(rows[:0], w).shape == (0,)
 
 
-def test_token_ce_keeps_no_chunk_logits_for_backward():
-    """Chunks are recomputed in backward: autograd saves no ``[chunk, V]`` logits between passes,
-    and the gradient equals the plain full-logits CE's."""
+@pytest.mark.parametrize("recompute", [True, False])
+def test_token_ce_keeps_chunk_logits_for_backward_only_when_small(monkeypatch, recompute):
+    """Chunks whose logits exceed ``RECOMPUTE_ABOVE_BYTES`` are recomputed in backward: autograd saves
+    no ``[chunk, V]`` logits between passes. Smaller ones are kept (one LM-head matmul per chunk instead
+    of two). Either way the gradient equals the plain full-logits CE's."""
+    import losses.ce as ce_mod
+
+    monkeypatch.setattr(ce_mod, "RECOMPUTE_ABOVE_BYTES", 16 * 3000 * 4 - 1 if recompute else 16 * 3000 * 4)
+    # the last chunk (14 rows) is under either limit, so the limit is checked on the 16-row chunks only
+    calls = []
+    real = ce_mod._project
+    monkeypatch.setattr(ce_mod, "_project", lambda rows, weight: calls.append(rows.shape[0]) or real(rows, weight))
     torch.manual_seed(0)
     B, T, H, V, chunk = 2, 40, 8, 3000, 16
     hidden = torch.randn(B, T, H, requires_grad=True)
@@ -110,9 +119,13 @@ def test_token_ce_keeps_no_chunk_logits_for_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, _ = token_ce(hidden, weight, ids, w, chunk_size=chunk)
-    assert saved_shapes and not [s for s in saved_shapes if len(s) == 2 and s[1] == V and s[0] <= chunk]
+    kept = [s for s in saved_shapes if s == (chunk, V)]
+    assert saved_shapes and bool(kept) is not recompute
     loss.backward()
     g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    chunks = -(-(B * (T - 1)) // chunk)
+    full = B * (T - 1) // chunk  # 16-row chunks; the 14-row last one is never recomputed here
+    assert len(calls) == chunks + (full if recompute else 0)  # forward, plus the recomputes in backward
 
     hidden.grad = weight.grad = None
     logits = hidden[:, :-1].reshape(-1, H) @ weight.T
