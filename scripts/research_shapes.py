@@ -22,7 +22,8 @@ Each cell writes ``<out-dir>/seed<k>/<arm>/cell.json`` when done; a rerun skips 
 run size and the seed; (c) and (d) also (b)'s key): after a config edit the stale cells train again.
 A seed trains (b) first, then (c), (d) and (a) (``TRAIN_ORDER``). Then the table of
 mean ± std over seeds (mAP, AP50, AP75, F1@0.5, expected-coordinate error, distinct answers,
-training CPU and wall time, cumulative for c and d) is written to ``--doc`` with the command that produced it. Evaluation: greedy rollouts on the held-out images
+training CPU and wall time, cumulative for c and d) is written to ``--doc`` with the command that produced it. Evaluation: greedy rollouts on the held-out images,
+coords picked as the research config's ``rollout_matching.decoding.coord_pick`` says, the same for every arm
 (COCO AP via ``eval.detection``; F1 at IoU 0.5), and the teacher-forced expected-coordinate error
 ``|Σ p_k·k/999 − target/999|`` (fractions of the image side) over the held-out GT coord tokens.
 """
@@ -335,8 +336,16 @@ def _drawn(size: dict) -> str:
     return f", drawn at {s}x and area-averaged (box edges on 1/{s}-pixel positions)"
 
 
+# How the held-out rollouts choose a coord token (rollout_matching.decoding.coord_pick), for the doc.
+COORD_PICK_TEXT = {
+    "argmax": "coord tokens as the decoder picks them (`rollout_matching.decoding.coord_pick: argmax`)",
+    "expectation": "each coord token the bin nearest the expected value of its coord distribution "
+                   "(`rollout_matching.decoding.coord_pick: expectation`)",
+}
+
+
 def write_doc(doc: Path, command: str, size: dict, seeds: int, results: dict[str, list[dict]],
-              per_seed: dict[int, dict[str, dict]], extra: Sequence[str]) -> None:
+              per_seed: dict[int, dict[str, dict]], extra: Sequence[str], coord_pick: str = "argmax") -> None:
     steps_d = [per_seed[s]["coordexp+stage1"]["steps"] for s in sorted(per_seed)]
     text = f"""# Research: CoordExp on held-out shapes
 
@@ -351,7 +360,8 @@ Size: {seeds} seed(s); {size['num_train']} training images and {size['num_heldou
 Overrides for every run: {', '.join(f'`{o}`' for o in extra) if extra else 'none'}.
 
 Mean ± std over seeds. mAP = COCO AP@[.5:.95], AP50/AP75, F1@0.5 (greedy, per image and
-description) from greedy rollouts on the held-out images; exp. coord err = teacher-forced
+description) from greedy rollouts on the held-out images, {COORD_PICK_TEXT[coord_pick]}, the
+same for every arm; exp. coord err = teacher-forced
 |expected coordinate − GT| in fractions of the image side; distinct answers = different generated
 answers / held-out images (1.00: every image gets its own answer); parse-valid = rollouts whose
 CoordJSON parsed with nothing dropped; CPU/wall = training only,
@@ -505,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
             results[arm].append(cells[arm])
         per_seed[seed] = cells
     command = " ".join(["python scripts/research_shapes.py", *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
-    write_doc(Path(args.doc), command, size, args.seeds, results, per_seed, extra)
+    write_doc(Path(args.doc), command, size, args.seeds, results, per_seed, extra,
+              base.rollout_matching.decoding.coord_pick)
     print(render_table(results))
     return results
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from configs import load_config
 from scripts import research_shapes
 
 
@@ -62,6 +63,9 @@ def test_quick_run_writes_the_table_and_resumes(tmp_path, monkeypatch):
     assert results["coordexp+stage1"][0]["steps"] >= 1
     text = doc.read_text()
     assert "python scripts/research_shapes.py --quick --seeds 1" in text
+    # the doc says how every arm's held-out rollouts picked coord tokens: the research config's choice
+    pick = load_config(research_shapes.CONFIGS["ce"], expect="stage1").rollout_matching.decoding.coord_pick
+    assert research_shapes.COORD_PICK_TEXT[pick] in text
     for label in research_shapes.ARM_LABELS.values():
         assert sum(line.startswith(f"| {label} |") for line in text.splitlines()) == 1
     # the held-out images come from a generator seed no training run uses
