@@ -336,7 +336,7 @@ def _drawn(size: dict) -> str:
     return f", drawn at {s}x and area-averaged (box edges on 1/{s}-pixel positions)"
 
 
-# How the held-out rollouts choose a coord token (rollout_matching.decoding.coord_pick), for the doc.
+# How the held-out rollouts choose a coord token, for the doc: one entry per rollout.backends.COORD_PICKS.
 COORD_PICK_TEXT = {
     "argmax": "coord tokens as the decoder picks them (`rollout_matching.decoding.coord_pick: argmax`)",
     "expectation": "each coord token the bin nearest the expected value of its coord distribution "
@@ -345,7 +345,7 @@ COORD_PICK_TEXT = {
 
 
 def write_doc(doc: Path, command: str, size: dict, seeds: int, results: dict[str, list[dict]],
-              per_seed: dict[int, dict[str, dict]], extra: Sequence[str], coord_pick: str = "argmax") -> None:
+              per_seed: dict[int, dict[str, dict]], extra: Sequence[str], coord_pick: str) -> None:
     steps_d = [per_seed[s]["coordexp+stage1"]["steps"] for s in sorted(per_seed)]
     text = f"""# Research: CoordExp on held-out shapes
 

@@ -66,6 +66,9 @@ def test_quick_run_writes_the_table_and_resumes(tmp_path, monkeypatch):
     # the doc says how every arm's held-out rollouts picked coord tokens: the research config's choice
     pick = load_config(research_shapes.CONFIGS["ce"], expect="stage1").rollout_matching.decoding.coord_pick
     assert research_shapes.COORD_PICK_TEXT[pick] in text
+    from rollout.backends import COORD_PICKS
+
+    assert set(research_shapes.COORD_PICK_TEXT) == set(COORD_PICKS)  # every pick the backend knows has its sentence
     for label in research_shapes.ARM_LABELS.values():
         assert sum(line.startswith(f"| {label} |") for line in text.splitlines()) == 1
     # the held-out images come from a generator seed no training run uses
