@@ -34,8 +34,8 @@ def test_verdict_states_the_target_and_the_runbook_conclusion():
                "coordexp+stage2": [_cell(0.4, pv=0.9), _cell(0.4, pv=0.9)],
                "coordexp+stage1": [_cell(0.5), _cell(0.5)]}
     text = research_shapes.verdict(results, size)
-    assert ("(a) CE-only Stage-1: held-out AP50 0.550 after 7500 steps (25.0 CPU-minutes of training per seed): "
-            "meets the 0.5 target") in text
+    assert ("(a) CE-only Stage-1: held-out AP50 0.550 after 7500 steps (25.0 CPU-minutes of training per seed, "
+            "at most 25.0): meets the target (AP50 >= 0.5 within 30 CPU-minutes of training)") in text
     assert "(b) CoordExp Stage-1: held-out AP50 0.500 after 7500 steps (10.0 CPU-minutes" in text
     assert "(c) vs (d): AP50 0.400 vs 0.500 ((d) higher)" in text
     assert 'STAGE2_RUNBOOK.md \"Stage-2 vs more Stage-1\"' in text
@@ -43,7 +43,15 @@ def test_verdict_states_the_target_and_the_runbook_conclusion():
     results["coordexp+stage2"] = [_cell(0.5), _cell(0.6)]
     results["ce"] = [_cell(0.2), _cell(0.3)]
     text = research_shapes.verdict(results, size)
-    assert "(a) CE-only Stage-1: held-out AP50 0.250" in text and "below the 0.5 target" in text
+    assert "(a) CE-only Stage-1: held-out AP50 0.250" in text and "below the 0.5 AP50 target." in text
+    # the budget holds for every seed, not on average: 24 + 31 minutes is 27.5 on average and still over
+    results["coordexp"] = [_cell(0.6, cpu=1440.0), _cell(0.6, cpu=1860.0)]
+    text = research_shapes.verdict(results, size)
+    assert ("(b) CoordExp Stage-1: held-out AP50 0.600 after 7500 steps (27.5 CPU-minutes of training per seed, "
+            "at most 31.0): over the 30 CPU-minute budget.") in text
+    results["coordexp"] = [_cell(0.4, cpu=1860.0)] * 2
+    text = research_shapes.verdict(results, size)
+    assert "below the 0.5 AP50 target and over the 30 CPU-minute budget." in text
     assert "Stage-2 did at least as well as spending its compute on more Stage-1." in text
 
 
