@@ -40,8 +40,10 @@ _CONSTRAINTS = {
     "exclusive_minimum": "exclusiveMinimum",
     "exclusive_maximum": "exclusiveMaximum",
     "min_length": "minLength",
+    "max_length": "maxLength",
     "min_items": "minItems",
     "unique_items": "uniqueItems",
+    "pattern": "pattern",
 }
 _META = "coordexp"  # the key of our entry in dataclasses.Field.metadata
 REQUIRED = object()  # knob(REQUIRED, ...): the key has no default and must be written
@@ -65,7 +67,8 @@ def knob(
     ``schema``: keywords that replace the generated type (``anyOf``, ``$ref``).
     ``maps_to``: ``module.config_key`` this flat knob feeds (set by :func:`alias`).
     ``constraints``: ``minimum``, ``maximum``, ``exclusive_minimum``, ``exclusive_maximum``,
-    ``min_length``, ``min_items``, ``unique_items``.
+    ``min_length``, ``max_length``, ``min_items``, ``unique_items``, ``pattern`` (a regular expression the whole string must match;
+    the doc says in words what it allows).
     """
     unknown = sorted(set(constraints) - set(_CONSTRAINTS))
     if unknown:

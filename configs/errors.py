@@ -60,13 +60,29 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+QUOTE_CHARS = 200  # a value quoted in a message keeps this many characters (clip)
+LINE_CHARS = 2000  # an `error:` line keeps this many (one_line: head and tail, the fix is usually at the end)
+
+
+def clip(text: str, limit: int = QUOTE_CHARS) -> str:
+    """``text`` cut to about ``limit`` characters, saying how much was left out (a quoted value can be 50 MB)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line (multi-line messages are joined with '; ')."""
+    """The message of ``exc`` on one line (multi-line messages are joined with '; '), at most ~LINE_CHARS long."""
     text = str(exc).strip()
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         text = f"{exc.filename}: {exc.strerror}"  # "[Errno 2] No such file or directory: 'x'" -> "x: No such file or directory"
     parts = [p.strip() for p in text.splitlines() if p.strip()]
-    return "; ".join(parts) or type(exc).__name__
+    line = "; ".join(parts) or type(exc).__name__
+    if len(line) > LINE_CHARS:
+        half = LINE_CHARS // 2
+        line = f"{line[:half]} ... ({len(line) - 2 * half} characters left out) ... {line[-half:]}"
+    return line
 
 
 def debug_requested(argv: Sequence[str]) -> bool:

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from configs.declare import coerce_scalar
-from configs.errors import ConfigError, add_debug_flag
+from configs.errors import ConfigError, add_debug_flag, clip
 from configs.types import CONFIG_META_FIELDS, Config, freeze, thaw
 from configs.validation import (  # noqa: F401  (_deref, _root_node, schema_at: re-exported for callers)
     _deref,
@@ -102,21 +102,75 @@ _YamlLoader.add_implicit_resolver(
 
 def parse_yaml_value(text: str) -> Any:
     """Parse one override value the way a YAML file would (``1e-5`` -> float, ``[1, 2]`` -> list)."""
-    return yaml.load(text, Loader=_YamlLoader)  # _YamlLoader is a SafeLoader
+    return _load_yaml(text, "the value")
+
+
+# A config is a few hundred values a dozen levels deep. Aliases can make a short file expand to 10^9 values
+# (a "billion laughs" tree) and deep nesting exhausts Python's stack: both are refused before any walk.
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+def _check_yaml_size(root: yaml.Node, path: str) -> None:
+    """Refuse a composed YAML document whose values, aliases expanded, exceed the bounds above (each node
+    is visited once: its expanded size is memoised, so the check itself never expands anything)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError("", f"{path}:{node.start_mark.line + 1}: YAML nested more than {MAX_YAML_DEPTH} levels "
+                              "deep; a config is a few levels of maps and lists")
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                raise ConfigError("", f"{path}:{node.start_mark.line + 1}: YAML expands to more than {MAX_YAML_VALUES} "
+                                  "values (aliases '*name' repeat whole subtrees); a config is a few hundred values")
+            continue
+        if id(node) in sizes:
+            continue
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if id(c) not in sizes)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """``text`` parsed with :class:`_YamlLoader`, bounded (:func:`_check_yaml_size`); errors name ``where``."""
+    try:
+        loader = _YamlLoader(text)  # _YamlLoader is a SafeLoader
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _check_yaml_size(node, where)
+            return loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except ConfigError:
+        raise
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}" if mark is not None else where
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError("", f"{at}: invalid YAML: {clip(problem)}") from exc
+    except RecursionError:
+        raise ConfigError("", f"{where}: YAML nested too deeply to read (more than {MAX_YAML_DEPTH} levels); a "
+                          "config is a few levels of maps and lists") from None
+    except ValueError as exc:  # e.g. an integer literal of more digits than Python converts
+        raise ConfigError("", f"{where}: a value cannot be read: {clip(str(exc))}") from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError("", f"config file {path} is a directory; pass the YAML file inside it")
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path}: not a UTF-8 text file (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}); --config takes a YAML file") from None
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc}") from exc
-    try:
-        tree = yaml.load(text, Loader=_YamlLoader)  # _YamlLoader is a SafeLoader
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError("", f"{where}: invalid YAML: {problem}") from exc
+    tree = _load_yaml(text, str(path))
     if tree is None:
         return {}
     if not isinstance(tree, dict):
@@ -184,8 +238,8 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         parts.extend(int(i) for i in _INDEX.findall(match.group(2)))
     try:
         parsed = parse_yaml_value(value)
-    except yaml.YAMLError as exc:
-        raise ConfigError(format_key(parts), f"--set value {value!r} is not valid YAML: {exc}") from exc
+    except ConfigError as exc:
+        raise ConfigError(format_key(parts), f"--set value {clip(repr(value))}: {exc}") from None
     return parts, parsed
 
 
@@ -367,7 +421,7 @@ def _build(cls: type, data: Mapping[str, Any], key: str) -> Any:
 def merge_config_tree(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The merged user tree: ``path`` with its ``extends`` chain, then ``overrides`` (no validation)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError("", f"config file {path} does not exist")
     tree = _load_tree(path, ())
     if isinstance(overrides, str):

@@ -74,6 +74,8 @@ def thaw(obj: Any) -> Any:
 
 # ---------------------------------------------------------------- run
 
+RUN_NAME_PATTERN = r"^[A-Za-z0-9_+=,@-][A-Za-z0-9._+=,@-]*$"  # no '/', no '..', no leading dot: the run dir stays in output_dir
+
 
 @dataclass(frozen=True)
 class TrackerConfig:
@@ -90,7 +92,8 @@ class TrackerConfig:
 class RunConfig:
     """Run identity, output location, seed and experiment tracking."""
 
-    name: str = knob("run", "run dir = <output_dir>/<name>", min_length=1)
+    name: str = knob("run", "run dir = <output_dir>/<name>: a plain directory name (letters, digits and . _ - + = , @; "
+                     "not starting with a dot), never a path", min_length=1, max_length=200, pattern=RUN_NAME_PATTERN)
     output_dir: str = knob("runs", "parent of the run dir", min_length=1)
     seed: int = knob(42, "the run's random seed (accelerate set_seed, packing order, adapter init)", minimum=0)
     log_every: int = knob(
@@ -236,8 +239,12 @@ class DataConfig:
                                   minimum=1)
     prompt: str = knob(DEFAULT_PROMPT, "user prompt of every sample (default: the detection prompt)", min_length=1)
     system_prompt: str | None = knob(None, "system message; null = none")
-    skip_invalid: bool = knob(False, "skip invalid JSONL lines (not UTF-8, not JSON, contract violations; counted "
-                              "per reason, reported) instead of failing; an empty file always fails (docs/DATA.md)")
+    skip_invalid: bool = knob(False, "skip invalid JSONL lines (not UTF-8, not JSON, contract violations, an image "
+                              "whose header does not open; counted per reason, reported) instead of failing, and skip "
+                              "(and count, data/skipped_samples_total) a sample whose image fails to decode during "
+                              "training; an empty file always fails (docs/DATA.md)")
+    max_image_pixels: int = knob(100_000_000, "largest image (width x height) that is opened; a larger one is an "
+                                 "error naming its file:line (or skipped with data.skip_invalid)", minimum=1)
     cache_dir: str | None = knob(None, "where each JSONL's validated Arrow copy, token lengths and packing plan are "
                                  "cached (<cache_dir>/.coordexp_cache/<key>/); null: beside the JSONL (docs/DATA.md)")
     num_workers: int = knob(0, "DataLoader worker processes that decode images, run the image processor and collate "

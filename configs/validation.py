@@ -27,7 +27,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from configs.declare import SCHEMA_DIALECT, object_schema
-from configs.errors import ConfigError, did_you_mean
+from configs.errors import ConfigError, clip, did_you_mean
 
 ROOT_SCHEMA = "root.json"
 PIPELINE_SCHEMA = "pipeline.json"
@@ -183,7 +183,7 @@ def type_name(value: Any) -> str:
     if isinstance(value, float):
         return f"a number ({value})"
     if isinstance(value, str):
-        return f"a string ({value!r})"
+        return f"a string ({clip(repr(value))})"
     if isinstance(value, Mapping):
         return "a map"
     if isinstance(value, (list, tuple)):
@@ -245,9 +245,13 @@ def _explain(error: ValidationError, prefix: Sequence[str | int] = ()) -> list[t
         size = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo or 0} to {hi}")
         return [(key, f"expected a list of {size} items, got {len(value)}")]
     if kind == "uniqueItems":
-        return [(key, f"items must be unique, got {value!r}")]
+        return [(key, f"items must be unique, got {clip(repr(value))}")]
     if kind == "minLength":
         return [(key, "expected a non-empty string")]
+    if kind == "maxLength":
+        return [(key, f"expected at most {error.validator_value} characters, got {len(value)}")]
+    if kind == "pattern":
+        return [(key, f"{clip(repr(value))} is not allowed here: {schema.get('description', 'see docs/CONFIG.md')}")]
     return [(key, error.message)]
 
 

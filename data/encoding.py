@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from data.coordjson import RenderedAnswer, find_outermost_closure, render_answer
+from data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRefused, open_image, to_rgb
 from data.records import DataError
 from data.types import BBoxGroup, EncodedSample, GTObject, ObjectSpan, PackedBatch, Record
 from losses.registry import EOS, IGNORE, NO_SUBSET
@@ -21,6 +22,8 @@ from losses.tokens import assign_token_types, char_span_to_tokens
 
 IMAGE_PAD = "<|image_pad|>"
 IM_END = "<|im_end|>"
+IMAGE_FIX = ("Fix or replace the image file; with data.skip_invalid: true a training sample whose image fails to "
+             "decode is skipped and counted (data/skipped_samples_total).")
 
 
 def _token_id(tokenizer, text: str) -> int:
@@ -40,6 +43,7 @@ class ChatEncoder:
                      (transformers 5 Qwen2VL processors read pixel budgets from these keys)
     check_image_size: the decoded image must be ``record.width x record.height`` (boxes are fractions
                      of that size and ``sample_length`` predicts the image-token count from it)
+    max_image_pixels: ``data.max_image_pixels``; images become 8-bit RGB by ``data.images.to_rgb``
     """
 
     def __init__(
@@ -52,8 +56,10 @@ class ChatEncoder:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         check_image_size: bool = True,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         self.tokenizer = tokenizer
+        self.max_image_pixels = max_image_pixels
         self.image_processor = image_processor
         self.prompt = prompt
         self.system_prompt = system_prompt
@@ -92,10 +98,13 @@ class ChatEncoder:
     # ------------------------------------------------------------------ image
     def load_image(self, record: Record) -> Image.Image:
         try:
-            with Image.open(record.image_path) as im:
-                img = im.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise DataError(record.source, "image", "bad_image", f"cannot read {record.image_path}: {e}") from None
+            with open_image(record.image_path, self.max_image_pixels) as im:
+                img = to_rgb(im)
+        except ImageRefused as e:
+            raise DataError(record.source, "image", "bad_image", f"{record.image_path}: {e}", fix=IMAGE_FIX) from None
+        except (OSError, ValueError) as e:  # a file cut short, a corrupt stream: found only when decoding
+            raise DataError(record.source, "image", "bad_image", f"cannot read {record.image_path}: {e}",
+                            fix=IMAGE_FIX) from None
         if self.check_image_size and img.size != (record.width, record.height):
             raise DataError(
                 record.source,

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from configs.errors import UserError
+from data.records import DataError
 from data.types import BBoxGroup, EncodedSample, PackedBatch, Segment
 from losses.registry import IGNORE, NO_SUBSET
 
@@ -276,38 +277,60 @@ class PackedDataset(torch.utils.data.Dataset):
 
 
 class _EpochBatches(torch.utils.data.Dataset):
-    """Batch ``i`` of one epoch of a ``PackedDataset``, encoded and collated (runs in loader workers)."""
+    """Batch ``i`` of one epoch of a ``PackedDataset``, encoded and collated (runs in loader workers).
 
-    def __init__(self, dataset: PackedDataset, epoch: int, pad_token_id: int):
+    ``skip_invalid`` (``data.skip_invalid``): a sample whose encoding raises ``DataError`` (an image cut
+    short or corrupt after its header, found only when decoded) is left out of its row and its message
+    kept in ``PackedBatch.skipped`` (counted as ``data/skipped_samples_total``); otherwise it raises."""
+
+    def __init__(self, dataset: PackedDataset, epoch: int, pad_token_id: int, skip_invalid: bool = False):
         self.dataset, self.epoch, self.pad_token_id = dataset, epoch, pad_token_id
+        self.skip_invalid = skip_invalid
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> PackedBatch:
         samples = self.dataset.samples
-        indices = self.dataset.batch_indices(i, self.epoch)
+        rows, indices, skipped = [], [], []
+        for row in self.dataset.batch_indices(i, self.epoch):
+            kept = []
+            for j in row:
+                try:
+                    kept.append((j, samples[j]))
+                except DataError as e:
+                    if not self.skip_invalid:
+                        raise
+                    skipped.append(e)
+            if kept:
+                indices.append([j for j, _ in kept])
+                rows.append([sample for _, sample in kept])
+        if not rows:  # nothing left to train on in this micro-batch: the first error stops the run
+            raise skipped[0]
         # Segment.sample_index = the record's index in the training set: a Rollout step looks the
         # records up there instead of receiving them (and their image tensors) a second time.
-        return collate_rows([[samples[j] for j in row] for row in indices], self.pad_token_id, indices=indices)
+        batch = collate_rows(rows, self.pad_token_id, indices=indices)
+        batch.skipped = tuple(str(e) for e in skipped)
+        return batch
 
 
 def _as_is(batch):
     return batch
 
 
-def iterate_batches(dataset: PackedDataset, pad_token_id: int, *, num_workers: int = 0) -> Iterator[PackedBatch]:
+def iterate_batches(dataset: PackedDataset, pad_token_id: int, *, num_workers: int = 0,
+                    skip_invalid: bool = False) -> Iterator[PackedBatch]:
     """Collated micro-batches of ``dataset`` forever, from its current ``(epoch, position)`` on.
 
     ``num_workers > 0`` (``data.num_workers``) decodes images, runs the image processor and
     collates in DataLoader worker processes, prefetching ahead of the training step; the order is
     the same as with 0 workers. ``dataset.position`` advances as each batch is handed out, so a
-    checkpoint taken after a step resumes right after it.
+    checkpoint taken after a step resumes right after it. ``skip_invalid``: see :class:`_EpochBatches`.
     """
     if num_workers < 0:
         raise PackingError(f"data.num_workers must be >= 0, got {num_workers}")
     while True:
-        view = _EpochBatches(dataset, dataset.epoch, pad_token_id)
+        view = _EpochBatches(dataset, dataset.epoch, pad_token_id, skip_invalid)
         order = list(range(dataset.position, len(dataset)))
         if num_workers > 0 and order:
             loader = torch.utils.data.DataLoader(

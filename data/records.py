@@ -25,13 +25,15 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from configs.errors import UserError, did_you_mean
+from configs.errors import LINE_CHARS, UserError, clip, did_you_mean
 from data.coordjson import parse_coord_token
+from data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRefused, check_header
 from data.types import GTObject, Record
 
 NUM_BINS = 1000
 MAX_BIN = NUM_BINS - 1
 
+MAX_LINE_BYTES = 64 << 20  # one JSONL record; a longer line is an error, never read whole
 COORD_MODES = ("pixel", "bins")
 OBJECT_ORDERS = ("yx", "none")
 
@@ -49,7 +51,7 @@ class DataError(UserError, ValueError):
         self.source = source
         self.field = field_name
         self.reason = reason
-        self.detail = detail
+        self.detail = detail = clip(detail, LINE_CHARS)  # a detail may quote a value as long as the line
         super().__init__(f"{source}: field {field_name!r}: {detail} [{reason}]. {fix}")
 
 
@@ -251,12 +253,18 @@ def parse_record(
     coords: str = "pixel",
     object_order: str = "yx",
     check_images: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Record:
-    """Validate one JSONL line into a ``Record`` (bins, ordered). Raises ``DataError`` naming ``source``."""
+    """Validate one JSONL line into a ``Record`` (bins, ordered). Raises ``DataError`` naming ``source``.
+
+    ``check_images``: the image's header is opened (``data.images.check_header``: readable, at most
+    ``max_image_pixels``, the record's width x height); its pixels are decoded only when a sample is encoded."""
     try:
         raw = json.loads(line, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise DataError(source, "<line>", "not_json", f"line is not JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(source, "<line>", "too_deep", "JSON nested too deeply to read (a record is 4 levels deep)") from None
     except _DuplicateKey as e:
         raise DataError(
             source, e.key, "duplicate_key",
@@ -277,7 +285,8 @@ def parse_record(
         raise DataError(source, "image", "bad_image", f"must be a non-empty path string, got {image!r}")
     image_path = image if os.path.isabs(image) else os.path.normpath(os.path.join(base_dir, image))
     if check_images and not os.path.isfile(image_path):
-        raise DataError(source, "image", "missing_image", f"image file not found: {image_path}")
+        what = "is a directory, not an image file" if os.path.isdir(image_path) else "image file not found"
+        raise DataError(source, "image", "missing_image", f"{what}: {image_path}")
     objs = raw["objects"]
     if not isinstance(objs, list):
         raise DataError(source, "objects", "bad_objects", f"must be a list, got {type(objs).__name__}")
@@ -287,6 +296,8 @@ def parse_record(
     image_id = raw.get("image_id", image)
     if not isinstance(image_id, (str, int)) or isinstance(image_id, bool) or (isinstance(image_id, str) and _lone_surrogate(image_id)):
         raise DataError(source, "image_id", "bad_image_id", f"must be a string or integer, got {image_id!r}")
+    if check_images:  # last: a line's own contract errors are reported before its image is opened
+        _check_image_header(image_path, width, height, max_image_pixels, source)
     return Record(
         image_path=image_path,
         width=width,
@@ -297,16 +308,36 @@ def parse_record(
     )
 
 
+def _check_image_header(path: str, width: int, height: int, max_pixels: int, source: str) -> None:
+    try:
+        check_header(path, width, height, max_pixels)
+    except ImageRefused as e:
+        reason = "image_size_mismatch" if str(e).startswith("record says") else "image_too_large"
+        raise DataError(source, "image" if reason == "image_too_large" else "width/height", reason, str(e)) from None
+    except OSError as e:
+        raise DataError(source, "image", "bad_image", f"cannot read {path}: {e}") from None
+
+
 def iter_utf8_lines(path: str | os.PathLike):
-    """``(lineno, text, None)`` per line of ``path`` (1-based), or ``(lineno, None, detail)`` for a line that
+    """``(lineno, text, None)`` per line of ``path`` (1-based), or ``(lineno, None, (reason, detail))`` for a line that
     is not UTF-8, so one bad line is reported with its number (and can be skipped) instead of a bare
-    ``UnicodeDecodeError`` for the whole file. Lines are split on ``\\n`` only; text keeps its line end."""
+    ``UnicodeDecodeError`` for the whole file. Lines are split on ``\\n`` only; text keeps its line end.
+    A UTF-8 byte-order mark at the start of the file (Windows tools write one) is not part of line 1; a line
+    over ``MAX_LINE_BYTES`` is reported (like a line that is not UTF-8) without being held in memory."""
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        for lineno, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if len(raw) > MAX_LINE_BYTES:  # read the rest of it in bounded pieces, never whole
+                while raw and not raw.endswith(b"\n"):
+                    raw = fh.readline(MAX_LINE_BYTES)
+                yield lineno, None, ("line_too_long", f"line is longer than {MAX_LINE_BYTES >> 20} MiB; no record is that large")
+                continue
             try:
                 yield lineno, raw.decode("utf-8"), None
             except UnicodeDecodeError as e:
-                yield lineno, None, f"line is not UTF-8 (byte {raw[e.start]:#04x} at byte offset {e.start}); re-encode the file as UTF-8"
+                yield lineno, None, ("not_utf8", f"line is not UTF-8 (byte {raw[e.start]:#04x} at byte offset {e.start}); "
+                                     "re-encode the file as UTF-8")
 
 
 def read_jsonl(
@@ -318,6 +349,7 @@ def read_jsonl(
     max_objects: int | None = None,
     skip_invalid: bool = False,
     check_images: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[list[Record], DataReport]:
     """Read and validate a JSONL file of records (contract in the module docstring and docs/DATA.md).
 
@@ -329,7 +361,8 @@ def read_jsonl(
     """
     report = DataReport(path=os.fspath(path))
     records = list(iter_jsonl(path, report, image_root=image_root, coords=coords, object_order=object_order,
-                              max_objects=max_objects, skip_invalid=skip_invalid, check_images=check_images))
+                              max_objects=max_objects, skip_invalid=skip_invalid, check_images=check_images,
+                              max_image_pixels=max_image_pixels))
     return records, report
 
 
@@ -343,6 +376,7 @@ def iter_jsonl(
     max_objects: int | None = None,
     skip_invalid: bool = False,
     check_images: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Iterator[Record]:
     """The records of :func:`read_jsonl` one at a time (same checks, same errors), filling ``report``
     as it goes: what ``data.table`` streams into its Arrow cache without holding every record."""
@@ -355,7 +389,7 @@ def iter_jsonl(
     path = os.fspath(path)
     base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
     seen_ids: dict[str, str] = {}
-    for lineno, line, not_utf8 in iter_utf8_lines(path):
+    for lineno, line, unreadable in iter_utf8_lines(path):
         source = f"{path}:{lineno}"
         if line is not None and not line.strip():
             report.blank_lines += 1
@@ -363,7 +397,7 @@ def iter_jsonl(
         report.lines += 1
         try:
             if line is None:
-                raise DataError(source, "<line>", "not_utf8", not_utf8)
+                raise DataError(source, "<line>", *unreadable)
             rec = parse_record(
                 line,
                 source,
@@ -371,6 +405,7 @@ def iter_jsonl(
                 coords=coords,
                 object_order=object_order,
                 check_images=check_images,
+                max_image_pixels=max_image_pixels,
             )
             if rec.image_id in seen_ids:
                 raise DataError(

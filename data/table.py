@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.images import DEFAULT_MAX_IMAGE_PIXELS
 from data.records import DataReport, iter_jsonl
 from data.types import GTObject, Record
 
@@ -46,6 +47,7 @@ class ReadOptions:
     max_objects: int | None = None
     skip_invalid: bool = False
     check_images: bool = True
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 def _features():

@@ -160,6 +160,8 @@ class PackedBatch:
     image_grid_thw: torch.Tensor
     segments: list[Segment]
     bbox_groups: list[BBoxGroup]
+    # messages of the samples left out because their image failed to decode (data.skip_invalid)
+    skipped: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -528,17 +528,19 @@ def read_predictions(path: str | Path, *, lenient: bool = False) -> PredictionsR
     if not path.is_file():
         raise FileNotFoundError(f"predictions file not found: {path}")
     out = PredictionsRead(records=[])
-    for lineno, line, not_utf8 in iter_utf8_lines(path):
+    for lineno, line, unreadable in iter_utf8_lines(path):
         if line is not None and not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
             if line is None:
-                raise ValueError(f"{where}: {not_utf8}")
+                raise ValueError(f"{where}: {unreadable[1]}")
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested too deeply to read") from None
             det = to_detection_record(obj, where=where)  # validate now so errors carry file:line
         except ValueError as e:
             if not lenient:  # InputError: the CLIs print it as one line (it is still a ValueError)

@@ -17,8 +17,8 @@ def _row(objects, image="a.png", width=640, height=480, **kw):
 
 @pytest.fixture
 def tmp(tmp_path):
-    write_png(str(tmp_path / "a.png"), 8, 8)
-    write_png(str(tmp_path / "b.png"), 8, 8)
+    write_png(str(tmp_path / "a.png"), 640, 480)  # the size the rows below give
+    write_png(str(tmp_path / "b.png"), 640, 480)
     return tmp_path
 
 

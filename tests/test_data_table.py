@@ -18,8 +18,8 @@ from tests.test_data_records import _row
 
 @pytest.fixture
 def jsonl(tmp_path):
-    write_png(str(tmp_path / "a.png"), 8, 8)
-    write_png(str(tmp_path / "b.png"), 8, 8)
+    write_png(str(tmp_path / "a.png"), 640, 480)  # the size the rows below give
+    write_png(str(tmp_path / "b.png"), 640, 480)
     objs = [{"desc": "low", "bbox_2d": [0, 240, 64, 480]}, {"desc": "right", "bbox_2d": [320, 0, 640, 48]},
             {"desc": "left", "bbox_2d": [0, 0, 64, 48]}]
     rows = [_row(objs), "", _row([], image="b.png", image_id=7), {"image": "a.png"},
@@ -51,7 +51,7 @@ def test_table_equals_read_jsonl_and_is_built_once(jsonl, monkeypatch):
 def test_edited_file_gets_a_new_cache(jsonl, tmp_path):
     first, _ = open_records(jsonl, ReadOptions(skip_invalid=True))
     with open(jsonl, "a") as fh:
-        fh.write('{"image": "b.png", "width": 8, "height": 8, "objects": [], "image_id": "new"}\n')
+        fh.write('{"image": "b.png", "width": 640, "height": 480, "objects": [], "image_id": "new"}\n')
     second, _ = open_records(jsonl, ReadOptions(skip_invalid=True))
     assert first.cache_dir != second.cache_dir and len(second) == len(first) + 1
     assert second.cache_dir.parent == tmp_path / ".coordexp_cache"

@@ -148,6 +148,7 @@ def test_two_concurrent_starts_on_one_run_dir_exactly_one_trains(recipe_env, tmp
     argv = _argv(recipe_env, tmp_path, "shared", max_steps=2, run__overwrite=True)
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "metrics.jsonl").write_text('{"step": 1}\n')  # a previous run: overwrite applies
+    (tmp_path / "shared" / "config.resolved.yaml").write_text("run: {}\n")  # (a run of this project)
     gates = tmp_path / "gates"
     procs = [_spawn(argv, tmp_path, gates) for _ in range(2)]
     try:

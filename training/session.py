@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from configs.errors import UserError
-from configs.loader import save_resolved
+from configs.errors import UserError, clip
+from configs.loader import RESOLVED_FILENAME, save_resolved
+from configs.types import thaw
 from data.encoding import ChatEncoder, EncodedRecords
 from data.packing import PackedDataset, iterate_batches
 from data.shapes import make_shapes_dataset
@@ -129,10 +130,8 @@ def _start_locked_run(cfg, accelerator, run_dir: Path, lock) -> RunContext:
     accelerator.wait_for_everyone()  # every rank looks before anything is deleted (barriers unconditional)
     if used and not cfg.run.overwrite:
         raise in_use
-    if used and accelerator.is_main_process:
-        for child in run_dir.iterdir():  # everything but our lock
-            if child.name != LOCK_NAME:
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    if used:
+        main_process_decides(accelerator, lambda: replace_run_dir(run_dir))
     accelerator.wait_for_everyone()
     run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name)
     run_logger = setup_logging(run_dir, accelerator.is_main_process)
@@ -149,6 +148,22 @@ def _start_locked_run(cfg, accelerator, run_dir: Path, lock) -> RunContext:
     return RunContext(accelerator, run_dir, run_logger, identity, resume_dir, lock)
 
 
+def replace_run_dir(run_dir: Path) -> None:
+    """``run.overwrite``: empty ``run_dir`` (but our lock), only when it is a real directory that holds this
+    project's run (its ``config.resolved.yaml``, written first by every run); never through a symlink, never
+    a folder something else wrote. Children that are links are unlinked, never followed."""
+    if run_dir.is_symlink():
+        raise UserError(f"run.overwrite: {run_dir} is a symlink (to {os.readlink(run_dir)}); overwrite never deletes "
+                        "through a link: remove the link, or pick another run.name")
+    if not (run_dir / RESOLVED_FILENAME).is_file():
+        raise UserError(f"run.overwrite: {run_dir} holds no {RESOLVED_FILENAME}, so it is not a run dir of this "
+                        "project and overwrite does not delete it; pick another run.name or run.output_dir, or "
+                        "delete it yourself")
+    for child in run_dir.iterdir():
+        if child.name != LOCK_NAME:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
 def resume_point(cfg, run_dir: Path) -> Path | None:
     """The checkpoint ``training.resume_from`` names (None when not resuming), checked to exist and to
     leave steps to train (its step < ``training.max_steps``); every error names the fix."""
@@ -160,11 +175,54 @@ def resume_point(cfg, run_dir: Path) -> Path | None:
                  else "drop training.resume_from to start afresh")
         raise FileNotFoundError(f"training.resume_from=latest: no checkpoint-<step> under {run_dir} to resume; {fresh}")
     resume_dir = resolve_resume(run_dir, t.resume_from)  # verified; `latest` skips a corrupt one
-    step = int(read_trainer_state(resume_dir)["step"])
+    state = read_trainer_state(resume_dir)
+    step = int(state["step"])
     if step >= t.max_steps:
         raise UserError(f"training.max_steps={t.max_steps} but {resume_dir} is already at step {step}: nothing left "
                         f"to train; raise it to continue (e.g. --set training.max_steps={step + max(step, 1)})")
+    check_resume_config(cfg, resume_dir, (state.get("extra") or {}).get("config"))
     return resume_dir
+
+
+# The config keys (dotted prefixes) a resume may change: how long to train, when to save / eval / log, where
+# data and caches are read from. Every other key shapes the model, the optimizer or the data order that the
+# checkpoint holds, and a resume that changed one would silently train the checkpoint's setting instead.
+RESUME_MAY_CHANGE = (
+    "training.max_steps", "training.resume_from", "training.save_every", "training.save_total_limit",
+    "training.eval_every", "training.save_on_interrupt", "training.max_consecutive_nonfinite",
+    "training.collective_timeout_s", "run.overwrite", "run.log_every", "run.tracker", "eval",
+    "data.num_workers", "data.cache_dir", "data.train_jsonl", "data.val_jsonl", "data.image_root",
+    "data.synthetic.out_dir", "model.tiny.dir",
+)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: thaw(tree)}
+
+
+def check_resume_config(cfg, resume_dir: Path, saved: dict | None) -> None:
+    """Refuse a resume whose config differs from the one ``resume_dir`` was trained with in any key outside
+    :data:`RESUME_MAY_CHANGE`, naming the keys and both values."""
+    if saved is None:
+        logger.warning("%s records no config (an older checkpoint): the model and optimizer keys are not compared",
+                       resume_dir)
+        return
+    now, then = _flat(thaw(cfg.resolved)), _flat(saved)
+    changed = sorted(k for k in now.keys() | then.keys()
+                     if now.get(k) != then.get(k) and not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE))
+    if not changed:
+        return
+    shown = "; ".join(f"{k}: {clip(repr(then.get(k)), 60)} in the checkpoint, {clip(repr(now.get(k)), 60)} now"
+                      for k in changed[:5])
+    more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+    raise UserError(
+        f"training.resume_from: {resume_dir.name} was trained with other values of keys that shape the model, the "
+        f"optimizer or the data ({shown}{more}); a resume continues the checkpoint's setting, so these cannot change "
+        f"(only {', '.join(RESUME_MAY_CHANGE[:4])}, ... may: docs/RELIABILITY.md). Restore them, or start a new run "
+        f"from its weights: --set model.name_or_path={resume_dir / 'model'} (with model.tiny.enabled=false) and a "
+        "new run.name, without training.resume_from")
 
 
 def make_tracker(cfg, run: RunContext) -> Tracker:
@@ -192,7 +250,11 @@ def make_train_dataset(cfg, samples: EncodedRecords, accelerator: Accelerator) -
 
 def micro_batches(cfg, s: TrainingSetup) -> Iterator[PackedBatch]:
     """Collated micro-batches across epochs on ``data.num_workers`` loader workers (resumable)."""
-    return iterate_batches(s.dataset, s.pad_id, num_workers=cfg.data.num_workers)
+    for batch in iterate_batches(s.dataset, s.pad_id, num_workers=cfg.data.num_workers,
+                                 skip_invalid=cfg.data.skip_invalid):
+        for message in batch.skipped:
+            logger.warning("data.skip_invalid: skipped a training sample: %s", message)
+        yield batch
 
 
 def should(every: int, done: int, max_steps: int) -> bool:
@@ -285,7 +347,7 @@ def load_records(cfg, accelerator=None) -> DataSplits:
         if d.synthetic.num_val == 0:  # the generator writes an empty val.jsonl; an empty file is an error
             val_path = None
     options = ReadOptions(image_root=d.image_root, coords=d.coords, object_order=d.object_order,
-                          max_objects=d.max_objects, skip_invalid=d.skip_invalid)
+                          max_objects=d.max_objects, skip_invalid=d.skip_invalid, max_image_pixels=d.max_image_pixels)
     first = accelerator.main_process_first if accelerator is not None else None
 
     def read(path):
@@ -306,6 +368,7 @@ def make_encoder(cfg, tokenizer, image_processor) -> ChatEncoder:
         system_prompt=cfg.data.system_prompt,
         min_pixels=cfg.data.min_pixels,
         max_pixels=cfg.data.max_pixels,
+        max_image_pixels=cfg.data.max_image_pixels,
     )
 
 
@@ -398,6 +461,7 @@ def batch_metrics(batch: PackedBatch) -> dict[str, float]:
         "train/tokens_total": float(batch.num_tokens),
         "train/supervised_tokens_total": float((batch.token_types != IGNORE).sum()),
         "packing/segments_total": float(len(batch.segments)),
+        "data/skipped_samples_total": float(len(batch.skipped)),
         "packing/fill_frac": batch.num_tokens / max(batch.input_ids.numel(), 1),
         "packing/_slots_den": float(batch.input_ids.numel()),  # step fill = Σ tokens / Σ slots (STEP_DERIVED)
     }
@@ -560,7 +624,7 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
         save_training_state(run.run_dir, accelerator=run.accelerator, model_save_fn=s.save_model,
                             optimizer=s.optimizer, scheduler=s.scheduler, step=done,
                             data_state=s.dataset.state_dict(), router_state=router_state,
-                            save_total_limit=t.save_total_limit)
+                            extra={"config": thaw(cfg.resolved)}, save_total_limit=t.save_total_limit)
     s.guard.check_streak(done, lambda: find_latest_checkpoint(run.run_dir), _nonfinite_fix(t))
     if stop:
         signum = s.interrupt.signum or signal.SIGTERM  # ranks that got no signal stop like the one that did
