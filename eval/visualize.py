@@ -94,10 +94,13 @@ def render_record(record: Mapping[str, Any], image_root: Path, cell_size: int = 
     """
     from PIL import Image, ImageDraw
 
+    from data.images import to_rgb
+
     w, h = float(record["width"]), float(record["height"])
     path = record.get("image")
     if path is not None and (image_root / path).is_file():
-        img = Image.open(image_root / path).convert("RGB")
+        with Image.open(image_root / path) as im:
+            img = to_rgb(im)  # the image the model saw (16-bit scaled, alpha over white)
     elif blank_missing:
         img = Image.new("RGB", (max(1, round(w)), max(1, round(h))), (128, 128, 128))
     else:

@@ -114,7 +114,7 @@ def test_overwrite_empties_a_real_run_dir_and_unlinks_links_without_following_th
 def test_sixteen_bit_gray_png_is_scaled_not_clipped(tmp_path):
     """The damage case: a 16-bit PNG (mode I;16) went through convert("RGB"), which clips: 99.6 % white."""
     path = tmp_path / "ramp16.png"
-    Image.fromarray((RAMP.astype(np.uint16) * 257)).save(path)  # 0..65535 in steps of 257
+    Image.fromarray(RAMP.astype(np.uint16) * 257).save(path)  # 0..65535 in steps of 257
     with Image.open(path) as im:
         assert im.mode == "I;16"
         assert (_gray(to_rgb(im)) == RAMP).all()
