@@ -334,6 +334,9 @@ class CustomConfig:
     coord_soft_ce_w1: CoordSoftCEW1Config = section(
         CoordSoftCEW1Config, "flat block that maps onto coord_reg when no pipeline is written "
         "(docs/training/METRICS_LOSSES.md)")
+    plugins: tuple[str, ...] = knob((), "Python files (relative to the working directory) or module names imported "
+                                    "before the pipeline is resolved: each registers its own pipeline modules "
+                                    "(docs/ARCHITECTURE.md, a new module in one file)", items={"minLength": 1})
 
 
 # ---------------------------------------------------------------- objective surfaces

@@ -61,6 +61,22 @@ COMPONENT_SUBTERMS: dict[str, tuple[str, ...]] = {
     COORD_REG: ("soft_ce", "w1", "entropy", "el1", "ehuber", "coord_gate", "text_gate"),
 }
 
+# Components of modules registered outside this package (a plugin file, docs/ARCHITECTURE.md), with their
+# sub-terms: filled by register_component, read by loss_key and the metrics contract.
+PLUGIN_COMPONENTS: dict[str, tuple[str, ...]] = {}
+
+
+def register_component(name: str, subterms: tuple[str, ...] = ()) -> None:
+    """Make ``loss/<name>[/<sub>][/<context>]`` a canonical loss key (a new objective module's loss)."""
+    if name in COMPONENTS or PLUGIN_COMPONENTS.get(name, tuple(subterms)) != tuple(subterms):
+        raise ValueError(f"loss component {name!r} is already registered; pick another name")
+    PLUGIN_COMPONENTS[name] = tuple(subterms)
+
+
+def known_components() -> tuple[str, ...]:
+    """Every loss component: the built-in ones, then the registered ones."""
+    return COMPONENTS + tuple(PLUGIN_COMPONENTS)
+
 # Channels of Stage-2 Two-Channel. Stage-1 and Rollout-Aligned run every module
 # whatever its ``channels`` (Rollout-Aligned is channel B by construction).
 CHANNEL_A = "A"
@@ -76,10 +92,11 @@ def loss_key(component: str, sub: str | None = None, context: str | None = None)
     ``loss_key("total")`` gives ``loss/total``. Unknown components raise so a typo
     cannot create a new spelling in the logs.
     """
-    if component != "total" and component not in COMPONENTS:
-        raise KeyError(f"unknown loss component {component!r}; known: {', '.join(COMPONENTS)}")
-    if sub is not None and sub not in COMPONENT_SUBTERMS.get(component, ()):
-        known = COMPONENT_SUBTERMS.get(component, ())
+    if component != "total" and component not in COMPONENTS and component not in PLUGIN_COMPONENTS:
+        raise KeyError(f"unknown loss component {component!r}; known: {', '.join(known_components())}")
+    subterms = COMPONENT_SUBTERMS.get(component) or PLUGIN_COMPONENTS.get(component, ())
+    if sub is not None and sub not in subterms:
+        known = subterms
         raise KeyError(f"unknown sub-term {sub!r} of {component!r}; known: {', '.join(known) or 'none'}")
     if context is not None and context not in CONTEXTS:
         raise KeyError(f"unknown context {context!r}; known: {', '.join(CONTEXTS)}")

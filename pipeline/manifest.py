@@ -31,7 +31,7 @@ from configs.declare import coerce_record, declared_fields, default_value, defau
 from configs.errors import ConfigError, did_you_mean
 from configs.types import CHANNELS, CoordSoftCEW1Config, PipelineEntry, Stage2ABConfig, thaw
 from configs.validation import check, check_value, declared_default, key_parts, record_validator
-from pipeline.registry import DIAGNOSTICS, OBJECTIVE, ModuleDef, get_module, known_modules
+from pipeline.registry import DIAGNOSTICS, OBJECTIVE, ModuleDef, get_module, known_modules, load_plugins
 
 STAGE1 = "stage1"
 STAGE2_TWO_CHANNEL = "stage2_two_channel"
@@ -457,6 +457,9 @@ def resolve_pipeline(raw: Mapping[str, Any], variant: str) -> ResolvedPipeline:
         value = _lookup(raw, section)
         if value is not _MISSING and value is not None and not isinstance(value, Mapping):
             raise ConfigError(section, f"must be a mapping, got {value!r}")
+    plugins = _lookup(raw, "custom.plugins")
+    if plugins is not _MISSING and plugins:
+        load_plugins(plugins)  # before any module name is looked up
     _check_guardrails(raw, variant)
     loc = PIPELINE_LOCATIONS[variant]
     extra = _extra(raw, variant)

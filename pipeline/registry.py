@@ -15,13 +15,19 @@ generated from it, rejects any other key and fills the missing ones from its def
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import hashlib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, is_dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from configs.declare import declared_fields, defaults_of, has_default
 from configs.modules import TokenCEWeights
+from losses.registry import register_component
 
 OBJECTIVE = "objective"
 DIAGNOSTICS = "diagnostics"
@@ -82,12 +88,16 @@ def register_module(
     kind: str,
     config: type,
     doc: str,
+    *,
+    components: Mapping[str, tuple[str, ...]] | None = None,
 ) -> Callable[[Callable[..., ModuleOutput]], Callable[..., ModuleOutput]]:
-    """Decorator: register ``fn(ctx, spec) -> ModuleOutput`` as module ``name`` of ``kind``.
+    """Decorator: register ``fn(ctx, spec, settings) -> ModuleOutput`` as module ``name`` of ``kind``.
 
-    ``config``: the module's config dataclass (``configs/modules.py``: every field a ``knob`` with
-    a default). Raises ValueError on an unknown kind, a name registered before (in either dict), or
-    a config class that is not such a dataclass.
+    ``config``: the module's config dataclass (every field a ``configs.declare.knob`` with a default;
+    the built-in ones live in ``configs/modules.py``, a plugin declares its own). ``components``: new
+    loss components the module logs as ``loss/<component>[/<sub>]`` (component -> its sub-terms),
+    registered with ``losses.registry.register_component``. Raises ValueError on an unknown kind, a
+    name registered before (in either dict), or a config class that is not such a dataclass.
     """
     if kind not in KINDS:
         raise ValueError(f"module kind {kind!r} unknown; allowed: {', '.join(KINDS)}")
@@ -98,6 +108,8 @@ def register_module(
     def decorate(fn: Callable[..., ModuleOutput]) -> Callable[..., ModuleOutput]:
         if name in OBJECTIVE_MODULES or name in DIAGNOSTICS_MODULES:
             raise ValueError(f"pipeline module {name!r} is already registered; module names must be unique")
+        for component, subterms in (components or {}).items():
+            register_component(component, tuple(subterms))
         _BY_KIND[kind][name] = ModuleDef(
             name=name,
             kind=kind,
@@ -133,6 +145,30 @@ def get_module(name: str) -> ModuleDef:
         f"unknown pipeline module {name!r}; known objective modules: {', '.join(sorted(OBJECTIVE_MODULES))}; "
         f"known diagnostics modules: {', '.join(sorted(DIAGNOSTICS_MODULES))}"
     )
+
+
+def load_plugins(plugins: Sequence[str]) -> None:
+    """Import each of ``custom.plugins`` once per process: a ``.py`` file (absolute, or relative to the
+    working directory) or an importable module name. Importing it registers its modules."""
+    for plugin in plugins:
+        if plugin.endswith(".py"):
+            path = Path(plugin).expanduser().resolve()
+            name = f"coordexp_plugin_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}_{path.stem}"
+            if name in sys.modules:
+                continue
+            if not path.is_file():
+                raise FileNotFoundError(f"custom.plugins: {plugin} does not exist (a path relative to the working "
+                                        f"directory {Path.cwd()}, or a module name)")
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        else:
+            importlib.import_module(plugin)
 
 
 def _ensure_builtin() -> None:

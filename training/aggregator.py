@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from losses.registry import COMPONENTS, loss_key
+from losses.registry import known_components, loss_key
 from pipeline.modules.coord_diag import COORD_DIAG_MEANS, COORD_DIAG_SUM
 from rollout.metrics import precision_recall_f1
 
@@ -64,10 +64,10 @@ def _check_loss_key(key: str) -> None:
     parts = key.split("/")[1:]
     if parts == ["total"]:
         return
-    if not parts or parts[0] not in COMPONENTS:
+    if not parts or parts[0] not in known_components():
         raise ValueError(
             f"metric key {key!r}: unknown loss component {parts[0] if parts else ''!r}; "
-            f"allowed: loss/total or loss/<component>[/<sub>][/<context>] with component in {', '.join(COMPONENTS)}"
+            f"allowed: loss/total or loss/<component>[/<sub>][/<context>] with component in {', '.join(known_components())}"
         )
     component, rest = parts[0], parts[1:]
     # loss/<component>/<x> is a sub-term or a context; /<sub>/<context> is both.
@@ -123,8 +123,9 @@ def check_metric_key(key: str) -> str:
             _check_loss_key(key)
         return cls
     if segments[0] != "time":
+        components = known_components()
         for seg in segments:
-            if seg in COMPONENTS:
+            if seg in components:
                 raise ValueError(
                     f"metric key {key!r}: loss component {seg!r} outside the loss/ namespace; use 'loss/{seg}'"
                 )

@@ -1,6 +1,7 @@
 """``token_stats`` (diagnostics): supervised token counts per type — the template for a new module.
 
-How a module is built (copy this file):
+How a built-in module is built (copy this file; a module outside the project is one file listed in
+``custom.plugins``, docs/ARCHITECTURE.md):
 
 1. pick a unique name and a kind (OBJECTIVE returns a loss, DIAGNOSTICS only metrics);
 2. declare its config as a frozen dataclass of ``knob(default, doc, <range>)`` fields in
