@@ -100,8 +100,8 @@ def _check_key_classes(metrics):
 
     for key in metrics:
         check_metric_key(key)
-        if key.split("/", 1)[-1].startswith("_"):  # internal: only numerators of step ratios
-            assert key.endswith("_sum") and key.startswith("coord_diag/"), key
+        if key.split("/", 1)[-1].startswith("_"):  # internal: only the sum / den pairs of step means
+            assert key.endswith(("_sum", "_den")) and key.startswith("coord_diag/"), key
             continue
         if key.startswith("loss/"):
             continue

@@ -293,12 +293,16 @@ def test_fill_and_coord_diag_means_are_ratios_of_sums_over_uneven_micro_steps():
     # micro-step 1: 3 of 4 slots filled, 1 coord position (entropy 2.0); micro-step 2: 12 of 12, 3 positions
     # (entropy sum 3.0). Means of the micro-step values would give 0.875 and 1.5.
     agg.add({"train/tokens_total": 3, "packing/fill_frac": 0.75, "packing/_slots_den": 4,
-             "coord_diag/coord_positions_total": 1, "coord_diag/entropy_mean": 2.0, "coord_diag/_entropy_mean_sum": 2.0})  # fmt: skip
+             "coord_diag/coord_positions_total": 1, "coord_diag/entropy_mean": 2.0, "coord_diag/_entropy_mean_sum": 2.0,
+             "coord_diag/_entropy_mean_den": 1})  # fmt: skip
     agg.add({"train/tokens_total": 12, "packing/fill_frac": 1.0, "packing/_slots_den": 12,
-             "coord_diag/coord_positions_total": 3, "coord_diag/entropy_mean": 1.0, "coord_diag/_entropy_mean_sum": 3.0})  # fmt: skip
+             "coord_diag/coord_positions_total": 3, "coord_diag/entropy_mean": 1.0, "coord_diag/_entropy_mean_sum": 3.0,
+             "coord_diag/_entropy_mean_den": 3})  # fmt: skip
     out = agg.reduce()
     assert out["packing/fill_frac"] == pytest.approx(15 / 16)
     assert out["coord_diag/entropy_mean"] == pytest.approx(5.0 / 4)
     # a step without coord positions emits no coord_diag mean (no diluting zero)
     agg.add({"coord_diag/coord_positions_total": 0})
     assert "coord_diag/entropy_mean" not in agg.reduce()
+    agg.add({"coord_diag/_entropy_mean_sum": 0.0, "coord_diag/_entropy_mean_den": 0, "coord_diag/entropy_mean": 0.0})
+    assert "coord_diag/entropy_mean" not in agg.reduce()  # a zero den: no value, even over a micro-step mean

@@ -34,7 +34,6 @@ from typing import Any
 import torch
 
 from losses.registry import known_components, loss_key
-from pipeline.modules.coord_diag import COORD_DIAG_MEANS, COORD_DIAG_SUM
 from rollout.metrics import precision_recall_f1
 
 COUNTER_SUFFIXES: tuple[str, ...] = ("_total", "_count", "_sum", "_num", "_den")
@@ -199,17 +198,28 @@ ROLLOUT_DERIVED: dict[str, DerivedFn] = {
     "rollout/pred_per_sample": Ratio("rollout/valid_pred_objects_total", "rollout/_samples_den"),
 }
 
-# Every ratio the recipes log, as a ratio of step sums: the rollout rates above, the packing fill
-# (tokens / [B, T] slots) and coord_diag's per-position means (Σ sums / Σ positions; not emitted
-# for a step without coord positions).
+# Every named ratio the recipes log, as a ratio of step sums: the rollout rates above and the packing
+# fill (tokens / [B, T] slots). Any module's per-item means follow the generic rule of sum_den_ratios.
 STEP_DERIVED: dict[str, DerivedFn] = {
     **ROLLOUT_DERIVED,
     "packing/fill_frac": Ratio("train/tokens_total", "packing/_slots_den"),
-    **{
-        f"coord_diag/{name}": Ratio(COORD_DIAG_SUM.format(name), "coord_diag/coord_positions_total", empty=None)
-        for name in COORD_DIAG_MEANS
-    },
 }
+
+_SUM_KEY = re.compile(r"^(?P<prefix>.+)/_(?P<name>[^/]+)_sum$")
+
+
+def sum_den_ratios(values: Mapping[str, float]) -> dict[str, float | None]:
+    """The generic mean of a step: every internal pair ``<p>/_<name>_sum``, ``<p>/_<name>_den`` (summed over
+    micro-steps and ranks) gives ``<p>/<name> = sum / den``; None (not emitted) where the den is 0. A module
+    that wants an exact per-item mean (``coord_diag``: per coord position) emits the two, nothing else."""
+    out: dict[str, float | None] = {}
+    for key, total in values.items():
+        match = _SUM_KEY.match(key)
+        den_key = match and f"{match['prefix']}/_{match['name']}_den"
+        if match and den_key in values:
+            den = values[den_key]
+            out[f"{match['prefix']}/{match['name']}"] = total / den if den else None
+    return out
 
 
 # --------------------------------------------------------------- aggregator
@@ -322,6 +332,11 @@ class MetricAggregator:
         for name, fn in self.derived.items():
             value = fn(reduced)
             if value is not None:
+                out[name] = float(value)
+        for name, value in sum_den_ratios(reduced).items():
+            if value is None:
+                out.pop(name, None)
+            else:
                 out[name] = float(value)
         for key, value in (step_values or {}).items():
             self._class(key)

@@ -32,6 +32,7 @@ COORD_DIAG_MEANS: tuple[str, ...] = (
     "entropy_mean", "exp_argmax_gap_mean", "exp_abs_err_mean", "bin_acc_frac", "coord_mass_mean"
 )
 COORD_DIAG_SUM = "coord_diag/_{}_sum"  # internal: the mean's numerator over the micro-step's positions
+COORD_DIAG_DEN = "coord_diag/_{}_den"  # internal: its positions (the step's mean: training.aggregator.sum_den_ratios)
 
 
 @register_module(
@@ -64,4 +65,5 @@ def coord_diag(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> 
     for name, values in per_position.items():
         metrics[f"coord_diag/{name}"] = values.mean()
         metrics[COORD_DIAG_SUM.format(name)] = values.sum()
+        metrics[COORD_DIAG_DEN.format(name)] = float(n)
     return ModuleOutput(metrics=metrics)
