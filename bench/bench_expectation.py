@@ -18,11 +18,11 @@ from collections.abc import Sequence
 import torch
 
 from bench._common import bench_parser, parse_and_run, print_table, ratio_line, time_call, tiny_setup
+from core.vocab import COORD, EOS, GT, SELF_CONTEXT, STRUCT
 from data.packing import collate_rows, pack_samples
 from data.types import PackedBatch
 from losses.ce import coord_logits, hidden_at_logit_pos, token_ce
 from losses.coord import context_embeddings
-from losses.registry import COORD, EOS, GT, SELF_CONTEXT, STRUCT
 from model.forward import HiddenStatesModel, embed_tokens, position_ids_for_batch
 from model.vocab import coord_vocab_from_tokenizer
 from pipeline.forwards import expectation_forward

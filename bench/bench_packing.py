@@ -19,10 +19,10 @@ import argparse
 from collections.abc import Sequence
 
 from bench._common import bench_parser, parse_and_run, print_table, ratio_line, time_call, tiny_setup
+from core.vocab import COORD, IGNORE
 from data.packing import collate_rows, pack_samples
 from data.types import EncodedSample, PackedBatch
 from losses.ce import token_ce
-from losses.registry import COORD, IGNORE
 from model.forward import HiddenStatesModel, hidden_states
 
 

@@ -308,7 +308,7 @@ def _prefix_fraction(batches) -> float:
     """Fraction of real tokens before each segment's first coord slot: what Channel-A forwards 2..N
     could reuse from forward 1 (their inputs and, with block-diagonal attention, their hidden states
     are identical there): what ``stage2_ab.prefix_reuse`` skips in those forwards."""
-    from losses.registry import COORD
+    from core.vocab import COORD
 
     before = total = 0
     for b in batches:

@@ -17,8 +17,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from core.vocab import COORD, DESC, NUM_COORD_BINS, STRUCT
 from data.types import GTObject
-from losses.registry import COORD, DESC, NUM_COORD_BINS, STRUCT
 
 COORD_TOKEN_FMT = "<|coord_{}|>"
 COORD_TOKEN_RE = re.compile(r"<\|coord_(\d{1,3})\|>")

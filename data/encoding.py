@@ -13,12 +13,12 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from core.vocab import EOS, IGNORE, NO_SUBSET
 from data.coordjson import RenderedAnswer, find_outermost_closure, render_answer
 from data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRefused, open_image, to_rgb
 from data.records import DataError
+from data.tokens import assign_token_types, char_span_to_tokens
 from data.types import BBoxGroup, EncodedSample, GTObject, ObjectSpan, PackedBatch, Record
-from losses.registry import EOS, IGNORE, NO_SUBSET
-from losses.tokens import assign_token_types, char_span_to_tokens
 
 IMAGE_PAD = "<|image_pad|>"
 IM_END = "<|im_end|>"

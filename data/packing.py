@@ -14,9 +14,9 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from configs.errors import UserError
+from core.vocab import IGNORE, NO_SUBSET
 from data.records import DataError
 from data.types import BBoxGroup, EncodedSample, PackedBatch, Segment
-from losses.registry import IGNORE, NO_SUBSET
 
 
 class PackingError(UserError, ValueError):

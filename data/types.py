@@ -2,7 +2,7 @@
 
 Units: ``bins`` are integers in 0..999 (docs/DATA.md), pixels are floats in the
 original image. Every per-token tensor is 1-D of length ``L`` (one sample) and
-is indexed by token position (see ``losses/registry.py`` for the alignment
+is indexed by token position (see ``core/vocab.py`` for the alignment
 convention).
 """
 
@@ -44,7 +44,7 @@ class BBoxGroup:
     ``coord_pos`` are token positions (coord *input* positions) in the sample;
     the distributions are read at ``coord_pos - 1``. ``target_bins`` are the GT
     bins (for a matched rollout object: the matched GT box, not the prediction).
-    ``subset`` is a ``losses.registry`` subset code (NO_SUBSET in gt context).
+    ``subset`` is a ``core.vocab`` subset code (NO_SUBSET in gt context).
     """
 
     coord_pos: tuple[int, int, int, int]

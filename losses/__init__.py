@@ -3,11 +3,8 @@
 Index of the math (docs/training/METRICS_LOSSES.md). Alignment: per-token tensors are indexed by token
 position j; logits predicting token j are read at j − 1. Bins k ∈ 0..999, fractions v_k = k/999.
 
-registry      token types IGNORE/STRUCT/DESC/COORD/EOS, subsets NO_SUBSET/MATCHED/FP/FN,
-              contexts gt/self_context/rollout, component names, ``loss_key``.
-tokens        ``assign_token_types``: a BPE token takes the type covering most of its chars
-              (ties by TOKEN_TYPE_TIE_ORDER = coord > desc > struct > eos; zero-width → struct).
-              ``char_span_to_tokens``: chars [s, e) → tokens [first, last + 1).
+(The vocabulary: token types, subsets, contexts, components, ``loss_key``: ``core.vocab``; token
+typing of BPE tokens: ``data.tokens``.)
 masks         ``build_token_ce_weights`` → TokenCEMasks(struct [B,T], desc [B,T]):
                 gt: struct+eos 1, desc desc_ce_weight;
                 self_context: struct+eos self_context_struct_ce_weight, desc 0;
@@ -30,7 +27,6 @@ coord_reg     coord_ce = −log p_t (τ = 1); q_k ∝ exp(−½((k − t)/σ)²)
               text_gate = −log(1 − p_coord + eps) with 1 − p_coord = exp(lse_text − lse_full)
               computed directly (no cancellation when p_coord → 1). coord_ce + coord_gate (eps = 0) = full-vocab CE.
 """
-
 from losses.ce import coord_logits, full_logsumexp, gather_rows, hidden_at_logit_pos, text_and_full_logsumexp, token_ce
 from losses.coord import (
     DECODE_MODES,
@@ -54,8 +50,7 @@ from losses.coord_reg import (
     w1,
 )
 from losses.geometry import SMOOTHL1_BETA, GeoLoss, bbox_geo_loss, canonicalize_boxes, ciou, smooth_l1_per_box
-from losses.masks import TokenCEMasks, TokenCEWeights, build_token_ce_weights, text_gate_positions
-from losses.tokens import assign_token_types, char_span_to_tokens
+from losses.masks import TokenCEKnobs, TokenCEMasks, build_token_ce_weights, text_gate_positions
 
 __all__ = [
     "DECODE_MODES",
@@ -63,13 +58,11 @@ __all__ = [
     "SMOOTHL1_BETA",
     "GeoLoss",
     "TokenCEMasks",
-    "TokenCEWeights",
-    "assign_token_types",
+    "TokenCEKnobs",
     "bbox_geo_loss",
     "bin_values",
     "build_token_ce_weights",
     "canonicalize_boxes",
-    "char_span_to_tokens",
     "ciou",
     "context_embeddings",
     "coord_ce",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from losses.registry import NUM_COORD_BINS
+from core.vocab import NUM_COORD_BINS
 
 DECODE_MODES: tuple[str, ...] = ("exp", "st")
 EMBED_MODES: tuple[str, ...] = ("soft", "st", "hard")

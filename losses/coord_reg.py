@@ -12,9 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from core.vocab import NUM_COORD_BINS
 from losses.checks import content_checks
 from losses.coord import bin_values
-from losses.registry import NUM_COORD_BINS
 
 
 def _check(coord_logits: torch.Tensor, target_bins: torch.Tensor | None, temperature: float = 1.0) -> None:

@@ -7,12 +7,23 @@ All tensors are ``[B, T]`` and indexed by token position ``j`` (the token as it 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from configs.modules import TokenCEWeights  # the token_ce knobs, declared once (type, default, range)
+from core.vocab import CONTEXTS, DESC, EOS, FN, FP, GT, MATCHED, NO_SUBSET, SELF_CONTEXT, STRUCT
 from losses.checks import content_checks
-from losses.registry import CONTEXTS, DESC, EOS, FN, FP, GT, MATCHED, NO_SUBSET, SELF_CONTEXT, STRUCT
+
+
+class TokenCEKnobs(Protocol):
+    """What the mask builder reads of token_ce's knobs: ``configs.modules.TokenCEWeights`` (declared there once,
+    with defaults and ranges; ``losses/`` imports no config)."""
+
+    desc_ce_weight: float
+    self_context_struct_ce_weight: float
+    rollout_fn_desc_weight: float
+    rollout_matched_prefix_struct_weight: float
+    rollout_drop_invalid_struct_ce_multiplier: float
 
 
 @dataclass
@@ -33,7 +44,7 @@ class TokenCEMasks:
 def build_token_ce_weights(
     context: str,
     token_types: torch.Tensor,
-    weights: TokenCEWeights,
+    weights: TokenCEKnobs,
     *,
     subset: torch.Tensor | None = None,
     closure: torch.Tensor | None = None,
@@ -143,4 +154,4 @@ def _check_shape(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         raise ValueError(f"{name} must have the shape of token_types {tuple(ref.shape)}, got {tuple(t.shape)}")
 
 
-__all__ = ["TokenCEWeights", "TokenCEMasks", "build_token_ce_weights", "text_gate_positions"]
+__all__ = ["TokenCEKnobs", "TokenCEMasks", "build_token_ce_weights", "text_gate_positions"]

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from core.vocab import COORD
 from data.types import PackedBatch
-from losses.registry import COORD
 from model import packed_attention
 from model.forward import unwrap_vlm
 

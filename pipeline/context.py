@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
+from configs.modules import TokenCEWeights
+from core.vocab import CHANNELS, CONTEXTS, FN, GT, MATCHED, NUM_COORD_BINS, ROLLOUT, SELF_CONTEXT
 from data.types import PackedBatch
 from losses.ce import coord_logits as project_coord_logits
 from losses.ce import full_logsumexp, hidden_at_logit_pos, text_and_full_logsumexp
 from losses.checks import content_checks
 from losses.coord import DECODE_MODES
-from losses.masks import TokenCEMasks, TokenCEWeights, build_token_ce_weights
-from losses.registry import CHANNELS, CONTEXTS, FN, GT, MATCHED, NUM_COORD_BINS, ROLLOUT, SELF_CONTEXT
+from losses.masks import TokenCEMasks, build_token_ce_weights
 
 MODE_GT = "gt"
 MODE_CHANNEL_A = "channel_a"

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from losses.masks import TokenCEWeights
-from losses.registry import loss_key
+from configs.modules import TokenCEWeights
+from core.vocab import loss_key
 from pipeline.context import PipelineError, TeacherForcingContext
 from pipeline.manifest import PIPELINE_LOCATIONS, STAGE2_TWO_CHANNEL, ResolvedPipeline
 from pipeline.registry import PipelineSettings, get_module

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from core.vocab import COORD, GT, ROLLOUT, SELF_CONTEXT
 from data.types import PackedBatch
 from losses.ce import coord_logits as project_coord_logits
 from losses.ce import hidden_at_logit_pos
 from losses.coord import EMBED_MODES, context_embeddings
-from losses.registry import COORD, GT, ROLLOUT, SELF_CONTEXT
 from model.forward import (
     compute_vision,
     embed_tokens,

@@ -27,7 +27,7 @@ from typing import Any
 
 from configs.declare import declared_fields, defaults_of, has_default
 from configs.modules import TokenCEWeights
-from losses.registry import register_component
+from core.vocab import register_component
 
 OBJECTIVE = "objective"
 DIAGNOSTICS = "diagnostics"
@@ -52,7 +52,7 @@ class ModuleOutput:
     loss     scalar tensor (objective modules; the executor multiplies it by the entry weight),
              None for diagnostics.
     metrics  metric key -> scalar tensor or float, detached by the executor. Keys follow docs/training/METRICS_CONTRACT.md:
-             ``loss/*`` only through ``losses.registry.loss_key``; diagnostics keys end in a
+             ``loss/*`` only through ``core.vocab.loss_key``; diagnostics keys end in a
              reduction-class suffix (``_mean``, ``_frac``, ``_total``, ...).
     """
 
@@ -96,7 +96,7 @@ def register_module(
     ``config``: the module's config dataclass (every field a ``configs.declare.knob`` with a default;
     the built-in ones live in ``configs/modules.py``, a plugin declares its own). ``components``: new
     loss components the module logs as ``loss/<component>[/<sub>]`` (component -> its sub-terms),
-    registered with ``losses.registry.register_component``. Raises ValueError on an unknown kind, a
+    registered with ``core.vocab.register_component``. Raises ValueError on an unknown kind, a
     name registered before (in either dict), or a config class that is not such a dataclass.
     """
     if kind not in KINDS:

@@ -15,7 +15,7 @@ Per-token annotations are decided on characters, then moved onto tokens: the ans
 ``text[:kept_end]`` of the rollout followed by the tail text; every character carries a token
 type (rollout chars from the parser, tail chars from ``render_objects_fragment``) and the object
 it belongs to (kept rollout objects, then FN objects). A token takes the type covering most of its
-characters (``losses.tokens.assign_token_types``) and the object it overlaps most (ties: the
+characters (``data.tokens.assign_token_types``) and the object it overlaps most (ties: the
 earlier object); its subset is that object's (MATCHED, FP, FN) or NO_SUBSET outside objects.
 """
 
@@ -25,11 +25,11 @@ from collections.abc import Sequence
 
 import torch
 
+from core.vocab import DESC, EOS, FN, FP, MATCHED, NO_SUBSET, STRUCT
 from data.coordjson import CONTAINER_CLOSE, CONTAINER_OPEN, OBJECT_SEP, find_outermost_closure, render_objects_fragment
 from data.encoding import object_token_index, place_rendered_objects
+from data.tokens import assign_token_types, char_span_to_tokens
 from data.types import BBoxGroup, EncodedSample, GTObject, ObjectSpan
-from losses.registry import DESC, EOS, FN, FP, MATCHED, NO_SUBSET, STRUCT
-from losses.tokens import assign_token_types, char_span_to_tokens
 from rollout.parser import default_eos_id
 from rollout.types import MatchResult, ParsedRollout, RolloutMeta
 

@@ -33,9 +33,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from core.vocab import COORD, DESC, IGNORE, STRUCT
 from data.coordjson import COORD_TOKEN_FMT, find_outermost_closure
-from losses.registry import COORD, DESC, IGNORE, STRUCT
-from losses.tokens import char_span_to_tokens
+from data.tokens import char_span_to_tokens
 from rollout.types import DROP_REASONS, ParsedObject, ParsedRollout
 
 _WS = " \t\n\r"

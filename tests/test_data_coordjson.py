@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.vocab import COORD, DESC, STRUCT
 from data.coordjson import (
     CoordJSONError,
     coord_token,
@@ -19,7 +20,6 @@ from data.coordjson import (
     render_objects_fragment,
 )
 from data.types import GTObject
-from losses.registry import COORD, DESC, STRUCT
 
 CAT = GTObject("black cat", (110, 310, 410, 705))
 DOG = GTObject('a "quoted" dog}', (1, 2, 3, 4))

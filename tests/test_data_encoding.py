@@ -7,11 +7,11 @@ import unicodedata
 import pytest
 import torch
 
+from core.vocab import COORD, DESC, EOS, IGNORE, STRUCT
 from data.coordjson import coord_token_texts, render_answer
 from data.encoding import ChatEncoder, EncodedRecords
 from data.records import DataError
 from data.types import GTObject, Record
-from losses.registry import COORD, DESC, EOS, IGNORE, STRUCT
 from tests._data_fixtures import image_processor, qwen_tokenizer, write_png
 
 S, D, C, E = STRUCT, DESC, COORD, EOS

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.vocab import COORD, EOS, IGNORE, STRUCT
 from data.packing import PackedDataset, PackingError, collate_rows, pack_lengths, pack_samples
 from data.types import BBoxGroup, EncodedSample, GTObject, Record
-from losses.registry import COORD, EOS, IGNORE, STRUCT
 
 
 def _sample(n: int, tag: int, prompt_len: int = 2, n_patches: int = 4, dropped: bool = False) -> EncodedSample:

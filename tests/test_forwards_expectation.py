@@ -26,8 +26,8 @@ import dataclasses
 import pytest
 import torch
 
+from core.vocab import COORD, GT, SELF_CONTEXT
 from data.packing import collate_rows
-from losses.registry import COORD, GT, SELF_CONTEXT
 from model.forward import compute_vision
 from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, gt_forward, rollout_forward

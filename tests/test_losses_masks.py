@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from losses.masks import TokenCEWeights, build_token_ce_weights, text_gate_positions
-from losses.registry import COORD, DESC, EOS, FN, FP, GT, IGNORE, MATCHED, NO_SUBSET, ROLLOUT, SELF_CONTEXT, STRUCT
+from configs.modules import TokenCEWeights
+from core.vocab import COORD, DESC, EOS, FN, FP, GT, IGNORE, MATCHED, NO_SUBSET, ROLLOUT, SELF_CONTEXT, STRUCT
+from losses.masks import build_token_ce_weights, text_gate_positions
 
 # X = IGNORE (prompt/padding), Z = NO_SUBSET (outside every object span)
 S, D, C, E, X = STRUCT, DESC, COORD, EOS, IGNORE

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from core.vocab import COORD, DESC, EOS, IGNORE, STRUCT
 from data.coordjson import find_outermost_closure
-from losses.registry import COORD, DESC, EOS, IGNORE, STRUCT
-from losses.tokens import assign_token_types, char_span_to_tokens
+from data.tokens import assign_token_types, char_span_to_tokens
 
 S, D, C, E = STRUCT, DESC, COORD, EOS
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from configs.modules import NoConfig
+from core.vocab import DESC, EOS, FN, FP, MATCHED, NO_SUBSET, STRUCT
 from losses.geometry import bbox_geo_loss
-from losses.registry import DESC, EOS, FN, FP, MATCHED, NO_SUBSET, STRUCT
 from pipeline.context import PipelineError, TeacherForcingContext
 from pipeline.executor import PipelineExecutor, run_pipeline
 from pipeline.manifest import ModuleSpec, ResolvedPipeline, resolve_pipeline

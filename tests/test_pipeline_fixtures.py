@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from core.vocab import COORD, DESC, EOS, FN, FP, IGNORE, MATCHED, NO_SUBSET, STRUCT
 from data.types import BBoxGroup, PackedBatch, Segment
-from losses.registry import COORD, DESC, EOS, FN, FP, IGNORE, MATCHED, NO_SUBSET, STRUCT
 
 V_TEXT = 50
 COORD_IDS = torch.arange(V_TEXT, V_TEXT + 1000)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from configs.declare import knob
 from losses.coord import decode_coords
-from losses.registry import NUM_COORD_BINS, loss_key
+from core.vocab import NUM_COORD_BINS, loss_key
 from pipeline.context import MODE_ROLLOUT, ROLLOUT_GEO_SUBSETS
 from pipeline.registry import OBJECTIVE, ModuleOutput, register_module
 
@@ -96,7 +96,7 @@ def test_a_plugin_that_does_not_exist_is_one_config_line(tmp_path):
 @pytest.fixture(autouse=True)
 def _forget_the_plugin():
     yield
-    from losses.registry import PLUGIN_COMPONENTS
+    from core.vocab import PLUGIN_COMPONENTS
     from pipeline.registry import unregister_module
 
     unregister_module("center_l1")

@@ -21,7 +21,7 @@ import torch
 from configs import load_config
 from configs.errors import ConfigError
 from configs.loader import HALF_PRECISION_CONFLICTS
-from losses.registry import GT, SELF_CONTEXT
+from core.vocab import GT, SELF_CONTEXT
 from model.forward import HiddenStatesModel
 from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, gt_forward, rollout_forward

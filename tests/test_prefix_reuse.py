@@ -24,8 +24,8 @@ import dataclasses
 import pytest
 import torch
 
+from core.vocab import COORD, GT, SELF_CONTEXT
 from data.packing import collate_rows
-from losses.registry import COORD, GT, SELF_CONTEXT
 from model.prefix_reuse import KVRecorder, plan_prefix_reuse
 from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward

@@ -8,12 +8,13 @@ import os
 import pytest
 import torch
 
+from configs.modules import TokenCEWeights
+from core.vocab import COORD, DESC, EOS, FN, FP, IGNORE, MATCHED, NO_SUBSET, STRUCT
 from data.coordjson import coord_token, parse_answer, render_answer
 from data.encoding import ChatEncoder
 from data.packing import PackingError
 from data.types import GTObject, Record
-from losses.masks import TokenCEWeights, build_token_ce_weights
-from losses.registry import COORD, DESC, EOS, FN, FP, IGNORE, MATCHED, NO_SUBSET, STRUCT
+from losses.masks import build_token_ce_weights
 from model.tiny import build_tiny_image_processor, build_tiny_tokenizer
 from model.vocab import coord_vocab_from_tokenizer
 from rollout.builder import build_rollout_sample

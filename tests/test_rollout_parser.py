@@ -6,8 +6,8 @@ import functools
 
 import pytest
 
+from core.vocab import COORD, DESC, IGNORE, STRUCT
 from data.coordjson import coord_token
-from losses.registry import COORD, DESC, IGNORE, STRUCT
 from model.tiny import build_tiny_tokenizer
 from model.vocab import coord_vocab_from_tokenizer
 from rollout.parser import parse_rollout, token_pieces

@@ -13,10 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from configs.modules import TokenCEWeights
+from core.vocab import IGNORE, NO_SUBSET
 from data.coordjson import render_answer
 from data.types import EncodedSample, GTObject
-from losses.masks import TokenCEWeights, build_token_ce_weights
-from losses.registry import IGNORE, NO_SUBSET
+from losses.masks import build_token_ce_weights
 from model.tiny import build_tiny_tokenizer
 from model.vocab import coord_vocab_from_tokenizer
 from rollout.builder import build_rollout_sample

@@ -24,7 +24,7 @@ import yaml
 
 from configs import load_config
 from configs.loader import merge_config_tree
-from losses.registry import DESC, FN, FP, GT, MATCHED, ROLLOUT
+from core.vocab import DESC, FN, FP, GT, MATCHED, ROLLOUT
 from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, rollout_forward
 from pipeline.manifest import FLAT_OBJECTIVE_KNOBS

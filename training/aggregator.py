@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from losses.registry import known_components, loss_key
+from core.vocab import known_components, loss_key
 from rollout.metrics import precision_recall_f1
 
 COUNTER_SUFFIXES: tuple[str, ...] = ("_total", "_count", "_sum", "_num", "_den")
@@ -86,7 +86,7 @@ def _check_loss_key(key: str) -> None:
             errors.append(str(exc))
     raise ValueError(
         f"metric key {key!r} is not a canonical loss key (docs/training/METRICS_LOSSES.md): {'; '.join(errors) or 'too many path segments'}. "
-        "Build loss keys with losses.registry.loss_key(component, sub, context)."
+        "Build loss keys with core.vocab.loss_key(component, sub, context)."
     )
 
 
@@ -96,7 +96,7 @@ def check_metric_key(key: str) -> str:
     Rules (docs/training/METRICS_CONTRACT.md):
 
     - path segments of ``[A-Za-z0-9_.-]`` joined by ``/``;
-    - ``loss/*`` keys are exactly what ``losses.registry.loss_key`` builds
+    - ``loss/*`` keys are exactly what ``core.vocab.loss_key`` builds
       (``loss/total``, ``loss/<component>[/<sub>][/<context>]``) and hence
       mean-like; internal ``loss/.../_x`` helpers are allowed;
     - no alias spellings of losses elsewhere: no segment ``loss`` after the
@@ -115,7 +115,7 @@ def check_metric_key(key: str) -> str:
         if seg.startswith("loss_") or seg.endswith("_loss") or (seg == "loss" and i > 0):
             raise ValueError(
                 f"metric key {key!r}: loss alias spelling; losses are logged only as loss/<component>[/<sub>][/<context>] "
-                f"(e.g. 'loss/struct_ce'), built with losses.registry.loss_key"
+                f"(e.g. 'loss/struct_ce'), built with core.vocab.loss_key"
             )
     if segments[0] == "loss":
         if cls != "internal":

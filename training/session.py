@@ -25,13 +25,13 @@ from accelerate import Accelerator
 from configs.errors import UserError, clip
 from configs.loader import RESOLVED_FILENAME, save_resolved
 from configs.types import thaw
+from core.vocab import IGNORE
 from data.encoding import ChatEncoder, EncodedRecords
 from data.packing import PackedDataset, iterate_batches
 from data.shapes import make_shapes_dataset
 from data.table import ReadOptions, cached_packing, open_records
 from data.types import PackedBatch, Record
 from eval.inloop import run_rollout_eval
-from losses.registry import IGNORE
 from model.adapters import apply_adapter, load_adapter_weights, save_adapter, spec_from_config
 from model.loading import PARTS, LoadedModel, apply_freeze, load_model_and_processors, memory_summary, param_parts
 from model.shapes import logical_numel

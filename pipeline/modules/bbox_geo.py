@@ -12,9 +12,9 @@ Metrics (unweighted means over boxes): ``loss/geo`` = smoothl1_weight x ``loss/g
 from __future__ import annotations
 
 from configs.modules import BBoxGeoConfig
+from core.vocab import GEO, NUM_COORD_BINS, loss_key
 from losses.coord import decode_coords
 from losses.geometry import bbox_geo_loss
-from losses.registry import GEO, NUM_COORD_BINS, loss_key
 from pipeline.context import MODE_ROLLOUT, ROLLOUT_GEO_SUBSETS, PipelineError, TeacherForcingContext
 from pipeline.registry import OBJECTIVE, ModuleOutput, PipelineSettings, register_module
 

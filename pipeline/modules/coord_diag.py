@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from configs.modules import CoordDiagConfig
+from core.vocab import NUM_COORD_BINS
 from losses.coord import coord_probs, expectation_decode
 from losses.coord_reg import entropy
-from losses.registry import NUM_COORD_BINS
 from pipeline.context import TeacherForcingContext
 from pipeline.registry import DIAGNOSTICS, ModuleOutput, PipelineSettings, register_module
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 
 from configs.modules import CoordRegConfig
+from core.vocab import COORD_REG, COORD_TOKEN_CE, GT, SELF_CONTEXT, loss_key
 from losses.coord_reg import coord_ce, coord_gate, entropy, expected_huber, expected_l1, soft_ce, text_gate, w1
 from losses.masks import text_gate_positions
-from losses.registry import COORD_REG, COORD_TOKEN_CE, GT, SELF_CONTEXT, loss_key
 from pipeline.context import MODE_CHANNEL_A, TeacherForcingContext
 from pipeline.registry import OBJECTIVE, ModuleOutput, PipelineSettings, register_module
 

@@ -26,8 +26,8 @@ from dataclasses import replace
 import torch
 
 from configs.modules import TokenCEWeights
+from core.vocab import DESC_CE, GT, ROLLOUT, SELF_CONTEXT, STRUCT_CE, loss_key
 from losses.ce import token_ce as token_ce_math
-from losses.registry import DESC_CE, GT, ROLLOUT, SELF_CONTEXT, STRUCT_CE, loss_key
 from pipeline.context import MODE_CHANNEL_A, MODE_ROLLOUT, TeacherForcingContext
 from pipeline.registry import OBJECTIVE, ModuleOutput, PipelineSettings, register_module
 
@@ -45,7 +45,7 @@ def _ce(ctx: TeacherForcingContext, context: str, weights: torch.Tensor) -> tupl
 )
 def token_ce(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     mode = ctx.require_contexts("token_ce")
-    w = TokenCEWeights(**spec.config)
+    w = settings.token_ce_weights  # this entry's config, built once per run by the executor (pipeline_settings)
     metrics: dict[str, torch.Tensor] = {}
 
     # The first context (rollout in Rollout steps, gt otherwise) and its desc scalar.

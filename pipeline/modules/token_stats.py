@@ -24,7 +24,7 @@ coord tokens are those with a coord target (they feed geo / coord_reg, never tok
 from __future__ import annotations
 
 from configs.modules import NoConfig
-from losses.registry import COORD, DESC, EOS, GT, ROLLOUT, STRUCT, TOKEN_TYPE_NAMES
+from core.vocab import COORD, DESC, EOS, GT, ROLLOUT, STRUCT, TOKEN_TYPE_NAMES
 from pipeline.context import MODE_ROLLOUT, TeacherForcingContext
 from pipeline.registry import DIAGNOSTICS, ModuleOutput, PipelineSettings, register_module
 

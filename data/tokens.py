@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from losses.registry import COORD, DESC, EOS, IGNORE, STRUCT, TOKEN_TYPE_NAMES, TOKEN_TYPE_TIE_ORDER
+from core.vocab import COORD, DESC, EOS, IGNORE, STRUCT, TOKEN_TYPE_NAMES, TOKEN_TYPE_TIE_ORDER
 
 _VALID_CHAR_TYPES = (IGNORE, STRUCT, DESC, COORD, EOS)
 
