@@ -34,7 +34,7 @@ def test_offline_evaluator_reproduces_in_memory_metrics(tmp_path, capsys):
     assert saved["metrics"] == in_memory.metrics  # exact, not approx
     assert saved["per_category"] == in_memory.per_category
     assert saved["counters"] == {**in_memory.counters, "lines_skipped_count": 0}
-    assert saved["counters"]["pred_unknown_desc_count"] == 1
+    assert saved["counters"]["pred_unmapped_count"] == 1
     printed = capsys.readouterr().out
     assert "per-category AP (2 categories)" in printed and "dog" in printed
 
