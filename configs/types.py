@@ -546,8 +546,17 @@ class F1ishConfig:
     iou_thresholds: tuple[float, ...] = knob((0.3, 0.5), "IoU thresholds of the F1-ish greedy matching",
                                              items={"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                                              min_items=1)
-    primary_iou: float = knob(0.5, "the threshold whose F1-ish goes into the summary (must be in iou_thresholds)",
+    primary_iou: float = knob(0.5, "the threshold of matches.jsonl and per_class.csv (one of iou_thresholds)",
                               exclusive_minimum=0, maximum=1)
+
+    def __post_init__(self) -> None:
+        from configs.errors import ConfigError
+        from configs.validation import check_record
+
+        check_record(self, "eval.f1ish")
+        if not any(abs(float(t) - float(self.primary_iou)) < 1e-9 for t in self.iou_thresholds):
+            raise ConfigError("eval.f1ish.primary_iou", f"{self.primary_iou:g} is not one of eval.f1ish.iou_thresholds "
+                              f"{list(self.iou_thresholds)}; add it there or pick one of them")
 
 
 @dataclass(frozen=True)

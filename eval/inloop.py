@@ -27,7 +27,8 @@ from typing import Any
 
 from data.records import bins_to_pixels
 from data.types import Record
-from eval.detection import evaluate_detection, write_predictions_jsonl
+from eval.artifacts import write_artifacts
+from eval.detection import F1ISH_DEFAULT_IOUS, METRIC_FAMILIES, evaluate_detection, write_predictions_jsonl
 from eval.evaluate import write_metrics_json
 from eval.scores import SCORE_MODES, score_objects
 from rollout.metrics import precision_recall_f1, rollout_counters
@@ -295,6 +296,7 @@ def run_rollout_eval(
     backend=None,
     step: int | None = None,
     progress: bool = False,
+    eval_cfg: Any = None,
 ) -> dict[str, float]:
     """Greedy rollout eval of ``records``; returns the ``eval/rollout/*`` payload (same on every rank).
 
@@ -308,6 +310,8 @@ def run_rollout_eval(
     out_dir:        ``<run_dir>/eval/step_<N>``; receives predictions.jsonl and metrics.json (main process)
     step:           the optimizer step evaluated (written into metrics.json and the summary line)
     progress:       a generation progress bar on the main process (drawn on a terminal only)
+    eval_cfg:       ``cfg.eval`` (``semantic``, ``f1ish``, ``artifacts_max_images``); None = the defaults
+                    (exact desc match, F1-ish at 0.3 / 0.5, artifacts of at most 2000 images)
 
     The main process logs one summary line (:func:`summary_line`: mAP, AP50, F1, parse-valid rate).
 
@@ -316,8 +320,13 @@ def run_rollout_eval(
     """
     enabled = bool(_cfg(eval_detection, "enabled", True))
     metrics_kind = _cfg(eval_detection, "metrics", "coco")
-    if metrics_kind != "coco":
-        raise ValueError(f"rollout_matching.eval_detection.metrics must be 'coco', got {metrics_kind!r}")
+    if metrics_kind not in METRIC_FAMILIES:
+        raise ValueError(f"rollout_matching.eval_detection.metrics must be one of {METRIC_FAMILIES}, got {metrics_kind!r}")
+    f1ish_cfg = _cfg(eval_cfg, "f1ish", None)
+    f1ish_iou = tuple(_cfg(f1ish_cfg, "iou_thresholds", F1ISH_DEFAULT_IOUS))
+    primary_iou = float(_cfg(f1ish_cfg, "primary_iou", 0.5))
+    semantic = _cfg(eval_cfg, "semantic", None)
+    max_images = int(_cfg(eval_cfg, "artifacts_max_images", 2000))
     score_mode = _cfg(eval_detection, "score_mode", "token_prob")
     include_desc = bool(_cfg(eval_detection, "score_include_desc", False))
 
@@ -343,8 +352,9 @@ def run_rollout_eval(
         report, error = None, None
         if enabled:
             try:
-                report = evaluate_detection([r.detection_record() for r in results])
-                coco_value = float(report.metrics["AP"])
+                report = evaluate_detection([r.detection_record() for r in results], semantic=semantic,
+                                            metrics=metrics_kind, f1ish_iou=f1ish_iou)
+                coco_value = float(report.metrics.get("AP", 0.0))  # metrics f1ish: no AP, 0.0
                 if not math.isfinite(coco_value):
                     raise FloatingPointError(f"COCO AP is {coco_value}")
             except Exception as e:  # noqa: BLE001 - a broken eval must never stop training
@@ -354,6 +364,8 @@ def run_rollout_eval(
         seconds = time.perf_counter() - t0
         if out_dir is not None:
             _write_outputs(Path(out_dir), results, report, payload, coco_value, error, step, seconds)
+            if report is not None:
+                _write_artifacts(Path(out_dir), report, primary_iou, max_images)
         # on the training console and train.log (the "coordexp" logger's handlers), not only in files
         logging.getLogger("coordexp").info(summary_line(step, payload, report, seconds))
     if enabled:
@@ -377,6 +389,13 @@ def summary_line(step: int | None, payload: Mapping[str, float], report: Any, se
     return (f"eval {where}: mAP {coco('AP')} AP50 {coco('AP50')} F1 {payload.get(PREFIX + 'f1', 0.0):.4f} "
             f"parse-valid {payload.get(PREFIX + 'parse_valid_rate', 0.0):.2f} "
             f"({int(payload.get(PREFIX + 'samples_total', 0))} images, {seconds:.1f}s)")
+
+
+def _write_artifacts(out_dir: Path, report: Any, primary_iou: float, max_images: int) -> None:
+    try:  # like _write_outputs: a full disk or a bad path must not kill the run
+        write_artifacts(out_dir, report, primary_iou=primary_iou, max_images=max_images)
+    except OSError as e:
+        logger.warning("rollout eval: could not write the artifacts in %s (%s)", out_dir, e)
 
 
 def _write_outputs(out_dir, results, report, payload, coco_value, error, step, seconds) -> None:
