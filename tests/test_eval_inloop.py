@@ -18,6 +18,7 @@ from data.records import read_jsonl
 from data.shapes import make_shapes_dataset
 from eval import evaluate as evaluate_cli
 from eval import infer, inloop
+from eval.artifacts import ARTIFACT_FILES
 from eval.detection import read_predictions_jsonl
 from model.tiny import build_tiny_checkpoint, build_tiny_in_memory
 from model.vocab import coord_vocab_from_tokenizer
@@ -113,6 +114,23 @@ def test_perfect_rollouts_give_full_scores_and_files(tiny, tmp_path, caplog):
     assert offline["metrics"] == saved["metrics"]
     assert offline["per_category"] == saved["per_category"]
     assert offline["counters"] == {**saved["counters"], "lines_skipped_count": 0}
+    assert offline["f1ish"] == saved["f1ish"] and saved["f1ish"]["f1ish@0.5_full_micro_f1"] == pytest.approx(1.0)
+    # the artifacts: in-loop (under eval/step_7/) and offline (next to --out) are the same files
+    for name in ARTIFACT_FILES:
+        assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    per_image = json.loads((out / "per_image.json").read_text())
+    assert per_image["images_written"] == per_image["images_total"] == 5
+
+
+def test_inloop_artifacts_are_size_bounded(tiny, tmp_path):
+    from configs.types import EvalConfig
+
+    _run(tiny, tmp_path, eval_cfg=EvalConfig(artifacts_max_images=2))
+    out = tmp_path / "eval" / "step_7"
+    per_image = json.loads((out / "per_image.json").read_text())
+    assert (per_image["images_total"], per_image["images_written"], len(per_image["images"])) == (5, 2, 2)
+    assert len((out / "matches.jsonl").read_text().splitlines()) == 2
+    assert len(read_predictions_jsonl(out / "predictions.jsonl")) == 5  # predictions are never cut
 
 
 def test_token_prob_scores_reach_the_predictions(tiny, tmp_path):

@@ -120,3 +120,22 @@ def test_sentence_transformers_is_not_imported_when_semantic_is_off():
             "print('sentence_transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_cli_semantic_flags_reach_the_report(encoder_dir, tmp_path):
+    import json
+
+    from eval import evaluate as evaluate_cli
+    from eval.detection import write_predictions_jsonl
+
+    path = write_predictions_jsonl(tmp_path / "p.jsonl", [_rec(0, "cat", "cat", 0.9), _rec(1, "cat", "kitty", 0.8)])
+    args = ["--predictions", str(path), "--semantic-model", str(encoder_dir), "--out", str(tmp_path / "m.json")]
+    assert evaluate_cli.main(args) == 0
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["semantic_model"] == str(encoder_dir) and saved["metrics"]["AP"] == pytest.approx(1.0)
+    assert saved["counters"]["pred_semantic_count"] == 1
+    assert evaluate_cli.main(args + ["--semantic-threshold", "0.75"]) == 0  # kitty (0.7071) now dropped
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["counters"]["pred_unmapped_count"] == 1 and saved["metrics"]["AP"] == pytest.approx(51 / 101)
+    match = json.loads((tmp_path / "matches.jsonl").read_text().splitlines()[1])["matches"][0]
+    assert match["mapping"] == "unmapped" and match["similarity"] == pytest.approx(COS_CAT_KITTY, abs=1e-5)
