@@ -487,6 +487,9 @@ class MatchingConfig:
     iou_gate: float = knob(0.3, "pairs with IoU below this are infeasible", minimum=0, maximum=1)
     fp_cost: float = knob(1.0, "Hungarian cost of leaving a prediction unmatched", exclusive_minimum=0)
     fn_cost: float = knob(1.0, "Hungarian cost of leaving a GT object unmatched", exclusive_minimum=0)
+    desc_gate: float | None = knob(None, "Stage-2 semantic gate: a pair also needs desc similarity >= this (1 for equal "
+                                   "normalised descs, else the eval.semantic encoder's cosine, 0 without one); "
+                                   "counted in rollout/desc_gate_rejected_total; null = off", minimum=-1, maximum=1)
 
     def __post_init__(self) -> None:
         # Built by code too (rollout.matching.hungarian_match, tests): the same declaration checks it.
