@@ -23,10 +23,12 @@ numbers such as nested points ``[[1, 2], [10, 12]]``, a score that is not a fini
 [0, 1]) is dropped and counted (``pred_invalid_count`` and ``pred_invalid_<reason>_count``):
 one bad model output never aborts an evaluation. A malformed GT object or record is an error.
 
-Categories are the distinct *normalised* GT desc strings (strip, lower-case, collapse
-runs of whitespace). A predicted desc outside that set cannot match any GT; it is
-counted in ``pred_unknown_desc_count`` and is a false positive for F1 (COCO AP
-ignores detections of categories without GT anyway). Degenerate boxes (zero or
+Categories are the distinct *normalised* GT desc strings (``eval.semantic.normalize_desc``; plus an
+LVIS record's ``neg_descs`` / ``not_exhaustive_descs``). A predicted desc maps onto them with
+``eval.semantic.CategoryMapper`` (exact, then the ``eval.semantic`` encoder when configured); one
+that maps to none is counted in ``pred_unmapped_count``, left out of AP and is a false positive
+for F1. F1-ish (``eval.f1ish``) is computed for every report; LVIS records (or ``metrics="lvis"``)
+get the federated LVIS evaluation (``eval.lvis_eval``) instead of COCO. Degenerate boxes (zero or
 negative width/height) are kept (they can never reach IoU > 0) and counted.
 """
 
