@@ -48,7 +48,7 @@ import numpy as np
 from configs.errors import InputError
 from data.records import COORD_MODES, bins_to_pixels
 from eval.f1ish import SCOPES as F1ISH_SCOPES
-from eval.f1ish import image_f1ish
+from eval.f1ish import image_f1ish, oracle_image, oracle_summarize
 from eval.f1ish import key_prefix as f1ish_key
 from eval.f1ish import summarize as f1ish_summarize
 from eval.semantic import CategoryMapper, normalize_desc
@@ -105,6 +105,7 @@ class DetectionRecord:
     neg_descs: tuple[str, ...] = ()
     not_exhaustive_descs: tuple[str, ...] = ()
     lvis: bool = False  # the record carried the LVIS lists (federated evaluation)
+    samples: tuple[tuple[DetectionObject, ...], ...] = ()  # Oracle-K: the valid predictions of K sampled rollouts
 
 
 @dataclass
@@ -125,6 +126,7 @@ class DetectionReport:
     backend: str = "pycocotools"
     f1_iou: float = 0.5
     f1ish: dict[str, float] = field(default_factory=dict)
+    oracle_k: dict[str, float] = field(default_factory=dict)  # empty unless the records carry samples
     semantic_model: str | None = None
     # Artifact material (eval.artifacts), not part of to_dict(): per image the record and its mapped objects,
     # per image the F1-ish result of every threshold/scope, and the COCO sets that were evaluated.
@@ -135,7 +137,7 @@ class DetectionReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("metrics", "per_category", "counters", "backend", "f1_iou", "f1ish",
-                                               "semantic_model")}
+                                               "oracle_k", "semantic_model")}
 
 
 # --------------------------------------------------------------------------- parsing
@@ -232,8 +234,13 @@ def to_detection_record(rec: Mapping | DetectionRecord, *, coords: str = "pixel"
         if not isinstance(items, (list, tuple)) or not all(isinstance(d, str) for d in items):
             raise _fail(where, f"{key} must be a list of desc strings (LVIS, docs/DATA.md), got {items!r}")
         lvis_lists[key] = tuple(items)
+    samples = rec.get("samples", [])
+    if not isinstance(samples, (list, tuple)) or not all(isinstance(x, Mapping) for x in samples):
+        raise _fail(where, f"samples must be a list of {{'pred': [...]}} (Oracle-K rollouts), got {type(samples).__name__}")
+    parsed_samples = tuple(_parse_preds(x.get("pred") or [], f"{where} samples[{k}]")[0] for k, x in enumerate(samples))
     return DetectionRecord(
         **lvis_lists,
+        samples=parsed_samples,
         lvis=any(k in rec for k in lvis_lists),
         image_id=rec["image_id"],
         width=int(width) if float(width).is_integer() else width,
@@ -536,11 +543,36 @@ def evaluate_detection(
     prec, rec, f1 = precision_recall_f1(tp, tp + fp, tp + fn)
     out.update(zip(f1_keys, (f1, prec, rec)))
     per_image_f1ish, f1ish = _f1ish(prep.per_image, tuple(float(t) for t in f1ish_iou))
+    oracle = _oracle_k(recs, prep.per_image, mapper, tuple(float(t) for t in f1ish_iou))
     return DetectionReport(metrics=out, per_category=per_category, counters=prep.counters, backend="lvis" if lvis else backend,
-                           f1_iou=float(f1_iou), f1ish=f1ish, semantic_model=getattr(semantic, "model", None),
+                           f1_iou=float(f1_iou), f1ish=f1ish, oracle_k=oracle, semantic_model=getattr(semantic, "model", None),
                            images=prep.per_image, image_f1ish=per_image_f1ish,
                            coco_gt={"images": prep.images, "categories": prep.categories, "annotations": prep.gt_anns},
                            coco_preds=[{k: a[k] for k in ("image_id", "category_id", "bbox", "score")} for a in prep.dt_anns])
+
+
+def _oracle_k(recs: Sequence[DetectionRecord], per_image: Sequence[dict], mapper: CategoryMapper,
+              thresholds: tuple[float, ...]) -> dict[str, float]:
+    """Oracle-K recall and F1 at each threshold (eval.f1ish.oracle_image) over the records' sampled rollouts."""
+    ks = {len(r.samples) for r in recs}
+    if not ks or ks == {0}:
+        return {}
+    if len(ks) != 1:
+        raise ValueError(f"Oracle-K needs the same number of samples on every record, got {sorted(ks)}")
+    rollouts = []  # per image, per sample: (mapped categories, ious[p][g])
+    for r, img in zip(recs, per_image):
+        rollouts.append([([m.category for m in mapper.map_many([o.desc for o in s])],
+                          [[box_iou(_pixel_box(o, r), g) for g in img["gt_boxes"]] for o in s]) for s in r.samples])
+    out: dict[str, float] = {"oracle_k_samples": ks.pop()}
+    n_gt = sum(len(img["gt_cats"]) for img in per_image)
+    for thr in thresholds:
+        found, best = 0, []
+        for img, samples in zip(per_image, rollouts):
+            n, res = oracle_image(img["gt_cats"], samples, thr)
+            found += n
+            best.append(res)
+        out.update(oracle_summarize(found, n_gt, best, thr))
+    return out
 
 
 def _f1ish(per_image: Sequence[dict], thresholds: tuple[float, ...]) -> tuple[list[dict], dict[str, float]]:
@@ -571,10 +603,14 @@ def record_to_json(rec: Mapping | DetectionRecord) -> dict[str, Any]:
     if r.lvis:
         out.update(neg_descs=list(r.neg_descs), not_exhaustive_descs=list(r.not_exhaustive_descs))
     out["gt"] = [{"desc": o.desc, "bbox_2d": list(o.bbox_2d)} for o in r.gt]
-    out["pred"] = [
-        {"desc": o.desc, "bbox_2d": list(o.bbox_2d), **({} if o.score is None else {"score": o.score})} for o in r.pred
-    ]
+    out["pred"] = _objects_json(r.pred)
+    if r.samples:
+        out["samples"] = [{"pred": _objects_json(s)} for s in r.samples]
     return out
+
+
+def _objects_json(objs: Sequence[DetectionObject]) -> list[dict[str, Any]]:
+    return [{"desc": o.desc, "bbox_2d": list(o.bbox_2d), **({} if o.score is None else {"score": o.score})} for o in objs]
 
 
 def write_predictions_jsonl(path: str | Path, records: Sequence[Mapping | DetectionRecord], extra: Sequence[Mapping] | None = None) -> Path:

@@ -78,6 +78,8 @@ def format_report(report: DetectionReport) -> str:
     for k, v in report.f1ish.items():
         if k.endswith(("_micro_f1", "_macro_f1", "_tp", "_fp", "_fn", "_pred_ignored")):
             lines.append(f"  {k:<34} {v:.4f}" if isinstance(v, float) else f"  {k:<34} {v}")
+    for k, v in report.oracle_k.items():
+        lines.append(f"  {k:<34} {v:.4f}" if isinstance(v, float) else f"  {k:<34} {v}")
     if report.per_category:
         width = max(8, max(len(n) for n in report.per_category))
         lines.append(f"per-category AP ({len(report.per_category)} categories):")

@@ -92,3 +92,26 @@ def summarize(per_image: Sequence[ImageF1ish], prefix: str) -> dict[str, float]:
 
 def key_prefix(iou_thr: float, scope: str) -> str:
     return f"f1ish@{iou_thr:g}_{scope}"
+
+
+def oracle_image(gt_cats: Sequence[str], samples: Sequence[tuple[Sequence[str | None], Sequence[Sequence[float]]]],
+                 iou_thr: float) -> tuple[int, ImageF1ish | None]:
+    """Oracle-K of one image: the GT found (a TP, scope full) by at least one of the K rollouts, and the
+    rollout with the best F1-ish (first on ties). ``samples``: per rollout (mapped categories, ious[p][g])."""
+    found: set[int] = set()
+    best, best_f1 = None, -1.0
+    for cats, ious in samples:
+        res = image_f1ish(gt_cats, cats, ious, iou_thr, "full")
+        found.update(g for _, g, _, ok in res.pairs if ok)
+        f1 = res.prf()[2]
+        if f1 > best_f1:
+            best, best_f1 = res, f1
+    return len(found), best
+
+
+def oracle_summarize(found: int, n_gt: int, best: Sequence[ImageF1ish], iou_thr: float) -> dict[str, float]:
+    """``oracle_k@<t>_recall`` (GT found by any rollout / GT) and ``oracle_k@<t>_f1`` (micro F1 of each
+    image's best rollout)."""
+    tp, fp, fn = (sum(getattr(r, k) for r in best) for k in ("tp", "fp", "fn"))
+    return {f"oracle_k@{iou_thr:g}_recall": found / n_gt if n_gt else 0.0,
+            f"oracle_k@{iou_thr:g}_f1": precision_recall_f1(tp, tp + fp, tp + fn)[2]}

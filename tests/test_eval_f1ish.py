@@ -96,3 +96,30 @@ def test_a_desc_mismatch_is_one_fp_and_one_fn_in_both_scopes():
         assert (res.tp, res.fp, res.fn) == (0, 1, 2) and res.pairs == ((0, 0, 1.0, False),)
     with pytest.raises(ValueError, match="scope"):
         image_f1ish([], [], [], 0.5, "partial")
+
+
+def test_oracle_k_recall_and_f1_by_hand(tmp_path):
+    """X: GT cat, dog; greedy finds the cat; rollout 0 finds the dog only, rollout 1 the cat plus a far bird (FP).
+    Y: GT cat; greedy and rollout 0 say nothing, rollout 1 boxes the cat at IoU 0.4.
+    IoU 0.5: found X {dog, cat}, Y {} -> recall 2/3 (greedy 1/3). Best rollout per image: X rollout 0
+    (F1 2/3 vs 1/2), Y rollout 0 (both 0, first wins): tp 1, fp 0, fn 2 -> F1 2/(1+3) = 0.5.
+    IoU 0.3: Y rollout 1 is a TP -> recall 3/3; best X 0, Y 1: tp 2, fp 0, fn 1 -> F1 4/5 = 0.8."""
+    from eval.detection import read_predictions_jsonl, write_predictions_jsonl
+
+    def objs(*pairs):
+        return [{"desc": d, "bbox_2d": b} for d, b in pairs]
+
+    recs = [
+        {**_img("X", [("cat", CAT), ("dog", DOG)], [("cat", CAT)]),
+         "samples": [{"pred": objs(("dog", DOG))}, {"pred": objs(("cat", CAT), ("bird", [60, 60, 70, 70]))}]},
+        {**_img("Y", [("cat", CAT)], []), "samples": [{"pred": []}, {"pred": objs(("cat", [0, 0, 10, 4]))}]},
+    ]
+    rep = evaluate_detection(recs)
+    assert rep.oracle_k == pytest.approx({"oracle_k_samples": 2, "oracle_k@0.5_recall": 2 / 3, "oracle_k@0.5_f1": 0.5,
+                                          "oracle_k@0.3_recall": 1.0, "oracle_k@0.3_f1": 0.8})
+    assert rep.f1ish["f1ish@0.5_full_micro_recall"] == pytest.approx(1 / 3)  # the greedy decode, next to it
+    back = read_predictions_jsonl(write_predictions_jsonl(tmp_path / "p.jsonl", recs))
+    assert evaluate_detection(back).oracle_k == rep.oracle_k
+    assert evaluate_detection(RECORDS).oracle_k == {}  # no samples, no Oracle-K
+    with pytest.raises(ValueError, match="same number of samples"):
+        evaluate_detection([recs[0], {**recs[1], "samples": recs[1]["samples"][:1]}])
