@@ -563,6 +563,14 @@ class F1ishConfig:
 
 
 @dataclass(frozen=True)
+class OracleConfig:
+    k: int = knob(0, "Oracle-K: in-loop eval also samples K rollouts per image and reports the recall / F1 any of "
+                  "them reaches (oracle_k@<iou>_* in metrics.json); 0 = off", minimum=0)
+    temperature: float = knob(1.0, "sampling temperature of the Oracle-K rollouts", exclusive_minimum=0)
+    seed: int = knob(0, "rollout k is sampled with seed + k", minimum=0)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """In-loop and offline evaluation: sizes, semantic mapping, F1-ish, artifacts (docs/EVAL.md)."""
 
@@ -570,6 +578,7 @@ class EvalConfig:
     batch_size: int = knob(8, "images per generation batch during eval", minimum=1)
     semantic: SemanticConfig = section(SemanticConfig, "semantic desc -> category mapping (off while model is null)")
     f1ish: F1ishConfig = section(F1ishConfig, "F1-ish set matching (docs/EVAL.md \"F1-ish\")")
+    oracle: OracleConfig = section(OracleConfig, "Oracle-K sampled rollouts (docs/EVAL.md \"Oracle-K\")")
     artifacts_max_images: int = knob(2000, "in-loop eval writes per_image.json / matches.jsonl for at most this many "
                                      "images (size bound; offline eval writes all)", minimum=0)
 

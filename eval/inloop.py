@@ -67,10 +67,14 @@ class SampleResult:
     finished: bool
     matched_iou_sum: float
     counters: dict[str, float] = field(default_factory=dict)
+    samples: list[list[dict]] = field(default_factory=list)  # Oracle-K: the valid predictions of K sampled rollouts
 
     def detection_record(self) -> dict[str, Any]:
-        return {"image_id": self.image_id, "image": self.image, "width": self.width, "height": self.height,
-                "coords": "pixel", "gt": self.gt, "pred": self.pred}  # fmt: skip
+        out = {"image_id": self.image_id, "image": self.image, "width": self.width, "height": self.height,
+               "coords": "pixel", "gt": self.gt, "pred": self.pred}  # fmt: skip
+        if self.samples:
+            out["samples"] = [{"pred": p} for p in self.samples]
+        return out
 
     def extra(self) -> dict[str, Any]:
         """Debug keys written beside each predictions.jsonl line (ignored by the evaluator)."""
@@ -242,6 +246,27 @@ def predict_records(
     return results
 
 
+def add_sampled_rollouts(results: Sequence[SampleResult], model, tokenizer, coord_vocab, encoder,
+                         records: Sequence[Record], *, backend, num_samples: int, temperature: float, seed: int,
+                         **kwargs: Any) -> None:
+    """Oracle-K: ``num_samples`` sampled rollouts of each result's record, stored in ``result.samples``.
+
+    Rollout ``k`` generates with ``backend.derive(temperature=temperature)`` whose generator is seeded
+    with ``seed + k`` first, so the same seed, records and batch size give the same rollouts.
+    ``kwargs``: :func:`predict_records`'s (``batch_size``, ``matching``, ``score_mode`` ...).
+    """
+    if num_samples < 1 or not temperature > 0:
+        raise ValueError(f"Oracle-K needs num_samples >= 1 and temperature > 0, got {num_samples}, {temperature}")
+    sampler = backend.derive(temperature=float(temperature), batch_size=getattr(backend, "batch_size", 8))
+    indices = [r.index for r in results]
+    for k in range(num_samples):
+        sampler.generator.manual_seed(int(seed) + k)
+        sampled = predict_records(model, tokenizer, coord_vocab, encoder, records, indices=indices, backend=sampler,
+                                  **kwargs)
+        for res, smp in zip(results, sampled, strict=True):
+            res.samples.append(smp.pred)
+
+
 # ------------------------------------------------------------------ distributed
 def _gather_object(items: list) -> list:
     """All ranks' lists concatenated (every rank receives everything)."""
@@ -310,8 +335,8 @@ def run_rollout_eval(
     out_dir:        ``<run_dir>/eval/step_<N>``; receives predictions.jsonl and metrics.json (main process)
     step:           the optimizer step evaluated (written into metrics.json and the summary line)
     progress:       a generation progress bar on the main process (drawn on a terminal only)
-    eval_cfg:       ``cfg.eval`` (``semantic``, ``f1ish``, ``artifacts_max_images``); None = the defaults
-                    (exact desc match, F1-ish at 0.3 / 0.5, artifacts of at most 2000 images)
+    eval_cfg:       ``cfg.eval`` (``semantic``, ``f1ish``, ``oracle``, ``artifacts_max_images``); None = the
+                    defaults (exact desc match, F1-ish at 0.3 / 0.5, no Oracle-K, artifacts of at most 2000 images)
 
     The main process logs one summary line (:func:`summary_line`: mAP, AP50, F1, parse-valid rate).
 
@@ -334,6 +359,7 @@ def run_rollout_eval(
     t0 = time.perf_counter()
     was_training = bool(getattr(model, "training", False))
     model.eval()
+    oracle = _cfg(eval_cfg, "oracle", None)
     try:
         local = predict_records(
             model, tokenizer, coord_vocab, encoder, records,
@@ -341,6 +367,17 @@ def run_rollout_eval(
             batch_size=batch_size, matching=matching, score_mode=score_mode, score_include_desc=include_desc,
             progress=progress and is_main,
         )  # fmt: skip
+        if int(_cfg(oracle, "k", 0)) > 0:
+            if backend is None:
+                from rollout.backends import HFGenerationBackend
+
+                backend = HFGenerationBackend(model, tokenizer, **dict(backend_kwargs or {}))
+            add_sampled_rollouts(
+                local, model, tokenizer, coord_vocab, encoder, records, backend=backend,
+                num_samples=int(oracle.k), temperature=float(_cfg(oracle, "temperature", 1.0)),
+                seed=int(_cfg(oracle, "seed", 0)) + 1000 * rank, batch_size=batch_size, matching=matching,
+                score_mode=score_mode, score_include_desc=include_desc,
+            )  # fmt: skip
     finally:
         if was_training:
             model.train()
