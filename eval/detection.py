@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from configs.errors import InputError
-from data.records import COORD_MODES, bins_to_pixels
+from data.records import COORD_MODES, RECORD_METADATA_KEYS, bins_to_pixels
 from eval.f1ish import SCOPES as F1ISH_SCOPES
 from eval.f1ish import image_f1ish, oracle_image, oracle_summarize
 from eval.f1ish import key_prefix as f1ish_key
@@ -229,7 +229,7 @@ def to_detection_record(rec: Mapping | DetectionRecord, *, coords: str = "pixel"
     if not isinstance(carried, (list, tuple)) or any(r not in PRED_INVALID_REASONS for r in carried):
         raise _fail(where, f"pred_invalid must be a list of {PRED_INVALID_REASONS}, got {carried!r}")
     lvis_lists = {}
-    for key in ("neg_descs", "not_exhaustive_descs"):
+    for key in RECORD_METADATA_KEYS:  # the LVIS lists: neg_descs, not_exhaustive_descs
         items = rec.get(key, [])
         if not isinstance(items, (list, tuple)) or not all(isinstance(d, str) for d in items):
             raise _fail(where, f"{key} must be a list of desc strings (LVIS, docs/DATA.md), got {items!r}")

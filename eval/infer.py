@@ -100,6 +100,23 @@ def backend_config(args: argparse.Namespace):
     )
 
 
+def lvis_lists(jsonl: str | Path) -> dict[str, dict[str, list]]:
+    """image_id -> the LVIS lists (``data.records.RECORD_METADATA_KEYS``) of the JSONL lines that carry them, so
+    predictions.jsonl keeps them for the federated evaluation (``data.types.Record`` does not hold them)."""
+    import json
+
+    from data.records import RECORD_METADATA_KEYS, iter_utf8_lines
+
+    out: dict[str, dict[str, list]] = {}
+    for _, line, _ in iter_utf8_lines(Path(jsonl)):
+        if not line or not any(k in line for k in RECORD_METADATA_KEYS):
+            continue
+        raw = json.loads(line)  # the line already passed read_jsonl
+        if any(k in raw for k in RECORD_METADATA_KEYS):
+            out[str(raw.get("image_id", raw.get("image")))] = {k: list(raw.get(k, [])) for k in RECORD_METADATA_KEYS}
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
@@ -140,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_samples=args.num_samples, temperature=args.temperature, seed=args.seed, batch_size=chunk,
             matching={"iou_gate": args.iou_gate}, score_mode=args.score_mode, score_include_desc=args.score_include_desc,
         )  # fmt: skip
-    path = write_predictions_jsonl(args.out, [r.detection_record() for r in results], extra=[r.extra() for r in results])
+    lists = lvis_lists(args.jsonl)
+    path = write_predictions_jsonl(args.out, [{**r.detection_record(), **lists.get(r.image_id, {})} for r in results],
+                                   extra=[r.extra() for r in results])
     print(f"{data_report.records} records read from {args.jsonl}; {len(results)} predicted")
     for k, v in rollout_metrics(results).items():
         print(f"  {k:<40} {v:.4f}" if not k.endswith(("_total", "_count")) else f"  {k:<40} {int(v)}")

@@ -214,14 +214,23 @@ def test_real_hf_backend_on_tiny_model(tiny, tmp_path):
 
 
 def test_infer_cli_writes_predictions(tiny, tmp_path, capsys):
+    from pathlib import Path
+
     ckpt = build_tiny_checkpoint(str(tmp_path / "ckpt"))
     out = tmp_path / "preds.jsonl"
-    rc = infer.main(["--checkpoint", ckpt, "--jsonl", tiny["val"], "--out", str(out), "--batch-size", "2",
+    # an LVIS-style line (scripts/coco_to_jsonl.py): its lists reach predictions.jsonl for the federated eval
+    val_lines = Path(tiny["val"]).read_text().splitlines()
+    first = {**json.loads(val_lines[0]), "neg_descs": ["purple star"], "not_exhaustive_descs": []}
+    lvis_val = Path(tiny["val"]).with_name("val_lvis.jsonl")
+    lvis_val.write_text("\n".join([json.dumps(first), *val_lines[1:]]) + "\n")
+    rc = infer.main(["--checkpoint", ckpt, "--jsonl", str(lvis_val), "--out", str(out), "--batch-size", "2",
                      "--max-new-tokens", "4", "--limit", "3", "--device", "cpu"])  # fmt: skip
     assert rc == 0
     lines = read_predictions_jsonl(out)
     assert [line["image_id"] for line in lines] == [r.image_id for r in tiny["records"][:3]]
     assert all(line["gt"] for line in lines)
+    assert (lines[0]["neg_descs"], lines[0]["not_exhaustive_descs"]) == (["purple star"], [])
+    assert "neg_descs" not in lines[1]
     printed = capsys.readouterr().out
     assert "eval/rollout/parse_valid_rate" in printed and "python -m eval.evaluate" in printed
 
