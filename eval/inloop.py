@@ -372,12 +372,10 @@ def run_rollout_eval(
                 from rollout.backends import HFGenerationBackend
 
                 backend = HFGenerationBackend(model, tokenizer, **dict(backend_kwargs or {}))
-            add_sampled_rollouts(
-                local, model, tokenizer, coord_vocab, encoder, records, backend=backend,
-                num_samples=int(oracle.k), temperature=float(_cfg(oracle, "temperature", 1.0)),
-                seed=int(_cfg(oracle, "seed", 0)) + 1000 * rank, batch_size=batch_size, matching=matching,
-                score_mode=score_mode, score_include_desc=include_desc,
-            )  # fmt: skip
+            add_sampled_rollouts(local, model, tokenizer, coord_vocab, encoder, records, backend=backend,
+                                 num_samples=int(oracle.k), temperature=float(_cfg(oracle, "temperature", 1.0)),
+                                 seed=int(_cfg(oracle, "seed", 0)) + 1000 * rank, batch_size=batch_size,
+                                 matching=matching, score_mode=score_mode, score_include_desc=include_desc)
     finally:
         if was_training:
             model.train()
@@ -388,16 +386,8 @@ def run_rollout_eval(
     if is_main:
         report, error = None, None
         if enabled:
-            try:
-                report = evaluate_detection([r.detection_record() for r in results], semantic=semantic,
-                                            metrics=metrics_kind, f1ish_iou=f1ish_iou)
-                coco_value = float(report.metrics.get("AP", 0.0))  # metrics f1ish: no AP, 0.0
-                if not math.isfinite(coco_value):
-                    raise FloatingPointError(f"COCO AP is {coco_value}")
-            except Exception as e:  # noqa: BLE001 - a broken eval must never stop training
-                error = f"{type(e).__name__}: {e}"
-                logger.warning("eval/rollout/mAP: COCO evaluation failed (%s); logging 0.0 and continuing", error)
-                report, coco_value = None, 0.0
+            report, coco_value, error = _detection_report(results, semantic=semantic, metrics=metrics_kind,
+                                                          f1ish_iou=f1ish_iou)
         seconds = time.perf_counter() - t0
         if out_dir is not None:
             _write_outputs(Path(out_dir), results, report, payload, coco_value, error, step, seconds)
@@ -410,6 +400,20 @@ def run_rollout_eval(
             coco_value = _broadcast_object(coco_value)
         payload[PREFIX + "mAP"] = float(coco_value if coco_value is not None else 0.0)
     return payload
+
+
+def _detection_report(results: Sequence[SampleResult], **kwargs: Any) -> tuple[Any, float, str | None]:
+    """(report, mAP, error) of :func:`evaluate_detection` on the results; any failure gives (None, 0.0, message)."""
+    try:
+        report = evaluate_detection([r.detection_record() for r in results], **kwargs)
+        coco_value = float(report.metrics.get("AP", 0.0))  # metrics f1ish: no AP, 0.0
+        if not math.isfinite(coco_value):
+            raise FloatingPointError(f"COCO AP is {coco_value}")
+        return report, coco_value, None
+    except Exception as e:  # noqa: BLE001 - a broken eval must never stop training
+        error = f"{type(e).__name__}: {e}"
+        logger.warning("eval/rollout/mAP: COCO evaluation failed (%s); logging 0.0 and continuing", error)
+        return None, 0.0, error
 
 
 def summary_line(step: int | None, payload: Mapping[str, float], report: Any, seconds: float) -> str:
