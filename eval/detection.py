@@ -689,3 +689,21 @@ def _is_valid_pred(obj: Any) -> bool:
 def read_predictions_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read predictions.jsonl strictly (:func:`read_predictions`); the records as dicts."""
     return read_predictions(path).records
+
+
+def read_lvis_lists(jsonl: str | Path) -> dict[str, dict[str, list]]:
+    """image_id -> the LVIS lists (``data.records.RECORD_METADATA_KEYS``) of a data JSONL's lines that carry them.
+
+    ``data.types.Record`` does not hold them; eval.infer and in-loop eval put them back into
+    predictions.jsonl so the federated evaluation sees them. Lines are assumed valid (read_jsonl ran).
+    """
+    from data.records import iter_utf8_lines
+
+    out: dict[str, dict[str, list]] = {}
+    for _, line, _ in iter_utf8_lines(Path(jsonl)):
+        if not line or not any(k in line for k in RECORD_METADATA_KEYS):
+            continue
+        raw = json.loads(line)
+        if isinstance(raw, dict) and any(k in raw for k in RECORD_METADATA_KEYS):
+            out[str(raw.get("image_id", raw.get("image")))] = {k: list(raw.get(k, [])) for k in RECORD_METADATA_KEYS}
+    return out

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from configs.errors import InputError, add_debug_flag, run_cli
-from eval.detection import write_predictions_jsonl
+from eval.detection import read_lvis_lists, write_predictions_jsonl
 from eval.inloop import add_sampled_rollouts, predict_records, rollout_metrics
 from eval.scores import SCORE_MODES
 
@@ -100,23 +100,6 @@ def backend_config(args: argparse.Namespace):
     )
 
 
-def lvis_lists(jsonl: str | Path) -> dict[str, dict[str, list]]:
-    """image_id -> the LVIS lists (``data.records.RECORD_METADATA_KEYS``) of the JSONL lines that carry them, so
-    predictions.jsonl keeps them for the federated evaluation (``data.types.Record`` does not hold them)."""
-    import json
-
-    from data.records import RECORD_METADATA_KEYS, iter_utf8_lines
-
-    out: dict[str, dict[str, list]] = {}
-    for _, line, _ in iter_utf8_lines(Path(jsonl)):
-        if not line or not any(k in line for k in RECORD_METADATA_KEYS):
-            continue
-        raw = json.loads(line)  # the line already passed read_jsonl
-        if any(k in raw for k in RECORD_METADATA_KEYS):
-            out[str(raw.get("image_id", raw.get("image")))] = {k: list(raw.get(k, [])) for k in RECORD_METADATA_KEYS}
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
@@ -157,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_samples=args.num_samples, temperature=args.temperature, seed=args.seed, batch_size=chunk,
             matching={"iou_gate": args.iou_gate}, score_mode=args.score_mode, score_include_desc=args.score_include_desc,
         )  # fmt: skip
-    lists = lvis_lists(args.jsonl)
+    lists = read_lvis_lists(args.jsonl)
     path = write_predictions_jsonl(args.out, [{**r.detection_record(), **lists.get(r.image_id, {})} for r in results],
                                    extra=[r.extra() for r in results])
     print(f"{data_report.records} records read from {args.jsonl}; {len(results)} predicted")

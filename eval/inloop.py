@@ -68,10 +68,12 @@ class SampleResult:
     matched_iou_sum: float
     counters: dict[str, float] = field(default_factory=dict)
     samples: list[list[dict]] = field(default_factory=list)  # Oracle-K: the valid predictions of K sampled rollouts
+    lvis: dict[str, list] = field(default_factory=dict)  # the record's LVIS lists (neg_descs, not_exhaustive_descs)
 
     def detection_record(self) -> dict[str, Any]:
         out = {"image_id": self.image_id, "image": self.image, "width": self.width, "height": self.height,
                "coords": "pixel", "gt": self.gt, "pred": self.pred}  # fmt: skip
+        out.update(self.lvis)
         if self.samples:
             out["samples"] = [{"pred": p} for p in self.samples]
         return out
@@ -322,6 +324,7 @@ def run_rollout_eval(
     step: int | None = None,
     progress: bool = False,
     eval_cfg: Any = None,
+    lvis_lists: Mapping[str, Mapping[str, list]] | None = None,
 ) -> dict[str, float]:
     """Greedy rollout eval of ``records``; returns the ``eval/rollout/*`` payload (same on every rank).
 
@@ -335,6 +338,8 @@ def run_rollout_eval(
     out_dir:        ``<run_dir>/eval/step_<N>``; receives predictions.jsonl and metrics.json (main process)
     step:           the optimizer step evaluated (written into metrics.json and the summary line)
     progress:       a generation progress bar on the main process (drawn on a terminal only)
+    lvis_lists:     image_id -> LVIS lists (``eval.detection.read_lvis_lists`` of the val JSONL): such records get
+                    the federated LVIS evaluation, and predictions.jsonl keeps the lists
     eval_cfg:       ``cfg.eval`` (``semantic``, ``f1ish``, ``oracle``, ``artifacts_max_images``); None = the
                     defaults (exact desc match, F1-ish at 0.3 / 0.5, no Oracle-K, artifacts of at most 2000 images)
 
@@ -380,6 +385,8 @@ def run_rollout_eval(
         if was_training:
             model.train()
     results = gather_results(local, len(records), accelerator)
+    for r in results:
+        r.lvis = dict((lvis_lists or {}).get(r.image_id, {}))
     payload = rollout_metrics(results)
 
     coco_value = None

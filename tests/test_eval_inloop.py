@@ -375,3 +375,14 @@ def test_inloop_oracle_k_option_reaches_metrics_json(tiny, tmp_path):
     assert saved["oracle_k"]["oracle_k_samples"] == 2 and 0 < saved["oracle_k"]["oracle_k@0.5_recall"] <= 1
     # the greedy pass drew from the same generator; each rollout reseeds it: the rollouts of _oracle(seed=5)
     assert [line["samples"] for line in lines] == [[{"pred": p} for p in r.samples] for r in _oracle(tiny, seed=5)]
+
+
+def test_inloop_lvis_lists_make_the_eval_federated_and_reach_predictions_jsonl(tiny, tmp_path):
+    rec0 = tiny["records"][0]
+    lists = {rec0.image_id: {"neg_descs": ["purple star"], "not_exhaustive_descs": []}}
+    _run(tiny, tmp_path, lvis_lists=lists)
+    out = tmp_path / "eval" / "step_7"
+    lines = read_predictions_jsonl(out / "predictions.jsonl")
+    assert lines[0]["neg_descs"] == ["purple star"] and "neg_descs" not in lines[1]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["backend"] == "lvis" and saved["metrics"]["AP"] == pytest.approx(1.0)  # perfect replay
