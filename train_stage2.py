@@ -24,6 +24,7 @@ from configs import load_config
 from configs.errors import run_cli
 from configs.loader import add_config_args
 from data.encoding import prompts_of
+from eval.semantic import load_encoder
 from pipeline.wrapper import STRATEGY_EXPECTATION, STRATEGY_ROLLOUT
 from rollout.step import prepare_rollout_batches, token_budget_warning
 from training.faults import any_rank
@@ -84,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if budget_warning:
         run.logger.warning(budget_warning)
     matching = rm.matching
+    # the Stage-2 desc gate uses the one semantic encoder of eval.semantic (None: exact desc equality)
+    desc_encoder = load_encoder(cfg.eval.semantic) if matching.desc_gate is not None else None
 
     data_iter = micro_batches(cfg, s)
     metrics: dict = {}
@@ -107,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                             [[p.record for p in group] for group in prompts], encoder=s.encoder, prompts=prompts,
                             backend=backend, coord_vocab=s.loaded.coord_vocab, matching=matching,
                             max_length=t.max_length, packing=t.packing, pad_token_id=s.pad_id,
+                            desc_encoder=desc_encoder,
                         )
                 except Exception as exc:  # noqa: BLE001 - routed to the configured fallback (default: re-raise)
                     error = exc

@@ -487,6 +487,9 @@ class MatchingConfig:
     iou_gate: float = knob(0.3, "pairs with IoU below this are infeasible", minimum=0, maximum=1)
     fp_cost: float = knob(1.0, "Hungarian cost of leaving a prediction unmatched", exclusive_minimum=0)
     fn_cost: float = knob(1.0, "Hungarian cost of leaving a GT object unmatched", exclusive_minimum=0)
+    desc_gate: float | None = knob(None, "Stage-2 semantic gate: a pair also needs desc similarity >= this (1 for equal "
+                                   "normalised descs, else the eval.semantic encoder's cosine, 0 without one); "
+                                   "counted in rollout/desc_gate_rejected_total; null = off", minimum=-1, maximum=1)
 
     def __post_init__(self) -> None:
         # Built by code too (rollout.matching.hungarian_match, tests): the same declaration checks it.
@@ -498,7 +501,8 @@ class MatchingConfig:
 @dataclass(frozen=True)
 class EvalDetectionConfig:
     enabled: bool = knob(True, "in-loop eval also computes COCO detection metrics (eval/rollout/mAP, ...) besides the rollout counters")
-    metrics: str = knob("coco", "detection metric family", enum=("coco",))
+    metrics: str = knob("coco", "detection metric family: coco (COCO AP), lvis (LVIS federated AP; also chosen when "
+                        "the GT carries neg_descs / not_exhaustive_descs), f1ish (F1-ish), both (COCO AP and F1-ish)", enum=("coco", "lvis", "f1ish", "both"))
     score_mode: str = knob("token_prob", "token_prob: mean probability of the object's 4 coord tokens; constant: every object scores 1.0",
                            enum=("token_prob", "constant"))
     score_include_desc: bool = knob(False, "token_prob scores also multiply by the mean probability of the object's desc tokens (docs/EVAL.md)")
@@ -521,11 +525,62 @@ class RolloutMatchingConfig:
 
 
 @dataclass(frozen=True)
+class SemanticConfig:
+    """Semantic description -> category mapping (eval.semantic): one encoder and rule for offline eval, in-loop eval
+    and Stage-2's description gate."""
+
+    model: str | None = knob(None, "sentence-transformers model name or local dir (e.g. "
+                             "sentence-transformers/all-MiniLM-L6-v2); null = exact normalised match only",
+                             min_length=1)
+    threshold: float = knob(0.6, "a desc maps to the GT category of highest cosine similarity when it reaches this; "
+                            "below, the prediction is dropped and counted (pred_unmapped_count)", minimum=-1, maximum=1)
+    device: str = knob("cpu", "device of the encoder (cpu, cuda, cuda:1, ...)", min_length=1)
+    batch_size: int = knob(64, "descs per encoder call", minimum=1)
+
+    def __post_init__(self) -> None:
+        # Built by the CLIs too (python -m eval.evaluate --semantic-model ...): the same declaration checks it.
+        from configs.validation import check_record
+
+        check_record(self, "eval.semantic")
+
+
+@dataclass(frozen=True)
+class F1ishConfig:
+    iou_thresholds: tuple[float, ...] = knob((0.3, 0.5), "IoU thresholds of the F1-ish greedy matching",
+                                             items={"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                                             min_items=1)
+    primary_iou: float = knob(0.5, "the threshold of matches.jsonl and per_class.csv (one of iou_thresholds)",
+                              exclusive_minimum=0, maximum=1)
+
+    def __post_init__(self) -> None:
+        from configs.errors import ConfigError
+        from configs.validation import check_record
+
+        check_record(self, "eval.f1ish")
+        if not any(abs(float(t) - float(self.primary_iou)) < 1e-9 for t in self.iou_thresholds):
+            raise ConfigError("eval.f1ish.primary_iou", f"{self.primary_iou:g} is not one of eval.f1ish.iou_thresholds "
+                              f"{list(self.iou_thresholds)}; add it there or pick one of them")
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    k: int = knob(0, "Oracle-K: in-loop eval also samples K rollouts per image and reports the recall / F1 any of "
+                  "them reaches (oracle_k@<iou>_* in metrics.json); 0 = off", minimum=0)
+    temperature: float = knob(1.0, "sampling temperature of the Oracle-K rollouts", exclusive_minimum=0)
+    seed: int = knob(0, "rollout k is sampled with seed + k", minimum=0)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
-    """In-loop and offline evaluation sizes."""
+    """In-loop and offline evaluation: sizes, semantic mapping, F1-ish, artifacts (docs/EVAL.md)."""
 
     max_samples: int | None = knob(None, "cap on validation images per eval; null = all", minimum=1)
     batch_size: int = knob(8, "images per generation batch during eval", minimum=1)
+    semantic: SemanticConfig = section(SemanticConfig, "semantic desc -> category mapping (off while model is null)")
+    f1ish: F1ishConfig = section(F1ishConfig, "F1-ish set matching (docs/EVAL.md \"F1-ish\")")
+    oracle: OracleConfig = section(OracleConfig, "Oracle-K sampled rollouts (docs/EVAL.md \"Oracle-K\")")
+    artifacts_max_images: int = knob(2000, "in-loop eval writes per_image.json / matches.jsonl for at most this many "
+                                     "images (size bound; offline eval writes all)", minimum=0)
 
 
 # ---------------------------------------------------------------- root

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from functools import cache, lru_cache
@@ -310,7 +311,8 @@ def check_value(key: str, value: Any) -> None:
 
 def check_record(record: Any, key: str) -> None:
     """Validate a knob record built in code (e.g. ``TokenCEWeights(...)``) against its own declaration."""
-    values = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    # tuples (list keys) are JSON arrays to the schema
+    values = {f.name: json.loads(json.dumps(getattr(record, f.name))) for f in dataclasses.fields(record)}
     check(record_validator(type(record)), values, key_parts(key))
 
 

@@ -23,10 +23,12 @@ numbers such as nested points ``[[1, 2], [10, 12]]``, a score that is not a fini
 [0, 1]) is dropped and counted (``pred_invalid_count`` and ``pred_invalid_<reason>_count``):
 one bad model output never aborts an evaluation. A malformed GT object or record is an error.
 
-Categories are the distinct *normalised* GT desc strings (strip, lower-case, collapse
-runs of whitespace). A predicted desc outside that set cannot match any GT; it is
-counted in ``pred_unknown_desc_count`` and is a false positive for F1 (COCO AP
-ignores detections of categories without GT anyway). Degenerate boxes (zero or
+Categories are the distinct *normalised* GT desc strings (``eval.semantic.normalize_desc``; plus an
+LVIS record's ``neg_descs`` / ``not_exhaustive_descs``). A predicted desc maps onto them with
+``eval.semantic.CategoryMapper`` (exact, then the ``eval.semantic`` encoder when configured); one
+that maps to none is counted in ``pred_unmapped_count``, left out of AP and is a false positive
+for F1. F1-ish (``eval.f1ish``) is computed for every report; LVIS records (or ``metrics="lvis"``)
+get the federated LVIS evaluation (``eval.lvis_eval``) instead of COCO. Degenerate boxes (zero or
 negative width/height) are kept (they can never reach IoU > 0) and counted.
 """
 
@@ -36,17 +38,23 @@ import contextlib
 import io
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from configs.errors import InputError
-from data.records import COORD_MODES, bins_to_pixels
+from data.records import COORD_MODES, RECORD_METADATA_KEYS, bins_to_pixels
+from eval.f1ish import SCOPES as F1ISH_SCOPES
+from eval.f1ish import image_f1ish, oracle_image, oracle_summarize
+from eval.f1ish import key_prefix as f1ish_key
+from eval.f1ish import summarize as f1ish_summarize
+from eval.semantic import CategoryMapper, normalize_desc
 from rollout.metrics import precision_recall_f1
+
+F1ISH_DEFAULT_IOUS = (0.3, 0.5)  # = the eval.f1ish.iou_thresholds default (configs.types.F1ishConfig)
 
 BACKENDS = ("pycocotools", "faster_coco_eval")
 
@@ -69,12 +77,6 @@ AREA_METRICS: dict[str, str] = {"APs": "small", "APm": "medium", "APl": "large",
 # Why a prediction was dropped at ingestion (counter ``pred_invalid_<reason>_count``).
 PRED_INVALID_REASONS: tuple[str, ...] = ("object", "box", "score")
 
-_WS = re.compile(r"\s+")
-
-
-def normalize_desc(desc: str) -> str:
-    """Category key of a desc: stripped, lower-cased, whitespace runs collapsed to one space."""
-    return _WS.sub(" ", str(desc).strip().lower())
 
 
 # --------------------------------------------------------------------------- contracts
@@ -99,6 +101,11 @@ class DetectionRecord:
     coords: str = "pixel"
     image: str | None = None
     pred_invalid: tuple[str, ...] = ()  # reasons (PRED_INVALID_REASONS) of predictions dropped at ingestion
+    # LVIS per-image lists (data/records.py RECORD_METADATA_KEYS): descs verified absent / not exhaustively annotated.
+    neg_descs: tuple[str, ...] = ()
+    not_exhaustive_descs: tuple[str, ...] = ()
+    lvis: bool = False  # the record carried the LVIS lists (federated evaluation)
+    samples: tuple[tuple[DetectionObject, ...], ...] = ()  # Oracle-K: the valid predictions of K sampled rollouts
 
 
 @dataclass
@@ -118,9 +125,19 @@ class DetectionReport:
     counters: dict[str, int] = field(default_factory=dict)
     backend: str = "pycocotools"
     f1_iou: float = 0.5
+    f1ish: dict[str, float] = field(default_factory=dict)
+    oracle_k: dict[str, float] = field(default_factory=dict)  # empty unless the records carry samples
+    semantic_model: str | None = None
+    # Artifact material (eval.artifacts), not part of to_dict(): per image the record and its mapped objects,
+    # per image the F1-ish result of every threshold/scope, and the COCO sets that were evaluated.
+    images: list[dict] = field(default_factory=list, repr=False)
+    image_f1ish: list[dict] = field(default_factory=list, repr=False)
+    coco_gt: dict = field(default_factory=dict, repr=False)
+    coco_preds: list[dict] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: getattr(self, k) for k in ("metrics", "per_category", "counters", "backend", "f1_iou", "f1ish",
+                                               "oracle_k", "semantic_model")}
 
 
 # --------------------------------------------------------------------------- parsing
@@ -211,7 +228,20 @@ def to_detection_record(rec: Mapping | DetectionRecord, *, coords: str = "pixel"
     carried = rec.get("pred_invalid", [])
     if not isinstance(carried, (list, tuple)) or any(r not in PRED_INVALID_REASONS for r in carried):
         raise _fail(where, f"pred_invalid must be a list of {PRED_INVALID_REASONS}, got {carried!r}")
+    lvis_lists = {}
+    for key in RECORD_METADATA_KEYS:  # the LVIS lists: neg_descs, not_exhaustive_descs
+        items = rec.get(key, [])
+        if not isinstance(items, (list, tuple)) or not all(isinstance(d, str) for d in items):
+            raise _fail(where, f"{key} must be a list of desc strings (LVIS, docs/DATA.md), got {items!r}")
+        lvis_lists[key] = tuple(items)
+    samples = rec.get("samples", [])
+    if not isinstance(samples, (list, tuple)) or not all(isinstance(x, Mapping) for x in samples):
+        raise _fail(where, f"samples must be a list of {{'pred': [...]}} (Oracle-K rollouts), got {type(samples).__name__}")
+    parsed_samples = tuple(_parse_preds(x.get("pred") or [], f"{where} samples[{k}]")[0] for k, x in enumerate(samples))
     return DetectionRecord(
+        **lvis_lists,
+        samples=parsed_samples,
+        lvis=any(k in rec for k in lvis_lists),
         image_id=rec["image_id"],
         width=int(width) if float(width).is_integer() else width,
         height=int(height) if float(height).is_integer() else height,
@@ -343,38 +373,83 @@ def _zero_metrics(f1_keys: tuple[str, str, str], gt_areas: Sequence[float]) -> d
     return out
 
 
-def evaluate_detection(
-    records: Sequence[Mapping | DetectionRecord],
-    *,
-    iou_type: str = "bbox",
-    backend: str = "pycocotools",
-    f1_iou: float = 0.5,
-    coords: str = "pixel",
-) -> DetectionReport:
-    """COCO bbox metrics + greedy F1 over GT-vs-prediction records (see module docstring).
+METRIC_FAMILIES = ("coco", "lvis", "f1ish", "both")
 
-    Args:
-        records: one per image, mapping or :class:`DetectionRecord`; ``image_id`` unique.
-        iou_type: only ``"bbox"``.
-        backend: ``"pycocotools"`` or ``"faster_coco_eval"`` (optional package).
-        f1_iou: IoU threshold of the F1/precision/recall metrics (Rex-Omni style: per
-            image and category, predictions greedily by descending score take the unmatched
-            GT of highest IoU >= f1_iou; unknown-desc predictions are false positives).
-        coords: default box unit for records without a ``coords`` key: ``"pixel"`` or ``"bins"``.
 
-    An empty prediction set (or no GT at all) gives 0.0 metrics, not an exception; a size-range
-    metric (APs/APm/APl/ARs/ARm/ARl) with no GT in its range is ``NOT_EVALUATED`` (-1).
-    """
-    if iou_type != "bbox":
-        raise ValueError(f"iou_type must be 'bbox' (the only type CoordExp predicts), got {iou_type!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if coords not in COORD_MODES:
-        raise ValueError(f"coords must be one of {COORD_MODES}, got {coords!r}")
-    if not (0.0 < float(f1_iou) <= 1.0):
-        raise ValueError(f"f1_iou must be in (0, 1], got {f1_iou!r}")
-    f1_keys = (f"F1@{f1_iou:g}", f"precision@{f1_iou:g}", f"recall@{f1_iou:g}")
+@dataclass
+class _Prepared:
+    """The evaluated set in COCO form plus each image's mapped objects (for F1 / F1-ish / artifacts)."""
 
+    images: list[dict]
+    categories: list[dict]
+    gt_anns: list[dict]
+    dt_anns: list[dict]
+    counters: dict[str, int]
+    per_image: list[dict]
+
+
+def _counters(recs: Sequence[DetectionRecord], n_categories: int) -> dict[str, int]:
+    return {
+        "images": len(recs), "categories": n_categories, "gt_objects": 0, "pred_objects": 0,
+        "pred_unmapped_count": 0, "pred_exact_count": 0, "pred_semantic_count": 0,
+        "pred_degenerate_count": 0, "pred_default_score_count": 0, "pred_invalid_count": 0,
+        **{f"pred_invalid_{reason}_count": 0 for reason in PRED_INVALID_REASONS},
+        "gt_degenerate_count": 0, "gt_small_count": 0, "gt_medium_count": 0, "gt_large_count": 0,
+        "images_without_pred_count": 0, "images_without_gt_count": 0,
+        "f1_tp_count": 0, "f1_fp_count": 0, "f1_fn_count": 0,
+    }  # fmt: skip
+
+
+def _prepare(recs: Sequence[DetectionRecord], mapper: CategoryMapper, f1_iou: float) -> _Prepared:
+    cat_ids = {name: k + 1 for k, name in enumerate(mapper.categories)}
+    counters = _counters(recs, len(cat_ids))
+    images, gt_anns, dt_anns, per_image = [], [], [], []
+    for img_idx, r in enumerate(recs, start=1):
+        images.append({"id": img_idx, "width": r.width, "height": r.height,
+                       "neg_category_ids": sorted(cat_ids[normalize_desc(d)] for d in r.neg_descs),
+                       "not_exhaustive_category_ids": sorted(cat_ids[normalize_desc(d)] for d in r.not_exhaustive_descs)})
+        counters["gt_objects"] += len(r.gt)
+        counters["pred_objects"] += len(r.pred)
+        counters["pred_invalid_count"] += len(r.pred_invalid)
+        for reason in r.pred_invalid:
+            counters[f"pred_invalid_{reason}_count"] += 1
+        counters["images_without_pred_count"] += int(len(r.pred) == 0)
+        counters["images_without_gt_count"] += int(len(r.gt) == 0)
+        gt_boxes = [_pixel_box(o, r) for o in r.gt]
+        gt_cats = [normalize_desc(o.desc) for o in r.gt]
+        for box, cat in zip(gt_boxes, gt_cats):
+            xywh = _xywh(box)
+            area = xywh[2] * xywh[3]
+            counters["gt_degenerate_count"] += int(_is_degenerate(box))
+            bucket = "small" if area < _SMALL_MAX else "medium" if area < _MEDIUM_MAX else "large"
+            counters[f"gt_{bucket}_count"] += 1
+            gt_anns.append({"id": len(gt_anns) + 1, "image_id": img_idx, "category_id": cat_ids[cat],
+                            "bbox": xywh, "area": area, "iscrowd": 0})
+        pred_boxes = [_pixel_box(o, r) for o in r.pred]
+        scores = [1.0 if o.score is None else float(o.score) for o in r.pred]
+        maps = mapper.map_many([o.desc for o in r.pred])
+        for o, box, score, m in zip(r.pred, pred_boxes, scores, maps):
+            counters["pred_default_score_count"] += int(o.score is None)
+            counters["pred_degenerate_count"] += int(_is_degenerate(box))
+            counters[f"pred_{m.kind}_count"] += 1
+            if m.category is None:
+                continue  # dropped for AP (counted above); a false positive for F1
+            xywh = _xywh(box)
+            dt_anns.append({"id": len(dt_anns) + 1, "image_id": img_idx, "category_id": cat_ids[m.category],
+                            "bbox": xywh, "area": xywh[2] * xywh[3], "iscrowd": 0, "score": score})
+        tp = _greedy_f1_counts(list(zip(gt_cats, gt_boxes)),
+                               [(m.category, b, s) for m, b, s in zip(maps, pred_boxes, scores) if m.category is not None],
+                               f1_iou)
+        counters["f1_tp_count"] += tp
+        counters["f1_fp_count"] += len(r.pred) - tp  # unmapped predictions are FP too
+        counters["f1_fn_count"] += len(r.gt) - tp
+        per_image.append({"record": r, "gt_boxes": gt_boxes, "gt_cats": gt_cats, "pred_boxes": pred_boxes,
+                          "scores": scores, "maps": maps})
+    categories = [{"id": i, "name": n} for n, i in cat_ids.items()]
+    return _Prepared(images, categories, gt_anns, dt_anns, counters, per_image)
+
+
+def _validated(records: Sequence[Mapping | DetectionRecord], coords: str) -> list[DetectionRecord]:
     recs = [to_detection_record(r, coords=coords, where=f"records[{i}]") for i, r in enumerate(records)]
     seen: dict[Any, int] = {}
     for i, r in enumerate(recs):
@@ -385,94 +460,136 @@ def evaluate_detection(
                 "each image must appear once (merge its gt/pred lists)"
             )
         seen[key] = i
+    return recs
 
-    cat_names = sorted({normalize_desc(o.desc) for r in recs for o in r.gt})
-    cat_ids = {name: k + 1 for k, name in enumerate(cat_names)}
 
-    counters = {
-        "images": len(recs),
-        "categories": len(cat_names),
-        "gt_objects": 0,
-        "pred_objects": 0,
-        "pred_unknown_desc_count": 0,
-        "pred_degenerate_count": 0,
-        "pred_default_score_count": 0,
-        "pred_invalid_count": 0,
-        **{f"pred_invalid_{reason}_count": 0 for reason in PRED_INVALID_REASONS},
-        "gt_degenerate_count": 0,
-        "gt_small_count": 0,
-        "gt_medium_count": 0,
-        "gt_large_count": 0,
-        "images_without_pred_count": 0,
-        "images_without_gt_count": 0,
-        "f1_tp_count": 0,
-        "f1_fp_count": 0,
-        "f1_fn_count": 0,
-    }
-    images, gt_anns, dt_anns = [], [], []
-    for img_idx, r in enumerate(recs, start=1):
-        images.append({"id": img_idx, "width": r.width, "height": r.height})
-        counters["gt_objects"] += len(r.gt)
-        counters["pred_objects"] += len(r.pred)
-        counters["pred_invalid_count"] += len(r.pred_invalid)
-        for reason in r.pred_invalid:
-            counters[f"pred_invalid_{reason}_count"] += 1
-        counters["images_without_pred_count"] += int(len(r.pred) == 0)
-        counters["images_without_gt_count"] += int(len(r.gt) == 0)
-        gts_img = []
-        for o in r.gt:
-            box = _pixel_box(o, r)
-            cat = normalize_desc(o.desc)
-            xywh = _xywh(box)
-            area = xywh[2] * xywh[3]
-            counters["gt_degenerate_count"] += int(_is_degenerate(box))
-            bucket = "small" if area < _SMALL_MAX else "medium" if area < _MEDIUM_MAX else "large"
-            counters[f"gt_{bucket}_count"] += 1
-            gt_anns.append(
-                {"id": len(gt_anns) + 1, "image_id": img_idx, "category_id": cat_ids[cat],
-                 "bbox": xywh, "area": area, "iscrowd": 0}
-            )  # fmt: skip
-            gts_img.append((cat, box))
-        preds_img = []
-        for o in r.pred:
-            box = _pixel_box(o, r)
-            cat = normalize_desc(o.desc)
-            score = 1.0 if o.score is None else float(o.score)
-            counters["pred_default_score_count"] += int(o.score is None)
-            counters["pred_degenerate_count"] += int(_is_degenerate(box))
-            if cat not in cat_ids:
-                counters["pred_unknown_desc_count"] += 1
-                continue
-            xywh = _xywh(box)
-            dt_anns.append(
-                {"id": len(dt_anns) + 1, "image_id": img_idx, "category_id": cat_ids[cat],
-                 "bbox": xywh, "area": xywh[2] * xywh[3], "iscrowd": 0, "score": score}
-            )  # fmt: skip
-            preds_img.append((cat, box, score))
-        tp = _greedy_f1_counts(gts_img, preds_img, float(f1_iou))
-        counters["f1_tp_count"] += tp
-        counters["f1_fp_count"] += len(r.pred) - tp  # unknown-desc predictions are FP too
-        counters["f1_fn_count"] += len(r.gt) - tp
-
-    metrics = _zero_metrics(f1_keys, [a["area"] for a in gt_anns])
-    per_category = {name: 0.0 for name in cat_names}
-    if gt_anns and dt_anns:
-        stats, precision = _run_coco(backend, images, [{"id": i, "name": n} for n, i in cat_ids.items()], gt_anns, dt_anns)
+def _coco_metrics(prep: _Prepared, backend: str) -> tuple[dict[str, float], dict[str, float]]:
+    metrics = _zero_metrics((), [a["area"] for a in prep.gt_anns])
+    per_category = {c["name"]: 0.0 for c in prep.categories}
+    if prep.gt_anns and prep.dt_anns:
+        stats, precision = _run_coco(backend, prep.images, prep.categories, prep.gt_anns, prep.dt_anns)
         for name, v in zip(COCO_METRIC_NAMES, stats):
             # -1 = no GT in this size range (not evaluated); the overall metrics always have GT here.
             metrics[name] = float(v) if v >= 0 else (NOT_EVALUATED if name in AREA_METRICS else 0.0)
         # precision: [T iou, R recall, K cat, A area(all=0), M maxDets(100=last)]
-        for name, cid in cat_ids.items():
-            p = precision[:, :, cid - 1, 0, -1]
+        for c in prep.categories:
+            p = precision[:, :, c["id"] - 1, 0, -1]
             valid = p[p > -1]
-            per_category[name] = float(valid.mean()) if valid.size else 0.0
+            per_category[c["name"]] = float(valid.mean()) if valid.size else 0.0
+    return metrics, per_category
 
-    tp, fp, fn = counters["f1_tp_count"], counters["f1_fp_count"], counters["f1_fn_count"]
+
+def evaluate_detection(
+    records: Sequence[Mapping | DetectionRecord],
+    *,
+    iou_type: str = "bbox",
+    backend: str = "pycocotools",
+    f1_iou: float = 0.5,
+    coords: str = "pixel",
+    semantic: Any = None,
+    metrics: str = "coco",
+    f1ish_iou: Sequence[float] = F1ISH_DEFAULT_IOUS,
+) -> DetectionReport:
+    """COCO (or LVIS) bbox metrics, greedy F1 and F1-ish over GT-vs-prediction records (module docstring).
+
+    Args:
+        records: one per image, mapping or :class:`DetectionRecord`; ``image_id`` unique.
+        iou_type: only ``"bbox"``.
+        backend: ``"pycocotools"`` or ``"faster_coco_eval"`` (optional package).
+        f1_iou: IoU threshold of the F1/precision/recall metrics (Rex-Omni style: per
+            image and category, predictions greedily by descending score take the unmatched
+            GT of highest IoU >= f1_iou; unmapped predictions are false positives).
+        coords: default box unit for records without a ``coords`` key: ``"pixel"`` or ``"bins"``.
+        semantic: ``eval.semantic`` (``configs.types.SemanticConfig``) or None: exact normalised match only.
+        metrics: ``coco`` | ``lvis`` | ``f1ish`` | ``both`` (``eval.f1ish`` is always computed; ``f1ish``
+            skips COCO; ``lvis``, also chosen when a record carries ``neg_descs`` /
+            ``not_exhaustive_descs``, runs the federated LVIS evaluation instead of COCO).
+        f1ish_iou: the F1-ish IoU thresholds (``eval.f1ish.iou_thresholds``).
+
+    An empty prediction set (or no GT at all) gives 0.0 metrics, not an exception; a size-range
+    metric (APs/APm/APl/ARs/ARm/ARl) with no GT in its range is ``NOT_EVALUATED`` (-1).
+    """
+    from eval.semantic import load_encoder
+
+    if iou_type != "bbox":
+        raise ValueError(f"iou_type must be 'bbox' (the only type CoordExp predicts), got {iou_type!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if coords not in COORD_MODES:
+        raise ValueError(f"coords must be one of {COORD_MODES}, got {coords!r}")
+    if metrics not in METRIC_FAMILIES:
+        raise ValueError(f"metrics must be one of {METRIC_FAMILIES}, got {metrics!r}")
+    if not (0.0 < float(f1_iou) <= 1.0):
+        raise ValueError(f"f1_iou must be in (0, 1], got {f1_iou!r}")
+    f1_keys = (f"F1@{f1_iou:g}", f"precision@{f1_iou:g}", f"recall@{f1_iou:g}")
+
+    recs = _validated(records, coords)
+    lvis = metrics == "lvis" or any(r.lvis for r in recs)
+    names = sorted({normalize_desc(d) for r in recs for d in (*(o.desc for o in r.gt), *r.neg_descs,
+                                                                *r.not_exhaustive_descs)})
+    threshold = float(getattr(semantic, "threshold", 0.6)) if semantic is not None else 0.6
+    mapper = CategoryMapper(names, load_encoder(semantic) if semantic is not None else None, threshold)
+    prep = _prepare(recs, mapper, float(f1_iou))
+
+    if lvis:
+        from eval.lvis_eval import lvis_metrics
+
+        out, per_category = lvis_metrics(prep.images, prep.categories, prep.gt_anns, prep.dt_anns)
+    elif metrics == "f1ish":
+        out, per_category = {}, {}
+    else:
+        out, per_category = _coco_metrics(prep, backend)
+    tp, fp, fn = (prep.counters[f"f1_{k}_count"] for k in ("tp", "fp", "fn"))
     prec, rec, f1 = precision_recall_f1(tp, tp + fp, tp + fn)
-    metrics[f1_keys[0]] = f1
-    metrics[f1_keys[1]] = prec
-    metrics[f1_keys[2]] = rec
-    return DetectionReport(metrics=metrics, per_category=per_category, counters=counters, backend=backend, f1_iou=float(f1_iou))
+    out.update(zip(f1_keys, (f1, prec, rec)))
+    per_image_f1ish, f1ish = _f1ish(prep.per_image, tuple(float(t) for t in f1ish_iou))
+    oracle = _oracle_k(recs, prep.per_image, mapper, tuple(float(t) for t in f1ish_iou))
+    return DetectionReport(metrics=out, per_category=per_category, counters=prep.counters, backend="lvis" if lvis else backend,
+                           f1_iou=float(f1_iou), f1ish=f1ish, oracle_k=oracle, semantic_model=getattr(semantic, "model", None),
+                           images=prep.per_image, image_f1ish=per_image_f1ish,
+                           coco_gt={"images": prep.images, "categories": prep.categories, "annotations": prep.gt_anns},
+                           coco_preds=[{k: a[k] for k in ("image_id", "category_id", "bbox", "score")} for a in prep.dt_anns])
+
+
+def _oracle_k(recs: Sequence[DetectionRecord], per_image: Sequence[dict], mapper: CategoryMapper,
+              thresholds: tuple[float, ...]) -> dict[str, float]:
+    """Oracle-K recall and F1 at each threshold (eval.f1ish.oracle_image) over the records' sampled rollouts."""
+    ks = {len(r.samples) for r in recs}
+    if not ks or ks == {0}:
+        return {}
+    if len(ks) != 1:
+        raise ValueError(f"Oracle-K needs the same number of samples on every record, got {sorted(ks)}")
+    rollouts = []  # per image, per sample: (mapped categories, ious[p][g])
+    for r, img in zip(recs, per_image):
+        rollouts.append([([m.category for m in mapper.map_many([o.desc for o in s])],
+                          [[box_iou(_pixel_box(o, r), g) for g in img["gt_boxes"]] for o in s]) for s in r.samples])
+    out: dict[str, float] = {"oracle_k_samples": ks.pop()}
+    n_gt = sum(len(img["gt_cats"]) for img in per_image)
+    for thr in thresholds:
+        found, best = 0, []
+        for img, samples in zip(per_image, rollouts):
+            n, res = oracle_image(img["gt_cats"], samples, thr)
+            found += n
+            best.append(res)
+        out.update(oracle_summarize(found, n_gt, best, thr))
+    return out
+
+
+def _f1ish(per_image: Sequence[dict], thresholds: tuple[float, ...]) -> tuple[list[dict], dict[str, float]]:
+    """F1-ish of every image at every threshold and scope (eval.f1ish), and the summaries."""
+    rows: list[dict] = [{} for _ in per_image]
+    summary: dict[str, float] = {}
+    for thr in thresholds:
+        for scope in F1ISH_SCOPES:
+            prefix = f1ish_key(thr, scope)
+            results = []
+            for row, img in zip(rows, per_image):
+                ious = [[box_iou(p, g) for g in img["gt_boxes"]] for p in img["pred_boxes"]]
+                res = image_f1ish(img["gt_cats"], [m.category for m in img["maps"]], ious, thr, scope)
+                row[prefix] = res
+                results.append(res)
+            summary.update(f1ish_summarize(results, prefix))
+    return rows, summary
 
 
 # --------------------------------------------------------------------------- JSONL I/O
@@ -483,11 +600,17 @@ def record_to_json(rec: Mapping | DetectionRecord) -> dict[str, Any]:
     if r.image is not None:
         out["image"] = r.image
     out.update({"width": r.width, "height": r.height, "coords": r.coords})
+    if r.lvis:
+        out.update(neg_descs=list(r.neg_descs), not_exhaustive_descs=list(r.not_exhaustive_descs))
     out["gt"] = [{"desc": o.desc, "bbox_2d": list(o.bbox_2d)} for o in r.gt]
-    out["pred"] = [
-        {"desc": o.desc, "bbox_2d": list(o.bbox_2d), **({} if o.score is None else {"score": o.score})} for o in r.pred
-    ]
+    out["pred"] = _objects_json(r.pred)
+    if r.samples:
+        out["samples"] = [{"pred": _objects_json(s)} for s in r.samples]
     return out
+
+
+def _objects_json(objs: Sequence[DetectionObject]) -> list[dict[str, Any]]:
+    return [{"desc": o.desc, "bbox_2d": list(o.bbox_2d), **({} if o.score is None else {"score": o.score})} for o in objs]
 
 
 def write_predictions_jsonl(path: str | Path, records: Sequence[Mapping | DetectionRecord], extra: Sequence[Mapping] | None = None) -> Path:
@@ -566,3 +689,21 @@ def _is_valid_pred(obj: Any) -> bool:
 def read_predictions_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read predictions.jsonl strictly (:func:`read_predictions`); the records as dicts."""
     return read_predictions(path).records
+
+
+def read_lvis_lists(jsonl: str | Path) -> dict[str, dict[str, list]]:
+    """image_id -> the LVIS lists (``data.records.RECORD_METADATA_KEYS``) of a data JSONL's lines that carry them.
+
+    ``data.types.Record`` does not hold them; eval.infer and in-loop eval put them back into
+    predictions.jsonl so the federated evaluation sees them. Lines are assumed valid (read_jsonl ran).
+    """
+    from data.records import iter_utf8_lines
+
+    out: dict[str, dict[str, list]] = {}
+    for _, line, _ in iter_utf8_lines(Path(jsonl)):
+        if not line or not any(k in line for k in RECORD_METADATA_KEYS):
+            continue
+        raw = json.loads(line)
+        if isinstance(raw, dict) and any(k in raw for k in RECORD_METADATA_KEYS):
+            out[str(raw.get("image_id", raw.get("image")))] = {k: list(raw.get(k, [])) for k in RECORD_METADATA_KEYS}
+    return out

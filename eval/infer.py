@@ -2,6 +2,7 @@
 
     python -m eval.infer --checkpoint runs/x/checkpoint-1000 --jsonl data/val.jsonl --out preds.jsonl \\
         [--batch-size 8|auto] [--max-new-tokens 512] [--limit 100] [--backend hf|vllm] [--cache static|dynamic]
+        [--num-samples K --temperature 1.0 --seed 0]   # Oracle-K: K sampled rollouts per image as well
 
 Greedy batched generation with the training's generation backends (``rollout_matching.backend``,
 ``rollout_matching.hf.*``; ``rollout.backends.make_generation_backend``) and a progress bar; every answer is salvage-parsed, matched to GT
@@ -16,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from configs.errors import InputError, add_debug_flag, run_cli
-from eval.detection import write_predictions_jsonl
-from eval.inloop import predict_records, rollout_metrics
+from eval.detection import read_lvis_lists, write_predictions_jsonl
+from eval.inloop import add_sampled_rollouts, predict_records, rollout_metrics
 from eval.scores import SCORE_MODES
 
 
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rollout_matching.hf.cache")
     p.add_argument("--compile", default=_default("rollout_matching.hf.compile"), choices=_enum("rollout_matching.hf.compile"),
                    help="rollout_matching.hf.compile")
+    p.add_argument("--num-samples", type=int, default=0,
+                   help="Oracle-K: also write K sampled rollouts per image (samples: [{pred}]); eval.evaluate reports "
+                   "the recall / F1 any of them reaches")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the --num-samples rollouts")
+    p.add_argument("--seed", type=int, default=0, help="sampled rollout k uses seed + k (reproducible)")
     return add_debug_flag(p)
 
 
@@ -105,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
+    if args.num_samples < 0 or (args.num_samples and not args.temperature > 0):
+        raise InputError(f"--num-samples must be >= 0 and --temperature > 0, got {args.num_samples}, {args.temperature}")
     records, data_report = read_jsonl(args.jsonl, image_root=args.image_root, coords=args.coords)
     if args.limit is not None:
         records = records[: args.limit]
@@ -126,7 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend=backend, batch_size=chunk, matching={"iou_gate": args.iou_gate},
         score_mode=args.score_mode, score_include_desc=args.score_include_desc, progress=True,
     )  # fmt: skip
-    path = write_predictions_jsonl(args.out, [r.detection_record() for r in results], extra=[r.extra() for r in results])
+    if args.num_samples:
+        add_sampled_rollouts(
+            results, model, loaded.tokenizer, loaded.coord_vocab, encoder, records, backend=backend,
+            num_samples=args.num_samples, temperature=args.temperature, seed=args.seed, batch_size=chunk,
+            matching={"iou_gate": args.iou_gate}, score_mode=args.score_mode, score_include_desc=args.score_include_desc,
+        )  # fmt: skip
+    lists = read_lvis_lists(args.jsonl)
+    path = write_predictions_jsonl(args.out, [{**r.detection_record(), **lists.get(r.image_id, {})} for r in results],
+                                   extra=[r.extra() for r in results])
     print(f"{data_report.records} records read from {args.jsonl}; {len(results)} predicted")
     for k, v in rollout_metrics(results).items():
         print(f"  {k:<40} {v:.4f}" if not k.endswith(("_total", "_count")) else f"  {k:<40} {int(v)}")

@@ -27,7 +27,8 @@ from typing import Any
 
 from data.records import bins_to_pixels
 from data.types import Record
-from eval.detection import evaluate_detection, write_predictions_jsonl
+from eval.artifacts import write_artifacts
+from eval.detection import F1ISH_DEFAULT_IOUS, METRIC_FAMILIES, evaluate_detection, write_predictions_jsonl
 from eval.evaluate import write_metrics_json
 from eval.scores import SCORE_MODES, score_objects
 from rollout.metrics import precision_recall_f1, rollout_counters
@@ -66,10 +67,16 @@ class SampleResult:
     finished: bool
     matched_iou_sum: float
     counters: dict[str, float] = field(default_factory=dict)
+    samples: list[list[dict]] = field(default_factory=list)  # Oracle-K: the valid predictions of K sampled rollouts
+    lvis: dict[str, list] = field(default_factory=dict)  # the record's LVIS lists (neg_descs, not_exhaustive_descs)
 
     def detection_record(self) -> dict[str, Any]:
-        return {"image_id": self.image_id, "image": self.image, "width": self.width, "height": self.height,
-                "coords": "pixel", "gt": self.gt, "pred": self.pred}  # fmt: skip
+        out = {"image_id": self.image_id, "image": self.image, "width": self.width, "height": self.height,
+               "coords": "pixel", "gt": self.gt, "pred": self.pred}  # fmt: skip
+        out.update(self.lvis)
+        if self.samples:
+            out["samples"] = [{"pred": p} for p in self.samples]
+        return out
 
     def extra(self) -> dict[str, Any]:
         """Debug keys written beside each predictions.jsonl line (ignored by the evaluator)."""
@@ -241,6 +248,27 @@ def predict_records(
     return results
 
 
+def add_sampled_rollouts(results: Sequence[SampleResult], model, tokenizer, coord_vocab, encoder,
+                         records: Sequence[Record], *, backend, num_samples: int, temperature: float, seed: int,
+                         **kwargs: Any) -> None:
+    """Oracle-K: ``num_samples`` sampled rollouts of each result's record, stored in ``result.samples``.
+
+    Rollout ``k`` generates with ``backend.derive(temperature=temperature)`` whose generator is seeded
+    with ``seed + k`` first, so the same seed, records and batch size give the same rollouts.
+    ``kwargs``: :func:`predict_records`'s (``batch_size``, ``matching``, ``score_mode`` ...).
+    """
+    if num_samples < 1 or not temperature > 0:
+        raise ValueError(f"Oracle-K needs num_samples >= 1 and temperature > 0, got {num_samples}, {temperature}")
+    sampler = backend.derive(temperature=float(temperature), batch_size=getattr(backend, "batch_size", 8))
+    indices = [r.index for r in results]
+    for k in range(num_samples):
+        sampler.generator.manual_seed(int(seed) + k)
+        sampled = predict_records(model, tokenizer, coord_vocab, encoder, records, indices=indices, backend=sampler,
+                                  **kwargs)
+        for res, smp in zip(results, sampled, strict=True):
+            res.samples.append(smp.pred)
+
+
 # ------------------------------------------------------------------ distributed
 def _gather_object(items: list) -> list:
     """All ranks' lists concatenated (every rank receives everything)."""
@@ -295,6 +323,8 @@ def run_rollout_eval(
     backend=None,
     step: int | None = None,
     progress: bool = False,
+    eval_cfg: Any = None,
+    lvis_lists: Mapping[str, Mapping[str, list]] | None = None,
 ) -> dict[str, float]:
     """Greedy rollout eval of ``records``; returns the ``eval/rollout/*`` payload (same on every rank).
 
@@ -308,6 +338,10 @@ def run_rollout_eval(
     out_dir:        ``<run_dir>/eval/step_<N>``; receives predictions.jsonl and metrics.json (main process)
     step:           the optimizer step evaluated (written into metrics.json and the summary line)
     progress:       a generation progress bar on the main process (drawn on a terminal only)
+    lvis_lists:     image_id -> LVIS lists (``eval.detection.read_lvis_lists`` of the val JSONL): such records get
+                    the federated LVIS evaluation, and predictions.jsonl keeps the lists
+    eval_cfg:       ``cfg.eval`` (``semantic``, ``f1ish``, ``oracle``, ``artifacts_max_images``); None = the
+                    defaults (exact desc match, F1-ish at 0.3 / 0.5, no Oracle-K, artifacts of at most 2000 images)
 
     The main process logs one summary line (:func:`summary_line`: mAP, AP50, F1, parse-valid rate).
 
@@ -316,8 +350,13 @@ def run_rollout_eval(
     """
     enabled = bool(_cfg(eval_detection, "enabled", True))
     metrics_kind = _cfg(eval_detection, "metrics", "coco")
-    if metrics_kind != "coco":
-        raise ValueError(f"rollout_matching.eval_detection.metrics must be 'coco', got {metrics_kind!r}")
+    if metrics_kind not in METRIC_FAMILIES:
+        raise ValueError(f"rollout_matching.eval_detection.metrics must be one of {METRIC_FAMILIES}, got {metrics_kind!r}")
+    f1ish_cfg = _cfg(eval_cfg, "f1ish", None)
+    f1ish_iou = tuple(_cfg(f1ish_cfg, "iou_thresholds", F1ISH_DEFAULT_IOUS))
+    primary_iou = float(_cfg(f1ish_cfg, "primary_iou", 0.5))
+    semantic = _cfg(eval_cfg, "semantic", None)
+    max_images = int(_cfg(eval_cfg, "artifacts_max_images", 2000))
     score_mode = _cfg(eval_detection, "score_mode", "token_prob")
     include_desc = bool(_cfg(eval_detection, "score_include_desc", False))
 
@@ -325,6 +364,7 @@ def run_rollout_eval(
     t0 = time.perf_counter()
     was_training = bool(getattr(model, "training", False))
     model.eval()
+    oracle = _cfg(eval_cfg, "oracle", None)
     try:
         local = predict_records(
             model, tokenizer, coord_vocab, encoder, records,
@@ -332,28 +372,34 @@ def run_rollout_eval(
             batch_size=batch_size, matching=matching, score_mode=score_mode, score_include_desc=include_desc,
             progress=progress and is_main,
         )  # fmt: skip
+        if int(_cfg(oracle, "k", 0)) > 0:
+            if backend is None:
+                from rollout.backends import HFGenerationBackend
+
+                backend = HFGenerationBackend(model, tokenizer, **dict(backend_kwargs or {}))
+            add_sampled_rollouts(local, model, tokenizer, coord_vocab, encoder, records, backend=backend,
+                                 num_samples=int(oracle.k), temperature=float(_cfg(oracle, "temperature", 1.0)),
+                                 seed=int(_cfg(oracle, "seed", 0)) + 1000 * rank, batch_size=batch_size,
+                                 matching=matching, score_mode=score_mode, score_include_desc=include_desc)
     finally:
         if was_training:
             model.train()
     results = gather_results(local, len(records), accelerator)
+    for r in results:
+        r.lvis = dict((lvis_lists or {}).get(r.image_id, {}))
     payload = rollout_metrics(results)
 
     coco_value = None
     if is_main:
         report, error = None, None
         if enabled:
-            try:
-                report = evaluate_detection([r.detection_record() for r in results])
-                coco_value = float(report.metrics["AP"])
-                if not math.isfinite(coco_value):
-                    raise FloatingPointError(f"COCO AP is {coco_value}")
-            except Exception as e:  # noqa: BLE001 - a broken eval must never stop training
-                error = f"{type(e).__name__}: {e}"
-                logger.warning("eval/rollout/mAP: COCO evaluation failed (%s); logging 0.0 and continuing", error)
-                report, coco_value = None, 0.0
+            report, coco_value, error = _detection_report(results, semantic=semantic, metrics=metrics_kind,
+                                                          f1ish_iou=f1ish_iou)
         seconds = time.perf_counter() - t0
         if out_dir is not None:
             _write_outputs(Path(out_dir), results, report, payload, coco_value, error, step, seconds)
+            if report is not None:
+                _write_artifacts(Path(out_dir), report, primary_iou, max_images)
         # on the training console and train.log (the "coordexp" logger's handlers), not only in files
         logging.getLogger("coordexp").info(summary_line(step, payload, report, seconds))
     if enabled:
@@ -361,6 +407,20 @@ def run_rollout_eval(
             coco_value = _broadcast_object(coco_value)
         payload[PREFIX + "mAP"] = float(coco_value if coco_value is not None else 0.0)
     return payload
+
+
+def _detection_report(results: Sequence[SampleResult], **kwargs: Any) -> tuple[Any, float, str | None]:
+    """(report, mAP, error) of :func:`evaluate_detection` on the results; any failure gives (None, 0.0, message)."""
+    try:
+        report = evaluate_detection([r.detection_record() for r in results], **kwargs)
+        coco_value = float(report.metrics.get("AP", 0.0))  # metrics f1ish: no AP, 0.0
+        if not math.isfinite(coco_value):
+            raise FloatingPointError(f"COCO AP is {coco_value}")
+        return report, coco_value, None
+    except Exception as e:  # noqa: BLE001 - a broken eval must never stop training
+        error = f"{type(e).__name__}: {e}"
+        logger.warning("eval/rollout/mAP: COCO evaluation failed (%s); logging 0.0 and continuing", error)
+        return None, 0.0, error
 
 
 def summary_line(step: int | None, payload: Mapping[str, float], report: Any, seconds: float) -> str:
@@ -377,6 +437,13 @@ def summary_line(step: int | None, payload: Mapping[str, float], report: Any, se
     return (f"eval {where}: mAP {coco('AP')} AP50 {coco('AP50')} F1 {payload.get(PREFIX + 'f1', 0.0):.4f} "
             f"parse-valid {payload.get(PREFIX + 'parse_valid_rate', 0.0):.2f} "
             f"({int(payload.get(PREFIX + 'samples_total', 0))} images, {seconds:.1f}s)")
+
+
+def _write_artifacts(out_dir: Path, report: Any, primary_iou: float, max_images: int) -> None:
+    try:  # like _write_outputs: a full disk or a bad path must not kill the run
+        write_artifacts(out_dir, report, primary_iou=primary_iou, max_images=max_images)
+    except OSError as e:
+        logger.warning("rollout eval: could not write the artifacts in %s (%s)", out_dir, e)
 
 
 def _write_outputs(out_dir, results, report, payload, coco_value, error, step, seconds) -> None:

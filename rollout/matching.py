@@ -69,15 +69,20 @@ def hungarian_match(
     iou_gate: float = MatchingConfig.iou_gate,
     fp_cost: float = MatchingConfig.fp_cost,
     fn_cost: float = MatchingConfig.fn_cost,
+    desc_sim: Sequence[Sequence[float]] | np.ndarray | None = None,
+    desc_gate: float | None = None,
 ) -> MatchResult:
     """Match ``pred_bins [P, 4]`` to ``gt_bins [G, 4]`` (bins); see the module docstring.
 
     iou_gate: ``rollout_matching.matching.iou_gate``, pairs with IoU below it never match (0..1)
     fp_cost / fn_cost: cost of leaving a prediction / a GT unmatched (> 0); out-of-range values raise
     ``configs.ConfigError`` (a ValueError) naming the key
+    desc_sim / desc_gate: ``[P, G]`` desc similarities (:func:`desc_similarity_matrix`) and
+    ``rollout_matching.matching.desc_gate``: with a gate, a pair also needs ``desc_sim >= desc_gate``;
+    pairs above the IoU gate refused by it are counted in ``MatchResult.desc_gate_rejected``
     Returns pairs sorted by prediction index, plus unmatched prediction (fp) and GT (fn) indices.
     """
-    MatchingConfig(iou_gate, fp_cost, fn_cost)  # defaults and ranges: the rollout_matching.matching declaration
+    MatchingConfig(iou_gate, fp_cost, fn_cost, desc_gate)  # defaults and ranges: the rollout_matching.matching declaration
     p_arr = _check_boxes("pred_bins", pred_bins)
     g_arr = _check_boxes("gt_bins", gt_bins)
     P, G = p_arr.shape[0], g_arr.shape[0]
@@ -86,6 +91,13 @@ def hungarian_match(
 
     iou = iou_matrix(p_arr, g_arr)
     feasible = iou >= iou_gate
+    rejected = 0
+    if desc_gate is not None:
+        if desc_sim is None or np.shape(desc_sim) != (P, G):
+            raise ValueError(f"desc_gate needs desc_sim of shape ({P}, {G}), got {None if desc_sim is None else np.shape(desc_sim)}")
+        desc_ok = np.asarray(desc_sim, dtype=np.float64) >= desc_gate
+        rejected = int((feasible & ~desc_ok).sum())
+        feasible &= desc_ok
     pair_units = np.rint((1.0 - iou) * _QUANT)
     fp_units = float(np.rint(fp_cost * _QUANT))
     fn_units = float(np.rint(fn_cost * _QUANT))
@@ -119,7 +131,33 @@ def hungarian_match(
         ious=[float(iou[i, j]) for i, j in pairs],
         num_pred=P,
         num_gt=G,
+        desc_gate_rejected=rejected,
     )
 
 
-__all__ = ["hungarian_match", "iou_matrix"]
+def desc_similarity_matrix(pred_descs: Sequence[str | None], gt_descs: Sequence[str], encoder=None) -> np.ndarray:
+    """``[P, G]`` desc similarity: 1 for equal normalised descs (``eval.semantic.normalize_desc``), else the
+    encoder's cosine (``eval.semantic.DescEncoder``), or 0 without an encoder; a missing desc is 0."""
+    from eval.semantic import normalize_desc
+
+    P, G = len(pred_descs), len(gt_descs)
+    out = np.zeros((P, G), dtype=np.float64)
+    if P == 0 or G == 0:
+        return out
+    if encoder is not None:
+        known = [i for i, d in enumerate(pred_descs) if d is not None]
+        if known:
+            out[known] = encoder.embed([pred_descs[i] for i in known]) @ encoder.embed(list(gt_descs)).T
+    gt_norm = [normalize_desc(g) for g in gt_descs]
+    for i, d in enumerate(pred_descs):
+        if d is None:
+            out[i] = 0.0
+            continue
+        n = normalize_desc(d)
+        for j, g in enumerate(gt_norm):
+            if n == g:
+                out[i, j] = 1.0
+    return out
+
+
+__all__ = ["desc_similarity_matrix", "hungarian_match", "iou_matrix"]

@@ -16,7 +16,7 @@ from data.packing import collate_rows
 from data.types import EncodedSample, PackedBatch, Record
 from rollout.backends import GenerationBackend
 from rollout.builder import build_rollout_sample
-from rollout.matching import hungarian_match
+from rollout.matching import desc_similarity_matrix, hungarian_match
 from rollout.metrics import rollout_counters
 from rollout.packing import pack_rollout_samples
 from rollout.parser import parse_rollout
@@ -49,6 +49,7 @@ def prepare_rollout_batches(
     max_length: int,
     packing: bool,
     pad_token_id: int,
+    desc_encoder=None,
 ) -> list[RolloutBatch]:
     """Roll out every micro-batch (``groups``) of an accumulation window and build one teacher-forced
     rollout batch per micro-batch.
@@ -60,6 +61,11 @@ def prepare_rollout_batches(
     sequences are packed into rows of at most ``max_length`` tokens (a longer sequence raises with
     its length); off: one sequence per row. Each micro-batch's rows form one ``PackedBatch`` (one
     forward). The window's generation time is reported on the first micro-batch.
+
+    With ``matching.desc_gate`` set, a pair also needs desc similarity >= the gate
+    (``rollout.matching.desc_similarity_matrix`` with ``desc_encoder``, an ``eval.semantic.DescEncoder`` or
+    None for exact matching only); ``rollout/desc_gate_rejected_total`` counts the refused pairs and
+    ``rollout/desc_sim_mean`` (the matched pairs' mean similarity) is derived from internal sums.
     """
     if not groups or any(len(g) == 0 for g in groups):
         raise ValueError("prepare_rollout_batches: every micro-batch needs at least one record to roll out")
@@ -80,12 +86,21 @@ def prepare_rollout_batches(
         outputs = flat_outputs[start : start + len(records)]
         start += len(records)
         parsed_list, matches, samples = [], [], []
+        gate_sums = [0, 0.0, 0]  # desc gate: rejected pairs, similarity sum and count of the matched pairs
         for record, prompt, out in zip(records, group_prompts, outputs):
             parsed = parse_rollout(out.token_ids, tokenizer, coord_vocab)
             gt_bins = [o.bins for o in record.objects]
+            gate = getattr(matching, "desc_gate", None)
+            sims = None if gate is None else desc_similarity_matrix(
+                [o.desc for o in parsed.valid_objects], [o.desc for o in record.objects], desc_encoder)
             match = hungarian_match(
-                parsed.pred_bins, gt_bins, iou_gate=matching.iou_gate, fp_cost=matching.fp_cost, fn_cost=matching.fn_cost
+                parsed.pred_bins, gt_bins, iou_gate=matching.iou_gate, fp_cost=matching.fp_cost, fn_cost=matching.fn_cost,
+                desc_sim=sims, desc_gate=gate,
             )
+            if sims is not None:
+                gate_sums[0] += match.desc_gate_rejected
+                gate_sums[1] += float(sum(sims[i, j] for i, j in match.pairs))
+                gate_sums[2] += len(match.pairs)
             sample = build_rollout_sample(prompt, out.token_ids, parsed, match, record.objects, tokenizer, coord_vocab)
             sample.record = record
             parsed_list.append(parsed)
@@ -104,6 +119,10 @@ def prepare_rollout_batches(
         metrics["rollout/closure_scan_mismatch_count"] = float(
             sum(s.meta.counters.get("closure_scan_mismatch", 0) for s in samples)
         )
+        if getattr(matching, "desc_gate", None) is not None:
+            metrics["rollout/desc_gate_rejected_total"] = float(gate_sums[0])
+            metrics["rollout/_desc_sim_sum"] = gate_sums[1]  # internal: only rollout/desc_sim_mean is logged
+            metrics["rollout/_desc_sim_den"] = float(gate_sums[2])
         metrics["time/rollout_generate_s"] = generate_s if g == 0 else 0.0
         metrics["time/rollout_build_s"] = time.perf_counter() - t1
         metrics["rollout/generated_tokens_total"] = float(sum(len(o.token_ids) for o in outputs))

@@ -169,6 +169,7 @@ class MatchResult:
     ious: list[float]
     num_pred: int = 0
     num_gt: int = 0
+    desc_gate_rejected: int = 0  # pairs above the IoU gate refused by the desc gate (0 when the gate is off)
 
     @property
     def gt_of_pred(self) -> dict[int, int]:

@@ -77,3 +77,16 @@ def test_a_normal_run_checks_paths_before_the_model_loads(recipe_env, tmp_path, 
     with pytest.raises(UserError, match=r"^data.val_jsonl='.*val.jsonl': no such file"):
         train_stage1.main(argv)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_a_missing_semantic_model_is_one_error_line_at_start_up(dry, recipe_env, tmp_path, monkeypatch, capsys,
+                                                                no_weights):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COORDEXP_DEBUG", raising=False)
+    argv = ["--config", str(STAGE1_REAL), *_real_paths(recipe_env),
+            "--set", f"eval.semantic.model={tmp_path / 'no_encoder'}", *(["--dry-run"] if dry else [])]
+    assert run_cli(train_stage1.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: eval.semantic.model='{tmp_path / 'no_encoder'}': cannot load")
+    assert not (tmp_path / "runs").exists()

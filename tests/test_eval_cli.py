@@ -34,7 +34,7 @@ def test_offline_evaluator_reproduces_in_memory_metrics(tmp_path, capsys):
     assert saved["metrics"] == in_memory.metrics  # exact, not approx
     assert saved["per_category"] == in_memory.per_category
     assert saved["counters"] == {**in_memory.counters, "lines_skipped_count": 0}
-    assert saved["counters"]["pred_unknown_desc_count"] == 1
+    assert saved["counters"]["pred_unmapped_count"] == 1
     printed = capsys.readouterr().out
     assert "per-category AP (2 categories)" in printed and "dog" in printed
 
@@ -169,3 +169,44 @@ def test_malformed_prediction_in_a_file_is_dropped_and_counted(tmp_path, capsys)
     saved = json.loads(out.read_text())
     assert saved["counters"]["pred_invalid_count"] == 2 and saved["metrics"] == evaluate_detection(RECORDS).metrics
     assert "(not evaluated: no small GT)" in capsys.readouterr().out
+
+
+def test_out_dir_artifacts_hold_the_hand_worked_content(tmp_path):
+    """RECORDS at IoU 0.5, scope full: img0 cat pred IoU 0.95 (a TP), dog pred IoU 50*75/(90*75) = 0.556 (a TP),
+    bird unmapped (FP); img1 cat pred IoU 90*60/(110*60) = 0.818 (a TP)."""
+    import csv
+
+    path = write_predictions_jsonl(tmp_path / "predictions.jsonl", RECORDS)
+    assert evaluate_cli.main(["--predictions", str(path), "--out-dir", str(tmp_path / "ev")]) == 0
+    ev = tmp_path / "ev"
+    assert json.loads((ev / "metrics.json").read_text())["f1ish"]["f1ish@0.5_full_tp"] == 3
+    per_image = json.loads((ev / "per_image.json").read_text())["images"]
+    assert [(p["image_id"], p["pred_unmapped"]) for p in per_image] == [("img0", 1), ("img1", 0)]
+    assert per_image[0]["f1ish"]["f1ish@0.5_full"] == {
+        "tp": 2, "fp": 1, "fn": 0, "pred_ignored": 0, "precision": 2 / 3, "recall": 1.0, "f1": 0.8}
+    assert per_image[0]["f1ish"]["f1ish@0.5_annotated"]["pred_ignored"] == 1
+    lines = [json.loads(x) for x in (ev / "matches.jsonl").read_text().splitlines()]
+    m0 = lines[0]["matches"]
+    assert [(m["pred_index"], m["gt_index"], m["desc_match"], m["mapping"]) for m in m0] == [
+        (0, 0, True, "exact"), (1, 1, True, "exact")]
+    assert m0[1]["iou"] == pytest.approx(50 * 75 / (90 * 75)) and lines[0]["unmatched_pred"] == [2]
+    rows = list(csv.reader((ev / "per_class.csv").open()))
+    assert rows[0][:3] == ["category", "gt", "pred"]
+    by_name = {r[0]: r for r in rows[1:]}
+    assert by_name["cat"][1:3] == ["2", "2"] and by_name["cat"][4:] == ["2", "0", "0"]
+    assert by_name["<unmapped>"][4:] == ["0", "1", "0"]
+    gt = json.loads((ev / "coco_gt.json").read_text())
+    preds = json.loads((ev / "coco_preds.json").read_text())
+    assert [c["name"] for c in gt["categories"]] == ["cat", "dog"] and len(gt["annotations"]) == 3
+    assert len(preds) == 3 and set(preds[0]) == {"image_id", "category_id", "bbox", "score"}
+
+
+def test_a_missing_semantic_model_or_a_bad_threshold_is_one_error_line(tmp_path, capsys):
+    path = write_predictions_jsonl(tmp_path / "predictions.jsonl", RECORDS)
+    rc = run_cli(evaluate_cli.main, ["--predictions", str(path), "--semantic-model", str(tmp_path / "no_model"),
+                                     "--semantic-threshold", "0.7"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: eval.semantic.model=")
+    rc = run_cli(evaluate_cli.main, ["--predictions", str(path), "--semantic-threshold", "1.5",
+                                     "--semantic-model", "x"])
+    assert rc == 2 and "eval.semantic.threshold" in capsys.readouterr().err

@@ -105,14 +105,14 @@ def test_wrong_desc_cannot_match_and_is_counted():
     recs = [_rec(0, [{"desc": "cat", "bbox_2d": BOX}], [{"desc": "zebra", "bbox_2d": BOX, "score": 0.9}])]
     rep = evaluate_detection(recs)
     assert rep.metrics["AP"] == 0.0
-    assert rep.counters["pred_unknown_desc_count"] == 1
+    assert rep.counters["pred_unmapped_count"] == 1
     assert rep.counters["pred_objects"] == 1  # counted, not dropped
     assert rep.metrics["precision@0.5"] == 0.0 and rep.counters["f1_fp_count"] == 1
     # a desc of another GT category does not match either (the box is right, the class is not)
     recs = [_rec(0, [{"desc": "cat", "bbox_2d": BOX}, {"desc": "dog", "bbox_2d": [300, 0, 390, 90]}],
                  [{"desc": "dog", "bbox_2d": BOX}])]  # fmt: skip
     rep = evaluate_detection(recs)
-    assert rep.metrics["AP"] == 0.0 and rep.counters["pred_unknown_desc_count"] == 0
+    assert rep.metrics["AP"] == 0.0 and rep.counters["pred_unmapped_count"] == 0
 
 
 def test_desc_normalisation_matches_case_and_spacing():

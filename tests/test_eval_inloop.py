@@ -18,6 +18,7 @@ from data.records import read_jsonl
 from data.shapes import make_shapes_dataset
 from eval import evaluate as evaluate_cli
 from eval import infer, inloop
+from eval.artifacts import ARTIFACT_FILES
 from eval.detection import read_predictions_jsonl
 from model.tiny import build_tiny_checkpoint, build_tiny_in_memory
 from model.vocab import coord_vocab_from_tokenizer
@@ -113,6 +114,23 @@ def test_perfect_rollouts_give_full_scores_and_files(tiny, tmp_path, caplog):
     assert offline["metrics"] == saved["metrics"]
     assert offline["per_category"] == saved["per_category"]
     assert offline["counters"] == {**saved["counters"], "lines_skipped_count": 0}
+    assert offline["f1ish"] == saved["f1ish"] and saved["f1ish"]["f1ish@0.5_full_micro_f1"] == pytest.approx(1.0)
+    # the artifacts: in-loop (under eval/step_7/) and offline (next to --out) are the same files
+    for name in ARTIFACT_FILES:
+        assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    per_image = json.loads((out / "per_image.json").read_text())
+    assert per_image["images_written"] == per_image["images_total"] == 5
+
+
+def test_inloop_artifacts_are_size_bounded(tiny, tmp_path):
+    from configs.types import EvalConfig
+
+    _run(tiny, tmp_path, eval_cfg=EvalConfig(artifacts_max_images=2))
+    out = tmp_path / "eval" / "step_7"
+    per_image = json.loads((out / "per_image.json").read_text())
+    assert (per_image["images_total"], per_image["images_written"], len(per_image["images"])) == (5, 2, 2)
+    assert len((out / "matches.jsonl").read_text().splitlines()) == 2
+    assert len(read_predictions_jsonl(out / "predictions.jsonl")) == 5  # predictions are never cut
 
 
 def test_token_prob_scores_reach_the_predictions(tiny, tmp_path):
@@ -196,14 +214,23 @@ def test_real_hf_backend_on_tiny_model(tiny, tmp_path):
 
 
 def test_infer_cli_writes_predictions(tiny, tmp_path, capsys):
+    from pathlib import Path
+
     ckpt = build_tiny_checkpoint(str(tmp_path / "ckpt"))
     out = tmp_path / "preds.jsonl"
-    rc = infer.main(["--checkpoint", ckpt, "--jsonl", tiny["val"], "--out", str(out), "--batch-size", "2",
+    # an LVIS-style line (scripts/coco_to_jsonl.py): its lists reach predictions.jsonl for the federated eval
+    val_lines = Path(tiny["val"]).read_text().splitlines()
+    first = {**json.loads(val_lines[0]), "neg_descs": ["purple star"], "not_exhaustive_descs": []}
+    lvis_val = Path(tiny["val"]).with_name("val_lvis.jsonl")
+    lvis_val.write_text("\n".join([json.dumps(first), *val_lines[1:]]) + "\n")
+    rc = infer.main(["--checkpoint", ckpt, "--jsonl", str(lvis_val), "--out", str(out), "--batch-size", "2",
                      "--max-new-tokens", "4", "--limit", "3", "--device", "cpu"])  # fmt: skip
     assert rc == 0
     lines = read_predictions_jsonl(out)
     assert [line["image_id"] for line in lines] == [r.image_id for r in tiny["records"][:3]]
     assert all(line["gt"] for line in lines)
+    assert (lines[0]["neg_descs"], lines[0]["not_exhaustive_descs"]) == (["purple star"], [])
+    assert "neg_descs" not in lines[1]
     printed = capsys.readouterr().out
     assert "eval/rollout/parse_valid_rate" in printed and "python -m eval.evaluate" in printed
 
@@ -262,3 +289,100 @@ def test_real_two_process_gather_and_broadcast(tmp_path):
     for p in procs:
         p.join(30)
     assert got == [(0, [0, 1, 2, 3, 4], 0.25), (1, [0, 1, 2, 3, 4], 0.25)]
+
+
+class CoinBackend(ReplayBackend):
+    """Sampling stand-in: per prompt a coin from its seeded generator decides between the GT answer and an
+    empty one. ``derive`` records the temperature it was asked for."""
+
+    def __init__(self, encoder):
+        super().__init__(encoder)
+        import torch
+
+        self.generator = torch.Generator().manual_seed(0)
+        self.temperatures: list[float] = []
+
+    def derive(self, *, temperature, batch_size):
+        self.temperatures.append(temperature)
+        return self
+
+    def generate(self, prompts):
+        import torch
+
+        tok = self.encoder.tokenizer
+        empty = tok('{"objects": []}', add_special_tokens=False).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")]
+        replay = super().generate(prompts)
+        coins = torch.randint(0, 2, (len(prompts),), generator=self.generator).tolist()
+        return [r if c else GenerationOutput(token_ids=empty, token_logprobs=[0.0] * len(empty), finished=True)
+                for r, c in zip(replay, coins)]
+
+
+def _oracle(tiny, seed):
+    kw = dict(matching={"iou_gate": 0.3})
+    results = inloop.predict_records(tiny["model"], tiny["tok"], tiny["vocab"], tiny["encoder"], tiny["records"],
+                                     backend=ReplayBackend(tiny["encoder"]), **kw)
+    backend = CoinBackend(tiny["encoder"])
+    inloop.add_sampled_rollouts(results, tiny["model"], tiny["tok"], tiny["vocab"], tiny["encoder"], tiny["records"],
+                                backend=backend, num_samples=2, temperature=0.7, seed=seed, **kw)
+    assert backend.temperatures == [0.7]
+    return results
+
+
+def test_oracle_k_rollouts_are_seeded_and_scored(tiny):
+    from eval.detection import evaluate_detection
+
+    results = _oracle(tiny, seed=5)
+    samples = [r.samples for r in results]
+    assert [len(s) for s in samples] == [2] * 5
+    assert all(p in ([], r.pred) for r, s in zip(results, samples) for p in s)  # each rollout: the GT answer or nothing
+    assert samples == [r.samples for r in _oracle(tiny, seed=5)]  # same seed, same rollouts
+    assert any(samples != [r.samples for r in _oracle(tiny, seed=s)] for s in (6, 7, 8))
+    report = evaluate_detection([r.detection_record() for r in results])
+    # a GT object is found by some rollout exactly when one of its image's rollouts was the GT answer
+    found = sum(len(r.gt) for r in results if any(r.samples))
+    assert report.oracle_k["oracle_k@0.5_recall"] == pytest.approx(found / sum(len(r.gt) for r in results))
+    assert report.oracle_k["oracle_k_samples"] == 2
+    assert 0 < found < sum(len(r.gt) for r in results)  # the seed gives a mix (so the test tells cases apart)
+
+
+def test_infer_cli_num_samples_writes_k_rollouts_reproducibly(tiny, tmp_path):
+    ckpt = build_tiny_checkpoint(str(tmp_path / "ckpt"))
+    texts = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.jsonl"
+        assert infer.main(["--checkpoint", ckpt, "--jsonl", tiny["val"], "--out", str(out), "--batch-size", "2",
+                           "--max-new-tokens", "8", "--limit", "2", "--device", "cpu", "--num-samples", "2",
+                           "--temperature", "1.0", "--seed", "3"]) == 0
+        lines = read_predictions_jsonl(out)
+        assert [len(line["samples"]) for line in lines] == [2, 2]
+        texts.append(out.read_text())
+    assert texts[0] == texts[1]
+    with pytest.raises(ValueError, match="--temperature > 0"):
+        infer.main(["--checkpoint", ckpt, "--jsonl", tiny["val"], "--out", str(tmp_path / "c.jsonl"),
+                    "--num-samples", "2", "--temperature", "0"])
+
+
+def test_inloop_oracle_k_option_reaches_metrics_json(tiny, tmp_path):
+    from configs.types import EvalConfig, OracleConfig
+
+    backend = CoinBackend(tiny["encoder"])
+    _run(tiny, tmp_path, backend=backend, eval_cfg=EvalConfig(oracle=OracleConfig(k=2, temperature=0.5, seed=5)))
+    out = tmp_path / "eval" / "step_7"
+    assert backend.temperatures == [0.5]
+    lines = read_predictions_jsonl(out / "predictions.jsonl")
+    assert [len(line["samples"]) for line in lines] == [2] * 5
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["oracle_k"]["oracle_k_samples"] == 2 and 0 < saved["oracle_k"]["oracle_k@0.5_recall"] <= 1
+    # the greedy pass drew from the same generator; each rollout reseeds it: the rollouts of _oracle(seed=5)
+    assert [line["samples"] for line in lines] == [[{"pred": p} for p in r.samples] for r in _oracle(tiny, seed=5)]
+
+
+def test_inloop_lvis_lists_make_the_eval_federated_and_reach_predictions_jsonl(tiny, tmp_path):
+    rec0 = tiny["records"][0]
+    lists = {rec0.image_id: {"neg_descs": ["purple star"], "not_exhaustive_descs": []}}
+    _run(tiny, tmp_path, lvis_lists=lists)
+    out = tmp_path / "eval" / "step_7"
+    lines = read_predictions_jsonl(out / "predictions.jsonl")
+    assert lines[0]["neg_descs"] == ["purple star"] and "neg_descs" not in lines[1]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["backend"] == "lvis" and saved["metrics"]["AP"] == pytest.approx(1.0)  # perfect replay

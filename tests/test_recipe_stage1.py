@@ -45,6 +45,8 @@ def test_stage1_run_dir_layout(stage1_run):
         preds = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines() if line.strip()]
         assert len(preds) == 1  # eval.max_samples=1
         assert json.loads((ev / "metrics.json").read_text())["step"] == step  # the real step, not null
+        for name in ("per_image.json", "matches.jsonl", "per_class.csv", "coco_gt.json", "coco_preds.json"):
+            assert (ev / name).is_file(), name  # the eval artifacts (docs/EVAL.md "Artifacts")
         ckpt = run_dir / f"checkpoint-{step}"
         assert (ckpt / "trainer_state.json").is_file()
         assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step

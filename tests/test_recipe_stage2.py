@@ -128,6 +128,21 @@ def test_rollout_aligned_every_step_is_a_rollout_step(recipe_env, tmp_path, monk
     assert rows[-1]["stage2/b_ratio_realized"] == 1.0
 
 
+def test_desc_gate_on_a_rollout_aligned_run_is_counted_and_only_the_mean_is_logged(recipe_env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = recipe_argv(recipe_env, STAGE2_ALIGNED_DEMO, tmp_path, name="gate", max_steps=2, training__eval_every=0,
+                       training__save_every=0, rollout_matching__matching__desc_gate=0.5)
+    train_stage2.main(argv)
+    rows = read_rows(tmp_path / "gate")
+    assert_metrics_contract(rows)  # no internal key (rollout/_desc_sim_*) reaches metrics.jsonl
+    for row in rows:
+        assert row["rollout/desc_gate_rejected_total"] >= 0
+        assert not any(k.split("/")[-1].startswith("_") for k in row)
+        # the mean exists exactly when some pair matched (exact descs: similarity 1 each)
+        assert row.get("rollout/desc_sim_mean", 1.0) == 1.0
+        assert ("rollout/desc_sim_mean" in row) == (row["rollout/matched_total"] > 0)
+
+
 class RolloutBroken(RuntimeError):
     pass
 

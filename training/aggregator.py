@@ -196,6 +196,8 @@ ROLLOUT_DERIVED: dict[str, DerivedFn] = {
     "rollout/parse_valid_rate": Ratio("rollout/_parse_valid_num", "rollout/_samples_den"),
     "rollout/gt_per_sample": Ratio("rollout/gt_objects_total", "rollout/_samples_den"),
     "rollout/pred_per_sample": Ratio("rollout/valid_pred_objects_total", "rollout/_samples_den"),
+    # Stage-2 desc gate (rollout_matching.matching.desc_gate): mean desc similarity of the matched pairs
+    "rollout/desc_sim_mean": Ratio("rollout/_desc_sim_sum", "rollout/_desc_sim_den", empty=None),
 }
 
 # Every named ratio the recipes log, as a ratio of step sums: the rollout rates above and the packing

@@ -1,7 +1,7 @@
 """Checks that run before any weights load: every path the config names, and ``--dry-run``.
 
-``check_paths(cfg)`` runs at the start of every training run, so a wrong model dir, data file
-or image root fails in a second with the config key in the message (not after the model has
+``check_paths(cfg)`` runs at the start of every training run, so a wrong model dir, data file,
+image root or semantic encoder (``eval.semantic.model``, loaded here) fails in a second with the config key in the message (not after the model has
 loaded). ``dry_run(cfg)`` is what ``train_stage1.py --dry-run`` / ``train_stage2.py --dry-run``
 do: the config is already loaded and validated; then the paths, the tokenizer's coord tokens
 (tokenizer and image processor only, no weights), every data record (contract and image files),
@@ -59,6 +59,12 @@ def check_paths(cfg) -> None:
     if d.image_root and not os.path.isdir(d.image_root):
         problems.append(UserError(f"data.image_root={d.image_root!r}: no such directory (the base of relative image "
                                   "paths; null = each JSONL file's folder)"))
+    try:  # the semantic encoder (eval.semantic.model) loads now: a missing package or model fails at start-up
+        from eval.semantic import load_encoder
+
+        load_encoder(getattr(getattr(cfg, "eval", None), "semantic", None))
+    except UserError as exc:
+        problems.append(exc)
     if len(problems) == 1 and PLACEHOLDER not in str(problems[0]):
         raise problems[0]
     if problems:

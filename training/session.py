@@ -31,6 +31,7 @@ from data.packing import PackedDataset, iterate_batches
 from data.shapes import make_shapes_dataset
 from data.table import ReadOptions, cached_packing, open_records
 from data.types import PackedBatch, Record
+from eval.detection import read_lvis_lists
 from eval.inloop import run_rollout_eval
 from model.adapters import apply_adapter, load_adapter_weights, save_adapter, spec_from_config
 from model.loading import PARTS, LoadedModel, apply_freeze, load_model_and_processors, memory_summary, param_parts
@@ -437,7 +438,10 @@ def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder
                 enabled=rm.eval_detection.enabled,
                 score_mode=rm.eval_detection.score_mode,
                 score_include_desc=rm.eval_detection.score_include_desc,
+                metrics=rm.eval_detection.metrics,
             ),
+            eval_cfg=cfg.eval,
+            lvis_lists=read_lvis_lists(cfg.data.val_jsonl) if cfg.data.val_jsonl else None,
             out_dir=run_dir / "eval" / f"step_{step}",
             accelerator=accelerator,
             step=step,
