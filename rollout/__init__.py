@@ -19,6 +19,8 @@ from rollout.types import (
     ParsedObject,
     ParsedRollout,
     RolloutMeta,
+    RolloutView,
+    rollout_view,
 )
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "ParsedObject",
     "ParsedRollout",
     "RolloutMeta",
+    "RolloutView",
+    "rollout_view",
     "build_rollout_sample",
     "hungarian_match",
     "iou_matrix",

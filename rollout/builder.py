@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from core.vocab import DESC, EOS, FN, FP, MATCHED, NO_SUBSET, STRUCT
+from core.vocab import EOS, FN, FP, MATCHED, NO_SUBSET, STRUCT
 from data.coordjson import CONTAINER_CLOSE, CONTAINER_OPEN, OBJECT_SEP, find_outermost_closure, render_objects_fragment
 from data.encoding import object_token_index, place_rendered_objects
 from data.tokens import assign_token_types, char_span_to_tokens
@@ -69,7 +69,8 @@ def build_rollout_sample(
     gen_ids:     the generated ids that ``parsed`` was parsed from
     match:       ``hungarian_match(parsed.pred_bins, [o.bins for o in gt_objects])``
     gt_objects:  GT objects in GT (answer) order; FN objects are appended in this order
-    Returns an ``EncodedSample`` whose ``meta`` is a ``RolloutMeta``; tensors are 1-D ``[L]``.
+    Returns an ``EncodedSample`` whose ``meta`` is a ``RolloutMeta`` (``rollout.types.rollout_view`` derives the
+    rich meta from its tensors); tensors are 1-D ``[L]``.
     """
     gen = tuple(int(t) for t in gen_ids)
     if gen != parsed.token_ids:
@@ -163,12 +164,8 @@ def build_rollout_sample(
 
     # ---------------------------------------------------------------- tensors
     ids = torch.cat([prompt.input_ids, torch.tensor(ans_ids + [eos_id], dtype=torch.long)])
-    L = int(ids.shape[0])
     token_types = torch.cat([prompt.token_types, torch.tensor(types, dtype=torch.long)])
     n_invalid = parsed.n_invalid_dropped if parsed.container_found else 0
-    prefix_struct_pos = [P + t for t in range(cut) if types[t] == STRUCT and subset[t] != FP]
-    tail_desc_pos = [P + t for t in range(cut, n_ans) if types[t] == DESC]
-    fp_spans = [(P + tok_spans[k][0], P + tok_spans[k][1]) for k in range(len(kept)) if subsets[k] == FP]
     n_matched = len(match.pairs)
     counters = {
         "matched": n_matched,
@@ -184,24 +181,8 @@ def build_rollout_sample(
         "parse_valid": int(parsed.parse_valid),
         **counters_extra,
     }
-    meta = RolloutMeta(
-        prompt_len=P,
-        prefix_len=cut,
-        train_len=L,
-        prefix_struct_pos=prefix_struct_pos,
-        tail_desc_pos=tail_desc_pos,
-        tail_closure_pos=P + c0,
-        eos_pos=L - 1,
-        bbox_groups_prefix=groups_prefix,
-        bbox_groups_fn=groups_fn,
-        prefix_coord_pos=[p for g in groups_prefix for p in g.coord_pos],
-        prefix_coord_target_bins=[b for g in groups_prefix for b in g.target_bins],
-        fp_spans=fp_spans,
-        n_dropped_invalid=n_invalid,
-        drop_reasons=parsed.drop_reasons,
-        counters=counters,
-        cut_suffix=head if parsed.container_found else "",
-    )
+    meta = RolloutMeta(prefix_len=cut, drop_reasons=parsed.drop_reasons, counters=counters,
+                       cut_suffix=head if parsed.container_found else "")
     return EncodedSample(
         input_ids=ids,
         token_types=token_types,

@@ -27,7 +27,6 @@ class RolloutBatch:
     """A packed batch of rollout-built sequences and the step's rollout counters (docs/training/METRICS_CONTRACT.md names)."""
 
     batch: PackedBatch
-    samples: list[EncodedSample]
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -127,7 +126,7 @@ def prepare_rollout_batches(
         metrics["time/rollout_build_s"] = time.perf_counter() - t1
         metrics["rollout/generated_tokens_total"] = float(sum(len(o.token_ids) for o in outputs))
         metrics["rollout/max_new_tokens_hit_count"] = float(sum(1 for o in outputs if not o.finished))
-        results.append(RolloutBatch(batch=batch, samples=samples, metrics=metrics))
+        results.append(RolloutBatch(batch=batch, metrics=metrics))
     return results
 
 

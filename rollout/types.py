@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from core.vocab import DESC, FN, FP, MATCHED, STRUCT
 from data.types import BBoxGroup
 
 # Why an object of a rollout is not a valid prediction (``ParsedObject.drop_reason``). Metric keys
@@ -178,24 +179,34 @@ class MatchResult:
 
 @dataclass
 class RolloutMeta:
-    """Rich per-sample meta of a rollout-built training sample (docs/training/STAGE2_RUNBOOK.md); positions index the built sample.
+    """What a rollout-built sample records beyond its tensors (its ``EncodedSample.meta``): the facts the
+    tensors cannot give back. Every position-level fact is derived from the tensors on demand by
+    :func:`rollout_view`, never stored twice (docs/training/STAGE2_RUNBOOK.md).
 
-    prompt_len:   prompt tokens (the answer starts here)
     prefix_len:   kept generated tokens (``ParsedRollout.cut``); the tail starts at ``prompt_len + prefix_len``
-    train_len:    total tokens of the sample
-    prefix_struct_pos:   positions of supervised struct tokens in the kept prefix (not in FP spans)
-    tail_desc_pos:       positions of desc tokens in the tail (FN objects)
-    tail_closure_pos:    position of the token holding the outermost ``}``
-    eos_pos:             position of ``<|im_end|>``
-    bbox_groups_prefix:  matched prefix objects (4 coord positions + matched GT bins, subset MATCHED)
-    bbox_groups_fn:      appended FN objects (subset FN)
-    prefix_coord_pos / prefix_coord_target_bins: coord positions of matched prefix objects, flattened,
-                         and their GT target bins (FP coord positions feed nothing)
-    fp_spans:            ``[start, end)`` positions of FP objects (unmatched valid + invalid) in the prefix
-    n_dropped_invalid:   complete invalid objects kept as FP spans
-    drop_reasons:        count per drop reason (includes truncated)
-    counters:            per-sample numbers: matched, fp, fn, valid_pred, gt, fn_appended, ...
-    cut_suffix:          text appended to complete a fused token at the cut
+    drop_reasons: count per drop reason (includes truncated)
+    counters:     per-sample numbers: matched, fp, fn, valid_pred, gt, invalid_dropped, ... (rollout/* metrics)
+    cut_suffix:   text appended to complete a fused token at the cut
+    """
+
+    prefix_len: int
+    drop_reasons: dict[str, int]
+    counters: dict[str, int]
+    cut_suffix: str = ""
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """The rich per-sample meta of a rollout-built sample, derived from its tensors (:func:`rollout_view`);
+    positions index the built sample.
+
+    prefix_struct_pos:   supervised struct tokens of the kept prefix (not in FP spans)
+    tail_desc_pos:       desc tokens of the tail (FN objects)
+    tail_closure_pos:    the token holding the outermost ``}``; eos_pos: ``<|im_end|>``
+    bbox_groups_prefix:  matched prefix objects (4 coord positions + matched GT bins); bbox_groups_fn: FN objects
+    prefix_coord_pos / prefix_coord_target_bins: coord positions of matched prefix objects, flattened, and
+                         their GT bins (FP coord positions feed nothing)
+    fp_spans:            ``[start, end)`` of FP objects (unmatched valid + invalid) in the prefix
     """
 
     prompt_len: int
@@ -213,7 +224,36 @@ class RolloutMeta:
     n_dropped_invalid: int
     drop_reasons: dict[str, int]
     counters: dict[str, int]
-    cut_suffix: str = ""
+    cut_suffix: str
+
+
+def rollout_view(sample) -> RolloutView:
+    """The :class:`RolloutView` of a rollout-built ``EncodedSample`` (its ``meta`` a :class:`RolloutMeta`)."""
+    meta: RolloutMeta = sample.meta
+    P, L = int(sample.prompt_len), int(sample.input_ids.shape[0])
+    tail = P + meta.prefix_len
+    types, subset = sample.token_types.tolist(), sample.subset.tolist()
+    object_index = sample.object_index.tolist()
+    prefix = [g for g in sample.bbox_groups if g.subset == MATCHED]
+    subset_of = {k: subset[j] for j, k in reversed(list(enumerate(object_index))) if k >= 0}
+    return RolloutView(
+        prompt_len=P,
+        prefix_len=meta.prefix_len,
+        train_len=L,
+        prefix_struct_pos=[p for p in range(P, tail) if types[p] == STRUCT and subset[p] != FP],
+        tail_desc_pos=[p for p in range(tail, L) if types[p] == DESC],
+        tail_closure_pos=int(sample.closure.nonzero()[0, 0]),
+        eos_pos=L - 1,
+        bbox_groups_prefix=prefix,
+        bbox_groups_fn=[g for g in sample.bbox_groups if g.subset == FN],
+        prefix_coord_pos=[p for g in prefix for p in g.coord_pos],
+        prefix_coord_target_bins=[b for g in prefix for b in g.target_bins],
+        fp_spans=[(o.start, o.end) for o in sample.objects if subset_of.get(o.index) == FP],
+        n_dropped_invalid=int(meta.counters.get("invalid_dropped", 0)),
+        drop_reasons=meta.drop_reasons,
+        counters=meta.counters,
+        cut_suffix=meta.cut_suffix,
+    )
 
 
 @dataclass

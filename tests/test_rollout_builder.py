@@ -22,6 +22,7 @@ from rollout.matching import hungarian_match
 from rollout.metrics import rollout_counters
 from rollout.packing import pack_rollout_samples
 from rollout.parser import parse_rollout
+from rollout.types import rollout_view
 from tests._data_fixtures import image_processor as qwen_image_processor
 from tests._data_fixtures import qwen_tokenizer, write_png
 
@@ -105,7 +106,7 @@ def check_sample_invariants(s, tok):
     assert (s.token_types[:P] == IGNORE).all() and (s.subset[:P] == NO_SUBSET).all()
     assert s.input_ids[-1].item() == tok.convert_tokens_to_ids(IM_END) and s.token_types[-1].item() == EOS
     assert int(s.closure.sum()) == 1
-    meta = s.meta
+    meta = rollout_view(s)
     assert meta.train_len == L and meta.eos_pos == L - 1 and meta.prompt_len == P
     assert s.closure[meta.tail_closure_pos] and meta.tail_closure_pos >= P + meta.prefix_len
     # coord tokens: exactly the positions with COORD type hold coord ids
@@ -153,7 +154,7 @@ def test_matched_fp_fn_sequence(env, png):
     assert [cv.bin_of(int(s.input_ids[p])) for p in s.objects[0].coord_pos] == [110, 100, 300, 310]
     assert [int(s.coord_targets[p]) for p in s.objects[1].coord_pos] == [-1] * 4
     assert [int(s.coord_targets[p]) for p in s.objects[3].coord_pos] == list(GT2.bins)
-    meta = s.meta
+    meta = rollout_view(s)
     assert [g.subset for g in meta.bbox_groups_prefix] == [MATCHED]
     assert [g.target_bins for g in meta.bbox_groups_fn] == [GT1.bins, GT2.bins]
     assert meta.prefix_coord_pos == list(s.objects[0].coord_pos)
@@ -161,7 +162,7 @@ def test_matched_fp_fn_sequence(env, png):
     assert meta.fp_spans == [(s.objects[1].start, s.objects[1].end)]
     assert meta.prefix_len == parsed.cut and meta.n_dropped_invalid == 0 and not s.dropped_invalid
     assert meta.counters["matched"] == 1 and meta.counters["fp"] == 1 and meta.counters["fn_appended"] == 2
-    assert s.closure[L_1 := len(s) - 2] and s.meta.tail_closure_pos == L_1  # `]}` just before <|im_end|>
+    assert s.closure[L_1 := len(s) - 2] and rollout_view(s).tail_closure_pos == L_1  # `]}` just before <|im_end|>
 
     # docs/training/METRICS_LOSSES.md weights, with non-default knobs so every rule is visible
     w = TokenCEWeights(rollout_matched_prefix_struct_weight=0.5, rollout_fn_desc_weight=0.7)
@@ -206,8 +207,8 @@ def test_invalid_object_in_the_middle_and_multiplier(env, png):
     assert answer_text(tok, s) == '{"objects": [' + a + ", " + bad + ", " + render_answer([GT1]).text[13:]
     bad_span = s.objects[1]
     assert set(s.subset[bad_span.start : bad_span.end].tolist()) == {FP}
-    assert s.meta.fp_spans == [(bad_span.start, bad_span.end)]
-    assert s.meta.n_dropped_invalid == 1 and s.meta.drop_reasons == {"wrong_arity": 1}
+    assert rollout_view(s).fp_spans == [(bad_span.start, bad_span.end)]
+    assert rollout_view(s).n_dropped_invalid == 1 and rollout_view(s).drop_reasons == {"wrong_arity": 1}
     assert s.dropped_invalid
     w = TokenCEWeights(rollout_drop_invalid_struct_ce_multiplier=2.0)
     m = masks(s, w)
@@ -217,9 +218,9 @@ def test_invalid_object_in_the_middle_and_multiplier(env, png):
     assert sep_tokens and all(struct[t] == 2.0 for t in sep_tokens)
     assert (struct[bad_span.start : bad_span.end] == 0).all()
     # closure and eos are never multiplied
-    assert struct[s.meta.tail_closure_pos] == 1.0 and struct[-1] == 1.0
+    assert struct[rollout_view(s).tail_closure_pos] == 1.0 and struct[-1] == 1.0
     fn_struct = [t for t in range(s.objects[2].start, s.objects[2].end) if s.token_types[t] == STRUCT]
-    assert all(struct[t] == 2.0 for t in fn_struct if t != s.meta.tail_closure_pos)
+    assert all(struct[t] == 2.0 for t in fn_struct if t != rollout_view(s).tail_closure_pos)
 
 
 def test_no_container_equals_gt_teacher_forcing(env, png):
@@ -235,7 +236,7 @@ def test_no_container_equals_gt_teacher_forcing(env, png):
     assert torch.equal(s.coord_targets, ref.coord_targets)
     assert all(o.start == r.start and o.end == r.end for o, r in zip(s.objects, ref.objects))
     assert {int(x) for x in s.subset[s.prompt_len : -1].tolist()} <= {FN, NO_SUBSET}
-    assert s.meta.prefix_len == 0 and len(s.meta.bbox_groups_fn) == 3 and s.meta.cut_suffix == ""
+    assert rollout_view(s).prefix_len == 0 and len(rollout_view(s).bbox_groups_fn) == 3 and rollout_view(s).cut_suffix == ""
 
 
 def test_preamble_is_kept_as_untrained_context(env, png):
@@ -246,7 +247,7 @@ def test_preamble_is_kept_as_untrained_context(env, png):
     s, parsed, match, _ = build(env, png, gen_text, [GT0, GT1])
     check_sample_invariants(s, tok)
     assert parsed.container_found and parsed.container_start == len(preamble) and match.pairs == [(0, 0)]
-    assert "closure_scan_mismatch" not in s.meta.counters  # the closure scan starts at the container
+    assert "closure_scan_mismatch" not in rollout_view(s).counters  # the closure scan starts at the container
     assert answer_text(tok, s) == preamble + '{"objects": [' + a + ", " + render_answer([GT1]).text[13:]
     P = s.prompt_len
     pre_tokens = [t for t, (b, e) in enumerate(parsed.token_offsets) if e <= len(preamble)]
@@ -254,7 +255,7 @@ def test_preamble_is_kept_as_untrained_context(env, png):
     # nothing in the preamble is supervised: struct/desc CE weights are 0 there
     m = masks(s, TokenCEWeights())
     assert all(m.struct[0][P + t] == 0 and m.desc[0][P + t] == 0 for t in pre_tokens)
-    assert all(P + t not in s.meta.prefix_struct_pos for t in pre_tokens)
+    assert all(P + t not in rollout_view(s).prefix_struct_pos for t in pre_tokens)
 
 
 def test_empty_container_and_fused_cut(env, png):
@@ -264,7 +265,7 @@ def test_empty_container_and_fused_cut(env, png):
     assert answer_text(tok, s) == render_answer([GT0]).text
     assert parse_answer(answer_text(tok, s)) == [GT0]
     if name == "qwen":  # the kept prefix ends before the fused 'Ġ[]'; ' [' is re-tokenised in the tail
-        assert parsed.cut == 3 and s.meta.cut_suffix == " ["
+        assert parsed.cut == 3 and rollout_view(s).cut_suffix == " ["
     # empty rollout and empty GT: just `{"objects": []}`
     s, parsed, match, _ = build(env, png, '{"objects": []}' + IM_END, [])
     check_sample_invariants(s, tok)
@@ -281,7 +282,7 @@ def test_truncated_rollout_with_fused_tail(env, png):
     text = answer_text(tok, s)
     assert parse_answer(text) == [GTObject("black cat", (100, 100, 300, 300)), GT1]
     if name == "qwen":
-        assert s.meta.cut_suffix == "]}"
+        assert rollout_view(s).cut_suffix == "]}"
     # the suffix `]}` belongs to the matched object: its tokens keep the MATCHED subset
     o = s.objects[0]
     assert set(s.subset[o.start : o.end].tolist()) == {MATCHED}

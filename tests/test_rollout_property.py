@@ -23,6 +23,7 @@ from model.vocab import coord_vocab_from_tokenizer
 from rollout.builder import build_rollout_sample
 from rollout.matching import hungarian_match
 from rollout.parser import parse_rollout, token_pieces
+from rollout.types import rollout_view
 from tests._data_fixtures import qwen_tokenizer
 from tests.test_rollout_parser import check_invariants
 
@@ -74,17 +75,17 @@ def _roundtrip(name, ids, gt):
     assert "".join(token_pieces(ids[: pr.cut], tok, cv)) + pr.cut_suffix == pr.text[: pr.cut_char]
     match = hungarian_match(pr.pred_bins, [o.bins for o in gt])
     s = build_rollout_sample(_prompt(), ids, pr, match, gt, tok, cv)
-    assert "closure_scan_mismatch" not in s.meta.counters
+    assert "closure_scan_mismatch" not in rollout_view(s).counters
     assert s.input_ids[3 : 3 + pr.cut].tolist() == list(ids[: pr.cut])
     # the container's `}` is the last answer character, so the closure is the last token before <|im_end|>
-    assert s.meta.tail_closure_pos == len(s) - 2
+    assert rollout_view(s).tail_closure_pos == len(s) - 2
     assert s.closure.nonzero().flatten().tolist() == [len(s) - 2]
     for o in s.objects:
         assert 3 <= o.start <= o.end <= len(s) - 1
     m = build_token_ce_weights(
         "rollout", s.token_types[None], TokenCEWeights(), subset=s.subset[None], closure=s.closure[None]
     )
-    assert m.struct[0, -1] == 1.0 and m.struct[0, s.meta.tail_closure_pos] == 1.0
+    assert m.struct[0, -1] == 1.0 and m.struct[0, rollout_view(s).tail_closure_pos] == 1.0
     return pr
 
 
