@@ -26,7 +26,6 @@ COORD_TOKEN_RE = re.compile(r"<\|coord_(\d{1,3})\|>")
 CONTAINER_OPEN = '{"objects": ['
 CONTAINER_CLOSE = "]}"
 OBJECT_SEP = ", "
-EMPTY_ANSWER = '{"objects": []}'
 _DESC_KEY = '{"desc": '
 _BBOX_KEY = ', "bbox_2d": ['
 _OBJ_CLOSE = "]}"

@@ -27,7 +27,7 @@ coord_reg     coord_ce = −log p_t (τ = 1); q_k ∝ exp(−½((k − t)/σ)²)
               text_gate = −log(1 − p_coord + eps) with 1 − p_coord = exp(lse_text − lse_full)
               computed directly (no cancellation when p_coord → 1). coord_ce + coord_gate (eps = 0) = full-vocab CE.
 """
-from losses.ce import coord_logits, full_logsumexp, gather_rows, hidden_at_logit_pos, text_and_full_logsumexp, token_ce
+from losses.ce import coord_logits, full_logsumexp, hidden_at_logit_pos, text_and_full_logsumexp, token_ce
 from losses.coord import (
     DECODE_MODES,
     EMBED_MODES,
@@ -76,7 +76,6 @@ __all__ = [
     "expected_l1",
     "full_logsumexp",
     "text_and_full_logsumexp",
-    "gather_rows",
     "gaussian_targets",
     "hidden_at_logit_pos",
     "smooth_l1_per_box",

@@ -53,9 +53,6 @@ def hidden_at_logit_pos(hidden: torch.Tensor, token_pos: torch.Tensor) -> torch.
     return hidden.reshape(b * t, h).index_select(0, token_pos - 1)
 
 
-gather_rows = hidden_at_logit_pos
-
-
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 

@@ -162,9 +162,6 @@ class TeacherForcingContext:
         self._cache[key] = (value, torch.is_grad_enabled())
         return value
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
     # ------------------------------------------------------------------ coord views
 
     def coord_targets(self) -> CoordTargets:

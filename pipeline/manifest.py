@@ -158,13 +158,6 @@ class ResolvedPipeline:
         """Identity plus ``variant``, ``source`` and ``checksum``: what the trainer logs and saves."""
         return {"variant": self.variant, "source": self.source, **self.identity(), "checksum": self.checksum}
 
-    def module_names(self) -> dict[str, list[str]]:
-        """Enabled module names per list, in run order (for the start-up log line)."""
-        return {
-            "objective": [m.name for m in self.objective if m.enabled],
-            "diagnostics": [m.name for m in self.diagnostics if m.enabled],
-        }
-
 
 def _canon_value(value: Any, where: str) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):

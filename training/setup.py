@@ -97,17 +97,10 @@ def run_dir_in_use(run_dir: str | Path) -> FileExistsError | None:
                            "or replace it with --set run.overwrite=true")
 
 
-def make_run_dir(output_dir: str | Path, run_name: str, exist_ok: bool = True) -> Path:
-    """Create and return ``<output_dir>/<run_name>`` (``run.output_dir`` / ``run.name``).
-
-    ``exist_ok=False`` refuses a directory that already holds a run (:func:`what_run_holds`; use it
-    when not resuming, so two runs never mix logs).
-    """
-    if not run_name or "/" in run_name or run_name in (".", ".."):
-        raise ValueError(f"run.name must be a plain directory name, got {run_name!r}")
+def make_run_dir(output_dir: str | Path, run_name: str) -> Path:
+    """Create and return ``<output_dir>/<run_name>`` (``run.output_dir`` / ``run.name``, a plain name: the
+    config schema checks it; :func:`run_dir_in_use` says whether it already holds a run)."""
     run_dir = Path(output_dir) / run_name
-    if not exist_ok and (err := run_dir_in_use(run_dir)) is not None:
-        raise err
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
