@@ -30,6 +30,7 @@ import json
 import re
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -391,6 +392,108 @@ def _find_container(sc: _Scanner) -> tuple[int, int | None]:
     return 0, None
 
 
+def _typed_text(text_ids: tuple[int, ...], tokenizer, coord_vocab):
+    """The text of ``text_ids`` with each token's char span, the coord tokens by char position and the
+    char types (STRUCT, COORD where a coord token stands), and which tokens end mid-character."""
+    pieces, pending = _pieces(text_ids, tokenizer, coord_vocab)
+    offsets: list[tuple[int, int]] = []
+    coord_at: dict[int, tuple[int, int]] = {}
+    coord_len: dict[int, int] = {}
+    first, end = int(coord_vocab.first_id), int(coord_vocab.end_id)
+    pos = 0
+    for t, piece in enumerate(pieces):
+        if first <= text_ids[t] < end:
+            coord_at[pos] = (t, text_ids[t] - first)
+            coord_len[pos] = len(piece)
+        offsets.append((pos, pos + len(piece)))
+        pos += len(piece)
+    text = "".join(pieces)
+    char_types = [STRUCT] * len(text)
+    for c, ln in coord_len.items():
+        char_types[c : c + ln] = [COORD] * ln
+    return text, offsets, coord_at, coord_len, char_types, pending
+
+
+@dataclass
+class _Scan:
+    """What the scan of the container's elements found (``parse_rollout``)."""
+
+    objects: list[ParsedObject] = field(default_factory=list)
+    closed: bool = False
+    cut_char: int = 0
+    stop: str = "no_container"
+    stop_at: int = 0
+
+
+def _close_or_stop(sc: _Scanner, p: int) -> tuple[bool, str, int]:
+    """At a ``]``: ``]}`` closes (so does ``, ]}``: the comma lies after the cut and is never kept).
+    Returns (closed, stop reason, stop char)."""
+    n = len(sc.text)
+    q = sc.ws(p + 1)
+    if q < n and sc.text[q] == "}":
+        return True, "closed", q + 1
+    if q >= n:
+        return False, "end_of_text", n
+    return False, "bad_container_close", p
+
+
+def _scan_elements(sc: _Scanner, p: int, off_arr: np.ndarray, char_types: list[int]) -> _Scan:
+    """Objects of the container from char ``p`` (just after ``[``) until it closes or the text breaks."""
+    text, n = sc.text, len(sc.text)
+    out = _Scan(cut_char=p)
+    while True:
+        p = sc.ws(p)
+        if p >= n:
+            out.stop, out.stop_at = "end_of_text", n
+            return out
+        if text[p] == "]":
+            out.closed, out.stop, out.stop_at = _close_or_stop(sc, p)
+            return out
+        if text[p] != "{":
+            out.stop, out.stop_at = "bad_element", p
+            return out
+        e = sc.match_object(p)
+        tok = char_span_to_tokens(off_arr, p, e if e is not None else n)
+        if e is None:
+            out.objects.append(ParsedObject(len(out.objects), tok[0], tok[1], p, n, None, None, None, (), (), False,
+                                            "truncated", False))
+            out.stop, out.stop_at = "end_of_text", n
+            return out
+        desc, desc_span, coords, reason = _parse_object(sc, p, e)
+        if desc_span is not None:
+            for i in range(*desc_span):
+                if char_types[i] != COORD:
+                    char_types[i] = DESC
+        out.objects.append(ParsedObject(
+            index=len(out.objects), token_start=tok[0], token_end=tok[1], char_start=p, char_end=e, desc=desc,
+            desc_char_span=desc_span,
+            desc_token_span=char_span_to_tokens(off_arr, *desc_span) if desc_span is not None else None,
+            coord_pos=tuple(t for t, _ in coords), bins=tuple(k for _, k in coords), valid=reason is None,
+            drop_reason=reason, kept=True,
+        ))
+        out.cut_char = e
+        p = sc.ws(e)
+        if p >= n:
+            out.stop, out.stop_at = "end_of_text", n
+            return out
+        if text[p] == ",":
+            p += 1
+        elif text[p] != "]":
+            out.stop, out.stop_at = "bad_separator", p
+            return out
+
+
+def _cut_tokens(offsets: list[tuple[int, int]], pending: list[bool], cut_char: int) -> int:
+    """Whole tokens ending at or before ``cut_char``; a zero-width token sitting exactly at the cut holds
+    bytes of the next character and is not kept, nor a token ending with bytes a later token completes."""
+    cut = 0
+    while cut < len(offsets) and offsets[cut][1] <= cut_char and offsets[cut][0] != cut_char:
+        cut += 1
+    while cut > 0 and pending[cut - 1]:
+        cut -= 1
+    return cut
+
+
 def parse_rollout(
     token_ids: Sequence[int], tokenizer, coord_vocab, *, eos_token_id: int | None = None
 ) -> ParsedRollout:
@@ -407,131 +510,34 @@ def parse_rollout(
     ids = tuple(int(t) for t in token_ids)
     eos = default_eos_id(tokenizer) if eos_token_id is None else int(eos_token_id)
     eos_pos = ids.index(eos) if eos in ids else None
-    text_ids = ids if eos_pos is None else ids[:eos_pos]
-    pieces, pending = _pieces(text_ids, tokenizer, coord_vocab)
-    offsets: list[tuple[int, int]] = []
-    pos = 0
-    coord_at: dict[int, tuple[int, int]] = {}
-    coord_len: dict[int, int] = {}
-    first, end = int(coord_vocab.first_id), int(coord_vocab.end_id)
-    for t, piece in enumerate(pieces):
-        k = text_ids[t] - first if first <= text_ids[t] < end else -1
-        if k >= 0:
-            coord_at[pos] = (t, k)
-            coord_len[pos] = len(piece)
-        offsets.append((pos, pos + len(piece)))
-        pos += len(piece)
-    text = "".join(pieces)
-    n = len(text)
-    char_types = [STRUCT] * n
-    for c, ln in coord_len.items():
-        char_types[c : c + ln] = [COORD] * ln
-    off_arr = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-
+    text, offsets, coord_at, coord_len, char_types, pending = _typed_text(
+        ids if eos_pos is None else ids[:eos_pos], tokenizer, coord_vocab)
     sc = _Scanner(text, coord_at, coord_len)
-    objects: list[ParsedObject] = []
-    container_found = closed = False
-    cut_char = 0
-    stop = "no_container"
-    stop_at = 0
-
     container_start, p = _find_container(sc)
     if p is not None:
-        container_found = True
         for i in range(container_start):  # a preamble is context, never a training target
             char_types[i] = IGNORE
-        cut_char = p
-        while True:
-            p = sc.ws(p)
-            if p >= n:
-                stop, stop_at = "end_of_text", n
-                break
-            c = text[p]
-            if c == "]":
-                # `, ]` (trailing comma) also closes: the comma lies after the cut and is never kept.
-                q = sc.ws(p + 1)
-                if q < n and text[q] == "}":
-                    closed = True
-                    stop, stop_at = "closed", q + 1
-                elif q >= n:
-                    stop, stop_at = "end_of_text", n
-                else:
-                    stop, stop_at = "bad_container_close", p
-                break
-            if c != "{":
-                stop, stop_at = "bad_element", p
-                break
-            e = sc.match_object(p)
-            tok = char_span_to_tokens(off_arr, p, e if e is not None else n)
-            if e is None:
-                objects.append(
-                    ParsedObject(len(objects), tok[0], tok[1], p, n, None, None, None, (), (), False, "truncated", False)
-                )
-                stop, stop_at = "end_of_text", n
-                break
-            desc, desc_span, coords, reason = _parse_object(sc, p, e)
-            dtok = char_span_to_tokens(off_arr, *desc_span) if desc_span is not None else None
-            if desc_span is not None:
-                for i in range(*desc_span):
-                    if char_types[i] != COORD:
-                        char_types[i] = DESC
-            objects.append(
-                ParsedObject(
-                    index=len(objects),
-                    token_start=tok[0],
-                    token_end=tok[1],
-                    char_start=p,
-                    char_end=e,
-                    desc=desc,
-                    desc_char_span=desc_span,
-                    desc_token_span=dtok,
-                    coord_pos=tuple(t for t, _ in coords),
-                    bins=tuple(k for _, k in coords),
-                    valid=reason is None,
-                    drop_reason=reason,
-                    kept=True,
-                )
-            )
-            cut_char = e
-            p = sc.ws(e)
-            if p >= n:
-                stop, stop_at = "end_of_text", n
-                break
-            if text[p] == ",":
-                p += 1
-                continue
-            if text[p] == "]":
-                continue
-            stop, stop_at = "bad_separator", p
-            break
+        scan = _scan_elements(sc, p, np.asarray(offsets, dtype=np.int64).reshape(-1, 2), char_types)
     else:
-        stop_at = 0
-
-    # Keep whole tokens ending at or before the cut; a zero-width token sitting exactly at the cut
-    # holds bytes of the next character and is not kept.
-    cut = 0
-    while cut < len(offsets) and offsets[cut][1] <= cut_char and offsets[cut][0] != cut_char:
-        cut += 1
-    # A kept token may not end with bytes of a character that a later token completes.
-    while cut > 0 and pending[cut - 1]:
-        cut -= 1
+        scan = _Scan()
+    cut = _cut_tokens(offsets, pending, scan.cut_char)
     kept_end = offsets[cut - 1][1] if cut > 0 else 0
     return ParsedRollout(
         token_ids=ids,
         text=text,
         token_offsets=offsets,
         char_types=char_types,
-        container_found=container_found,
-        closed=closed,
+        container_found=p is not None,
+        closed=scan.closed,
         eos_found=eos_pos is not None,
         eos_pos=eos_pos,
-        objects=objects,
+        objects=scan.objects,
         cut=cut,
-        cut_char=cut_char,
-        cut_suffix=text[kept_end:cut_char],
-        stop_reason=stop,
-        trailing_text=text[stop_at:],
-        container_start=container_start if container_found else 0,
+        cut_char=scan.cut_char,
+        cut_suffix=text[kept_end:scan.cut_char],
+        stop_reason=scan.stop,
+        trailing_text=text[scan.stop_at:],
+        container_start=container_start if p is not None else 0,
     )
 
 
