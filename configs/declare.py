@@ -8,7 +8,7 @@ YAML tree, ``configs/modules.py`` for the pipeline modules' ``config`` maps)::
     tiny: TinyModelConfig = section(TinyModelConfig, "Built-in tiny random Qwen3-VL (tests, demo).")
 
 From these fields :func:`object_schema` generates the JSON Schema (draft 2020-12) that the loader
-validates with (``configs.validation``), :func:`defaults_of` the defaults that ``pipeline.manifest``
+validates with (``configs.validation``), :func:`defaults_of` the defaults that ``configs.pipeline``
 fills in, and ``scripts/gen_config_doc.py`` the key reference of docs/CONFIG.md and the exported
 ``configs/schema/*.json``. The type comes from the annotation (``bool``, ``int``, ``float``,
 ``str``, ``X | None``, ``tuple[X, ...]``, ``tuple[X, X]``, a nested dataclass); ``schema=`` gives

@@ -11,7 +11,7 @@ Steps (docs/CONFIG.md):
    ``configs/types.py`` (``configs.validation``; draft 2020-12, ``additionalProperties: false``
    everywhere);
 4. fill the declared defaults, run the cross-field checks;
-5. resolve the objective pipeline with ``pipeline.manifest.resolve_pipeline`` on the
+5. resolve the objective pipeline with ``configs.pipeline.resolve_pipeline`` on the
    merged user tree (before defaults, so "was this knob written?" stays answerable);
 6. build the frozen dataclass tree of ``configs/types.py``.
 
@@ -37,6 +37,7 @@ import yaml
 
 from configs.declare import coerce_scalar
 from configs.errors import ConfigError, add_debug_flag, clip
+from configs.pipeline import resolve_pipeline
 from configs.types import CONFIG_META_FIELDS, Config, freeze, thaw
 from configs.validation import (  # noqa: F401  (_deref, _root_node, schema_at: re-exported for callers)
     _deref,
@@ -455,8 +456,6 @@ def build_config(raw: Mapping[str, Any], *, path: Path | None = None, expect: st
     _check_unused_sections(raw, variant)
     resolved = fill_defaults(raw)
     check_cross_fields(resolved)
-
-    from pipeline.manifest import resolve_pipeline  # imported here: configs/ must not import pipeline/ at load
 
     resolved_pipeline = resolve_pipeline(copy.deepcopy(raw), variant)
     sections = _build(Config, resolved, "")

@@ -1,13 +1,13 @@
 """The ``config`` maps of the built-in pipeline modules: one frozen dataclass per module, one knob per key.
 
-These fields are the modules' config allowlists, defaults, types and ranges (``pipeline.manifest``
+These fields are the modules' config allowlists, defaults, types and ranges (``configs.pipeline``
 validates a written ``config`` against the schema generated from them, with the loader's
 validator) and the per-key docs of docs/CONFIG.md. The flat objective knobs of ``configs/types.py``
 (``stage2_ab.*_weight``, ``custom.coord_soft_ce_w1.*``) are declared as aliases of these keys, so
 a range such as the drop-invalid multiplier's [1, 4] is written once, here.
 
 ``TokenCEWeights`` is also what the mask builder (``losses.masks``) reads.
-``MODULE_CONFIGS`` maps module name -> its config class (``token_stats`` takes none: :class:`NoConfig`).
+``MODULES`` declares each built-in module: kind, config class (``token_stats`` takes none: :class:`NoConfig`), doc.
 """
 
 from __future__ import annotations
@@ -86,12 +86,52 @@ class NoConfig:
     """Takes no config (any key is refused)."""
 
 
-MODULE_CONFIGS: dict[str, type] = {
-    "token_ce": TokenCEWeights,
-    "bbox_geo": BBoxGeoConfig,
-    "coord_reg": CoordRegConfig,
-    "coord_diag": CoordDiagConfig,
-    "token_stats": NoConfig,
+# ---------------------------------------------------------------- module declarations
+
+OBJECTIVE = "objective"
+DIAGNOSTICS = "diagnostics"
+KINDS: tuple[str, ...] = (OBJECTIVE, DIAGNOSTICS)
+
+
+@dataclass(frozen=True)
+class ModuleDecl:
+    """What a pipeline config needs to know of a module (``configs.pipeline`` resolves a manifest from these):
+    its kind, its config dataclass (allowlist, defaults, ranges) and its one-line doc. The function that runs
+    it is registered beside it by ``pipeline.registry.register_module``."""
+
+    name: str
+    kind: str
+    config: type
+    doc: str
+
+
+# The built-in modules (their functions: pipeline/modules/); a plugin declares its own through register_module.
+MODULES: dict[str, ModuleDecl] = {
+    d.name: d for d in (
+        ModuleDecl("token_ce", OBJECTIVE, TokenCEWeights,
+                   "CE on struct (+ eos) and desc tokens, per-context masks (loss/struct_ce, loss/desc_ce)."),
+        ModuleDecl("bbox_geo", OBJECTIVE, BBoxGeoConfig, "Box loss on decoded boxes: smoothl1_weight * SmoothL1 + "
+                   "ciou_weight * (1 - CIoU), mean over boxes (loss/geo)."),
+        ModuleDecl("coord_reg", OBJECTIVE, CoordRegConfig, "Coord-distribution terms: coord CE, soft CE, W1, entropy, "
+                   "expected L1 / Huber, coord and text gates (loss/coord_token_ce, loss/coord_reg)."),
+        ModuleDecl("coord_diag", DIAGNOSTICS, CoordDiagConfig, "Coord entropy, expectation-vs-argmax gap, expectation "
+                   "error, bin accuracy and coord mass at geometry coord positions."),
+        ModuleDecl("token_stats", DIAGNOSTICS, NoConfig,
+                   "Supervised token counts per type (token_stats/<type>_tokens_total)."),
+    )
 }
 
-__all__ = ["MODULE_CONFIGS", "BBoxGeoConfig", "CoordDiagConfig", "CoordRegConfig", "NoConfig", "TokenCEWeights"]
+
+def declare_module(decl: ModuleDecl) -> None:
+    """Add a module declared outside this file (a plugin); the same declaration again is a no-op."""
+    if decl.kind not in KINDS:
+        raise ValueError(f"module kind {decl.kind!r} unknown; allowed: {', '.join(KINDS)}")
+    known = MODULES.get(decl.name)
+    if known is not None and (known.kind, known.config) != (decl.kind, decl.config):
+        raise ValueError(f"pipeline module {decl.name!r} is already declared ({known.kind}, {known.config.__name__}); "
+                         "module names must be unique")
+    MODULES.setdefault(decl.name, decl)
+
+
+__all__ = ["DIAGNOSTICS", "KINDS", "MODULES", "OBJECTIVE", "BBoxGeoConfig", "CoordDiagConfig", "CoordRegConfig",
+           "ModuleDecl", "NoConfig", "TokenCEWeights", "declare_module"]

@@ -5,7 +5,7 @@ Attribute access follows the YAML key tree exactly (``cfg.training.lr``,
 (type from the annotation, default, allowed values or range, one-line doc), ``section`` (a
 nested map) or ``alias`` (a flat objective knob that takes type and range from the pipeline
 module key it feeds, ``configs/modules.py``). The JSON Schema the loader validates with, the
-defaults it fills, ``pipeline.manifest``'s flat-knob table and docs/CONFIG.md are generated from
+defaults it fills, ``configs.pipeline``'s flat-knob table and docs/CONFIG.md are generated from
 these fields, so each fact is written here once.
 
 Lists become tuples and free-form maps (pipeline lists, module configs) become
@@ -18,10 +18,13 @@ import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from configs.declare import OMITTED, REQUIRED, alias, knob, section
 from configs.modules import BBoxGeoConfig, CoordRegConfig, TokenCEWeights
+
+if TYPE_CHECKING:  # configs.pipeline builds on these declarations
+    from configs.pipeline import ResolvedPipeline
 
 # ---------------------------------------------------------------- immutable containers
 
@@ -348,7 +351,7 @@ CHANNELS: tuple[str, ...] = ("A", "B")
 
 @dataclass(frozen=True)
 class PipelineEntry:
-    """One module entry of an objective pipeline (schema only: ``pipeline.manifest`` resolves entries)."""
+    """One module entry of an objective pipeline (schema only: ``configs.pipeline`` resolves entries)."""
 
     name: str = knob(REQUIRED, "the module to run (pipeline.registry)", min_length=1)
     enabled: bool = knob(True, "false keeps the entry but runs nothing")
@@ -594,7 +597,7 @@ class Config:
     without ``extends``); ``resolved``: the full tree with defaults (what
     ``config.resolved.yaml`` holds); ``path``: the file that was loaded;
     ``variant``: ``stage1`` | ``stage2_two_channel`` | ``stage2_rollout_aligned``;
-    ``pipeline``: the ``pipeline.manifest.ResolvedPipeline`` for this variant.
+    ``pipeline``: the ``configs.pipeline.ResolvedPipeline`` for this variant.
     """
 
     run: RunConfig
@@ -610,7 +613,7 @@ class Config:
     resolved: Mapping[str, Any]
     path: Path | None
     variant: str
-    pipeline: Any
+    pipeline: ResolvedPipeline
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, mutable deep copy of :attr:`resolved` (for trackers and serialisation)."""

@@ -7,7 +7,7 @@ read from disk). ``configs/schema/*.json`` are the same schemas exported by
 ``python scripts/gen_config_doc.py`` for editors and reviewers; a test fails when they are stale.
 
 :func:`check` is the one validator: the whole tree (``validate_tree``), a pipeline module's
-``config`` (``pipeline.manifest``, against the schema of ``configs/modules.py``), a flat knob value,
+``config`` (``configs.pipeline``, against the schema of ``configs/modules.py``), a flat knob value,
 and a knob record built in code (:func:`check_record`) all go through it, so every error names the
 dotted key and the allowed values in the same words.
 """
@@ -54,7 +54,7 @@ def surface_schemas() -> dict[str, dict[str, Any]]:
     pipeline["type"] = ["object", "null"]
     out[PIPELINE_SCHEMA] = _surface(
         "pipeline",
-        PipelineDecl.__doc__ + " Module names and module-config keys are checked by pipeline.manifest. "
+        PipelineDecl.__doc__ + " Module names and module-config keys are checked by configs.pipeline. "
         "null = omitted (the default manifest).",
         pipeline,
     )

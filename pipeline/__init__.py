@@ -4,9 +4,9 @@ Forward strategies live in ``pipeline.forwards`` (imported explicitly by trainer
 model package). Nothing here imports wandb, pycocotools or vLLM.
 """
 
+from configs.pipeline import FLAT_OBJECTIVE_KNOBS, ModuleSpec, ResolvedPipeline, resolve_pipeline
 from pipeline.context import PipelineError, TeacherForcingContext
 from pipeline.executor import PipelineExecutor, PipelineResult, run_pipeline
-from pipeline.manifest import FLAT_OBJECTIVE_KNOBS, ModuleSpec, ResolvedPipeline, resolve_pipeline
 from pipeline.registry import DIAGNOSTICS_MODULES, OBJECTIVE_MODULES, get_module, register_module
 
 __all__ = [

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from configs.modules import TokenCEWeights
+from configs.pipeline import PIPELINE_LOCATIONS, STAGE2_TWO_CHANNEL, ResolvedPipeline
 from core.vocab import loss_key
 from pipeline.context import PipelineError, TeacherForcingContext
-from pipeline.manifest import PIPELINE_LOCATIONS, STAGE2_TWO_CHANNEL, ResolvedPipeline
 from pipeline.registry import PipelineSettings, get_module
 
 

@@ -8,30 +8,23 @@ Two plain dicts, filled by :func:`register_module` when ``pipeline.modules`` is 
 A module is a function ``fn(ctx: TeacherForcingContext, spec: ModuleSpec, settings: PipelineSettings)
 -> ModuleOutput``: ``spec`` is its own manifest entry, ``settings`` the pipeline-level facts other
 modules own (e.g. token_ce's knobs, which the text gate and token_stats must share).
-Its config is declared once, as a frozen dataclass of ``configs/modules.py`` (type, default,
-range and doc per key): ``pipeline.manifest`` validates a written ``config`` against the schema
-generated from it, rejects any other key and fills the missing ones from its defaults.
+Its declaration (kind, config dataclass with type, default, range and doc per key, one-line doc) is
+``configs.modules.MODULES[name]``: ``configs.pipeline`` validates a written ``config`` against the
+schema generated from it, rejects any other key and fills the missing ones from its defaults.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, is_dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from configs.declare import declared_fields, defaults_of, has_default
-from configs.modules import TokenCEWeights
+from configs.modules import DIAGNOSTICS, MODULES, OBJECTIVE, ModuleDecl, TokenCEWeights, declare_module
 from core.vocab import register_component
 
-OBJECTIVE = "objective"
-DIAGNOSTICS = "diagnostics"
-KINDS: tuple[str, ...] = (OBJECTIVE, DIAGNOSTICS)
+BUILTIN_MODULES: tuple[str, ...] = tuple(MODULES)  # declared in configs/modules.py, functions in pipeline/modules/
 
 
 @dataclass(frozen=True)
@@ -85,47 +78,49 @@ _BY_KIND: dict[str, dict[str, ModuleDef]] = {OBJECTIVE: OBJECTIVE_MODULES, DIAGN
 
 def register_module(
     name: str,
-    kind: str,
-    config: type,
-    doc: str,
+    kind: str | None = None,
+    config: type | None = None,
+    doc: str | None = None,
     *,
     components: Mapping[str, tuple[str, ...]] | None = None,
 ) -> Callable[[Callable[..., ModuleOutput]], Callable[..., ModuleOutput]]:
-    """Decorator: register ``fn(ctx, spec, settings) -> ModuleOutput`` as module ``name`` of ``kind``.
+    """Decorator: register ``fn(ctx, spec, settings) -> ModuleOutput`` as the function of module ``name``.
 
-    ``config``: the module's config dataclass (every field a ``configs.declare.knob`` with a default;
-    the built-in ones live in ``configs/modules.py``, a plugin declares its own). ``components``: new
-    loss components the module logs as ``loss/<component>[/<sub>]`` (component -> its sub-terms),
-    registered with ``core.vocab.register_component``. Raises ValueError on an unknown kind, a
-    name registered before (in either dict), or a config class that is not such a dataclass.
+    A built-in module is declared in ``configs.modules.MODULES`` (kind, config dataclass, doc) and registers
+    with its name alone. A new module (a plugin file) declares itself here: ``kind`` (OBJECTIVE or
+    DIAGNOSTICS), ``config`` (a dataclass of ``configs.declare.knob`` fields with defaults: its config
+    allowlist, defaults and ranges) and ``doc``; ``components``: new loss components it logs as
+    ``loss/<component>[/<sub>]`` (component -> its sub-terms). Raises ValueError on an unknown kind, a
+    name registered before, or a config class that is not such a dataclass.
     """
-    if kind not in KINDS:
-        raise ValueError(f"module kind {kind!r} unknown; allowed: {', '.join(KINDS)}")
-    if not is_dataclass(config) or any(not has_default(f) for f in declared_fields(config)):
-        raise ValueError(f"module {name!r}: config must be a dataclass of knob() fields with defaults "
-                         f"(configs/modules.py), got {config!r}")
+    if kind is not None or config is not None:
+        if config is None or not is_dataclass(config) or any(not has_default(f) for f in declared_fields(config)):
+            raise ValueError(f"module {name!r}: config must be a dataclass of knob() fields with defaults, "
+                             f"got {config!r}")
+        if name in MODULES:
+            raise ValueError(f"pipeline module {name!r} is already registered; module names must be unique")
+        declare_module(ModuleDecl(name, kind, config, doc or ""))
+    elif name not in MODULES:
+        raise ValueError(f"pipeline module {name!r} is not declared: give its kind, config and doc")
+    decl = MODULES[name]
 
     def decorate(fn: Callable[..., ModuleOutput]) -> Callable[..., ModuleOutput]:
         if name in OBJECTIVE_MODULES or name in DIAGNOSTICS_MODULES:
             raise ValueError(f"pipeline module {name!r} is already registered; module names must be unique")
         for component, subterms in (components or {}).items():
             register_component(component, tuple(subterms))
-        _BY_KIND[kind][name] = ModuleDef(
-            name=name,
-            kind=kind,
-            fn=fn,
-            config=config,
-            doc=doc,
-        )
+        _BY_KIND[decl.kind][name] = ModuleDef(name=name, kind=decl.kind, fn=fn, config=decl.config, doc=decl.doc)
         return fn
 
     return decorate
 
 
 def unregister_module(name: str) -> None:
-    """Remove a module (tests that register throwaway modules clean up with this)."""
+    """Remove a module declared and registered by a test (built-in declarations stay)."""
     OBJECTIVE_MODULES.pop(name, None)
     DIAGNOSTICS_MODULES.pop(name, None)
+    if name not in BUILTIN_MODULES:
+        MODULES.pop(name, None)
 
 
 def known_modules() -> list[str]:
@@ -145,30 +140,6 @@ def get_module(name: str) -> ModuleDef:
         f"unknown pipeline module {name!r}; known objective modules: {', '.join(sorted(OBJECTIVE_MODULES))}; "
         f"known diagnostics modules: {', '.join(sorted(DIAGNOSTICS_MODULES))}"
     )
-
-
-def load_plugins(plugins: Sequence[str]) -> None:
-    """Import each of ``custom.plugins`` once per process: a ``.py`` file (absolute, or relative to the
-    working directory) or an importable module name. Importing it registers its modules."""
-    for plugin in plugins:
-        if plugin.endswith(".py"):
-            path = Path(plugin).expanduser().resolve()
-            name = f"coordexp_plugin_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}_{path.stem}"
-            if name in sys.modules:
-                continue
-            if not path.is_file():
-                raise FileNotFoundError(f"custom.plugins: {plugin} does not exist (a path relative to the working "
-                                        f"directory {Path.cwd()}, or a module name)")
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[name]
-                raise
-        else:
-            importlib.import_module(plugin)
 
 
 def _ensure_builtin() -> None:

@@ -21,12 +21,12 @@ from typing import NamedTuple
 
 import torch
 
+from configs.pipeline import ResolvedPipeline
 from data.types import PackedBatch
 from model.forward import HiddenStatesModel
 from pipeline.context import TeacherForcingContext
 from pipeline.executor import PipelineExecutor
 from pipeline.forwards import expectation_forward, gt_forward, rollout_forward
-from pipeline.manifest import ResolvedPipeline
 
 STRATEGY_GT = "gt"  # Stage-1: the gt context
 STRATEGY_EXPECTATION = "expectation"  # Stage-2 Channel-A: gt + self_context

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a file: make the repo importable
 
 from configs.declare import declared_fields, field_schema, has_default, hints, section_class, type_text  # noqa: E402
 from configs.errors import run_cli  # noqa: E402
-from configs.modules import MODULE_CONFIGS  # noqa: E402
+from configs.modules import MODULES  # noqa: E402
 from configs.types import CONFIG_META_FIELDS, Config, PipelineEntry  # noqa: E402
 from configs.validation import surface_schemas  # noqa: E402
 
@@ -148,7 +148,8 @@ def key_reference() -> str:
             "What a pipeline entry's `config` map accepts, per module (`configs/modules.py`; any other key is "
             "refused with the allowed ones). Omitted keys take these defaults. The flat knobs above that say "
             "`-> module.key` feed these keys when no pipeline is written.", ""]
-    for name, cls in MODULE_CONFIGS.items():
+    for name, decl in MODULES.items():
+        cls = decl.config
         out += [f"`{name}`: {_prose(cls.__doc__)}", ""]
         if declared_fields(cls):
             out += [*_HEAD, *_rows(cls, f"{name}.config"), ""]

@@ -239,12 +239,12 @@ def heldout_coord_error(loaded, encoder, records) -> float:
     teacher-forced on the GT answer (``coord_diag/exp_abs_err_mean`` of the Stage-1 pipeline)."""
     import torch
 
+    from configs.pipeline import resolve_pipeline
     from data.packing import collate_rows
     from model.forward import HiddenStatesModel
     from pipeline.context import TeacherForcingContext
     from pipeline.executor import run_pipeline
     from pipeline.forwards import gt_forward
-    from pipeline.manifest import resolve_pipeline
 
     pipeline = resolve_pipeline({}, "stage1")
     model = HiddenStatesModel(loaded.model).eval()

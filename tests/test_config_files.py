@@ -168,11 +168,11 @@ def test_generated_docs_and_schema_files_are_fresh():
 
 def _declared_classes():
     from configs.declare import declared_fields, section_class
-    from configs.modules import MODULE_CONFIGS
+    from configs.modules import MODULES
     from configs.types import PipelineEntry
 
     todo = [typing.get_type_hints(Config)[f.name] for f in fields(Config) if f.name not in CONFIG_META_FIELDS]
-    todo += [PipelineEntry, *MODULE_CONFIGS.values()]
+    todo += [PipelineEntry, *(d.config for d in MODULES.values())]
     seen = []
     while todo:
         cls = todo.pop()
@@ -202,7 +202,7 @@ def test_declared_defaults_are_the_filled_defaults():
 
 def test_flat_knobs_share_the_range_of_their_module_key():
     from configs.declare import declared_fields, maps_to
-    from configs.modules import MODULE_CONFIGS
+    from configs.modules import MODULES
 
     checked = 0
     for cls in _declared_classes():
@@ -212,7 +212,7 @@ def test_flat_knobs_share_the_range_of_their_module_key():
                 continue
             module, key = target.split(".")
             mine = {k: v for k, v in f.metadata["coordexp"]["constraints"].items()}
-            theirs = next(g for g in fields(MODULE_CONFIGS[module]) if g.name == key).metadata["coordexp"]["constraints"]
+            theirs = next(g for g in fields(MODULES[module].config) if g.name == key).metadata["coordexp"]["constraints"]
             assert mine == theirs, (cls.__name__, f.name)
             checked += 1
     assert checked >= 19

@@ -570,7 +570,7 @@ def test_frozen_maps_copy_out_mutable(tmp_path):
 
 
 def test_raw_is_passed_to_resolve_pipeline_before_defaults(tmp_path, monkeypatch):
-    import pipeline.manifest as manifest
+    import configs.loader as loader
 
     seen = {}
 
@@ -578,7 +578,7 @@ def test_raw_is_passed_to_resolve_pipeline_before_defaults(tmp_path, monkeypatch
         seen["raw"], seen["variant"] = copy.deepcopy(raw), variant
         return "resolved-pipeline"
 
-    monkeypatch.setattr(manifest, "resolve_pipeline", spy)
+    monkeypatch.setattr(loader, "resolve_pipeline", spy)
     write(tmp_path, "base.yaml", PIPELINE_CFG)
     cfg = load_config(write(tmp_path, "c.yaml", "extends: base.yaml\n"), ["training.lr=0.1"])
     assert seen["variant"] == "stage2_two_channel"
@@ -613,7 +613,7 @@ def test_add_config_args(tmp_path):
     assert isinstance(cfg, Config) and cfg.training.max_steps == 3 and cfg.path == path
 
 
-# ---------------------------------------------------------------- integration with pipeline.manifest
+# ---------------------------------------------------------------- integration with configs.pipeline
 
 
 def test_pipeline_is_resolved_at_load(tmp_path):

@@ -26,12 +26,12 @@ import dataclasses
 import pytest
 import torch
 
+from configs.pipeline import resolve_pipeline
 from core.vocab import COORD, GT, SELF_CONTEXT
 from data.packing import collate_rows
 from model.forward import compute_vision
 from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, gt_forward, rollout_forward
-from pipeline.manifest import resolve_pipeline
 from tests.test_forwards_fixtures import loss_metrics, make_env
 
 TWO = "stage2_two_channel"

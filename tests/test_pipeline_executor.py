@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from configs.modules import NoConfig
+from configs.pipeline import ModuleSpec, ResolvedPipeline, resolve_pipeline
 from core.vocab import DESC, EOS, FN, FP, MATCHED, NO_SUBSET, STRUCT
 from losses.geometry import bbox_geo_loss
 from pipeline.context import PipelineError, TeacherForcingContext
 from pipeline.executor import PipelineExecutor, run_pipeline
-from pipeline.manifest import ModuleSpec, ResolvedPipeline, resolve_pipeline
 from pipeline.registry import DIAGNOSTICS, ModuleOutput, get_module, register_module, unregister_module
 from tests.test_pipeline_fixtures import (
     COORD_IDS,
@@ -505,8 +505,8 @@ def test_registry_rejects_duplicates_and_lists_known_names():
 
 def test_importing_losses_and_pipeline_pulls_no_heavy_backends():
     code = (
-        "import sys, losses, pipeline, pipeline.executor, pipeline.manifest, pipeline.modules;"
-        "pipeline.manifest.resolve_pipeline({}, 'stage2_two_channel');"
+        "import sys, losses, pipeline, pipeline.executor, configs.pipeline, pipeline.modules;"
+        "configs.pipeline.resolve_pipeline({}, 'stage2_two_channel');"
         "bad = [m for m in ('wandb', 'pycocotools', 'vllm') if m in sys.modules or any(k.startswith(m + '.') for k in sys.modules)];"
         "print(bad); sys.exit(1 if bad else 0)"
     )

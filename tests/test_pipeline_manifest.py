@@ -11,7 +11,7 @@ from types import MappingProxyType
 import pytest
 
 from configs.errors import ConfigError
-from pipeline.manifest import (
+from configs.pipeline import (
     FLAT_OBJECTIVE_KNOBS,
     PIPELINE_LOCATIONS,
     ModuleSpec,

@@ -24,12 +24,12 @@ import dataclasses
 import pytest
 import torch
 
+from configs.pipeline import resolve_pipeline
 from core.vocab import COORD, GT, SELF_CONTEXT
 from data.packing import collate_rows
 from model.prefix_reuse import KVRecorder, plan_prefix_reuse
 from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward
-from pipeline.manifest import resolve_pipeline
 from tests.test_forwards_fixtures import make_env
 
 

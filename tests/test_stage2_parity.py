@@ -24,10 +24,10 @@ import yaml
 
 from configs import load_config
 from configs.loader import merge_config_tree
+from configs.pipeline import FLAT_OBJECTIVE_KNOBS
 from core.vocab import DESC, FN, FP, GT, MATCHED, ROLLOUT
 from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward, rollout_forward
-from pipeline.manifest import FLAT_OBJECTIVE_KNOBS
 from pipeline.registry import get_module
 from tests.test_forwards_fixtures import full_token_ce, loss_metrics, make_env, rollout_batch
 

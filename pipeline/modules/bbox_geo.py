@@ -11,20 +11,14 @@ Metrics (unweighted means over boxes): ``loss/geo`` = smoothl1_weight x ``loss/g
 
 from __future__ import annotations
 
-from configs.modules import BBoxGeoConfig
 from core.vocab import GEO, NUM_COORD_BINS, loss_key
 from losses.coord import decode_coords
 from losses.geometry import bbox_geo_loss
 from pipeline.context import MODE_ROLLOUT, ROLLOUT_GEO_SUBSETS, PipelineError, TeacherForcingContext
-from pipeline.registry import OBJECTIVE, ModuleOutput, PipelineSettings, register_module
+from pipeline.registry import ModuleOutput, PipelineSettings, register_module
 
 
-@register_module(
-    "bbox_geo",
-    OBJECTIVE,
-    BBoxGeoConfig,
-    "Box loss on decoded boxes: smoothl1_weight * SmoothL1 + ciou_weight * (1 - CIoU), mean over boxes (loss/geo).",
-)
+@register_module("bbox_geo")  # declared in configs.modules.MODULES
 def bbox_geo(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     mode = ctx.require_contexts("bbox_geo")
     context = ctx.geometry_context()

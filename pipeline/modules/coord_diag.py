@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from configs.modules import CoordDiagConfig
 from core.vocab import NUM_COORD_BINS
 from losses.coord import coord_probs, expectation_decode
 from losses.coord_reg import entropy
 from pipeline.context import TeacherForcingContext
-from pipeline.registry import DIAGNOSTICS, ModuleOutput, PipelineSettings, register_module
+from pipeline.registry import ModuleOutput, PipelineSettings, register_module
 
 COORD_DIAG_MEANS: tuple[str, ...] = (
     "entropy_mean", "exp_argmax_gap_mean", "exp_abs_err_mean", "bin_acc_frac", "coord_mass_mean"
@@ -35,12 +34,7 @@ COORD_DIAG_SUM = "coord_diag/_{}_sum"  # internal: the mean's numerator over the
 COORD_DIAG_DEN = "coord_diag/_{}_den"  # internal: its positions (the step's mean: training.aggregator.sum_den_ratios)
 
 
-@register_module(
-    "coord_diag",
-    DIAGNOSTICS,
-    CoordDiagConfig,
-    "Coord entropy, expectation-vs-argmax gap, expectation error, bin accuracy and coord mass at geometry coord positions.",
-)
+@register_module("coord_diag")  # declared in configs.modules.MODULES
 def coord_diag(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     context = ctx.geometry_context()
     targets = ctx.coord_targets()

@@ -20,20 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from configs.modules import CoordRegConfig
 from core.vocab import COORD_REG, COORD_TOKEN_CE, GT, SELF_CONTEXT, loss_key
 from losses.coord_reg import coord_ce, coord_gate, entropy, expected_huber, expected_l1, soft_ce, text_gate, w1
 from losses.masks import text_gate_positions
 from pipeline.context import MODE_CHANNEL_A, TeacherForcingContext
-from pipeline.registry import OBJECTIVE, ModuleOutput, PipelineSettings, register_module
+from pipeline.registry import ModuleOutput, PipelineSettings, register_module
 
 
-@register_module(
-    "coord_reg",
-    OBJECTIVE,
-    CoordRegConfig,
-    "Coord-distribution regularisers (coord_ce, soft_ce, w1, entropy, el1, ehuber) and coord/text gates (loss/coord_reg).",
-)
+@register_module("coord_reg")  # declared in configs.modules.MODULES
 def coord_reg(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     mode = ctx.require_contexts("coord_reg")
     cfg = spec.config

@@ -25,11 +25,10 @@ from dataclasses import replace
 
 import torch
 
-from configs.modules import TokenCEWeights
 from core.vocab import DESC_CE, GT, ROLLOUT, SELF_CONTEXT, STRUCT_CE, loss_key
 from losses.ce import token_ce as token_ce_math
 from pipeline.context import MODE_CHANNEL_A, MODE_ROLLOUT, TeacherForcingContext
-from pipeline.registry import OBJECTIVE, ModuleOutput, PipelineSettings, register_module
+from pipeline.registry import ModuleOutput, PipelineSettings, register_module
 
 
 def _ce(ctx: TeacherForcingContext, context: str, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,12 +36,7 @@ def _ce(ctx: TeacherForcingContext, context: str, weights: torch.Tensor) -> tupl
     return token_ce_math(ctx.hidden[context], ctx.lm_head_weight, b.input_ids, weights, ctx.chunk_size)
 
 
-@register_module(
-    "token_ce",
-    OBJECTIVE,
-    TokenCEWeights,
-    "CE on struct+eos (loss/struct_ce) and desc (loss/desc_ce) tokens with the per-context masks of docs/training/METRICS_LOSSES.md.",
-)
+@register_module("token_ce")  # declared in configs.modules.MODULES
 def token_ce(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     mode = ctx.require_contexts("token_ce")
     w = settings.token_ce_weights  # this entry's config, built once per run by the executor (pipeline_settings)

@@ -5,8 +5,8 @@ How a built-in module is built (copy this file; a module outside the project is 
 
 1. pick a unique name and a kind (OBJECTIVE returns a loss, DIAGNOSTICS only metrics);
 2. declare its config as a frozen dataclass of ``knob(default, doc, <range>)`` fields in
-   ``configs/modules.py`` (no fields = takes no config) and add it to ``MODULE_CONFIGS``; the
-   allowlist, defaults, types and ranges are enforced at config load by ``pipeline.manifest``
+   ``configs/modules.py`` (no fields = takes no config) and declare it in ``MODULES`` (kind, config, doc); the
+   allowlist, defaults, types and ranges are enforced at config load by ``configs.pipeline``
    and documented in docs/CONFIG.md by ``python scripts/gen_config_doc.py``;
 3. the function takes ``(ctx, spec, settings)`` (its manifest entry; the pipeline-level
    ``PipelineSettings``) and reads only ``ctx``'s derived views (masks, coord targets, cached
@@ -23,13 +23,12 @@ coord tokens are those with a coord target (they feed geo / coord_reg, never tok
 
 from __future__ import annotations
 
-from configs.modules import NoConfig
 from core.vocab import COORD, DESC, EOS, GT, ROLLOUT, STRUCT, TOKEN_TYPE_NAMES
 from pipeline.context import MODE_ROLLOUT, TeacherForcingContext
-from pipeline.registry import DIAGNOSTICS, ModuleOutput, PipelineSettings, register_module
+from pipeline.registry import ModuleOutput, PipelineSettings, register_module
 
 
-@register_module("token_stats", DIAGNOSTICS, NoConfig, "Supervised token counts per type (token_stats/<type>_tokens_total).")
+@register_module("token_stats")  # declared in configs.modules.MODULES
 def token_stats(ctx: TeacherForcingContext, spec, settings: PipelineSettings) -> ModuleOutput:
     context = ROLLOUT if ctx.mode == MODE_ROLLOUT else GT
     masks = ctx.token_ce_masks(context, settings.token_ce_weights)
