@@ -485,8 +485,8 @@ class VLLMBackendConfig:
 @dataclass(frozen=True)
 class MatchingConfig:
     iou_gate: float = knob(0.3, "pairs with IoU below this are infeasible", minimum=0, maximum=1)
-    fp_cost: float = knob(1.0, "Hungarian cost of leaving a prediction unmatched", exclusive_minimum=0)
-    fn_cost: float = knob(1.0, "Hungarian cost of leaving a GT object unmatched", exclusive_minimum=0)
+    fp_cost: float = knob(1.0, "Hungarian cost of leaving a prediction unmatched; only fp_cost + fn_cost matters: a pair above iou_gate is matched iff 1 - IoU < fp_cost + fn_cost", exclusive_minimum=0)
+    fn_cost: float = knob(1.0, "Hungarian cost of leaving a GT object unmatched; only fp_cost + fn_cost matters (see fp_cost)", exclusive_minimum=0)
     desc_gate: float | None = knob(None, "Stage-2 semantic gate: a pair also needs desc similarity >= this (1 for equal "
                                    "normalised descs, else the eval.semantic encoder's cosine, 0 without one); "
                                    "counted in rollout/desc_gate_rejected_total; null = off", minimum=-1, maximum=1)

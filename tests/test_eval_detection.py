@@ -11,11 +11,11 @@ import math
 
 import pytest
 
+from data.boxes import box_iou
 from data.records import bins_to_pixels
 from eval.detection import (
     DetectionObject,
     DetectionRecord,
-    box_iou,
     evaluate_detection,
     normalize_desc,
 )
@@ -144,6 +144,20 @@ def test_degenerate_boxes_are_counted_and_never_match():
     assert rep.counters["pred_degenerate_count"] == 2
     assert rep.metrics["AP"] == 0.0 and rep.metrics["F1@0.5"] == 0.0
 
+
+def test_identical_degenerate_boxes_match_in_f1_as_in_rollout_matching():
+    # one IoU (data.boxes): a degenerate box has IoU 0 with every other box, 1 with an exact copy
+    import data.boxes
+    import rollout.matching
+
+    assert rollout.matching.iou_matrix is data.boxes.iou_matrix
+    line = [10.0, 10.0, 10.0, 110.0]  # zero width
+    assert box_iou(line, line) == 1.0 and box_iou(line, BOX) == 0.0 and box_iou([10, 10, 11, 110], line) == 0.0
+    rep = evaluate_detection([_rec(0, [{"desc": "cat", "bbox_2d": line}], [{"desc": "cat", "bbox_2d": line}])])
+    assert rep.counters["gt_degenerate_count"] == 1 and rep.counters["pred_degenerate_count"] == 1
+    assert rep.counters["f1_tp_count"] == 1 and rep.metrics["F1@0.5"] == 1.0
+    m = rollout.matching.hungarian_match([[10, 10, 10, 110]], [[10, 10, 10, 110]])
+    assert m.pairs == [(0, 0)] and m.ious == [1.0]
 
 def test_bins_records_equal_pixel_records():
     # 400x300 image; bins k -> k/999 * size.
