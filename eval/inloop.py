@@ -32,8 +32,9 @@ from eval.detection import F1ISH_DEFAULT_IOUS, METRIC_FAMILIES, evaluate_detecti
 from eval.evaluate import write_metrics_json
 from eval.scores import SCORE_MODES, score_objects
 from rollout.metrics import precision_recall_f1, rollout_counters
+from training.setup import LOGGER_NAME
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(LOGGER_NAME)  # the project logger: its warnings reach train.log
 
 PREFIX = "eval/rollout/"
 
