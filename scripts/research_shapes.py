@@ -155,7 +155,9 @@ def _checkpoint(run_dir: Path) -> Path:
 
 
 def _mean_step_s(run_dir: Path) -> float:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from training.setup import METRICS_FILE
+
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     return statistics.fmean(r["time/step_s"] for r in rows)
 
 
