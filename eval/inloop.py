@@ -150,8 +150,8 @@ def rollout_metrics(results: Sequence[SampleResult]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in sorted(sums.items()):
         name = k[len("rollout/") :]
-        # Internal reduction helpers never reach the log; nothing is appended during eval.
-        if name.startswith("_") or name == "fn_appended_total":
+        # Internal reduction helpers never reach the log.
+        if name.startswith("_"):
             continue
         out[PREFIX + name] = float(v)
     precision, recall, f1 = precision_recall_f1(matched, valid, gt)
