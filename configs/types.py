@@ -185,8 +185,7 @@ class ModelConfig:
                       "warning", enum=("float32", "bfloat16", "float16"))
     attn_implementation: str = knob("auto", "auto: flash_attention_2 when flash-attn is importable and CUDA is "
                                     "present, else sdpa_packed; the choice is logged. sdpa_packed: SDPA per packed "
-                                    "sample (same result as sdpa's block mask; on the CPU research model forward + backward 1.22x, "
-                                    "the whole training step ~13 % faster; docs/MODEL.md)",
+                                    "sample (same result as sdpa's block mask, faster on packed rows; measurements in docs/MODEL.md)",
                                     enum=("auto", "sdpa_packed", "sdpa", "eager", "flash_attention_2"))
     coord_tokens: CoordTokensConfig = section(CoordTokensConfig, "the 1000 coord tokens <|coord_0|>..<|coord_999|>")
     gradient_checkpointing: bool = knob(False, "recompute activations in backward (also the way to turn it on "
