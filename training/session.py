@@ -242,7 +242,7 @@ def make_tracker(cfg, run: RunContext) -> Tracker:
 
 
 def make_train_dataset(cfg, samples: EncodedRecords, accelerator: Accelerator) -> PackedDataset:
-    """Static packing over the whole train set (SPEC Stage-1 policy), sharded by rank, resumable.
+    """Static packing over the whole train set (the Stage-1 policy), sharded by rank, resumable.
 
     The token lengths and the packing plan are computed once by the main process and cached beside
     the record table (``data.table.cached_packing``); every rank reads them."""
