@@ -5,9 +5,10 @@ run resumed from a sharded checkpoint (what a killed job leaves on disk: ``check
 
 Every test here launches 2-process runs three times (minutes on 2 cores) and is marked slow: FSDP2 Stage-1
 and Stage-2 Two-Channel (Channel-A N forwards and Channel-B rollouts generated under FSDP). The default
-suite keeps an in-process check of FSDP2 generation (tests/test_training_sharding.py: the units stay
-gathered for the block, one gloo process); sharded checkpoints (save, resume, the gathered export) are
-exercised only here. The DeepSpeed tests (ZeRO-2 and ZeRO-3 Stage-1,
+suite keeps in-process checks of the same code (tests/test_training_sharding.py): FSDP2 units stay
+gathered for generation (one gloo process), and the checkpoint code's sharded branch (sharded/ through
+the accelerator, manifest, resume, engine mismatch) with a fake sharded accelerator. Real sharded
+save/resume and the gathered export run only here. The DeepSpeed tests (ZeRO-2 and ZeRO-3 Stage-1,
 ZeRO-3 Stage-2; slow) need the optional ``deepspeed`` package (``pip install -r requirements-deepspeed.txt``)
 and are skipped without it.
 """

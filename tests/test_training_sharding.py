@@ -75,3 +75,88 @@ def test_full_weights_keeps_fsdp2_units_gathered_for_the_block(tmp_path):
         assert all(sharded())
     finally:
         dist.destroy_process_group()
+
+
+class _FakeShardedAccelerator:
+    """One process that accelerate would call FSDP: ``save_state`` / ``load_state`` write and read the
+    optimizer and scheduler state under the given dir, as accelerate's sharded save does per rank."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def __init__(self, optimizer, scheduler):
+        from accelerate.utils import DistributedType
+
+        self.distributed_type = DistributedType.FSDP
+        self.optimizer, self.scheduler, self.loaded = optimizer, scheduler, []
+
+    def save_state(self, path):
+        import os
+
+        os.makedirs(path, exist_ok=True)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   os.path.join(path, "shard_0.pt"))  # fmt: skip
+
+    def load_state(self, path):
+        import os
+
+        state = torch.load(os.path.join(path, "shard_0.pt"), weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loaded.append(path)
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_sharded_checkpoint_layout_verification_and_resume(tmp_path):
+    """The checkpoint code's sharded branch without a sharded engine (the real FSDP2 / ZeRO runs are
+    the slow tests/test_recipe_fsdp.py): shards go to sharded/ through the accelerator (no optimizer.pt),
+    the manifest covers them (a damaged shard is named), resume goes through load_state, and a
+    sharded checkpoint is refused by a DDP run and the other way round."""
+    from training.checkpoint import (
+        CheckpointError,
+        load_training_state,
+        save_training_state,
+        verify_checkpoint,
+    )
+
+    def setup(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+
+    def step(model, opt, sched):
+        loss = model(torch.ones(4, 3)).pow(2).sum()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        return float(loss.detach())
+
+    model, opt, sched = setup(0)
+    for _ in range(2):
+        step(model, opt, sched)
+    acc = _FakeShardedAccelerator(opt, sched)
+    ckpt = save_training_state(tmp_path, accelerator=acc, model_save_fn=lambda d: torch.save(model.state_dict(), d / "w.pt"),
+                               optimizer=opt, scheduler=sched, step=2, data_state={"position": 2})  # fmt: skip
+    assert sorted(p.name for p in ckpt.iterdir()) == ["manifest.json", "model", "rng_0.pt", "sharded", "trainer_state.json"]
+    assert (ckpt / "sharded" / "shard_0.pt").is_file()
+    verify_checkpoint(ckpt)
+    expected = [step(model, opt, sched) for _ in range(2)]
+
+    model2, opt2, sched2 = setup(1)
+    model2.load_state_dict(torch.load(ckpt / "model" / "w.pt"))
+    acc2 = _FakeShardedAccelerator(opt2, sched2)
+    with pytest.raises(CheckpointError, match="FSDP / DeepSpeed"):
+        load_training_state(ckpt, opt2, sched2)  # a DDP / single-process run
+    state = load_training_state(ckpt, opt2, sched2, accelerator=acc2)
+    assert state.step == 2 and state.data_state == {"position": 2} and acc2.loaded == [str(ckpt / "sharded")]
+    assert [step(model2, opt2, sched2) for _ in range(2)] == expected  # optimizer moments and lr restored
+
+    shard = ckpt / "sharded" / "shard_0.pt"
+    data = bytearray(shard.read_bytes())
+    data[-8:] = b"garbage!"
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="shard_0.pt"):
+        verify_checkpoint(ckpt)
