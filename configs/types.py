@@ -188,8 +188,7 @@ class ModelConfig:
                       "warning", enum=("float32", "bfloat16", "float16"))
     attn_implementation: str = knob("auto", "auto: flash_attention_2 when flash-attn is importable and CUDA is "
                                     "present, else sdpa_packed; the choice is logged. sdpa_packed: SDPA per packed "
-                                    "sample (same result as sdpa's block mask; on the CPU research model forward + backward 1.22x, "
-                                    "the whole training step ~13 % faster; docs/MODEL.md)",
+                                    "sample (same result as sdpa's block mask, faster on packed rows; measurements in docs/MODEL.md)",
                                     enum=("auto", "sdpa_packed", "sdpa", "eager", "flash_attention_2"))
     coord_tokens: CoordTokensConfig = section(CoordTokensConfig, "the 1000 coord tokens <|coord_0|>..<|coord_999|>")
     gradient_checkpointing: bool = knob(False, "recompute activations in backward (also the way to turn it on "
@@ -488,8 +487,8 @@ class VLLMBackendConfig:
 @dataclass(frozen=True)
 class MatchingConfig:
     iou_gate: float = knob(0.3, "pairs with IoU below this are infeasible", minimum=0, maximum=1)
-    fp_cost: float = knob(1.0, "Hungarian cost of leaving a prediction unmatched", exclusive_minimum=0)
-    fn_cost: float = knob(1.0, "Hungarian cost of leaving a GT object unmatched", exclusive_minimum=0)
+    fp_cost: float = knob(1.0, "Hungarian cost of leaving a prediction unmatched; only fp_cost + fn_cost matters: a pair above iou_gate is matched iff 1 - IoU < fp_cost + fn_cost", exclusive_minimum=0)
+    fn_cost: float = knob(1.0, "Hungarian cost of leaving a GT object unmatched; only fp_cost + fn_cost matters (see fp_cost)", exclusive_minimum=0)
     desc_gate: float | None = knob(None, "Stage-2 semantic gate: a pair also needs desc similarity >= this (1 for equal "
                                    "normalised descs, else the eval.semantic encoder's cosine, 0 without one); "
                                    "counted in rollout/desc_gate_rejected_total; null = off", minimum=-1, maximum=1)

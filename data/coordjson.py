@@ -21,6 +21,7 @@ from core.vocab import COORD, DESC, NUM_COORD_BINS, STRUCT
 from data.types import GTObject
 
 COORD_TOKEN_FMT = "<|coord_{}|>"
+IM_END = "<|im_end|>"  # the end of an answer (Qwen chat); the one spelling of it in code
 COORD_TOKEN_RE = re.compile(r"<\|coord_(\d{1,3})\|>")
 
 CONTAINER_OPEN = '{"objects": ['

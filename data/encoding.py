@@ -14,14 +14,13 @@ import torch
 from PIL import Image
 
 from core.vocab import EOS, IGNORE, NO_SUBSET
-from data.coordjson import RenderedAnswer, find_outermost_closure, render_answer
+from data.coordjson import IM_END, RenderedAnswer, find_outermost_closure, render_answer
 from data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRefused, open_image, to_rgb
 from data.records import DataError
 from data.tokens import assign_token_types, char_span_to_tokens
 from data.types import BBoxGroup, EncodedSample, GTObject, ObjectSpan, PackedBatch, Record
 
 IMAGE_PAD = "<|image_pad|>"
-IM_END = "<|im_end|>"
 IMAGE_FIX = ("Fix or replace the image file; with data.skip_invalid: true a training sample whose image fails to "
              "decode is skipped and counted (data/skipped_samples_total).")
 

@@ -24,7 +24,7 @@ class GTObject:
 
 @dataclass(frozen=True)
 class Record:
-    """One validated JSONL line (SPEC data contract), boxes already in bins.
+    """One validated JSONL line (the record contract of docs/DATA.md), boxes already in bins.
 
     ``source`` is ``"file.jsonl:LINE"`` so every later error can point at it.
     """

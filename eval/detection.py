@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from configs.errors import InputError
+from data.boxes import iou_matrix
 from data.records import COORD_MODES, RECORD_METADATA_KEYS, bins_to_pixels
 from eval.f1ish import SCOPES as F1ISH_SCOPES
 from eval.f1ish import image_f1ish, oracle_image, oracle_summarize
@@ -268,17 +269,9 @@ def _xywh(box: Sequence[float]) -> list[float]:
     return [box[0], box[1], max(0.0, box[2] - box[0]), max(0.0, box[3] - box[1])]
 
 
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two pixel boxes ``[x1, y1, x2, y2]`` (continuous, no +1; 0 for degenerate boxes)."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
-    area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
-    union = area_a + area_b - inter
-    return inter / union if union > 0 else 0.0
+def _ious(preds: Sequence[Sequence[float]], gts: Sequence[Sequence[float]]) -> list[list[float]]:
+    """``ious[p][g]``: the one IoU (``data.boxes``) of every prediction with every GT box."""
+    return iou_matrix(preds, gts).reshape(len(preds), len(gts)).tolist()
 
 
 # --------------------------------------------------------------------------- F1
@@ -288,17 +281,17 @@ def _greedy_f1_counts(
     """True positives of one image: per category, predictions in descending score order
     (stable) each take the still-unmatched GT with the highest IoU >= ``iou_thr``."""
     tp = 0
+    iou = iou_matrix([box for _, box, _ in preds], [box for _, box in gts])
     order = sorted(range(len(preds)), key=lambda i: -preds[i][2])
     taken = [False] * len(gts)
     for i in order:
-        cat, box, _ = preds[i]
+        cat = preds[i][0]
         best, best_j = -1.0, -1
-        for j, (gcat, gbox) in enumerate(gts):
+        for j, (gcat, _) in enumerate(gts):
             if taken[j] or gcat != cat:
                 continue
-            iou = box_iou(box, gbox)
-            if iou >= iou_thr and iou > best:
-                best, best_j = iou, j
+            if iou[i, j] >= iou_thr and iou[i, j] > best:
+                best, best_j = float(iou[i, j]), j
         if best_j >= 0:
             taken[best_j] = True
             tp += 1
@@ -562,7 +555,7 @@ def _oracle_k(recs: Sequence[DetectionRecord], per_image: Sequence[dict], mapper
     rollouts = []  # per image, per sample: (mapped categories, ious[p][g])
     for r, img in zip(recs, per_image):
         rollouts.append([([m.category for m in mapper.map_many([o.desc for o in s])],
-                          [[box_iou(_pixel_box(o, r), g) for g in img["gt_boxes"]] for o in s]) for s in r.samples])
+                          _ious([_pixel_box(o, r) for o in s], img["gt_boxes"])) for s in r.samples])
     out: dict[str, float] = {"oracle_k_samples": ks.pop()}
     n_gt = sum(len(img["gt_cats"]) for img in per_image)
     for thr in thresholds:
@@ -584,7 +577,7 @@ def _f1ish(per_image: Sequence[dict], thresholds: tuple[float, ...]) -> tuple[li
             prefix = f1ish_key(thr, scope)
             results = []
             for row, img in zip(rows, per_image):
-                ious = [[box_iou(p, g) for g in img["gt_boxes"]] for p in img["pred_boxes"]]
+                ious = _ious(img["pred_boxes"], img["gt_boxes"])
                 res = image_f1ish(img["gt_cats"], [m.category for m in img["maps"]], ious, thr, scope)
                 row[prefix] = res
                 results.append(res)

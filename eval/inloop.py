@@ -32,8 +32,9 @@ from eval.detection import F1ISH_DEFAULT_IOUS, METRIC_FAMILIES, evaluate_detecti
 from eval.evaluate import write_metrics_json
 from eval.scores import SCORE_MODES, score_objects
 from rollout.metrics import precision_recall_f1, rollout_counters
+from training.setup import LOGGER_NAME
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(LOGGER_NAME)  # the project logger: its warnings reach train.log
 
 PREFIX = "eval/rollout/"
 
@@ -149,8 +150,8 @@ def rollout_metrics(results: Sequence[SampleResult]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in sorted(sums.items()):
         name = k[len("rollout/") :]
-        # Internal reduction helpers never reach the log; nothing is appended during eval.
-        if name.startswith("_") or name == "fn_appended_total":
+        # Internal reduction helpers never reach the log.
+        if name.startswith("_"):
             continue
         out[PREFIX + name] = float(v)
     precision, recall, f1 = precision_recall_f1(matched, valid, gt)

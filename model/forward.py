@@ -1,7 +1,7 @@
 """Shared forward preamble for Stage-1 and both Stage-2 forwards: packed position ids, vision once,
 hidden states (never full-vocabulary logits).
 
-Packing is exact (DESIGN): a packed row gives the same per-token hidden states as its samples run
+Packing is exact: a packed row gives the same per-token hidden states as its samples run
 alone, because we pass 4-row position ids — row 0 = text positions restarting at 0 per segment (the
 attention-mask builder turns the restarts into a block-diagonal causal mask), rows 1-3 = each
 segment's own multimodal (t, h, w) rope positions — with ``attention_mask=None`` and no cache.

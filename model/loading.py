@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from configs.errors import ConfigError, UserError
+from data.coordjson import IM_END
 from model import packed_attention
 from model.adapters import apply_adapter, is_adapter_dir, load_adapter_weights, merge_adapter, read_adapter_config
 from model.shapes import logical_numel
@@ -215,7 +216,7 @@ def _ensure_generation_ids(model, tokenizer) -> None:
     gen = getattr(model, "generation_config", None)
     if gen is None:
         return
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
     eos = gen.eos_token_id
     eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     if im_end is not None and im_end not in eos_list:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from data.coordjson import coord_token_texts
+from data.coordjson import IM_END, coord_token_texts
 from model.vocab import COORD_INITS, coord_vocab_from_tokenizer, init_coord_rows
 
 # The 26 special tokens of a real Qwen3-VL tokenizer (ids 151643..151668 there), in Qwen order.
@@ -116,7 +116,7 @@ def _qwen_wrapped(backend):
 
     tok = PreTrainedTokenizerFast(tokenizer_object=backend)
     tok.pad_token = "<|endoftext|>"
-    tok.eos_token = "<|im_end|>"
+    tok.eos_token = IM_END
     tok.chat_template = QWEN_VL_CHAT_TEMPLATE
     tok.padding_side = "right"
     return tok
@@ -218,7 +218,7 @@ def tiny_qwen3vl_config(
         tie_word_embeddings=tie_word_embeddings,
         pad_token_id=ids("<|endoftext|>"),
         bos_token_id=ids("<|endoftext|>"),
-        eos_token_id=ids("<|im_end|>"),
+        eos_token_id=ids(IM_END),
     )
     vision_config = dict(
         depth=vision_depth,
@@ -242,7 +242,7 @@ def tiny_qwen3vl_config(
         vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=tie_word_embeddings,
     )
-    cfg.eos_token_id = ids("<|im_end|>")
+    cfg.eos_token_id = ids(IM_END)
     cfg.pad_token_id = ids("<|endoftext|>")
     # Every sub-model's _init_weights reads its own config's initializer_range.
     for c in (cfg, cfg.text_config, cfg.vision_config):
@@ -255,7 +255,7 @@ def _tiny_generation_config(tokenizer):
 
     ids = tokenizer.convert_tokens_to_ids
     return GenerationConfig(
-        eos_token_id=[ids("<|im_end|>"), ids("<|endoftext|>")],
+        eos_token_id=[ids(IM_END), ids("<|endoftext|>")],
         pad_token_id=ids("<|endoftext|>"),
         do_sample=False,
     )

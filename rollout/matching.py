@@ -1,7 +1,7 @@
 """Hungarian matching of valid rollout predictions to GT boxes, with an IoU gate (docs/training/STAGE2_RUNBOOK.md).
 
-Boxes are bins ``[x1, y1, x2, y2]`` (0..999); IoU is computed in bin space (continuous areas,
-no +1, like ``eval.detection.box_iou``). Cost of a pair is ``1 - IoU``; a pair with
+Boxes are bins ``[x1, y1, x2, y2]`` (0..999); IoU is ``data.boxes.iou_matrix`` in bin space (the
+one IoU: continuous, no +1; a degenerate box matches only an exact copy of itself). Cost of a pair is ``1 - IoU``; a pair with
 ``IoU < iou_gate`` is infeasible. Leaving a prediction unmatched costs ``fp_cost``, leaving a GT
 unmatched ``fn_cost``: the problem is solved exactly on the augmented ``(P+G) x (G+P)`` matrix
 
@@ -28,27 +28,11 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from configs.types import MatchingConfig
+from data.boxes import iou_matrix
 from rollout.types import MatchResult
 
 _QUANT = 1_000_000  # cost units per 1.0
 _EXACT = float(2**53)
-
-
-def iou_matrix(pred_bins, gt_bins) -> np.ndarray:
-    """``[P, G]`` IoU in bin space. Degenerate (zero-area) boxes have IoU 0 with everything,
-    except an exact copy of themselves (IoU 1), so a degenerate GT can still be matched."""
-    p = np.asarray(pred_bins, dtype=np.float64).reshape(-1, 4)
-    g = np.asarray(gt_bins, dtype=np.float64).reshape(-1, 4)
-    iw = np.minimum(p[:, None, 2], g[None, :, 2]) - np.maximum(p[:, None, 0], g[None, :, 0])
-    ih = np.minimum(p[:, None, 3], g[None, :, 3]) - np.maximum(p[:, None, 1], g[None, :, 1])
-    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-    area_p = np.clip(p[:, 2] - p[:, 0], 0, None) * np.clip(p[:, 3] - p[:, 1], 0, None)
-    area_g = np.clip(g[:, 2] - g[:, 0], 0, None) * np.clip(g[:, 3] - g[:, 1], 0, None)
-    union = area_p[:, None] + area_g[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-    same = (p[:, None, :] == g[None, :, :]).all(-1)
-    return np.where(same, 1.0, iou)
 
 
 def _check_boxes(name: str, boxes) -> np.ndarray:

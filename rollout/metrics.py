@@ -30,7 +30,7 @@ def rollout_counters(
 ) -> dict[str, float]:
     """Metrics of a batch of rollouts (one entry per sample in each sequence).
 
-    Keys: ``rollout/{fn_appended,gt_objects,valid_pred_objects,fp,fn,matched}_total``,
+    Keys: ``rollout/{gt_objects,valid_pred_objects,fp,fn,matched}_total``,
     ``rollout/{gt,pred}_per_sample`` (means over samples), ``rollout/{precision,recall,f1}``,
     ``rollout/parse_valid_rate`` (fraction of samples whose container was found and closed with
     no object dropped), ``rollout/drop_<reason>_count`` for every reason in ``DROP_REASONS``,
@@ -58,7 +58,6 @@ def rollout_counters(
     parse_valid = sum(1 for p in parsed_list if p.parse_valid)
     precision, recall, f1 = precision_recall_f1(matched, valid, gt)
     out: dict[str, float] = {
-        "rollout/fn_appended_total": float(fn),
         "rollout/gt_objects_total": float(gt),
         "rollout/valid_pred_objects_total": float(valid),
         "rollout/fp_total": float(fp),

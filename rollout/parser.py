@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.vocab import COORD, DESC, IGNORE, STRUCT
-from data.coordjson import COORD_TOKEN_FMT, find_outermost_closure
+from data.coordjson import COORD_TOKEN_FMT, IM_END, find_outermost_closure
 from data.tokens import char_span_to_tokens
 from rollout.types import DROP_REASONS, ParsedObject, ParsedRollout
 
@@ -179,7 +179,7 @@ def _pieces(token_ids: Sequence[int], tokenizer, coord_vocab) -> tuple[list[str]
 
 def default_eos_id(tokenizer) -> int:
     """``<|im_end|>`` when the tokenizer has it as one token (Qwen chat), else ``tokenizer.eos_token_id``."""
-    tid = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tid = tokenizer.convert_tokens_to_ids(IM_END)
     if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):
         return tid
     if tokenizer.eos_token_id is None:

@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.errors import InputError, add_debug_flag, did_you_mean, run_cli  # noqa: E402
+from training.setup import METRICS_FILE  # noqa: E402
 from training.tracking import read_metrics  # noqa: E402
 
 # matplotlib's tab10 as RGB: one colour per run, in this order.
@@ -69,7 +70,7 @@ class PlotResult:
 
 def load_run(path: str) -> Run:
     """A run folder (holding metrics.jsonl) or a metrics.jsonl path -> ``Run``."""
-    metrics = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+    metrics = os.path.join(path, METRICS_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(metrics):
         raise FileNotFoundError(f"{path}: no metrics.jsonl found (pass a run folder or a metrics.jsonl file)")
     label = os.path.basename(os.path.dirname(os.path.abspath(metrics))) or metrics

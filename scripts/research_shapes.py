@@ -155,7 +155,9 @@ def _checkpoint(run_dir: Path) -> Path:
 
 
 def _mean_step_s(run_dir: Path) -> float:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from training.setup import METRICS_FILE
+
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     return statistics.fmean(r["time/step_s"] for r in rows)
 
 
@@ -358,12 +360,24 @@ COORD_PICK_TEXT = {
 }
 
 
+NOTES_MARK = "<!-- Hand-written notes below: scripts/research_shapes.py keeps everything from this line on. -->"
+
+
+def keep_notes(doc: Path, text: str) -> str:
+    """``text`` followed by the hand-written notes of the existing ``doc`` (from ``NOTES_MARK`` on)."""
+    old = doc.read_text(encoding="utf-8") if doc.is_file() else ""
+    if NOTES_MARK not in old:
+        return text
+    return text.rstrip("\n") + "\n\n" + old[old.index(NOTES_MARK):]
+
+
 def write_doc(doc: Path, command: str, size: dict, seeds: int, results: dict[str, list[dict]],
               per_seed: dict[int, dict[str, dict]], extra: Sequence[str], coord_pick: str) -> None:
     steps_d = [per_seed[s]["coordexp+stage1"]["steps"] for s in sorted(per_seed)]
     text = f"""# Research: CoordExp on held-out shapes
 
-Written by `scripts/research_shapes.py` (do not edit by hand; rerun the command below).
+Written by `scripts/research_shapes.py` (do not edit the table by hand; rerun the command below; the
+notes at the end are hand-written and kept).
 
 Command: `{command}`
 
@@ -394,7 +408,7 @@ Per seed (arm: AP50 / mAP):
             f"{arm} {per_seed[s][arm]['AP50']:.3f} / {per_seed[s][arm]['mAP']:.3f}" for arm in ARMS if arm in per_seed[s]
         ) + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text, encoding="utf-8")
+    doc.write_text(keep_notes(doc, text), encoding="utf-8")
 
 
 def cell_key(arm: str, seed: int, size: dict, extra: Sequence[str], out: Path) -> str:

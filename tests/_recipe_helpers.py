@@ -92,7 +92,6 @@ def finite(x) -> bool:
 
 
 ROLLOUT_PAYLOAD = (
-    "rollout/fn_appended_total",
     "rollout/gt_objects_total",
     "rollout/valid_pred_objects_total",
     "rollout/fp_total",

@@ -11,11 +11,11 @@ import math
 
 import pytest
 
+from data.boxes import box_iou
 from data.records import bins_to_pixels
 from eval.detection import (
     DetectionObject,
     DetectionRecord,
-    box_iou,
     evaluate_detection,
     normalize_desc,
 )
@@ -145,6 +145,20 @@ def test_degenerate_boxes_are_counted_and_never_match():
     assert rep.metrics["AP"] == 0.0 and rep.metrics["F1@0.5"] == 0.0
 
 
+def test_identical_degenerate_boxes_match_in_f1_as_in_rollout_matching():
+    # one IoU (data.boxes): a degenerate box has IoU 0 with every other box, 1 with an exact copy
+    import data.boxes
+    import rollout.matching
+
+    assert rollout.matching.iou_matrix is data.boxes.iou_matrix
+    line = [10.0, 10.0, 10.0, 110.0]  # zero width
+    assert box_iou(line, line) == 1.0 and box_iou(line, BOX) == 0.0 and box_iou([10, 10, 11, 110], line) == 0.0
+    rep = evaluate_detection([_rec(0, [{"desc": "cat", "bbox_2d": line}], [{"desc": "cat", "bbox_2d": line}])])
+    assert rep.counters["gt_degenerate_count"] == 1 and rep.counters["pred_degenerate_count"] == 1
+    assert rep.counters["f1_tp_count"] == 1 and rep.metrics["F1@0.5"] == 1.0
+    m = rollout.matching.hungarian_match([[10, 10, 10, 110]], [[10, 10, 10, 110]])
+    assert m.pairs == [(0, 0)] and m.ious == [1.0]
+
 def test_bins_records_equal_pixel_records():
     # 400x300 image; bins k -> k/999 * size.
     bins = [99, 333, 500, 999]
@@ -184,6 +198,29 @@ def test_greedy_f1_prefers_higher_score_and_best_iou():
     # at .75 the IoU-2/3 prediction misses: TP 1, FP 1, FN 1 -> F1 .5
     assert rep75.metrics["F1@0.75"] == pytest.approx(0.5)
 
+
+@pytest.mark.parametrize("high_first", [True, False])
+def test_greedy_f1_goes_by_score_whatever_the_list_order(high_first):
+    # GT1 [0,0,100,100], GT2 [60,0,160,100]. H (score .9) = [28,0,128,100]: IoU 72/128 = .5625 with
+    # GT1, 68/132 = .515 with GT2, so it takes GT1. L (score .1) = GT1 exactly: IoU 1 with GT1,
+    # 40/160 = .25 with GT2, so nothing is left for it. By score: TP 1, FP 1, FN 1 -> F1 .5.
+    # (L first would take GT1 and leave GT2 to H: TP 2.)
+    gt = [{"desc": "cat", "bbox_2d": [0, 0, 100, 100]}, {"desc": "cat", "bbox_2d": [60, 0, 160, 100]}]
+    high = {"desc": "cat", "bbox_2d": [28, 0, 128, 100], "score": 0.9}
+    low = {"desc": "cat", "bbox_2d": [0, 0, 100, 100], "score": 0.1}
+    rep = evaluate_detection([_rec(0, gt, [high, low] if high_first else [low, high])])
+    assert rep.counters["f1_tp_count"] == 1 and rep.counters["f1_fp_count"] == 1 and rep.counters["f1_fn_count"] == 1
+    assert rep.metrics["F1@0.5"] == pytest.approx(0.5)
+
+
+def test_an_iou_exactly_on_the_f1_threshold_is_a_hit():
+    gt = [{"desc": "cat", "bbox_2d": [0, 0, 100, 100]}]
+    half = [{"desc": "cat", "bbox_2d": [0, 0, 100, 50]}]  # IoU 5000 / 10000 = 0.5 exactly
+    three_quarters = [{"desc": "cat", "bbox_2d": [0, 0, 100, 75]}]  # IoU 0.75 exactly
+    assert box_iou([0, 0, 100, 50], [0, 0, 100, 100]) == 0.5
+    assert evaluate_detection([_rec(0, gt, half)]).metrics["F1@0.5"] == 1.0
+    assert evaluate_detection([_rec(0, gt, three_quarters)], f1_iou=0.75).metrics["F1@0.75"] == 1.0
+    assert evaluate_detection([_rec(0, gt, half)], f1_iou=0.75).metrics["F1@0.75"] == 0.0
 
 def test_errors_name_the_record_and_the_fix():
     with pytest.raises(ValueError, match=r"records\[0\] gt\[0\].*bbox_2d"):

@@ -144,16 +144,22 @@ def test_token_prob_scores_reach_the_predictions(tiny, tmp_path):
         assert all(p["score"] == 1.0 for p in line["pred"])
 
 
-def test_coco_failure_gives_zero_map_and_a_warning(tiny, tmp_path, monkeypatch, caplog):
+def test_coco_failure_gives_zero_map_and_a_warning_in_train_log(tiny, tmp_path, monkeypatch, fresh_coordexp_logger):
+    from training.setup import setup_logging
+
     def boom(*a, **k):
         raise RuntimeError("pycocotools exploded")
 
     monkeypatch.setattr(inloop, "evaluate_detection", boom)
-    with caplog.at_level(logging.WARNING, logger="eval.inloop"):
-        payload = _run(tiny, tmp_path)
+    (tmp_path / "run").mkdir()
+    logger = setup_logging(tmp_path / "run")
+    payload = _run(tiny, tmp_path)
     assert payload["eval/rollout/mAP"] == 0.0 and isinstance(payload["eval/rollout/mAP"], float)
     assert payload["eval/rollout/precision"] == pytest.approx(1.0)  # the rest of the eval still counts
-    assert any("COCO evaluation failed" in r.getMessage() and "exploded" in r.getMessage() for r in caplog.records)
+    for handler in logger.handlers:
+        handler.flush()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "COCO evaluation failed" in log and "exploded" in log  # the run's log, not a stray logger
     saved = json.loads((tmp_path / "eval" / "step_7" / "metrics.json").read_text())
     assert "exploded" in saved["coco_error"]
 

@@ -134,3 +134,30 @@ def test_token_ce_keeps_chunk_logits_for_backward_only_when_small(monkeypatch, r
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hidden.grad, g_h, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(weight.grad, g_w, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_lm_head_losses_are_computed_on_fp32_logits():
+    """A bf16 head's logits are upcast before the softmax: CE and logsumexp equal the fp32 math on
+    the same bf16 logits (a softmax in bf16 is off by ~1e-3 relative), and the outputs are fp32."""
+    g = torch.Generator().manual_seed(3)
+    b, t, h, v = 2, 9, 32, 257
+    hidden = (torch.randn(b, t, h, generator=g) * 2).to(torch.bfloat16)
+    w = torch.randn(v, h, generator=g).to(torch.bfloat16)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    weights = torch.zeros(b, t)
+    weights[:, 1:] = 1.0
+    logits = (hidden @ w.t()).float()  # the bf16 matmul, then the upcast: what the loss must see
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1))
+    mean, _ = token_ce(hidden, w, ids, weights, chunk_size=4)
+    assert mean.dtype == torch.float32
+    torch.testing.assert_close(mean, ref, rtol=1e-6, atol=1e-6)
+    rows = hidden.reshape(-1, h)
+    lse = full_logsumexp(rows, w, chunk_size=5)
+    assert lse.dtype == torch.float32
+    torch.testing.assert_close(lse, torch.logsumexp(logits.reshape(-1, v), -1), rtol=1e-6, atol=1e-6)
+    text, full = ce_mod.text_and_full_logsumexp(rows, w, torch.arange(200, v), chunk_size=5)
+    torch.testing.assert_close(text, torch.logsumexp(logits.reshape(-1, v)[:, :200], -1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(full, torch.logsumexp(logits.reshape(-1, v), -1), rtol=1e-6, atol=1e-6)
+    coord = coord_logits(rows, w, torch.arange(200, v))
+    assert coord.dtype == torch.float32
+    torch.testing.assert_close(coord, logits.reshape(-1, v)[:, 200:], rtol=0, atol=0)

@@ -106,3 +106,56 @@ def test_bbox_geo_loss_empty_is_zero_with_graph():
     assert pred.grad is not None
     with pytest.raises(ValueError, match=r"\[G, 4\]"):
         bbox_geo_loss(torch.zeros(2, 4), torch.zeros(3, 4))
+
+
+def test_ciou_boxes_separated_vertically_non_square():
+    # pred 0.2 x 0.3 above a 0.4 x 0.2 GT, no overlap: IoU 0; centres (0.2, 0.15) and (0.3, 0.6):
+    # ρ² = 0.1² + 0.45² = 0.2125; enclosing box 0.4 x 0.7: c² = 0.65;
+    # v = 4/π² (atan(0.4/0.2) − atan(0.2/0.3))², α = v / (1 − 0 + v)
+    v = 4 / math.pi**2 * (math.atan(2.0) - math.atan(2 / 3)) ** 2
+    alpha = v / (1 + v)
+    expected = 0.0 - 0.2125 / 0.65 - alpha * v
+    got = ciou(_t([0.1, 0.0, 0.3, 0.3]), _t([0.1, 0.5, 0.5, 0.7])).item()
+    assert got == pytest.approx(expected, abs=1e-6)
+    # overlapping, offset vertically (pred 0.2 x 0.4 inside the GT's x range): inter 0.2 x 0.15 = 0.03,
+    # union 0.08 + 0.08 − 0.03 = 0.13; centres (0.3, 0.3) and (0.3, 0.45): ρ² = 0.0225;
+    # enclosing 0.4 x 0.45: c² = 0.3625; v = 4/π² (atan(0.4/0.2) − atan(0.2/0.4))²
+    iou = 0.03 / 0.13
+    v = 4 / math.pi**2 * (math.atan(2.0) - math.atan(0.5)) ** 2
+    alpha = v / (1 - iou + v)
+    expected = iou - 0.0225 / 0.3625 - alpha * v
+    got = ciou(_t([0.2, 0.1, 0.4, 0.5]), _t([0.1, 0.35, 0.5, 0.55])).item()
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def _ciou_reference(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """CIoU written from its definition (float64, no eps), α detached (a constant weight)."""
+    pw, ph = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
+    gw, gh = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
+    iw = (torch.min(p[:, 2], g[:, 2]) - torch.max(p[:, 0], g[:, 0])).clamp_min(0)
+    ih = (torch.min(p[:, 3], g[:, 3]) - torch.max(p[:, 1], g[:, 1])).clamp_min(0)
+    iou = iw * ih / (pw * ph + gw * gh - iw * ih)
+    pc = torch.stack([(p[:, 0] + p[:, 2]) / 2, (p[:, 1] + p[:, 3]) / 2], -1)
+    gc = torch.stack([(g[:, 0] + g[:, 2]) / 2, (g[:, 1] + g[:, 3]) / 2], -1)
+    rho2 = ((pc - gc) ** 2).sum(-1)
+    cw = torch.max(p[:, 2], g[:, 2]) - torch.min(p[:, 0], g[:, 0])
+    ch = torch.max(p[:, 3], g[:, 3]) - torch.min(p[:, 1], g[:, 1])
+    v = 4 / math.pi**2 * (torch.atan(gw / gh) - torch.atan(pw / ph)) ** 2
+    alpha = (v / (1 - iou + v)).detach()
+    return iou - rho2 / (cw**2 + ch**2) - alpha * v
+
+
+def test_ciou_values_and_gradient_equal_the_reference_with_alpha_held_constant():
+    g = torch.Generator().manual_seed(0)
+    lo = torch.rand(16, 2, generator=g, dtype=torch.float64) * 0.5
+    size = 0.05 + torch.rand(16, 2, generator=g, dtype=torch.float64) * 0.45
+    glo = torch.rand(16, 2, generator=g, dtype=torch.float64) * 0.5
+    gsize = 0.05 + torch.rand(16, 2, generator=g, dtype=torch.float64) * 0.45
+    pred = torch.cat([lo, lo + size], -1).requires_grad_(True)
+    target = torch.cat([glo, glo + gsize], -1)
+    got = ciou(pred, target, eps=1e-12)
+    ref = _ciou_reference(pred, target)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    (grad,) = torch.autograd.grad(got.sum(), pred)
+    (grad_ref,) = torch.autograd.grad(ref.sum(), pred)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-7, atol=1e-9)

@@ -97,6 +97,24 @@ def test_closure_fused_into_fp_span_is_still_supervised():
     assert m.struct[0, CLOSURE_POS] == 1.0 and m.struct[0, 26] == 1.0
 
 
+@pytest.mark.parametrize("dropped", [False, True])
+def test_closure_typed_desc_inside_a_missed_object_span_is_struct_1_desc_0(dropped):
+    # A fused token holding the end of the last FN object's desc text and the outermost '}' is
+    # typed DESC and lies in the FN span: it is supervised as the closure (struct exactly 1,
+    # whatever the multipliers), never as FN desc text (desc 0, whatever rollout_fn_desc_weight).
+    types, subset = list(TYPES), list(SUBSET)
+    types[CLOSURE_POS], subset[CLOSURE_POS] = DESC, FN
+    tt, sub, closure, seg = _rollout_inputs(subset)
+    tt = torch.tensor([types])
+    weights = TokenCEWeights(rollout_fn_desc_weight=0.7, rollout_drop_invalid_struct_ce_multiplier=2.0)
+    m = build_token_ce_weights(ROLLOUT, tt, weights, subset=sub, closure=closure, segment_ids=seg,
+                               dropped_invalid=torch.full(tt.shape, dropped))  # fmt: skip
+    mult = 2.0 if dropped else 1.0
+    s, d = _expect({**dict.fromkeys(PREFIX_STRUCT + FN_STRUCT, mult), 25: 1.0, 26: 1.0}, {21: 0.7})
+    torch.testing.assert_close(m.struct, s)
+    torch.testing.assert_close(m.desc, d)
+    assert text_gate_positions(m)[0, CLOSURE_POS]
+
 def test_rollout_requires_subset_and_closure_and_rejects_orphan_desc():
     tt, sub, closure, _ = _rollout_inputs()
     with pytest.raises(ValueError, match="subset= and closure="):

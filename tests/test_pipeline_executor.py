@@ -169,6 +169,30 @@ def test_stage1_total_is_weighted_sum_and_terms_match_brute_force():
     assert m["coord_diag/coord_mass_mean"] == pytest.approx(float(p_coord.mean()), rel=1e-5)
 
 
+def test_bbox_geo_sub_weights_other_than_one():
+    batch = make_batch(GT_ROWS)
+    hidden, W = random_hidden(batch, 2), lm_head()
+    resolved = _explicit(S1, [{"name": "bbox_geo", "weight": 1.5, "config": {"smoothl1_weight": 0.3, "ciou_weight": 2.5}}])
+    out = run_pipeline(resolved, _ctx(batch, None, {"gt": hidden}, W))
+    geo, _ = _geo_ref(hidden, W, batch)
+    assert out.metrics["loss/geo/smoothl1"] == pytest.approx(float(geo.smoothl1), rel=1e-5)
+    assert out.metrics["loss/geo/ciou"] == pytest.approx(float(geo.ciou), rel=1e-5)
+    geo_ref = 0.3 * float(geo.smoothl1) + 2.5 * float(geo.ciou)
+    assert out.metrics["loss/geo"] == pytest.approx(geo_ref, rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(1.5 * geo_ref, rel=1e-5)
+
+
+def test_coord_diag_bin_tolerance_counts_a_position_exactly_at_the_tolerance():
+    batch = make_batch(GT_ROWS)
+    hidden, W = random_hidden(batch, 1), lm_head()
+    cl, _, tgt = _coord_logits_at(hidden, W, batch)
+    dist = (cl.argmax(-1) - tgt).abs()
+    assert len(set(dist.tolist())) > 2
+    for tol in sorted(set(dist.tolist())):  # each tolerance puts at least one position on the boundary
+        resolved = _explicit(S1, [{"name": "token_ce"}], [{"name": "coord_diag", "config": {"bin_tolerance": tol}}])
+        m = run_pipeline(resolved, _ctx(batch, None, {"gt": hidden}, W)).metrics
+        assert m["coord_diag/bin_acc_frac"] == pytest.approx(float((dist <= tol).float().mean())), tol
+
 def test_stage1_default_ce_only_coord_terms_equal_full_vocab_ce():
     batch = make_batch(GT_ROWS)
     hidden, W = random_hidden(batch, 2), lm_head()

@@ -1,4 +1,4 @@
-"""Pipeline manifests: parsing, validation, default manifests, guardrails, checksum (docs/training/PIPELINE.md, seed §9.1*)."""
+"""Pipeline manifests: parsing, validation, default manifests, guardrails, checksum (docs/training/PIPELINE.md)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def _cfg(resolved: ResolvedPipeline, name: str) -> dict:
     return dict(next(m for m in resolved.objective if m.name == name).config)
 
 
-# ------------------------------------------------------------------ §9.1 parsing and validation
+# ------------------------------------------------------------------ parsing and validation
 
 
 def test_unknown_module_name_lists_known_modules():
@@ -228,7 +228,7 @@ def test_frozen_raw_mappings_and_tuples_are_accepted():
     assert resolve_pipeline(raw, TWO).objective[0].channels == ("A",)
 
 
-# ------------------------------------------------------------------ §9.1B default manifests
+# ------------------------------------------------------------------ default manifests
 
 
 @pytest.mark.parametrize("variant", [S1, TWO, RA])
@@ -348,7 +348,7 @@ def test_explicit_pipeline_equal_to_default_has_the_default_checksum():
     assert explicit.checksum == default.checksum == GOLDEN[TWO]
 
 
-# ------------------------------------------------------------------ §9.1C guardrails
+# ------------------------------------------------------------------ guardrails
 
 
 def test_variant_pipeline_location_guardrails():
@@ -411,7 +411,7 @@ def test_flat_knobs_of_another_variant_do_not_block_a_pipeline():
     assert resolve_pipeline(raw, RA).source == "explicit"
 
 
-# ------------------------------------------------------------------ §5.3 canonicalisation
+# ------------------------------------------------------------------ canonicalisation
 
 
 def _pipe(weight=1.0, cfg=None, extra=None) -> ResolvedPipeline:

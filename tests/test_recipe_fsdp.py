@@ -3,8 +3,12 @@ on CPU (gloo; see training.sharding.prepare_cpu_sharding): the losses match the 
 run resumed from a sharded checkpoint (what a killed job leaves on disk: ``checkpoint-<k>/`` with
 ``sharded/``) continues exactly, and the gathered ``model/`` export equals the DDP weights.
 
-FSDP2: the fast Stage-1 test is in the default suite; Stage-2 Two-Channel (Channel-A N forwards and
-Channel-B rollouts generated under FSDP) is marked slow. The DeepSpeed tests (ZeRO-2 and ZeRO-3 Stage-1,
+Every test here launches 2-process runs three times (minutes on 2 cores) and is marked slow: FSDP2 Stage-1
+and Stage-2 Two-Channel (Channel-A N forwards and Channel-B rollouts generated under FSDP). The default
+suite keeps in-process checks of the same code (tests/test_training_sharding.py): FSDP2 units stay
+gathered for generation (one gloo process), and the checkpoint code's sharded branch (sharded/ through
+the accelerator, manifest, resume, engine mismatch) with a fake sharded accelerator. Real sharded
+save/resume and the gathered export run only here. The DeepSpeed tests (ZeRO-2 and ZeRO-3 Stage-1,
 ZeRO-3 Stage-2; slow) need the optional ``deepspeed`` package (``pip install -r requirements-deepspeed.txt``)
 and are skipped without it.
 """
@@ -77,6 +81,7 @@ def _assert_matches(ddp, fsdp, resumed, *, max_steps: int, resume_at: int) -> No
         assert _compared(b) == _compared(a), f"step {a['step']}: resumed run differs from the uninterrupted run"
 
 
+@pytest.mark.slow
 def test_fsdp2_stage1_matches_ddp_and_resumes_exactly(recipe_env, tmp_path):
     """3 Stage-1 steps (eval with generation under FSDP2 at step 3), resume from checkpoint-2."""
     ddp, fsdp, resumed = _ddp_fsdp_resumed(recipe_env, tmp_path, "train_stage1.py", STAGE1_DEMO, max_steps=3,

@@ -220,7 +220,7 @@ def test_a_run_that_died_before_its_first_step_does_not_block_the_rerun(recipe_e
 
 
 def test_stage1_coco_failure_logs_zero_map_and_training_goes_on(recipe_env, tmp_path, monkeypatch, caplog):
-    """Seed §6B.3: a COCO failure inside the in-loop eval gives ``eval/rollout/mAP == 0.0`` plus a
+    """A COCO failure inside the in-loop eval gives ``eval/rollout/mAP == 0.0`` plus a
     warning, and the run continues past that eval to its last step."""
     import logging
 

@@ -87,6 +87,46 @@ def test_ties_resolved_the_same_way_every_run():
     assert sorted(i for i, _ in first.pairs) == [0, 1, 2] and sorted(j for _, j in first.pairs) == [0, 1, 2]
 
 
+def test_ties_go_to_the_lower_index_even_when_the_better_by_noise_box_comes_second():
+    gt = [[0, 0, 1000, 1000]]
+    a = np.array([[0, 0, 999, 1000]], dtype=np.float64)  # IoU 0.999
+    b = a + np.array([[0, 0, 4e-4, 0]])  # IoU 0.9990004: equal to 6 decimals, a tie
+    # the better-by-noise prediction second: the IoU rounding makes it a tie, the index tie-break
+    # then picks prediction 0
+    m = hungarian_match(np.concatenate([a, b]), gt)
+    assert m.pairs == [(0, 0)] and m.fp == [1]
+    # the same on the GT side: one prediction, the better-by-noise GT second -> GT 0
+    m = hungarian_match(a, np.concatenate([a, b]))
+    assert m.pairs == [(0, 0)] and m.fn == [1]
+    # three identical predictions for two identical GTs: predictions 0 and 1 are matched
+    box = [10, 10, 50, 50]
+    m = hungarian_match([box] * 3, [box] * 2)
+    assert sorted(i for i, _ in m.pairs) == [0, 1] and m.fp == [2]
+
+
+def test_a_real_iou_difference_beats_the_index_tie_break():
+    # the better box second, better by 1e-6 of IoU (one cost unit): it wins
+    gt = [[0, 0, 1000, 1000]]
+    worse, better = [0, 0, 990, 1000], [0, 0, 990.001, 1000]  # IoU 0.99 and 0.990001
+    m = hungarian_match([worse, better], gt)
+    assert m.pairs == [(1, 0)] and m.fp == [0]
+    assert m.ious == [pytest.approx(0.990001)]
+    # with many boxes too (tie-breaks up to 11, more than one cost unit): 4 worse copies, then the
+    # better one, for 2 GTs
+    far = [2000, 2000, 3000, 3000]
+    m = hungarian_match([worse] * 4 + [better, far], [far, [0, 0, 1000, 1000]])
+    assert m.pairs == [(4, 1), (5, 0)] and m.fp == [0, 1, 2, 3]
+
+def test_only_fp_cost_plus_fn_cost_matters():
+    # IoU 0.6: pair cost 0.4. A feasible pair is matched iff 1 - IoU < fp_cost + fn_cost, however
+    # the sum is split between the two knobs.
+    pred, gt = [[0, 0, 60, 100]], [[0, 0, 100, 100]]
+    for fp_cost, fn_cost in [(0.25, 0.25), (0.45, 0.05), (0.05, 0.45), (1.0, 1.0)]:
+        assert hungarian_match(pred, gt, fp_cost=fp_cost, fn_cost=fn_cost).pairs == [(0, 0)]
+    for fp_cost, fn_cost in [(0.2, 0.1), (0.1, 0.2), (0.01, 0.3)]:
+        m = hungarian_match(pred, gt, fp_cost=fp_cost, fn_cost=fn_cost)
+        assert m.pairs == [] and m.fp == [0] and m.fn == [0]
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="iou_gate"):
         hungarian_match([[0, 0, 1, 1]], [[0, 0, 1, 1]], iou_gate=1.5)

@@ -380,3 +380,34 @@ def test_eos_id_override_and_whitespace_tolerance():
     check_invariants(pr, ids)
     assert pr.eos_found and pr.closed and [o.valid for o in pr.objects] == [True, True]
     assert pr.cut_char == text.index(B) + len(B)
+
+
+def test_zero_width_and_zero_height_boxes_are_valid(tk):
+    # x1 == x2 or y1 == y2 is a degenerate but valid box (as in the GT contract); only x2 < x1 or
+    # y2 < y1 is bbox_invalid
+    tok, cv, _ = tk
+    text = '{"objects": [' + obj("line", 5, 6, 5, 60) + ", " + obj("flat", 5, 6, 50, 6) + ", " + obj("dot", 7, 7, 7, 7) + "]}"
+    pr = parse_rollout(ids_of(tok, text + IM_END), tok, cv)
+    assert [o.drop_reason for o in pr.objects] == [None, None, None]
+    assert pr.pred_bins == [(5, 6, 5, 60), (5, 6, 50, 6), (7, 7, 7, 7)] and pr.parse_valid
+
+
+def test_the_id_just_past_the_coord_block_is_not_a_coord(tk):
+    # coord ids are [first_id, end_id): end_id would read as <|coord_1000|>, first_id - 1 as <|coord_-1|>
+    tok, cv, _ = tk
+    assert token_pieces([cv.end_id - 1, cv.end_id], tok, cv) == [coord_token(999), "\ufffd"]
+    assert token_pieces([cv.first_id], tok, cv) == [coord_token(0)]
+    assert token_pieces([cv.first_id - 1], tok, cv) != [coord_token(0)]
+    head = ids_of(tok, '{"objects": [{"desc": "x", "bbox_2d": [' + C(1, 2, 3) + ", ")
+    tail = ids_of(tok, "]}, " + B + "]}" + IM_END)
+    for bad in (cv.end_id, cv.first_id - 1):
+        ids = head + [bad] + tail
+        pr = parse_rollout(ids, tok, cv)
+        check_invariants(pr, ids)
+        first = pr.objects[0]
+        assert first.drop_reason == "non_coord_token" and first.bins == (1, 2, 3)
+        assert ids.index(bad) not in first.coord_pos
+        assert pr.pred_bins == [(5, 6, 50, 60)]
+    # the last bin itself is a coord
+    ids = head + [cv.end_id - 1] + tail
+    assert parse_rollout(ids, tok, cv).pred_bins == [(1, 2, 3, 999), (5, 6, 50, 60)]

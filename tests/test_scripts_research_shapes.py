@@ -204,3 +204,18 @@ def test_heldout_eval_sees_images_and_decodes_as_the_config_says(tmp_path, monke
     assert seen["encoder"]["prompt"] == cfg.data.prompt
     assert seen["backend"]["coord_pick"] == "expectation"
     assert seen["backend"]["max_new_tokens"] == cfg.rollout_matching.decoding.max_new_tokens
+
+
+def test_rewriting_the_doc_keeps_the_hand_written_notes(tmp_path):
+    doc = tmp_path / "RESEARCH.md"
+    assert research_shapes.keep_notes(doc, "# table\n") == "# table\n"  # no doc yet
+    doc.write_text("# old table\n\n" + research_shapes.NOTES_MARK + "\n\n## Notes\n\n- measured 0.5\n")
+    new = research_shapes.keep_notes(doc, "# new table\n")
+    assert new == "# new table\n\n" + research_shapes.NOTES_MARK + "\n\n## Notes\n\n- measured 0.5\n"
+    doc.write_text("# no notes\n")
+    assert research_shapes.keep_notes(doc, "# t\n") == "# t\n"
+
+
+def test_the_shipped_research_doc_has_its_notes_section():
+    text = (research_shapes.REPO / "docs" / "RESEARCH.md").read_text(encoding="utf-8")
+    assert text.count(research_shapes.NOTES_MARK) == 1

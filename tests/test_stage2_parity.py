@@ -1,4 +1,4 @@
-"""Seed §9.2 parity: a written-out default pipeline trains exactly like the omitted one.
+"""Parity: a written-out default pipeline trains exactly like the omitted one.
 
 ``configs/stage2_two_channel/smoke_default.yaml`` (pipeline omitted -> default manifest from the
 flat knobs) and ``smoke_pipeline.yaml`` (the same manifest written out) must resolve to the same

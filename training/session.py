@@ -64,7 +64,15 @@ from training.faults import (
 from training.optim import build_optimizer, build_scheduler
 from training.preflight import check_model_path, check_paths
 from training.progress import TrainProgress
-from training.setup import log_run_header, make_accelerator, make_run_dir, run_dir_in_use, setup_logging, what_run_holds
+from training.setup import (
+    METRICS_FILE,
+    log_run_header,
+    make_accelerator,
+    make_run_dir,
+    run_dir_in_use,
+    setup_logging,
+    what_run_holds,
+)
 from training.sharding import configure_engine, full_weights, register_direct_weights
 from training.tracking import Tracker, truncate_metrics_after
 
@@ -143,7 +151,7 @@ def _start_locked_run(cfg, accelerator, run_dir: Path, lock) -> RunContext:
                    pipeline_identity=identity, run_dir=run_dir if accelerator.is_main_process else None)
     if resume_dir is not None and accelerator.is_main_process:  # before the tracker opens metrics.jsonl
         step = int(read_trainer_state(resume_dir)["step"])
-        dropped = truncate_metrics_after(run_dir / "metrics.jsonl", step)
+        dropped = truncate_metrics_after(run_dir / METRICS_FILE, step)
         if dropped:
             run_logger.info("metrics.jsonl: dropped %d line(s) logged after step %d by the interrupted run", dropped, step)
     return RunContext(accelerator, run_dir, run_logger, identity, resume_dir, lock)
@@ -234,7 +242,7 @@ def make_tracker(cfg, run: RunContext) -> Tracker:
 
 
 def make_train_dataset(cfg, samples: EncodedRecords, accelerator: Accelerator) -> PackedDataset:
-    """Static packing over the whole train set (SPEC Stage-1 policy), sharded by rank, resumable.
+    """Static packing over the whole train set (the Stage-1 policy), sharded by rank, resumable.
 
     The token lengths and the packing plan are computed once by the main process and cached beside
     the record table (``data.table.cached_packing``); every rank reads them."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 LOGGER_NAME = "coordexp"
+METRICS_FILE = "metrics.jsonl"  # one JSON row per logged step, in the run dir (docs/RUN_DIR.md)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -80,7 +81,7 @@ def what_run_holds(run_dir: str | Path) -> str | None:
     ckpts = list_checkpoints(run_dir)
     if ckpts:
         return f"checkpoint-{ckpts[-1][0]}"
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     if metrics.is_file() and metrics.read_text(encoding="utf-8", errors="replace").strip():
         return "logged steps in metrics.jsonl, no checkpoint to resume from"
     return None

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from configs.errors import InputError, UserError
+from training.setup import METRICS_FILE
 
 logger = logging.getLogger("coordexp")
 
@@ -84,7 +85,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.backend = backend
         self.is_main_process = is_main_process
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / METRICS_FILE
         self.config_path = self.run_dir / "tracker_config.json"
         self._config: dict[str, Any] = {}
         self._file = None
