@@ -85,6 +85,9 @@ CHANNELS: tuple[str, ...] = (CHANNEL_A, CHANNEL_B)
 
 NUM_COORD_BINS = 1000
 
+# The project's logger (train.log on the main process, training.setup.setup_logging): every package logs to it.
+LOGGER_NAME = "coordexp"
+
 
 def loss_key(component: str, sub: str | None = None, context: str | None = None) -> str:
     """Canonical metric key: ``loss/<component>[/<sub>][/<context>]``.

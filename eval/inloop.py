@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.vocab import LOGGER_NAME
 from data.records import bins_to_pixels
 from data.types import Record
 from eval.artifacts import write_artifacts
@@ -32,7 +33,6 @@ from eval.detection import F1ISH_DEFAULT_IOUS, METRIC_FAMILIES, evaluate_detecti
 from eval.evaluate import write_metrics_json
 from eval.scores import SCORE_MODES, score_objects
 from rollout.metrics import precision_recall_f1, rollout_counters
-from training.setup import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)  # the project logger: its warnings reach train.log
 
@@ -402,7 +402,7 @@ def run_rollout_eval(
             if report is not None:
                 _write_artifacts(Path(out_dir), report, primary_iou, max_images)
         # on the training console and train.log (the "coordexp" logger's handlers), not only in files
-        logging.getLogger("coordexp").info(summary_line(step, payload, report, seconds))
+        logging.getLogger(LOGGER_NAME).info(summary_line(step, payload, report, seconds))
     if enabled:
         if world > 1:
             coco_value = _broadcast_object(coco_value)

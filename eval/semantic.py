@@ -18,7 +18,6 @@ Stage-2's description gate (``rollout.matching``):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,18 +25,12 @@ from typing import Any
 import numpy as np
 
 from configs.errors import UserError
+from data.descs import normalize_desc  # noqa: F401  (re-exported: eval.semantic.normalize_desc)
 
 EXACT, SEMANTIC, UNMAPPED = "exact", "semantic", "unmapped"
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 INSTALL_HINT = "pip install sentence-transformers==6.3.0 (pinned in requirements.txt)"
 
-_SEPARATORS = re.compile(r"[_/()\[\]{}]")
-_WS = re.compile(r"\s+")
-
-
-def normalize_desc(desc: str) -> str:
-    """Category key of a desc: lower-cased, ``_ / ( ) [ ] { }`` -> spaces, whitespace runs collapsed, stripped."""
-    return _WS.sub(" ", _SEPARATORS.sub(" ", str(desc).lower())).strip()
 
 
 class DescEncoder:

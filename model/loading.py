@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from configs.errors import ConfigError, UserError
+from core.vocab import LOGGER_NAME
 from data.coordjson import IM_END
 from model import packed_attention
 from model.adapters import apply_adapter, is_adapter_dir, load_adapter_weights, merge_adapter, read_adapter_config
@@ -24,7 +25,7 @@ from model.vocab import COORD_INITS, CoordVocab, coord_vocab_from_tokenizer, ens
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa_packed", "sdpa", "eager", "flash_attention_2")
-logger = logging.getLogger("coordexp")
+logger = logging.getLogger(LOGGER_NAME)
 
 
 @dataclass

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 
 import torch
 
-from core.vocab import COORD
+from core.vocab import COORD, LOGGER_NAME
 from data.types import PackedBatch
 from model import packed_attention
 from model.forward import unwrap_vlm
 
-logger = logging.getLogger("coordexp")
+logger = logging.getLogger(LOGGER_NAME)
 
 # attention implementations that take an explicit [B, 1, S, T] mask (sdpa_packed hands such calls to sdpa)
 MASK_KERNELS = ("sdpa", packed_attention.NAME, "eager")

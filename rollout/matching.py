@@ -29,6 +29,7 @@ from scipy.optimize import linear_sum_assignment
 
 from configs.types import MatchingConfig
 from data.boxes import iou_matrix
+from data.descs import normalize_desc
 from rollout.types import MatchResult
 
 _QUANT = 1_000_000  # cost units per 1.0
@@ -120,9 +121,8 @@ def hungarian_match(
 
 
 def desc_similarity_matrix(pred_descs: Sequence[str | None], gt_descs: Sequence[str], encoder=None) -> np.ndarray:
-    """``[P, G]`` desc similarity: 1 for equal normalised descs (``eval.semantic.normalize_desc``), else the
+    """``[P, G]`` desc similarity: 1 for equal normalised descs (``data.descs.normalize_desc``), else the
     encoder's cosine (``eval.semantic.DescEncoder``), or 0 without an encoder; a missing desc is 0."""
-    from eval.semantic import normalize_desc
 
     P, G = len(pred_descs), len(gt_descs)
     out = np.zeros((P, G), dtype=np.float64)

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from configs.errors import UserError
+from core.vocab import LOGGER_NAME
 from model.shapes import logical_numel
 
 FORMAT_VERSION = 2  # 2: manifest.json with sizes and SHA-256 of every file
@@ -55,7 +56,7 @@ MANIFEST = "manifest.json"
 SHARDED_DIR = "sharded"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
-logger = logging.getLogger("coordexp")
+logger = logging.getLogger(LOGGER_NAME)
 
 
 class CheckpointError(UserError, RuntimeError):

@@ -32,7 +32,9 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger("coordexp")
+from core.vocab import LOGGER_NAME
+
+logger = logging.getLogger(LOGGER_NAME)
 
 NONFINITE_METRIC = "train/nonfinite_skipped_total"
 

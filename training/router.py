@@ -15,11 +15,13 @@ import math
 from fractions import Fraction
 from typing import Any
 
+from core.vocab import LOGGER_NAME
+
 CHANNEL_A = "A"
 CHANNEL_B = "B"
 FALLBACKS = ("fail", "expectation")
 
-logger = logging.getLogger("coordexp")
+logger = logging.getLogger(LOGGER_NAME)
 # Rerouted rollout failures log a traceback for the first few, then every Nth (all are counted).
 FALLBACK_LOG_FIRST = 3
 FALLBACK_LOG_EVERY = 100

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from configs.errors import UserError, clip
 from configs.loader import RESOLVED_FILENAME, save_resolved
 from configs.types import thaw
-from core.vocab import IGNORE
+from core.vocab import IGNORE, LOGGER_NAME
 from data.encoding import ChatEncoder, EncodedRecords
 from data.packing import PackedDataset, iterate_batches
 from data.shapes import make_shapes_dataset
@@ -76,7 +76,7 @@ from training.setup import (
 from training.sharding import configure_engine, full_weights, register_direct_weights
 from training.tracking import Tracker, truncate_metrics_after
 
-logger = logging.getLogger("coordexp")
+logger = logging.getLogger(LOGGER_NAME)
 
 
 @dataclass

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-LOGGER_NAME = "coordexp"
+from core.vocab import LOGGER_NAME
+
 METRICS_FILE = "metrics.jsonl"  # one JSON row per logged step, in the run dir (docs/RUN_DIR.md)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 

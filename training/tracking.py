@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from configs.errors import InputError, UserError
+from core.vocab import LOGGER_NAME
 from training.setup import METRICS_FILE
 
-logger = logging.getLogger("coordexp")
+logger = logging.getLogger(LOGGER_NAME)
 
 BACKENDS = ("none", "wandb")
 MEDIA_IMAGES = 8  # eval images sent to wandb per in-loop eval
