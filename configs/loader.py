@@ -48,11 +48,10 @@ from configs.validation import (  # noqa: F401  (_deref, _root_node, schema_at: 
     type_name,
     validate_tree,
 )
+from core.vocab import STAGE2_VARIANTS, VARIANTS  # noqa: F401  (VARIANTS re-exported for callers)
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schema"  # the exported copy (scripts/gen_config_doc.py)
 
-VARIANTS = ("stage1", "stage2_two_channel", "stage2_rollout_aligned")
-STAGE2_VARIANTS = ("stage2_two_channel", "stage2_rollout_aligned")
 LEGACY_VARIANTS = {"stage2_ab_training": "stage2_two_channel", "rollout_matching_sft": "stage2_rollout_aligned"}
 
 RESOLVED_FILENAME = "config.resolved.yaml"

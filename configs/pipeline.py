@@ -37,11 +37,7 @@ from configs.errors import ConfigError, did_you_mean
 from configs.modules import DIAGNOSTICS, MODULES, OBJECTIVE, ModuleDecl
 from configs.types import CHANNELS, CoordSoftCEW1Config, PipelineEntry, Stage2ABConfig, thaw
 from configs.validation import check, check_value, declared_default, key_parts, record_validator
-
-STAGE1 = "stage1"
-STAGE2_TWO_CHANNEL = "stage2_two_channel"
-STAGE2_ROLLOUT_ALIGNED = "stage2_rollout_aligned"
-VARIANTS: tuple[str, ...] = (STAGE1, STAGE2_TWO_CHANNEL, STAGE2_ROLLOUT_ALIGNED)
+from core.vocab import STAGE1, STAGE2_ROLLOUT_ALIGNED, STAGE2_TWO_CHANNEL, VARIANTS
 
 PIPELINE_LOCATIONS: dict[str, str] = {
     STAGE1: "stage1.pipeline",

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from configs.declare import OMITTED, REQUIRED, alias, knob, section
 from configs.modules import BBoxGeoConfig, CoordRegConfig, TokenCEWeights
+from core.vocab import CHANNELS, STAGE2_VARIANTS
 
 if TYPE_CHECKING:  # configs.pipeline builds on these declarations
     from configs.pipeline import ResolvedPipeline
@@ -332,7 +333,7 @@ class CustomConfig:
 
     trainer_variant: str | None = knob(None, "stage2_two_channel or stage2_rollout_aligned for train_stage2.py; "
                                        "null = Stage-1 (train_stage1.py)",
-                                       enum=("stage2_two_channel", "stage2_rollout_aligned", None))
+                                       enum=(*STAGE2_VARIANTS, None))
     coord_soft_ce_w1: CoordSoftCEW1Config = section(
         CoordSoftCEW1Config, "flat block that maps onto coord_reg when no pipeline is written "
         "(docs/training/METRICS_LOSSES.md)")
@@ -345,7 +346,6 @@ class CustomConfig:
 # ``pipeline`` is the user's list exactly as written (frozen), or None when omitted;
 # the resolved module lists with defaults and checksum are on ``Config.pipeline``.
 
-CHANNELS: tuple[str, ...] = ("A", "B")
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,14 @@ def known_components() -> tuple[str, ...]:
     """Every loss component: the built-in ones, then the registered ones."""
     return COMPONENTS + tuple(PLUGIN_COMPONENTS)
 
+# ------------------------------------------------------------------- variants
+# custom.trainer_variant: Stage-1 (train_stage1.py) or one of the Stage-2 trainers (train_stage2.py).
+STAGE1 = "stage1"
+STAGE2_TWO_CHANNEL = "stage2_two_channel"
+STAGE2_ROLLOUT_ALIGNED = "stage2_rollout_aligned"
+STAGE2_VARIANTS: tuple[str, ...] = (STAGE2_TWO_CHANNEL, STAGE2_ROLLOUT_ALIGNED)
+VARIANTS: tuple[str, ...] = (STAGE1, *STAGE2_VARIANTS)
+
 # Channels of Stage-2 Two-Channel. Stage-1 and Rollout-Aligned run every module
 # whatever its ``channels`` (Rollout-Aligned is channel B by construction).
 CHANNEL_A = "A"

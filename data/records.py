@@ -26,12 +26,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from configs.errors import LINE_CHARS, UserError, clip, did_you_mean
+from core.vocab import NUM_COORD_BINS
 from data.coordjson import parse_coord_token
 from data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRefused, check_header
 from data.types import GTObject, Record
 
-NUM_BINS = 1000
-MAX_BIN = NUM_BINS - 1
+MAX_BIN = NUM_COORD_BINS - 1
 
 MAX_LINE_BYTES = 64 << 20  # one JSONL record; a longer line is an error, never read whole
 COORD_MODES = ("pixel", "bins")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from configs.errors import ConfigError, UserError
+from configs.validation import declared_default
 from core.vocab import LOGGER_NAME
 from data.coordjson import IM_END
 from model import packed_attention
@@ -132,7 +133,7 @@ def load_model_and_processors(
     name_or_path: str,
     *,
     dtype: str = "float32",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = declared_default("model.attn_implementation"),
     add_coord_tokens: bool = True,
     coord_init: str = "sincos",
     key: str = "checkpoint",
