@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from configs.errors import InputError, add_debug_flag, run_cli
+from configs.types import MatchingConfig
 from eval.detection import read_lvis_lists, write_predictions_jsonl
 from eval.inloop import add_sampled_rollouts, predict_records, rollout_metrics
 from eval.scores import SCORE_MODES
@@ -131,14 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     chunk = args.batch_size if args.batch_size != AUTO else AUTO_BATCH_CAP
     results = predict_records(
         model, loaded.tokenizer, loaded.coord_vocab, encoder, records,
-        backend=backend, batch_size=chunk, matching={"iou_gate": args.iou_gate},
+        backend=backend, batch_size=chunk, matching=MatchingConfig(iou_gate=args.iou_gate),
         score_mode=args.score_mode, score_include_desc=args.score_include_desc, progress=True,
     )  # fmt: skip
     if args.num_samples:
         add_sampled_rollouts(
             results, model, loaded.tokenizer, loaded.coord_vocab, encoder, records, backend=backend,
             num_samples=args.num_samples, temperature=args.temperature, seed=args.seed, batch_size=chunk,
-            matching={"iou_gate": args.iou_gate}, score_mode=args.score_mode, score_include_desc=args.score_include_desc,
+            matching=MatchingConfig(iou_gate=args.iou_gate), score_mode=args.score_mode, score_include_desc=args.score_include_desc,
         )  # fmt: skip
     lists = read_lvis_lists(args.jsonl)
     path = write_predictions_jsonl(args.out, [{**r.detection_record(), **lists.get(r.image_id, {})} for r in results],

@@ -21,15 +21,16 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from configs.types import EvalConfig, EvalDetectionConfig, MatchingConfig
 from core.vocab import LOGGER_NAME
 from data.records import bins_to_pixels
 from data.types import Record
 from eval.artifacts import write_artifacts
-from eval.detection import F1ISH_DEFAULT_IOUS, METRIC_FAMILIES, evaluate_detection, write_predictions_jsonl
+from eval.detection import evaluate_detection, write_predictions_jsonl
 from eval.evaluate import write_metrics_json
 from eval.scores import SCORE_MODES, score_objects
 from rollout.metrics import precision_recall_f1, rollout_counters
@@ -39,12 +40,8 @@ logger = logging.getLogger(LOGGER_NAME)  # the project logger: its warnings reac
 PREFIX = "eval/rollout/"
 
 
-def _cfg(obj: Any, key: str, default: Any) -> Any:
-    """Read ``key`` from a config dataclass or a mapping (None -> default)."""
-    if obj is None:
-        return default
-    value = obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
-    return default if value is None else value
+# the declared defaults (configs/types.py) of the config sections these functions take
+_MATCHING, _DETECTION, _EVAL = MatchingConfig(), EvalDetectionConfig(), EvalConfig()
 
 
 @dataclass
@@ -181,7 +178,7 @@ def predict_records(
     backend=None,
     backend_kwargs: Mapping[str, Any] | None = None,
     batch_size: int | None = None,
-    matching: Any = None,
+    matching: MatchingConfig = _MATCHING,
     score_mode: str = "token_prob",
     score_include_desc: bool = False,
     progress: bool = False,
@@ -192,7 +189,7 @@ def predict_records(
     list[GenerationOutput]``); when None, ``HFGenerationBackend(model, tokenizer, **backend_kwargs)``
     (``max_new_tokens`` required; temperature 0 = greedy).
     ``batch_size``: prompts encoded and handed to the backend at once (default: the backend's).
-    ``matching``: ``rollout_matching.matching`` (``iou_gate``, ``fp_cost``, ``fn_cost``).
+    ``matching``: ``rollout_matching.matching``; its desc gate (a Stage-2 training rule) is not applied.
     """
     from rollout.matching import hungarian_match
     from rollout.parser import parse_rollout
@@ -213,9 +210,7 @@ def predict_records(
         batch_size = int(getattr(backend, "batch_size", 8))
     if batch_size < 1:
         raise ValueError(f"eval batch_size must be >= 1, got {batch_size}")
-    iou_gate = float(_cfg(matching, "iou_gate", 0.3))
-    fp_cost = float(_cfg(matching, "fp_cost", 1.0))
-    fn_cost = float(_cfg(matching, "fn_cost", 1.0))
+    matching = replace(matching, desc_gate=None)  # eval matches boxes; the desc gate belongs to Stage-2 training
     indices = list(range(len(records))) if indices is None else list(indices)
 
     bar = None
@@ -235,9 +230,7 @@ def predict_records(
             for i, gen in zip(chunk, outputs):
                 rec = records[i]
                 parsed = parse_rollout(gen.token_ids, tokenizer, coord_vocab)
-                match = hungarian_match(
-                    parsed.pred_bins, [o.bins for o in rec.objects], iou_gate=iou_gate, fp_cost=fp_cost, fn_cost=fn_cost
-                )
+                match = hungarian_match(parsed.pred_bins, [o.bins for o in rec.objects], matching)
                 results.append(
                     sample_result(i, rec, gen, parsed, match, score_mode=score_mode, score_include_desc=score_include_desc)
                 )
@@ -316,15 +309,15 @@ def run_rollout_eval(
     records: Sequence[Record],
     *,
     backend_kwargs: Mapping[str, Any] | None = None,
-    matching: Any = None,
-    eval_detection: Any = None,
+    matching: MatchingConfig = _MATCHING,
+    eval_detection: EvalDetectionConfig = _DETECTION,
     out_dir: str | Path | None = None,
     accelerator=None,
     batch_size: int | None = None,
     backend=None,
     step: int | None = None,
     progress: bool = False,
-    eval_cfg: Any = None,
+    eval_cfg: EvalConfig = _EVAL,
     lvis_lists: Mapping[str, Mapping[str, list]] | None = None,
 ) -> dict[str, float]:
     """Greedy rollout eval of ``records``; returns the ``eval/rollout/*`` payload (same on every rank).
@@ -333,39 +326,31 @@ def run_rollout_eval(
                     call and restored afterwards
     encoder:        ``data.encoding.ChatEncoder`` (``encode_prompt`` builds the generation prompts)
     backend_kwargs: ``rollout.backends.HFGenerationBackend(**backend_kwargs)`` (greedy decoding)
-    matching:       ``rollout_matching.matching`` (``iou_gate``, ``fp_cost``, ``fn_cost``)
-    eval_detection: ``rollout_matching.eval_detection`` (``enabled`` (True), ``score_mode``
-                    (token_prob), ``score_include_desc`` (False), ``metrics`` (coco))
+    matching:       ``rollout_matching.matching``
+    eval_detection: ``rollout_matching.eval_detection`` (``enabled``, ``score_mode``, ``score_include_desc``, ``metrics``)
     out_dir:        ``<run_dir>/eval/step_<N>``; receives predictions.jsonl and metrics.json (main process)
     step:           the optimizer step evaluated (written into metrics.json and the summary line)
     progress:       a generation progress bar on the main process (drawn on a terminal only)
     lvis_lists:     image_id -> LVIS lists (``eval.detection.read_lvis_lists`` of the val JSONL): such records get
                     the federated LVIS evaluation, and predictions.jsonl keeps the lists
-    eval_cfg:       ``cfg.eval`` (``semantic``, ``f1ish``, ``oracle``, ``artifacts_max_images``); None = the
-                    defaults (exact desc match, F1-ish at 0.3 / 0.5, no Oracle-K, artifacts of at most 2000 images)
+    eval_cfg:       ``cfg.eval`` (``semantic``, ``f1ish``, ``oracle``, ``artifacts_max_images``)
+    (defaults: the declared ones, configs/types.py)
 
     The main process logs one summary line (:func:`summary_line`: mAP, AP50, F1, parse-valid rate).
 
     ``eval/rollout/mAP`` (COCO AP .50:.95) is present iff detection eval is enabled and is always a
     float: any exception inside the COCO evaluation logs a warning and gives 0.0.
     """
-    enabled = bool(_cfg(eval_detection, "enabled", True))
-    metrics_kind = _cfg(eval_detection, "metrics", "coco")
-    if metrics_kind not in METRIC_FAMILIES:
-        raise ValueError(f"rollout_matching.eval_detection.metrics must be one of {METRIC_FAMILIES}, got {metrics_kind!r}")
-    f1ish_cfg = _cfg(eval_cfg, "f1ish", None)
-    f1ish_iou = tuple(_cfg(f1ish_cfg, "iou_thresholds", F1ISH_DEFAULT_IOUS))
-    primary_iou = float(_cfg(f1ish_cfg, "primary_iou", 0.5))
-    semantic = _cfg(eval_cfg, "semantic", None)
-    max_images = int(_cfg(eval_cfg, "artifacts_max_images", 2000))
-    score_mode = _cfg(eval_detection, "score_mode", "token_prob")
-    include_desc = bool(_cfg(eval_detection, "score_include_desc", False))
+    enabled, metrics_kind = eval_detection.enabled, eval_detection.metrics
+    f1ish_iou, primary_iou = tuple(eval_cfg.f1ish.iou_thresholds), eval_cfg.f1ish.primary_iou
+    semantic, max_images = eval_cfg.semantic, eval_cfg.artifacts_max_images
+    score_mode, include_desc = eval_detection.score_mode, eval_detection.score_include_desc
 
     rank, world, is_main = _world(accelerator)
     t0 = time.perf_counter()
     was_training = bool(getattr(model, "training", False))
     model.eval()
-    oracle = _cfg(eval_cfg, "oracle", None)
+    oracle = eval_cfg.oracle
     try:
         local = predict_records(
             model, tokenizer, coord_vocab, encoder, records,
@@ -373,14 +358,14 @@ def run_rollout_eval(
             batch_size=batch_size, matching=matching, score_mode=score_mode, score_include_desc=include_desc,
             progress=progress and is_main,
         )  # fmt: skip
-        if int(_cfg(oracle, "k", 0)) > 0:
+        if oracle.k > 0:
             if backend is None:
                 from rollout.backends import HFGenerationBackend
 
                 backend = HFGenerationBackend(model, tokenizer, **dict(backend_kwargs or {}))
             add_sampled_rollouts(local, model, tokenizer, coord_vocab, encoder, records, backend=backend,
-                                 num_samples=int(oracle.k), temperature=float(_cfg(oracle, "temperature", 1.0)),
-                                 seed=int(_cfg(oracle, "seed", 0)) + 1000 * rank, batch_size=batch_size,
+                                 num_samples=oracle.k, temperature=oracle.temperature,
+                                 seed=oracle.seed + 1000 * rank, batch_size=batch_size,
                                  matching=matching, score_mode=score_mode, score_include_desc=include_desc)
     finally:
         if was_training:

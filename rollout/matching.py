@@ -47,27 +47,26 @@ def _check_boxes(name: str, boxes) -> np.ndarray:
     return arr
 
 
+_DEFAULT = MatchingConfig()  # the declared defaults
+
+
 def hungarian_match(
     pred_bins: Sequence[Sequence[int]],
     gt_bins: Sequence[Sequence[int]],
+    matching: MatchingConfig = _DEFAULT,
     *,
-    iou_gate: float = MatchingConfig.iou_gate,
-    fp_cost: float = MatchingConfig.fp_cost,
-    fn_cost: float = MatchingConfig.fn_cost,
     desc_sim: Sequence[Sequence[float]] | np.ndarray | None = None,
-    desc_gate: float | None = None,
 ) -> MatchResult:
     """Match ``pred_bins [P, 4]`` to ``gt_bins [G, 4]`` (bins); see the module docstring.
 
-    iou_gate: ``rollout_matching.matching.iou_gate``, pairs with IoU below it never match (0..1)
-    fp_cost / fn_cost: cost of leaving a prediction / a GT unmatched (> 0); out-of-range values raise
-    ``configs.ConfigError`` (a ValueError) naming the key
-    desc_sim / desc_gate: ``[P, G]`` desc similarities (:func:`desc_similarity_matrix`) and
-    ``rollout_matching.matching.desc_gate``: with a gate, a pair also needs ``desc_sim >= desc_gate``;
-    pairs above the IoU gate refused by it are counted in ``MatchResult.desc_gate_rejected``
+    matching: ``rollout_matching.matching`` (checked where it is built): ``iou_gate`` (pairs with IoU below it
+    never match), ``fp_cost`` / ``fn_cost`` (leaving a prediction / a GT unmatched; only their sum matters),
+    ``desc_gate`` (with a gate, a pair also needs ``desc_sim >= desc_gate``: ``desc_sim`` are the ``[P, G]``
+    desc similarities of :func:`desc_similarity_matrix`; pairs above the IoU gate refused by it are counted
+    in ``MatchResult.desc_gate_rejected``).
     Returns pairs sorted by prediction index, plus unmatched prediction (fp) and GT (fn) indices.
     """
-    MatchingConfig(iou_gate, fp_cost, fn_cost, desc_gate)  # defaults and ranges: the rollout_matching.matching declaration
+    iou_gate, fp_cost, fn_cost, desc_gate = matching.iou_gate, matching.fp_cost, matching.fn_cost, matching.desc_gate
     p_arr = _check_boxes("pred_bins", pred_bins)
     g_arr = _check_boxes("gt_bins", gt_bins)
     P, G = p_arr.shape[0], g_arr.shape[0]

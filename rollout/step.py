@@ -89,13 +89,9 @@ def prepare_rollout_batches(
         for record, prompt, out in zip(records, group_prompts, outputs):
             parsed = parse_rollout(out.token_ids, tokenizer, coord_vocab)
             gt_bins = [o.bins for o in record.objects]
-            gate = getattr(matching, "desc_gate", None)
-            sims = None if gate is None else desc_similarity_matrix(
+            sims = None if matching.desc_gate is None else desc_similarity_matrix(
                 [o.desc for o in parsed.valid_objects], [o.desc for o in record.objects], desc_encoder)
-            match = hungarian_match(
-                parsed.pred_bins, gt_bins, iou_gate=matching.iou_gate, fp_cost=matching.fp_cost, fn_cost=matching.fn_cost,
-                desc_sim=sims, desc_gate=gate,
-            )
+            match = hungarian_match(parsed.pred_bins, gt_bins, matching, desc_sim=sims)
             if sims is not None:
                 gate_sums[0] += match.desc_gate_rejected
                 gate_sums[1] += float(sum(sims[i, j] for i, j in match.pairs))

@@ -204,8 +204,11 @@ def evaluate_cell(model_dir: Path, heldout: Path, cfg, out_dir: Path) -> dict:
     as in training), ``rollout_matching.decoding`` (``max_new_tokens``, ``coord_pick``),
     ``rollout_matching.eval_detection`` scores and ``eval.batch_size`` are used.
     """
+    from dataclasses import replace
+
     import torch
 
+    from configs.types import MatchingConfig
     from data.encoding import ChatEncoder
     from data.records import read_jsonl
     from eval.inloop import run_rollout_eval
@@ -221,8 +224,7 @@ def evaluate_cell(model_dir: Path, heldout: Path, cfg, out_dir: Path) -> dict:
             loaded.model, loaded.tokenizer, loaded.coord_vocab, encoder, records,
             backend_kwargs={"max_new_tokens": decoding.max_new_tokens, "temperature": 0.0,
                             "batch_size": cfg.eval.batch_size, "coord_pick": decoding.coord_pick},
-            matching={"iou_gate": 0.5, "fp_cost": 1.0, "fn_cost": 1.0},
-            eval_detection={"score_mode": detection.score_mode, "score_include_desc": detection.score_include_desc},
+            matching=MatchingConfig(iou_gate=0.5), eval_detection=replace(detection, enabled=True, metrics="coco"),
             out_dir=out_dir,
         )
     report = json.loads((out_dir / "metrics.json").read_text())

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from configs.types import EvalDetectionConfig
+from configs.types import EvalDetectionConfig, MatchingConfig
 from data.encoding import ChatEncoder
 from data.records import read_jsonl
 from data.shapes import make_shapes_dataset
@@ -63,11 +63,11 @@ REPLAY = object()  # default backend of _run: replay the GT answers
 
 
 def _run(tiny, tmp_path, backend=REPLAY, **kw):
-    kw.setdefault("eval_detection", {"enabled": True, "score_mode": "token_prob"})
+    kw.setdefault("eval_detection", EvalDetectionConfig(enabled=True, score_mode="token_prob"))
     return inloop.run_rollout_eval(
         tiny["model"], tiny["tok"], tiny["vocab"], tiny["encoder"], tiny["records"],
         backend=ReplayBackend(tiny["encoder"]) if backend is REPLAY else backend,
-        matching={"iou_gate": 0.3}, out_dir=tmp_path / "eval" / "step_7", step=7, **kw,
+        matching=MatchingConfig(iou_gate=0.3), out_dir=tmp_path / "eval" / "step_7", step=7, **kw,
     )  # fmt: skip
 
 
@@ -139,7 +139,7 @@ def test_token_prob_scores_reach_the_predictions(tiny, tmp_path):
     for line in read_predictions_jsonl(tmp_path / "eval" / "step_7" / "predictions.jsonl"):
         assert line["pred"]
         assert [p["score"] for p in line["pred"]] == pytest.approx([probs[line["image_id"]]] * len(line["pred"]))
-    _run(tiny, tmp_path, backend=ReplayBackend(tiny["encoder"]), eval_detection={"score_mode": "constant"})
+    _run(tiny, tmp_path, backend=ReplayBackend(tiny["encoder"]), eval_detection=EvalDetectionConfig(score_mode="constant"))
     for line in read_predictions_jsonl(tmp_path / "eval" / "step_7" / "predictions.jsonl"):
         assert all(p["score"] == 1.0 for p in line["pred"])
 
@@ -165,7 +165,6 @@ def test_coco_failure_gives_zero_map_and_a_warning_in_train_log(tiny, tmp_path, 
 
 
 def test_detection_disabled_emits_no_map(tiny, tmp_path):
-    # the typed config dataclass works as well as a mapping
     cfg = EvalDetectionConfig(enabled=False, metrics="coco", score_mode="token_prob", score_include_desc=False)
     payload = _run(tiny, tmp_path, eval_detection=cfg)
     assert "eval/rollout/mAP" not in payload
@@ -324,7 +323,7 @@ class CoinBackend(ReplayBackend):
 
 
 def _oracle(tiny, seed):
-    kw = dict(matching={"iou_gate": 0.3})
+    kw = dict(matching=MatchingConfig(iou_gate=0.3))
     results = inloop.predict_records(tiny["model"], tiny["tok"], tiny["vocab"], tiny["encoder"], tiny["records"],
                                      backend=ReplayBackend(tiny["encoder"]), **kw)
     backend = CoinBackend(tiny["encoder"])

@@ -20,12 +20,12 @@ BOXES = [[0, 0, 100, 100], [500, 500, 600, 600]]
 def test_gate_refuses_a_pair_whose_descs_differ_and_counts_it():
     sims = [[0.2, 0.0], [0.0, 0.9]]  # pred 0 sits on GT 0 but its desc is unrelated
     off = hungarian_match(BOXES, BOXES)
-    on = hungarian_match(BOXES, BOXES, desc_sim=sims, desc_gate=0.5)
+    on = hungarian_match(BOXES, BOXES, MatchingConfig(desc_gate=0.5), desc_sim=sims)
     assert off.pairs == [(0, 0), (1, 1)] and off.desc_gate_rejected == 0
     assert on.pairs == [(1, 1)] and on.fp == [0] and on.fn == [0] and on.desc_gate_rejected == 1
-    assert hungarian_match(BOXES, BOXES, desc_sim=sims, desc_gate=0.2).pairs == [(0, 0), (1, 1)]  # inclusive
+    assert hungarian_match(BOXES, BOXES, MatchingConfig(desc_gate=0.2), desc_sim=sims).pairs == [(0, 0), (1, 1)]  # inclusive
     with pytest.raises(ValueError, match="desc_sim of shape"):
-        hungarian_match(BOXES, BOXES, desc_gate=0.5)
+        hungarian_match(BOXES, BOXES, MatchingConfig(desc_gate=0.5))
     assert MatchingConfig().desc_gate is None  # off by default
 
 

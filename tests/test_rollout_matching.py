@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from configs.types import MatchingConfig
 from rollout.matching import hungarian_match, iou_matrix
 
 
@@ -44,9 +45,9 @@ def test_all_fp_and_all_fn():
 
 def test_pair_below_gate_is_infeasible():
     pred, gt = [[6, 0, 16, 10]], [[0, 0, 10, 10]]  # IoU 0.25
-    m = hungarian_match(pred, gt, iou_gate=0.3)
+    m = hungarian_match(pred, gt, MatchingConfig(iou_gate=0.3))
     assert m.pairs == [] and m.fp == [0] and m.fn == [0]
-    m = hungarian_match(pred, gt, iou_gate=0.25)  # the gate is inclusive
+    m = hungarian_match(pred, gt, MatchingConfig(iou_gate=0.25))  # the gate is inclusive
     assert m.pairs == [(0, 0)] and m.ious == [pytest.approx(0.25)]
 
 
@@ -59,7 +60,7 @@ def test_global_optimum_not_greedy():
     assert iou[1, 0] == pytest.approx(0.9) and iou[1, 1] == pytest.approx(40 / 150)  # below the gate
     # Greedy (best IoU first) would take pred0-gt0 and leave pred1/gt1 unmatched: cost 0 + 1 + 1 = 2.
     # The optimum crosses over: (1 - 1/3) + (1 - 0.9) = 0.767.
-    m = hungarian_match(pred, gt, iou_gate=0.3)
+    m = hungarian_match(pred, gt, MatchingConfig(iou_gate=0.3))
     assert m.pairs == [(0, 1), (1, 0)] and m.fp == [] and m.fn == []
     assert m.ious == [pytest.approx(1 / 3), pytest.approx(0.9)]
 
@@ -122,15 +123,15 @@ def test_only_fp_cost_plus_fn_cost_matters():
     # the sum is split between the two knobs.
     pred, gt = [[0, 0, 60, 100]], [[0, 0, 100, 100]]
     for fp_cost, fn_cost in [(0.25, 0.25), (0.45, 0.05), (0.05, 0.45), (1.0, 1.0)]:
-        assert hungarian_match(pred, gt, fp_cost=fp_cost, fn_cost=fn_cost).pairs == [(0, 0)]
+        assert hungarian_match(pred, gt, MatchingConfig(fp_cost=fp_cost, fn_cost=fn_cost)).pairs == [(0, 0)]
     for fp_cost, fn_cost in [(0.2, 0.1), (0.1, 0.2), (0.01, 0.3)]:
-        m = hungarian_match(pred, gt, fp_cost=fp_cost, fn_cost=fn_cost)
+        m = hungarian_match(pred, gt, MatchingConfig(fp_cost=fp_cost, fn_cost=fn_cost))
         assert m.pairs == [] and m.fp == [0] and m.fn == [0]
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="iou_gate"):
-        hungarian_match([[0, 0, 1, 1]], [[0, 0, 1, 1]], iou_gate=1.5)
+        hungarian_match([[0, 0, 1, 1]], [[0, 0, 1, 1]], MatchingConfig(iou_gate=1.5))
     with pytest.raises(ValueError, match=r"\[N, 4\]"):
         hungarian_match([[0, 0, 1]], [[0, 0, 1, 1]])
     with pytest.raises(ValueError, match="fp_cost"):
-        hungarian_match([[0, 0, 1, 1]], [[0, 0, 1, 1]], fp_cost=0)
+        hungarian_match([[0, 0, 1, 1]], [[0, 0, 1, 1]], MatchingConfig(fp_cost=0))
