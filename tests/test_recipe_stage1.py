@@ -222,7 +222,6 @@ def test_a_run_that_died_before_its_first_step_does_not_block_the_rerun(recipe_e
 def test_stage1_coco_failure_logs_zero_map_and_training_goes_on(recipe_env, tmp_path, monkeypatch, caplog):
     """A COCO failure inside the in-loop eval gives ``eval/rollout/mAP == 0.0`` plus a
     warning, and the run continues past that eval to its last step."""
-    import logging
 
     import eval.inloop
 
@@ -233,14 +232,14 @@ def test_stage1_coco_failure_logs_zero_map_and_training_goes_on(recipe_env, tmp_
     monkeypatch.chdir(tmp_path)
     argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="coco_fail", max_steps=3,
                        training__eval_every=1, training__save_every=0, training__warmup_steps=1)
-    with caplog.at_level(logging.WARNING):
-        train_stage1.main(argv)
+    train_stage1.main(argv)
     rows = read_rows(tmp_path / "coco_fail")
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
         assert row["eval/rollout/mAP"] == 0.0 and isinstance(row["eval/rollout/mAP"], float)
         assert finite(row["loss/total"])
-    assert sum("exploded" in r.getMessage() for r in caplog.records) >= 3
+    log = (tmp_path / "coco_fail" / "train.log").read_text()  # the warning reaches the run's log
+    assert log.count("COCO evaluation failed (RuntimeError: pycocotools exploded)") >= 3
 
 
 def test_stage1_resume_drops_lines_logged_after_the_checkpoint(recipe_env, tmp_path, monkeypatch):
