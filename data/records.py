@@ -24,6 +24,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from configs.errors import LINE_CHARS, UserError, clip, did_you_mean
 from core.vocab import NUM_COORD_BINS
@@ -340,29 +341,19 @@ def iter_utf8_lines(path: str | os.PathLike):
                                      "re-encode the file as UTF-8")
 
 
-def read_jsonl(
-    path: str | os.PathLike,
-    *,
-    image_root: str | os.PathLike | None = None,
-    coords: str = "pixel",
-    object_order: str = "yx",
-    max_objects: int | None = None,
-    skip_invalid: bool = False,
-    check_images: bool = True,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> tuple[list[Record], DataReport]:
+def read_jsonl(path: str | os.PathLike, **options: Any) -> tuple[list[Record], DataReport]:
     """Read and validate a JSONL file of records (contract in the module docstring and docs/DATA.md).
 
-    Pixel boxes become bins ``k = clamp(round(999*x/width), 0, 999)``. Objects are ordered by
-    ``(y1, x1)`` in bins, then desc, unless ``object_order="none"``. ``max_objects`` keeps the first
-    objects after ordering. ``skip_invalid=False`` raises ``DataError`` (``file:line``, field) at the
-    first bad line; ``True`` skips bad lines and counts each reason in the report. Duplicate
-    ``image_id`` (default: the ``image`` string) is an error: eval keys predictions by it.
+    ``options``: those of :func:`iter_jsonl` (``image_root``, ``coords``, ``object_order``, ``max_objects``,
+    ``skip_invalid``, ``check_images``, ``max_image_pixels``). Pixel boxes become bins
+    ``k = clamp(round(999*x/width), 0, 999)``. Objects are ordered by ``(y1, x1)`` in bins, then desc, unless
+    ``object_order="none"``. ``max_objects`` keeps the first objects after ordering. ``skip_invalid=False``
+    raises ``DataError`` (``file:line``, field) at the first bad line; ``True`` skips bad lines and counts each
+    reason in the report. Duplicate ``image_id`` (default: the ``image`` string) is an error: eval keys
+    predictions by it.
     """
     report = DataReport(path=os.fspath(path))
-    records = list(iter_jsonl(path, report, image_root=image_root, coords=coords, object_order=object_order,
-                              max_objects=max_objects, skip_invalid=skip_invalid, check_images=check_images,
-                              max_image_pixels=max_image_pixels))
+    records = list(iter_jsonl(path, report, **options))
     return records, report
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.errors import add_debug_flag, run_cli
-from configs.types import F1ishConfig, SemanticConfig
+from configs.types import F1ishConfig
 from eval.artifacts import write_artifacts
 from eval.detection import (
     AREA_METRICS,
@@ -32,7 +32,7 @@ from eval.detection import (
     evaluate_detection,
     read_predictions,
 )
-from eval.semantic import load_encoder
+from eval.semantic import add_semantic_args, load_encoder, semantic_from_args
 
 
 def evaluate_file(
@@ -100,12 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "per_class.csv, coco_gt.json, coco_preds.json) here (default: next to --out)")
     p.add_argument("--metrics", default="coco", choices=METRIC_FAMILIES,
                    help="coco | lvis (federated; automatic when the GT carries neg_descs) | f1ish | both")
-    p.add_argument("--semantic-model", default=None, help="sentence-transformers model name or local dir: map "
-                   "descs onto GT categories by embedding similarity after the exact match (default: exact only)")
-    p.add_argument("--semantic-threshold", type=float, default=SemanticConfig.threshold,
-                   help=f"cosine similarity a desc needs to map (default {SemanticConfig.threshold})")
-    p.add_argument("--semantic-device", default=SemanticConfig.device)
-    p.add_argument("--semantic-batch-size", type=int, default=SemanticConfig.batch_size)
+    add_semantic_args(p)
     p.add_argument("--f1ish-iou", type=float, nargs="+", default=list(F1ishConfig.iou_thresholds),
                    help="F1-ish IoU thresholds (default 0.3 0.5)")
     p.add_argument("--f1ish-primary-iou", type=float, default=F1ishConfig.primary_iou,
@@ -117,10 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    semantic = None
-    if args.semantic_model:
-        semantic = SemanticConfig(model=args.semantic_model, threshold=args.semantic_threshold,
-                                  device=args.semantic_device, batch_size=args.semantic_batch_size)
+    semantic = semantic_from_args(args)
     F1ishConfig(iou_thresholds=tuple(args.f1ish_iou), primary_iou=args.f1ish_primary_iou)
     report = evaluate_file(args.predictions, backend=args.backend, f1_iou=args.f1_iou, coords=args.coords,
                            lenient=args.lenient, semantic=semantic, metrics=args.metrics, f1ish_iou=args.f1ish_iou)

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from configs.errors import InputError, add_debug_flag, run_cli
-from configs.types import SemanticConfig
 from eval.detection import _pixel_box, _xywh, read_predictions, to_detection_record
-from eval.semantic import UNMAPPED, CategoryMapper, load_encoder, normalize_desc
+from eval.semantic import UNMAPPED, CategoryMapper, add_semantic_args, load_encoder, normalize_desc, semantic_from_args
 
 
 def _image_id(rec: Any, by_file: dict[str, int], where: str) -> int:
@@ -70,19 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", required=True, help="COCO-format JSON with the official categories "
                    "(instances_val2017.json)")
     p.add_argument("--out", required=True, help="results JSON to write (upload this)")
-    p.add_argument("--semantic-model", default=None, help="sentence-transformers name or dir (default: exact only)")
-    p.add_argument("--semantic-threshold", type=float, default=SemanticConfig.threshold)
-    p.add_argument("--semantic-device", default=SemanticConfig.device)
+    add_semantic_args(p)
     return add_debug_flag(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    semantic = None
-    if args.semantic_model:
-        semantic = SemanticConfig(model=args.semantic_model, threshold=args.semantic_threshold,
-                                  device=args.semantic_device)
-        load_encoder(semantic)  # fail before reading anything
+    semantic = semantic_from_args(args)  # a missing package or model fails before anything is read
     path = Path(args.categories)
     if not path.is_file():
         raise FileNotFoundError(f"--categories {path}: no such file")

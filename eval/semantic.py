@@ -143,3 +143,28 @@ class CategoryMapper:
 
     def map(self, desc: str) -> DescMatch:
         return self.map_many([desc])[0]
+
+
+def add_semantic_args(parser) -> None:
+    """``--semantic-model/-threshold/-device/-batch-size``: the ``eval.semantic`` keys on a CLI."""
+    from configs.types import SemanticConfig
+
+    parser.add_argument("--semantic-model", default=None, help="sentence-transformers model name or local dir: map "
+                        "descs onto GT categories by embedding similarity after the exact match (default: exact only)")
+    parser.add_argument("--semantic-threshold", type=float, default=SemanticConfig.threshold,
+                        help=f"cosine similarity a desc needs to map (default {SemanticConfig.threshold})")
+    parser.add_argument("--semantic-device", default=SemanticConfig.device)
+    parser.add_argument("--semantic-batch-size", type=int, default=SemanticConfig.batch_size)
+
+
+def semantic_from_args(args) -> Any:
+    """The ``SemanticConfig`` of :func:`add_semantic_args`' flags (None without ``--semantic-model``), its encoder
+    loaded once so that a missing package or model fails before any file is read."""
+    if not args.semantic_model:
+        return None
+    from configs.types import SemanticConfig
+
+    semantic = SemanticConfig(model=args.semantic_model, threshold=args.semantic_threshold,
+                              device=args.semantic_device, batch_size=args.semantic_batch_size)
+    load_encoder(semantic)
+    return semantic
