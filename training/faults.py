@@ -7,8 +7,9 @@
   from non-finite weights.
 - :func:`acquire_run_lock`: one training run per run dir (``run.lock``: pid + host); a second run
   is refused naming the holder, a stale lock (dead pid on this host) is taken over with a warning.
-- :class:`InterruptFlag`: SIGTERM / SIGINT only set a flag; the loop finishes the optimizer step,
-  saves a checkpoint (every rank agrees on the step) and stops with :class:`TrainingInterrupted`.
+- :class:`InterruptFlag`: SIGTERM / SIGINT / SIGUSR1 only set a flag; at the next micro-step every rank
+  agrees, drops the partial accumulation, saves the last completed optimizer step and stops with
+  :class:`TrainingInterrupted` (or, SIGUSR1 with ``training.on_sigusr1: save_and_continue``, trains on).
 - :func:`any_rank`: the one cross-rank agreement on per-rank flags (every rank takes the same
   decision: skip, stop, save); :func:`main_process_decides`: a decision taken once on the main
   process (resume checkpoint, run lock) that every rank follows, errors included.
@@ -255,7 +256,7 @@ def acquire_run_lock(run_dir: str | Path) -> RunLock:
 
 
 class TrainingInterrupted(SystemExit):
-    """The run stopped on SIGTERM / SIGINT after saving; exits with ``128 + signal number`` (143, 130)."""
+    """The run stopped on a signal after saving; exits with ``128 + signal number`` (143, 130, 138)."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -263,18 +264,28 @@ class TrainingInterrupted(SystemExit):
         self.message = message
 
 
+SAVE_AND_CONTINUE = "save_and_continue"  # training.on_sigusr1
+
+
 class InterruptFlag:
-    """SIGTERM (what SLURM / Kubernetes send before preemption) and SIGINT only set :attr:`signum`.
+    """SIGTERM (what SLURM / Kubernetes send before preemption), SIGINT and SIGUSR1 only set flags.
 
     Installed when ``training.save_on_interrupt`` is true; :meth:`close` restores the previous
-    handlers. A second SIGINT stops at once (``KeyboardInterrupt``), without a checkpoint.
+    handlers. A stop signal sets :attr:`signum`; SIGUSR1 with ``training.on_sigusr1:
+    save_and_continue`` sets :attr:`save_requested` instead. The training loop agrees on both over
+    the ranks at every micro-step (:meth:`agree`): a stop drops the step's partial accumulation,
+    saves the last completed optimizer step and stops; a save writes that checkpoint and goes on.
+    A second SIGINT stops at once (``KeyboardInterrupt``), without a checkpoint.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
-    def __init__(self, enabled: bool):
-        self.signum: int | None = None  # the signal this rank received
-        self.agreed = False  # some rank received one: every rank stops after this optimizer step
+    def __init__(self, enabled: bool, *, on_sigusr1: str = "stop"):
+        self.signum: int | None = None  # the stop signal this rank received
+        self.save_requested = False  # SIGUSR1 in save-and-continue mode, not yet agreed on
+        self.agreed = False  # some rank received a stop signal: every rank stops
+        self.save_agreed = False  # some rank asked for a save-and-continue: every rank saves
+        self.sigusr1_continues = on_sigusr1 == SAVE_AND_CONTINUE
         self._previous: dict[int, Any] = {}
         if enabled and threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
@@ -283,14 +294,35 @@ class InterruptFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.signum is not None:
             raise KeyboardInterrupt
-        if self.signum is None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGUSR1 and self.sigusr1_continues:
+            self.save_requested = True
+            logger.warning("received %s: saving a checkpoint of the last completed optimizer step at the next "
+                           "micro-step, then training on", name)
+        elif self.signum is None:
             self.signum = signum
-            logger.warning("received %s: finishing the current optimizer step, then saving a checkpoint and "
-                           "stopping (a second Ctrl-C stops at once, without a checkpoint)", signal.Signals(signum).name)
+            logger.warning("received %s: dropping the current optimizer step's partial accumulation at the next "
+                           "micro-step (it is replayed on resume), saving the last completed optimizer step and "
+                           "stopping (a second Ctrl-C stops at once, without a checkpoint)", name)
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    def flags(self) -> tuple[bool, bool]:
+        """This rank's (stop, save) requests, for a cross-rank agreement; the save request is taken."""
+        save, self.save_requested = self.save_requested, False
+        return self.requested, save
+
+    def agree(self, accelerator: Any = None, agreed: tuple[bool, ...] | None = None) -> tuple[bool, bool]:
+        """Record the ranks' agreement on :meth:`flags` (``agreed``, when it rode on another collective,
+        else one :func:`any_rank` here); returns (stop, save) as every rank sees them now."""
+        if agreed is None:
+            agreed = any_rank(accelerator, *self.flags())
+        stop, save = agreed
+        self.agreed |= stop
+        self.save_agreed |= save
+        return self.agreed, self.save_agreed
 
     def close(self) -> None:
         for sig, handler in self._previous.items():
