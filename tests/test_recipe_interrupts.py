@@ -42,13 +42,15 @@ def _signal_on_call(monkeypatch, n_call: int, signum: int) -> None:
     monkeypatch.setattr(PipelineExecutor, "run", signalled)
 
 
-def _same_checkpoint(a, b) -> None:
-    """Two checkpoints hold the same training state, bit for bit."""
+def same_checkpoint(a, b) -> None:
+    """Two checkpoints hold the same training state (every rank's RNG file too), bit for bit."""
     wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
-    for name in ("optimizer.pt", "scheduler.pt", "rng_0.pt"):
+    rngs = sorted(p.name for p in a.glob("rng_*.pt"))
+    assert rngs and rngs == sorted(p.name for p in b.glob("rng_*.pt"))
+    for name in ("optimizer.pt", "scheduler.pt", *rngs):
         sa, sb = torch.load(a / name, weights_only=True), torch.load(b / name, weights_only=True)
         assert repr(sa) == repr(sb), name  # nested dicts of tensors: equal values print equal
     ta, tb = (json.loads((c / "trainer_state.json").read_text()) for c in (a, b))
@@ -88,11 +90,11 @@ def test_sigterm_mid_step_saves_the_last_completed_step_and_the_resume_is_bit_ex
     assert [s for s, _ in list_checkpoints(run_dir)] == [1]
     assert [r["step"] for r in read_rows(run_dir)] == [1]
     verify_checkpoint(run_dir / "checkpoint-1")
-    _same_checkpoint(run_dir / "checkpoint-1", full_run / "checkpoint-1")
+    same_checkpoint(run_dir / "checkpoint-1", full_run / "checkpoint-1")
     assert not (run_dir / "run.lock").exists()
 
     train_stage1.main([*argv, "--set", "training.resume_from=latest"])
-    _same_checkpoint(run_dir / "checkpoint-3", full_run / "checkpoint-3")
+    same_checkpoint(run_dir / "checkpoint-3", full_run / "checkpoint-3")
     untimed = [[{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_rows(d)]
                for d in (run_dir, full_run)]
     assert untimed[0] == untimed[1]  # every loss and counter of steps 1-3, exactly
@@ -115,7 +117,7 @@ def test_sigint_and_sigusr1_stop_mid_step_like_sigterm(recipe_env, full_run, tmp
     assert info.value.code == 128 + signum
     assert f"stopped by {signal.Signals(signum).name} during optimizer step 2 of 3" in info.value.message
     assert [s for s, _ in list_checkpoints(tmp_path / "sig")] == [1]
-    _same_checkpoint(tmp_path / "sig" / "checkpoint-1", full_run / "checkpoint-1")
+    same_checkpoint(tmp_path / "sig" / "checkpoint-1", full_run / "checkpoint-1")
 
 
 def test_sigusr1_save_and_continue_checkpoints_mid_step_and_trains_on_unchanged(
@@ -129,8 +131,8 @@ def test_sigusr1_save_and_continue_checkpoints_mid_step_and_trains_on_unchanged(
     assert "checkpoint-1 of the last completed optimizer step saved on SIGUSR1; training goes on" in capsys.readouterr().err
     run_dir = tmp_path / "usr1"
     assert [s for s, _ in list_checkpoints(run_dir)] == [1, 3]
-    _same_checkpoint(run_dir / "checkpoint-1", full_run / "checkpoint-1")
-    _same_checkpoint(run_dir / "checkpoint-3", full_run / "checkpoint-3")
+    same_checkpoint(run_dir / "checkpoint-1", full_run / "checkpoint-1")
+    same_checkpoint(run_dir / "checkpoint-3", full_run / "checkpoint-3")
 
 
 def test_a_signal_before_the_first_step_completes_saves_nothing_and_says_so(recipe_env, tmp_path, monkeypatch):

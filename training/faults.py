@@ -225,7 +225,7 @@ def acquire_run_lock(run_dir: str | Path) -> RunLock:
                 raise RunLockedError(
                     f"{run_dir} is in use by another training run: pid {pid} on this host ({host}) since "
                     f"{holder.get('started', '?')} (lock file {path}). Pick another run.name, or wait for it to end "
-                    f"(`kill -TERM {pid}` stops it after its current step, with a checkpoint unless it runs with "
+                    f"(`kill -TERM {pid}` stops it at its next micro-step, with a checkpoint unless it runs with "
                     "training.save_on_interrupt=false); run.overwrite does not replace a running run."
                 )
             # Stale: move it aside under a unique name; if what we moved is not the lock we judged (a
