@@ -14,9 +14,9 @@ import time
 from collections.abc import Sequence
 
 from configs import load_config
-from configs.errors import run_cli
 from configs.loader import add_config_args
 from pipeline.wrapper import STRATEGY_GT
+from training.faults import run_recipe_cli
 from training.preflight import dry_run
 from training.session import (
     backward_and_step,
@@ -76,4 +76,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run_recipe_cli(main))  # one error: line under a launcher, whichever rank

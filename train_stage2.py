@@ -21,13 +21,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from configs import load_config
-from configs.errors import run_cli
 from configs.loader import add_config_args
 from data.encoding import prompts_of
 from eval.semantic import load_encoder
 from pipeline.wrapper import STRATEGY_EXPECTATION, STRATEGY_ROLLOUT
 from rollout.step import prepare_rollout_batches, token_budget_warning
-from training.faults import any_rank
+from training.faults import any_rank, run_recipe_cli
 from training.preflight import dry_run
 from training.router import CHANNEL_A, CHANNEL_B, ChannelRouter
 from training.session import (
@@ -161,4 +160,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run_recipe_cli(main))  # one error: line under a launcher, whichever rank

@@ -236,3 +236,63 @@ def test_ddp_signals_mid_step_save_the_last_completed_step_and_resume_bit_exact(
     untimed = [[{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_rows(d)]
                for d in (run_dir, tmp_path / "full")]
     assert untimed[0] == untimed[1]
+
+
+# A rank 1 that alone meets a user error in optimizer step 2 (rank 0 then waits in a collective for it).
+RANK1_USER_ERROR_CHILD = """
+import os, sys
+import train_stage1
+from configs.errors import ConfigError
+from pipeline.executor import PipelineExecutor
+from training.faults import run_recipe_cli
+real, calls = PipelineExecutor.run, [0]
+def failing(*args, **kwargs):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 2:
+        raise ConfigError("data.train_jsonl", "rank 1 only: a bad record")
+    return real(*args, **kwargs)
+PipelineExecutor.run = failing
+raise SystemExit(run_recipe_cli(train_stage1.main))
+"""
+
+
+def _launch_raw(script, argv, cwd):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(script), *argv]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _recipe_lines(err: str) -> list[str]:
+    """stderr without the launcher's own lines: its log lines and its final ChildFailedError block."""
+    import re
+
+    lines = err.splitlines()
+    block = next((i for i, line in enumerate(lines) if line.startswith("Traceback")), len(lines))
+    launcher = re.compile(r"^[WEI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ .*torch/distributed/")
+    return [line for line in lines[:block] if line.strip() and not launcher.match(line)]
+
+
+@pytest.mark.slow
+def test_ddp_a_user_error_on_one_rank_is_one_line_and_every_rank_exits_2(recipe_env, tmp_path):
+    """Rank 1 alone raises a ConfigError in step 2 while rank 0 waits for it in a collective: the error: line
+    is printed once, as the last line of the recipe, no rank prints a traceback (no gloo "Connection closed"),
+    both ranks exit 2 (the launcher's report shows it, with our line as the root cause). A config error on
+    every rank (before any model load) is printed once too."""
+    script = tmp_path / "rank1_user_error.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + RANK1_USER_ERROR_CHILD)
+    argv = recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="err", max_steps=3, training__eval_every=0)
+    for proc in (_launch_raw(script, argv, tmp_path),
+                 _launch_raw(script, [*argv, "--set", "training.lr=-1", "--set", "run.name=cfg"], tmp_path)):
+        err = proc.stderr
+        assert proc.returncode != 0
+        lines = _recipe_lines(err)
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert len(errors) == 1 and lines[-1] == errors[0], err[-6000:]
+        assert "Traceback" not in "\n".join(lines) and "Connection closed" not in err, err[-6000:]
+        assert err.count("Traceback") == 1 and "ChildFailedError" in err  # the launcher's own report, last
+        assert err.count("exitcode  : 2 ") == 2, err[-3000:]  # both ranks exit 2
+        assert f"traceback : {errors[0]}" in err  # the report's root cause is our line
+    assert "rank 1 only: a bad record" in errors[0] or "training.lr" in errors[0]
+    assert not (tmp_path / "err" / "run.lock").exists()

@@ -328,3 +328,137 @@ class InterruptFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+# ------------------------------------------------- user errors under a launcher
+
+_USER_ERROR_KEY = "coordexp/user_error"
+_ACK_WAIT_S = 2.0  # how long the reporting rank waits for the other ranks to stop before it prints
+
+
+class PeerStopped(SystemExit):
+    """This rank stops (exit 2, nothing printed) because another rank reported a user error."""
+
+
+def _shared_store(fresh: bool = False, _cache: list = []) -> Any:  # noqa: B006 - the one cached client
+    """A key-value store every rank of this launch reaches, or None (one process, or none reachable):
+    the launcher's own store (torch elastic hosts one for its workers: ``TORCHELASTIC_USE_AGENT_STORE``,
+    there before any process group), else the process group's. ``fresh``: a new client (a signal
+    handler must not reuse a socket the interrupted code may be using)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    if _cache and not fresh:
+        return _cache[0]
+    try:
+        import datetime
+
+        import torch.distributed as dist
+
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=datetime.timedelta(seconds=10))
+        elif dist.is_available() and dist.is_initialized():
+            store = dist.distributed_c10d._get_default_store()
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - no store: every rank reports for itself, as before
+        return None
+    if not fresh:
+        _cache.append(store)
+    return store
+
+
+def _key(what: str) -> str:
+    return f"{_USER_ERROR_KEY}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{what}"
+
+
+def _store_add(store: Any, what: str, n: int) -> int | None:
+    try:
+        return int(store.add(_key(what), n))
+    except Exception:  # noqa: BLE001 - the launcher (and its store) may be gone
+        return None
+
+
+def _peer_reported(fresh: bool = False) -> bool:
+    store = _shared_store(fresh)
+    return store is not None and (_store_add(store, "count", 0) or 0) > 0
+
+
+def _write_error_file(text: str) -> None:
+    """The launcher's failure report (torch elastic's ``ChildFailedError`` block) shows ``text`` as this
+    rank's error instead of a pointer to its docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps({"message": text, "timestamp": int(time.time())}))
+        except OSError:
+            pass
+
+
+def _stop_quietly() -> None:
+    """This rank follows another rank's user error: count itself as stopped and exit 2 without a word."""
+    store = _shared_store()
+    if store is not None:
+        _store_add(store, "stopped", 1)
+    _write_error_file("stopped: another rank reported a user error (its error: line is the recipe's last line)")
+    raise PeerStopped(2) from None
+
+
+def _report_last(message: str) -> None:
+    """The first rank with a user error: give the other ranks that stop on it too (the same config error
+    everywhere) a moment to finish, SIGTERM from the launcher ignored meanwhile, so that its ``error:`` line
+    is the last line the recipe prints. Ranks waiting in a collective for this one fail once it exits."""
+    _write_error_file(f"error: {message}")
+    store = _shared_store()
+    if store is None:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    deadline = time.monotonic() + _ACK_WAIT_S
+    while time.monotonic() < deadline and (_store_add(store, "stopped", 0) or 0) < world - 1:
+        time.sleep(0.05)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM outside the training loop: the launcher stopping this rank after another rank's user error
+    is a quiet exit 2; any other SIGTERM keeps its default action."""
+    if _peer_reported(fresh=True):
+        raise PeerStopped(2)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def run_recipe_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:
+    """:func:`configs.errors.run_cli` for the training recipes under a launcher (``accelerate launch``).
+
+    A user error on any rank is printed once, by the first rank that reports it, as the last line the
+    recipe prints; every other rank stops without a traceback of its own (a collective that fails
+    because that rank is gone, the launcher's SIGTERM, or the same user error) and every rank exits 2.
+    The ranks agree through the launcher's key-value store; a single process is plain ``run_cli``.
+    """
+    from configs.errors import USER_ERRORS, debug_requested, one_line, run_cli
+
+    if _shared_store() is None:
+        return run_cli(main, argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+    def guarded(args: list[str]) -> Any:
+        try:
+            return main(args)
+        except USER_ERRORS as exc:
+            if debug_requested(args):
+                raise
+            if _store_add(_shared_store(), "count", 1) not in (None, 1):
+                _stop_quietly()  # the same error on several ranks (a config error): said once
+            _report_last(one_line(exc))
+            raise  # run_cli prints it
+        except PeerStopped:
+            _stop_quietly()
+        except Exception:
+            if _peer_reported():
+                _stop_quietly()  # e.g. gloo "Connection closed by peer": a consequence, not news
+            raise
+
+    return run_cli(guarded, argv)

@@ -722,15 +722,17 @@ def _nonfinite_fix(t) -> str:
 def finish_run(run: RunContext, s: TrainingSetup) -> None:
     """Close the progress bar and the tracker, draw ``plots/metrics.png`` into the run dir (main process;
     a plotting failure only warns), release the run lock (also on error; the recipe then waits for every rank)."""
-    s.progress.close()
-    s.tracker.finish()
-    s.interrupt.close()
-    if run.accelerator.is_main_process:
-        try:
-            from scripts.plot_metrics import plot_run  # matplotlib: loaded only when a run ends
+    try:
+        s.progress.close()
+        s.tracker.finish()
+        s.interrupt.close()
+        if run.accelerator.is_main_process:
+            try:
+                from scripts.plot_metrics import plot_run  # matplotlib: loaded only when a run ends
 
-            plot_run(run.run_dir)
-        except Exception as exc:  # noqa: BLE001 - the run's results are written; a plot must not fail it
-            run.logger.warning("plots/metrics.png not written: %s", exc)
-    if run.lock is not None:
-        run.lock.release()
+                plot_run(run.run_dir)
+            except Exception as exc:  # noqa: BLE001 - the run's results are written; a plot must not fail it
+                run.logger.warning("plots/metrics.png not written: %s", exc)
+    finally:  # also when the launcher's SIGTERM stops this rank in the middle (another rank's user error)
+        if run.lock is not None:
+            run.lock.release()
