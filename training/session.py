@@ -63,7 +63,7 @@ from training.faults import (
     weights_finite,
 )
 from training.optim import build_optimizer, build_scheduler
-from training.preflight import check_model_path, check_paths
+from training.preflight import check_environment, check_model_path, check_paths
 from training.progress import TrainProgress
 from training.setup import (
     METRICS_FILE,
@@ -97,6 +97,7 @@ def start_run(cfg) -> RunContext:
     seed / pipeline identity (docs/training/PIPELINE.md), and the verified checkpoint to resume from (``training.resume_from``)."""
     t = cfg.training
     check_paths(cfg)  # a wrong model dir / data file / image root fails now, naming its key
+    warnings = check_environment(cfg)  # tracker credentials, processes vs devices, rollout backend
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # `accelerate launch --multi_gpu` on a machine without CUDA sets WORLD_SIZE but accelerate then picks
     # no backend: every process would run alone and believe it is the main process (duplicate logs,
@@ -115,7 +116,11 @@ def start_run(cfg) -> RunContext:
     lock = main_process_decides(accelerator, lambda: acquire_run_lock(run_dir))
     lock = lock if accelerator.is_main_process else None  # only the holder releases it
     with _released_on_error(lock):
-        return _start_locked_run(cfg, accelerator, run_dir, lock)
+        run = _start_locked_run(cfg, accelerator, run_dir, lock)
+    if accelerator.is_main_process:
+        for warning in warnings:
+            run.logger.warning(warning)
+    return run
 
 
 @contextmanager
