@@ -144,3 +144,31 @@ def test_a_signal_before_the_first_step_completes_saves_nothing_and_says_so(reci
             train_stage1.main(_argv(recipe_env, tmp_path, "early"))
     assert list_checkpoints(tmp_path / "early") == []
     assert not (tmp_path / "early" / "run.lock").exists()
+
+
+def test_stage2_sigterm_mid_step_saves_the_router_state_of_the_last_completed_step(recipe_env, tmp_path, monkeypatch):
+    """Stage-2 Two-Channel, b_ratio 0.5 (A, B, A), 2 micro-steps: SIGTERM in the Channel-B step 2's first
+    micro-step saves checkpoint-1 with the router as it was after step 1; the resume replays step 2 as a
+    Channel-B step and ends where the uninterrupted run ends, bit for bit."""
+    import train_stage2
+    from tests._recipe_helpers import STAGE2_DEMO
+
+    monkeypatch.chdir(tmp_path)
+
+    def argv(name, **sets):
+        return recipe_argv(recipe_env, STAGE2_DEMO, tmp_path, name=name, max_steps=3, stage2_ab__schedule__b_ratio=0.5,
+                           training__warmup_steps=1, training__eval_every=0, training__gradient_accumulation_steps=ACCUM,
+                           training__batch_size=1, **sets)
+
+    train_stage2.main(argv("full", training__save_every=1))
+    with monkeypatch.context() as mp:
+        _signal_on_call(mp, ACCUM + 1, signal.SIGTERM)
+        with pytest.raises(TrainingInterrupted, match="during optimizer step 2 of 3"):
+            train_stage2.main(argv("term"))
+    state = json.loads((tmp_path / "term" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["router_state"]["next_step"] == 1 and state["router_state"]["count_b"] == 0
+    same_checkpoint(tmp_path / "term" / "checkpoint-1", tmp_path / "full" / "checkpoint-1")
+    train_stage2.main(argv("term", training__resume_from="latest"))
+    same_checkpoint(tmp_path / "term" / "checkpoint-3", tmp_path / "full" / "checkpoint-3")
+    rows = [[r["stage2/channel_b_count"] for r in read_rows(tmp_path / d)] for d in ("term", "full")]
+    assert rows[0] == rows[1] == [0.0, 1.0, 0.0]
