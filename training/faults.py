@@ -292,6 +292,8 @@ class InterruptFlag:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGTERM and _peer_reported(fresh=True):  # the launcher stopping us after a user error
+            raise PeerStopped(2)
         if signum == signal.SIGINT and self.signum is not None:
             raise KeyboardInterrupt
         name = signal.Signals(signum).name
@@ -356,7 +358,7 @@ def _shared_store(fresh: bool = False, _cache: list = []) -> Any:  # noqa: B006 
 
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                  timeout=datetime.timedelta(seconds=10))
+                                  timeout=datetime.timedelta(seconds=3 if fresh else 10))
         elif dist.is_available() and dist.is_initialized():
             store = dist.distributed_c10d._get_default_store()
         else:
