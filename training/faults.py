@@ -399,7 +399,10 @@ def _write_error_file(text: str) -> None:
 
 
 def _stop_quietly() -> None:
-    """This rank follows another rank's user error: count itself as stopped and exit 2 without a word."""
+    """This rank follows another rank's user error: count itself as stopped and exit 2 without a word
+    (the launcher's SIGTERM, which may come while it exits, is ignored: it is on its way out)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     store = _shared_store()
     if store is not None:
         _store_add(store, "stopped", 1)

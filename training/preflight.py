@@ -189,11 +189,13 @@ def dry_run(cfg, *, out=print) -> int:
     started = time.perf_counter()
     t = cfg.training
     setup_logging(None)  # stderr only: a dry run writes nothing into the run dir
-    out(f"dry run: {cfg.path} (variant {cfg.variant}); nothing is trained, no weights are loaded")
+    main = int(os.environ.get("RANK", "0")) == 0  # under a launcher the main process reports, once
+    if main:
+        out(f"dry run: {cfg.path} (variant {cfg.variant}); nothing is trained, no weights are loaded")
     check_paths(cfg)
     warnings = check_environment(cfg)  # tracker, launch vs devices, rollout backend; autocast warnings
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher the main process checks the rest, once
+    if not main:  # the main process checks the rest
         return 0
     out(f"  run dir        {cfg.run.run_dir}")
     launch = (f"{world} processes" if world > 1 else
