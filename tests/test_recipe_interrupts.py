@@ -172,3 +172,23 @@ def test_stage2_sigterm_mid_step_saves_the_router_state_of_the_last_completed_st
     same_checkpoint(tmp_path / "term" / "checkpoint-3", tmp_path / "full" / "checkpoint-3")
     rows = [[r["stage2/channel_b_count"] for r in read_rows(tmp_path / d)] for d in ("term", "full")]
     assert rows[0] == rows[1] == [0.0, 1.0, 0.0]
+
+    # SIGTERM while step 2's rollouts are generated: the generate call ends after one token, not at
+    # max_new_tokens, and the run stops with the same checkpoint-1
+    from rollout.backends import HFGenerationBackend
+
+    real, decoded = HFGenerationBackend._generate_batch, []
+
+    def signalled(self, prompts):
+        if not decoded:
+            os.kill(os.getpid(), signal.SIGTERM)
+        out = real(self, prompts)
+        decoded.append(self._last_steps)
+        return out
+
+    with monkeypatch.context() as mp:
+        mp.setattr(HFGenerationBackend, "_generate_batch", signalled)
+        with pytest.raises(TrainingInterrupted, match="during optimizer step 2 of 3"):
+            train_stage2.main(argv("gen"))
+    assert decoded == [1]  # the first batch stopped after one token (else 8), the others skipped
+    same_checkpoint(tmp_path / "gen" / "checkpoint-1", tmp_path / "full" / "checkpoint-1")

@@ -465,6 +465,9 @@ def rollout_backend_for(cfg, run: RunContext, s: TrainingSetup) -> GenerationBac
     if s.rollout_backend is None:
         s.rollout_backend = make_generation_backend(cfg.rollout_matching, s.vlm, s.loaded.tokenizer, encoder=s.encoder,
                                                     work_dir=run.run_dir)
+        # a stop signal ends a running Channel-B generate call at the next token (hf backend; the step is
+        # dropped at the next micro-step boundary anyway); in-loop eval (a derived backend) runs to its end
+        s.rollout_backend.abandon = lambda: s.interrupt.requested
     return s.rollout_backend
 
 
