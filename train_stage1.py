@@ -14,16 +14,18 @@ import time
 from collections.abc import Sequence
 
 from configs import load_config
-from configs.errors import run_cli
 from configs.loader import add_config_args
 from pipeline.wrapper import STRATEGY_GT
+from training.faults import run_recipe_cli
 from training.preflight import dry_run
 from training.session import (
     backward_and_step,
     batch_metrics,
+    begin_step,
     finish_run,
     finish_step,
     micro_batches,
+    micro_step_boundary,
     setup_training,
     start_run,
 )
@@ -51,7 +53,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         for step in range(s.start_step, t.max_steps):
             started, tokens = time.perf_counter(), 0
+            begin_step(s)  # data position + RNG: what a checkpoint of the last completed step needs mid-step
             for _ in range(t.gradient_accumulation_steps):
+                # a signal (SIGTERM / SIGINT / SIGUSR1) on any rank: save the last completed step here, not
+                # after the whole step (stop: the partial accumulation is dropped and replayed on resume)
+                micro_step_boundary(cfg, run, s, step)
                 batch = next(data_iter).to(accelerator.device)
                 with accelerator.accumulate(s.model):
                     # the prepared TrainingWrapper: gt forward + objective pipeline in one wrapped forward
@@ -70,4 +76,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run_recipe_cli(main))  # one error: line under a launcher, whichever rank

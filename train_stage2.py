@@ -21,21 +21,22 @@ from collections.abc import Sequence
 import numpy as np
 
 from configs import load_config
-from configs.errors import run_cli
 from configs.loader import add_config_args
 from data.encoding import prompts_of
 from eval.semantic import load_encoder
 from pipeline.wrapper import STRATEGY_EXPECTATION, STRATEGY_ROLLOUT
 from rollout.step import prepare_rollout_batches, token_budget_warning
-from training.faults import any_rank
+from training.faults import any_rank, run_recipe_cli
 from training.preflight import dry_run
 from training.router import CHANNEL_A, CHANNEL_B, ChannelRouter
 from training.session import (
     backward_and_step,
     batch_metrics,
+    begin_step,
     finish_run,
     finish_step,
     micro_batches,
+    micro_step_boundary,
     rollout_backend_for,
     setup_training,
     start_run,
@@ -94,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         for step in range(s.start_step, t.max_steps):
             started, tokens = time.perf_counter(), 0
+            # what a checkpoint of the last completed step needs mid-step; a signal before the rollouts or
+            # any micro-step saves it there (docs/RELIABILITY.md)
+            begin_step(s, router_state=router.state_dict())
+            micro_step_boundary(cfg, run, s, step)
             # One channel for the whole accumulation window, the same on every rank.
             channel, rerouted = router.channel_for(step), False
             window = [next(data_iter) for _ in range(t.gradient_accumulation_steps)]
@@ -118,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     channel, rerouted = router.fallback_channel(step, error), True
 
             for i, gt in enumerate(window):
+                micro_step_boundary(cfg, run, s, step)
                 with accelerator.accumulate(s.model):
                     forward_start = time.perf_counter()
                     if channel == CHANNEL_A:
@@ -154,4 +160,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(run_recipe_cli(main))  # one error: line under a launcher, whichever rank

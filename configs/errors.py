@@ -4,7 +4,8 @@ A *user error* is one the person running a command fixes without touching the co
 config key, a bad data record, a missing path, a run dir that already holds a run, a resume
 point that does not fit, an optional dependency that is not installed. :data:`USER_ERRORS`
 lists those exception types; every CLI (the two recipes, ``eval/*``, ``scripts/*``) runs its
-``main`` through :func:`run_cli`, which prints such an error as ONE line ``error: <message>``
+``main`` through :func:`run_cli` (the recipes through ``training.faults.run_recipe_cli``, which keeps
+it to one line for all ranks under a launcher), which prints such an error as ONE line ``error: <message>``
 (the message names the key or file:line and the fix) on stderr and exits with status 2. Any
 other exception is a bug and keeps its traceback. ``--debug`` on the command line or
 ``COORDEXP_DEBUG=1`` in the environment shows the traceback of user errors too.

@@ -298,9 +298,14 @@ class TrainingConfig:
     save_total_limit: int | None = knob(None, "keep the newest N checkpoints (older ones go only after a save "
                                         "completes); null = all", minimum=1)
     save_on_interrupt: bool = knob(
-        True, "SIGTERM / SIGINT finish the current optimizer step, save a checkpoint (every rank agrees on the step) "
-        "and stop with exit 128 + signal (143 / 130); false: the default signal behaviour (immediate exit, no "
-        "checkpoint)")
+        True, "SIGTERM / SIGINT (and SIGUSR1, see on_sigusr1) drop the current optimizer step's partial gradient "
+        "accumulation at the next micro-step (every rank agrees), save a checkpoint of the last completed optimizer "
+        "step and stop with exit 128 + signal (143 / 130 / 138); false: the default signal behaviour (immediate exit, "
+        "no checkpoint; docs/RELIABILITY.md)")
+    on_sigusr1: str = knob(
+        "stop", "SIGUSR1 (a scheduler's early warning): stop like SIGTERM, or save_and_continue: save a checkpoint of "
+        "the last completed optimizer step at the next micro-step and keep training (needs save_on_interrupt)",
+        enum=("stop", "save_and_continue"))
     collective_timeout_s: int = knob(
         1800, "seconds a cross-rank collective may wait (a frozen or lost rank) before the run fails instead of "
         "hanging (accelerate InitProcessGroupKwargs); multi-process runs only", minimum=1)

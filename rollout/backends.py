@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +33,9 @@ class GenerationBackend(abc.ABC):
     """Generates one continuation per prompt (``EncodedSample`` from ``ChatEncoder.encode_prompt``)."""
 
     generator: torch.Generator  # sampling stream; the trainer reseeds it per optimizer step
+    # Set by the trainer: true once the run stops on a signal. The hf backend then ends the generate call
+    # at the next decoded token (the step's results are dropped and the step replayed on resume).
+    abandon: Callable[[], bool] | None = None
 
     @abc.abstractmethod
     def generate(self, prompts: Sequence[EncodedSample]) -> list[GenerationOutput]:
@@ -48,6 +51,16 @@ class GenerationBackend(abc.ABC):
 
         An engine holding its own copy of the weights (vLLM) pushes them before its next generate.
         """
+
+
+class _Abandon:
+    """Stopping criterion: every row is done once ``abandon()`` is true (checked after each decoded token)."""
+
+    def __init__(self, abandon: Callable[[], bool]):
+        self.abandon = abandon
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.abandon()), dtype=torch.bool, device=input_ids.device)
 
 
 class _ChosenTokenLogprobs:
@@ -364,6 +377,10 @@ class HFGenerationBackend(GenerationBackend):
         # once per decoded token; a no-op for a model without parametrizations.
         with torch.no_grad(), parametrize.cached():
             for idx in length_sorted_batches(prompts, batch_size):
+                if self.abandon is not None and self.abandon():  # stopping: the rest is never used
+                    for i in idx:
+                        outputs[i] = trim_at_eos([], [], self.eos_token_ids)
+                    continue
                 for i, out in zip(idx, self._generate_batch([prompts[i] for i in idx])):
                     outputs[i] = out
                 steps.append(self._last_steps)
@@ -411,7 +428,13 @@ class HFGenerationBackend(GenerationBackend):
         inputs = self._batch_inputs(prompts)
         L = inputs["input_ids"].shape[1]
         sample = self.temperature > 0
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+        from transformers import (
+            LogitsProcessorList,
+            StoppingCriteriaList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         recorder = _ChosenTokenLogprobs()
         processors = [recorder]  # first: it must see the raw logits
@@ -440,6 +463,8 @@ class HFGenerationBackend(GenerationBackend):
             # (in-loop eval shards the val set) would wait on each other forever.
             synced_gpus=False,
         )
+        if self.abandon is not None:
+            gen_kwargs["stopping_criteria"] = StoppingCriteriaList([_Abandon(self.abandon)])
         batch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
         inner = getattr(model, "model", None)
         old_rope = getattr(inner, "rope_deltas", None)

@@ -276,6 +276,7 @@ def save_training_state(
     router_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     save_total_limit: int | None = None,
+    rng_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``<out_dir>/checkpoint-<step>/`` and rotate; every rank must call it.
 
@@ -283,7 +284,8 @@ def save_training_state(
     need all of them) and must itself write only on the main process, e.g.
     ``unwrap(model).save_pretrained(d, is_main_process=acc.is_main_process,
     save_function=acc.save)`` plus the tokenizer and image processor.
-    ``data_state`` / ``router_state`` / ``extra`` must be JSON-serialisable.
+    ``data_state`` / ``router_state`` / ``extra`` must be JSON-serialisable. ``rng_state``: this
+    rank's RNG states to write (:func:`get_rng_state` of an earlier moment; default: the current ones).
     Returns the final checkpoint directory.
     """
     if save_total_limit is not None and save_total_limit < 1:
@@ -325,7 +327,7 @@ def save_training_state(
     if _all_ok(accelerator, error is None):
         try:
             model_save_fn(tmp / "model")
-            torch.save(get_rng_state(), tmp / f"rng_{rank}.pt")
+            torch.save(get_rng_state() if rng_state is None else rng_state, tmp / f"rng_{rank}.pt")
             if sharded:  # every rank writes its own shards
                 accelerator.save_state(str(tmp / SHARDED_DIR))
             elif is_main:

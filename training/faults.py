@@ -7,8 +7,9 @@
   from non-finite weights.
 - :func:`acquire_run_lock`: one training run per run dir (``run.lock``: pid + host); a second run
   is refused naming the holder, a stale lock (dead pid on this host) is taken over with a warning.
-- :class:`InterruptFlag`: SIGTERM / SIGINT only set a flag; the loop finishes the optimizer step,
-  saves a checkpoint (every rank agrees on the step) and stops with :class:`TrainingInterrupted`.
+- :class:`InterruptFlag`: SIGTERM / SIGINT / SIGUSR1 only set a flag; at the next micro-step every rank
+  agrees, drops the partial accumulation, saves the last completed optimizer step and stops with
+  :class:`TrainingInterrupted` (or, SIGUSR1 with ``training.on_sigusr1: save_and_continue``, trains on).
 - :func:`any_rank`: the one cross-rank agreement on per-rank flags (every rank takes the same
   decision: skip, stop, save); :func:`main_process_decides`: a decision taken once on the main
   process (resume checkpoint, run lock) that every rank follows, errors included.
@@ -224,7 +225,7 @@ def acquire_run_lock(run_dir: str | Path) -> RunLock:
                 raise RunLockedError(
                     f"{run_dir} is in use by another training run: pid {pid} on this host ({host}) since "
                     f"{holder.get('started', '?')} (lock file {path}). Pick another run.name, or wait for it to end "
-                    f"(`kill -TERM {pid}` stops it after its current step, with a checkpoint unless it runs with "
+                    f"(`kill -TERM {pid}` stops it at its next micro-step, with a checkpoint unless it runs with "
                     "training.save_on_interrupt=false); run.overwrite does not replace a running run."
                 )
             # Stale: move it aside under a unique name; if what we moved is not the lock we judged (a
@@ -255,7 +256,7 @@ def acquire_run_lock(run_dir: str | Path) -> RunLock:
 
 
 class TrainingInterrupted(SystemExit):
-    """The run stopped on SIGTERM / SIGINT after saving; exits with ``128 + signal number`` (143, 130)."""
+    """The run stopped on a signal after saving; exits with ``128 + signal number`` (143, 130, 138)."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -263,36 +264,206 @@ class TrainingInterrupted(SystemExit):
         self.message = message
 
 
+SAVE_AND_CONTINUE = "save_and_continue"  # training.on_sigusr1
+
+
 class InterruptFlag:
-    """SIGTERM (what SLURM / Kubernetes send before preemption) and SIGINT only set :attr:`signum`.
+    """SIGTERM (what SLURM / Kubernetes send before preemption), SIGINT and SIGUSR1 only set flags.
 
     Installed when ``training.save_on_interrupt`` is true; :meth:`close` restores the previous
-    handlers. A second SIGINT stops at once (``KeyboardInterrupt``), without a checkpoint.
+    handlers. A stop signal sets :attr:`signum`; SIGUSR1 with ``training.on_sigusr1:
+    save_and_continue`` sets :attr:`save_requested` instead. The training loop agrees on both over
+    the ranks at every micro-step (:meth:`agree`): a stop drops the step's partial accumulation,
+    saves the last completed optimizer step and stops; a save writes that checkpoint and goes on.
+    A second SIGINT stops at once (``KeyboardInterrupt``), without a checkpoint.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
-    def __init__(self, enabled: bool):
-        self.signum: int | None = None  # the signal this rank received
-        self.agreed = False  # some rank received one: every rank stops after this optimizer step
+    def __init__(self, enabled: bool, *, on_sigusr1: str = "stop"):
+        self.signum: int | None = None  # the stop signal this rank received
+        self.save_requested = False  # SIGUSR1 in save-and-continue mode, not yet agreed on
+        self.agreed = False  # some rank received a stop signal: every rank stops
+        self.save_agreed = False  # some rank asked for a save-and-continue: every rank saves
+        self.sigusr1_continues = on_sigusr1 == SAVE_AND_CONTINUE
         self._previous: dict[int, Any] = {}
         if enabled and threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGTERM and _peer_reported(fresh=True):  # the launcher stopping us after a user error
+            raise PeerStopped(2)
         if signum == signal.SIGINT and self.signum is not None:
             raise KeyboardInterrupt
-        if self.signum is None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGUSR1 and self.sigusr1_continues:
+            self.save_requested = True
+            logger.warning("received %s: saving a checkpoint of the last completed optimizer step at the next "
+                           "micro-step, then training on", name)
+        elif self.signum is None:
             self.signum = signum
-            logger.warning("received %s: finishing the current optimizer step, then saving a checkpoint and "
-                           "stopping (a second Ctrl-C stops at once, without a checkpoint)", signal.Signals(signum).name)
+            logger.warning("received %s: dropping the current optimizer step's partial accumulation at the next "
+                           "micro-step (it is replayed on resume), saving the last completed optimizer step and "
+                           "stopping (a second Ctrl-C stops at once, without a checkpoint)", name)
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
+    def flags(self) -> tuple[bool, bool]:
+        """This rank's (stop, save) requests, for a cross-rank agreement; the save request is taken."""
+        save, self.save_requested = self.save_requested, False
+        return self.requested, save
+
+    def agree(self, accelerator: Any = None, agreed: tuple[bool, ...] | None = None) -> tuple[bool, bool]:
+        """Record the ranks' agreement on :meth:`flags` (``agreed``, when it rode on another collective,
+        else one :func:`any_rank` here); returns (stop, save) as every rank sees them now."""
+        if agreed is None:
+            agreed = any_rank(accelerator, *self.flags())
+        stop, save = agreed
+        self.agreed |= stop
+        self.save_agreed |= save
+        return self.agreed, self.save_agreed
+
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+# ------------------------------------------------- user errors under a launcher
+
+_USER_ERROR_KEY = "coordexp/user_error"
+_ACK_WAIT_S = 2.0  # how long the reporting rank waits for the other ranks to stop before it prints
+
+
+class PeerStopped(SystemExit):
+    """This rank stops (exit 2, nothing printed) because another rank reported a user error."""
+
+
+def _shared_store(fresh: bool = False, _cache: list = []) -> Any:  # noqa: B006 - the one cached client
+    """A key-value store every rank of this launch reaches, or None (one process, or none reachable):
+    the launcher's own store (torch elastic hosts one for its workers: ``TORCHELASTIC_USE_AGENT_STORE``,
+    there before any process group), else the process group's. ``fresh``: a new client (a signal
+    handler must not reuse a socket the interrupted code may be using)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    if _cache and not fresh:
+        return _cache[0]
+    try:
+        import datetime
+
+        import torch.distributed as dist
+
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=datetime.timedelta(seconds=3 if fresh else 10))
+        elif dist.is_available() and dist.is_initialized():
+            store = dist.distributed_c10d._get_default_store()
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - no store: every rank reports for itself, as before
+        return None
+    if not fresh:
+        _cache.append(store)
+    return store
+
+
+def _key(what: str) -> str:
+    return f"{_USER_ERROR_KEY}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{what}"
+
+
+def _store_add(store: Any, what: str, n: int) -> int | None:
+    try:
+        return int(store.add(_key(what), n))
+    except Exception:  # noqa: BLE001 - the launcher (and its store) may be gone
+        return None
+
+
+def _peer_reported(fresh: bool = False) -> bool:
+    store = _shared_store(fresh)
+    return store is not None and (_store_add(store, "count", 0) or 0) > 0
+
+
+def _write_error_file(text: str) -> None:
+    """The launcher's failure report (torch elastic's ``ChildFailedError`` block) shows ``text`` as this
+    rank's error instead of a pointer to its docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps({"message": text, "timestamp": int(time.time())}))
+        except OSError:
+            pass
+
+
+def _stop_quietly() -> None:
+    """This rank follows another rank's user error: count itself as stopped and exit 2 without a word
+    (the launcher's SIGTERM, which may come while it exits, is ignored: it is on its way out)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    store = _shared_store()
+    if store is not None:
+        _store_add(store, "stopped", 1)
+    _write_error_file("stopped: another rank reported a user error (its error: line is the recipe's last line)")
+    raise PeerStopped(2) from None
+
+
+def _report_last(message: str) -> None:
+    """The first rank with a user error: give the other ranks that stop on it too (the same config error
+    everywhere) a moment to finish, SIGTERM from the launcher ignored meanwhile, so that its ``error:`` line
+    is the last line the recipe prints. Ranks waiting in a collective for this one fail once it exits."""
+    _write_error_file(f"error: {message}")
+    store = _shared_store()
+    if store is None:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    deadline = time.monotonic() + _ACK_WAIT_S
+    while time.monotonic() < deadline and (_store_add(store, "stopped", 0) or 0) < world - 1:
+        time.sleep(0.05)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM outside the training loop: the launcher stopping this rank after another rank's user error
+    is a quiet exit 2; any other SIGTERM keeps its default action."""
+    if _peer_reported(fresh=True):
+        raise PeerStopped(2)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def run_recipe_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:
+    """:func:`configs.errors.run_cli` for the training recipes under a launcher (``accelerate launch``).
+
+    A user error on any rank is printed once, by the first rank that reports it, as the last line the
+    recipe prints; every other rank stops without a traceback of its own (a collective that fails
+    because that rank is gone, the launcher's SIGTERM, or the same user error) and every rank exits 2.
+    The ranks agree through the launcher's key-value store; a single process is plain ``run_cli``.
+    """
+    from configs.errors import USER_ERRORS, debug_requested, one_line, run_cli
+
+    if _shared_store() is None:
+        return run_cli(main, argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+    def guarded(args: list[str]) -> Any:
+        try:
+            return main(args)
+        except USER_ERRORS as exc:
+            if debug_requested(args):
+                raise
+            if _store_add(_shared_store(), "count", 1) not in (None, 1):
+                _stop_quietly()  # the same error on several ranks (a config error): said once
+            _report_last(one_line(exc))
+            raise  # run_cli prints it
+        except PeerStopped:
+            _stop_quietly()
+        except Exception:
+            if _peer_reported():
+                _stop_quietly()  # e.g. gloo "Connection closed by peer": a consequence, not news
+            raise
+
+    return run_cli(guarded, argv)

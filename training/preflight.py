@@ -3,7 +3,9 @@
 ``check_paths(cfg)`` runs at the start of every training run, so a wrong model dir, data file,
 image root or semantic encoder (``eval.semantic.model``, loaded here) fails in a second with the config key in the message (not after the model has
 loaded). ``dry_run(cfg)`` is what ``train_stage1.py --dry-run`` / ``train_stage2.py --dry-run``
-do: the config is already loaded and validated; then the paths, the tokenizer's coord tokens
+do: the config is already loaded and validated; then the paths, what the run needs from the machine
+and the launch (``check_environment``: tracker credentials, processes vs devices, rollout backend,
+half-precision autocast without CUDA), the tokenizer's coord tokens
 (tokenizer and image processor only, no weights), every data record (contract and image files),
 the resolved pipeline and the packing plan. It prints a summary and returns 0; a problem raises a
 user error (``configs.errors``), which the CLI prints as one line and exits 2.
@@ -75,6 +77,106 @@ def check_paths(cfg) -> None:
         raise UserError(f"{len(problems)} path problem(s): " + "; ".join(map(str, problems)) + hint)
 
 
+# Measured on a 2-core CPU box with the shipped real configs and a hub-layout checkpoint (issue #28).
+CPU_AUTOCAST_SLOWDOWN = ("9.2-11.0 s per optimizer step vs 0.45-0.90 s with training.mixed_precision: no, "
+                         "10-15x slower")
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+def _cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on (taskset, cpusets)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def wandb_credentials() -> str | None:
+    """Where wandb would find an API key (its own order: environment, netrc, settings file), or None."""
+    import configparser
+    import netrc
+    from urllib.parse import urlsplit
+
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if os.environ.get(var):
+            return var
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    paths = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for path in (Path(p).expanduser() for p in paths):
+        try:
+            if path.is_file() and netrc.netrc(str(path)).authenticators(host):
+                return str(path)
+        except (netrc.NetrcParseError, OSError):
+            continue
+    settings = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser() / "settings"
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(settings)
+    except configparser.Error:
+        return None
+    return str(settings) if parser.get("default", "api_key", fallback=None) else None
+
+
+def check_environment(cfg) -> list[str]:
+    """What the config needs from this machine and launch, checked before any weight loads (``--dry-run``
+    and the start of every run): the tracker's package and credentials, the launch's process count vs
+    the devices, the rollout backend. Raises one user error listing every problem; returns warnings
+    (half-precision autocast without CUDA)."""
+    from training.tracking import wandb_settings
+
+    problems, warnings = [], []
+    tr = cfg.run.tracker
+    if tr.backend == "wandb":
+        mode = wandb_settings(mode=tr.mode)["mode"]
+        if not _installed("wandb"):
+            problems.append("run.tracker.backend=wandb: wandb is not installed (`pip install wandb`, or --set "
+                            "run.tracker.backend=none)")
+        elif mode == "online" and wandb_credentials() is None:
+            problems.append(
+                "run.tracker.mode=online (WANDB_MODE wins when set): no wandb API key (WANDB_API_KEY, `wandb login`'s "
+                "~/.netrc entry, or wandb's settings file); log in, or run offline with --set "
+                "run.tracker.mode=offline (or WANDB_MODE=offline; `wandb sync <run dir>/wandb` later), or --set "
+                "run.tracker.backend=none")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    gpus = _cuda_devices()
+    if world > 1 and gpus and local > gpus:
+        problems.append(f"the launch starts {local} processes on this machine but it has {gpus} CUDA GPU(s) "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): pass "
+                        f"--num_processes {gpus} to accelerate launch (configs/accelerate/ddp.yaml starts 8)")
+    elif world > 1 and not gpus and local > (cores := _cpu_cores()):
+        problems.append(f"the launch starts {local} processes on this machine but it has no CUDA GPU and {cores} "
+                        f"CPU core(s): CPU DDP (gloo) runs at most one process per core; pass --num_processes "
+                        f"{cores} (or fewer) to accelerate launch (configs/accelerate/ddp.yaml starts 8)")
+    rm = cfg.rollout_matching
+    if rm.backend == "vllm":
+        if not _installed("vllm"):
+            problems.append("rollout_matching.backend=vllm: vllm is not installed (pip install -r "
+                            "requirements-vllm.txt), or --set rollout_matching.backend=hf")
+        elif not gpus:
+            problems.append("rollout_matching.backend=vllm needs a CUDA GPU and this machine has none; --set "
+                            "rollout_matching.backend=hf")
+    if cfg.training.mixed_precision != "no" and not gpus:
+        warnings.append(f"training.mixed_precision={cfg.training.mixed_precision} without a CUDA GPU: CPU autocast "
+                        f"in half precision crawls (measured: {CPU_AUTOCAST_SLOWDOWN}); for a CPU run --set "
+                        "training.mixed_precision=no")
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) with this machine or launch: " + "; ".join(problems))
+    return warnings
+
+
 def dry_run(cfg, *, out=print) -> int:
     """Validate everything a run needs without loading weights; print the plan; return 0 (or raise)."""
     from data.encoding import EncodedRecords
@@ -87,9 +189,20 @@ def dry_run(cfg, *, out=print) -> int:
     started = time.perf_counter()
     t = cfg.training
     setup_logging(None)  # stderr only: a dry run writes nothing into the run dir
-    out(f"dry run: {cfg.path} (variant {cfg.variant}); nothing is trained, no weights are loaded")
+    main = int(os.environ.get("RANK", "0")) == 0  # under a launcher the main process reports, once
+    if main:
+        out(f"dry run: {cfg.path} (variant {cfg.variant}); nothing is trained, no weights are loaded")
     check_paths(cfg)
+    warnings = check_environment(cfg)  # tracker, launch vs devices, rollout backend; autocast warnings
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not main:  # the main process checks the rest
+        return 0
     out(f"  run dir        {cfg.run.run_dir}")
+    launch = (f"{world} processes" if world > 1 else
+              "1 process (run the dry run under the same `accelerate launch ...` command to check the launch)")
+    out(f"  launch         {launch}; tracker {cfg.run.tracker.backend}; rollouts {cfg.rollout_matching.backend}")
+    for warning in warnings:
+        out(f"  WARNING        {warning}")
 
     source = resolve_checkpoint(cfg)  # the tiny model is built here when enabled (as a run would)
     tokenizer, image_processor = load_tokenizer_and_image_processor(source, key="model.name_or_path")
@@ -108,7 +221,6 @@ def dry_run(cfg, *, out=print) -> int:
         raise ConfigError("data.train_jsonl", "no training records; the file has no valid line")
     encoder = make_encoder(cfg, tokenizer, image_processor)
     samples = EncodedRecords(splits.train, encoder)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     dataset = PackedDataset(samples, t.max_length, t.batch_size, t.packing, seed=cfg.run.seed,
                             lengths=samples.lengths(), sources=samples.sources(), num_replicas=world, rank=0)
     lengths = samples.lengths()

@@ -43,6 +43,7 @@ from training.aggregator import MetricAggregator
 from training.checkpoint import (
     TrainerState,
     find_latest_checkpoint,
+    get_rng_state,
     list_checkpoints,
     load_training_state,
     read_trainer_state,
@@ -62,7 +63,7 @@ from training.faults import (
     weights_finite,
 )
 from training.optim import build_optimizer, build_scheduler
-from training.preflight import check_model_path, check_paths
+from training.preflight import check_environment, check_model_path, check_paths
 from training.progress import TrainProgress
 from training.setup import (
     METRICS_FILE,
@@ -96,6 +97,7 @@ def start_run(cfg) -> RunContext:
     seed / pipeline identity (docs/training/PIPELINE.md), and the verified checkpoint to resume from (``training.resume_from``)."""
     t = cfg.training
     check_paths(cfg)  # a wrong model dir / data file / image root fails now, naming its key
+    warnings = check_environment(cfg)  # tracker credentials, processes vs devices, rollout backend
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # `accelerate launch --multi_gpu` on a machine without CUDA sets WORLD_SIZE but accelerate then picks
     # no backend: every process would run alone and believe it is the main process (duplicate logs,
@@ -114,7 +116,11 @@ def start_run(cfg) -> RunContext:
     lock = main_process_decides(accelerator, lambda: acquire_run_lock(run_dir))
     lock = lock if accelerator.is_main_process else None  # only the holder releases it
     with _released_on_error(lock):
-        return _start_locked_run(cfg, accelerator, run_dir, lock)
+        run = _start_locked_run(cfg, accelerator, run_dir, lock)
+    if accelerator.is_main_process:
+        for warning in warnings:
+            run.logger.warning(warning)
+    return run
 
 
 @contextmanager
@@ -459,6 +465,9 @@ def rollout_backend_for(cfg, run: RunContext, s: TrainingSetup) -> GenerationBac
     if s.rollout_backend is None:
         s.rollout_backend = make_generation_backend(cfg.rollout_matching, s.vlm, s.loaded.tokenizer, encoder=s.encoder,
                                                     work_dir=run.run_dir)
+        # a stop signal ends a running Channel-B generate call at the next token (hf backend; the step is
+        # dropped at the next micro-step boundary anyway); in-loop eval (a derived backend) runs to its end
+        s.rollout_backend.abandon = lambda: s.interrupt.requested
     return s.rollout_backend
 
 
@@ -472,6 +481,17 @@ def batch_metrics(batch: PackedBatch) -> dict[str, float]:
         "packing/fill_frac": batch.num_tokens / max(batch.input_ids.numel(), 1),
         "packing/_slots_den": float(batch.input_ids.numel()),  # step fill = Σ tokens / Σ slots (STEP_DERIVED)
     }
+
+
+@dataclass
+class StepStart:
+    """What a micro-step changes that a checkpoint of the last completed optimizer step must not see:
+    the data position and the RNG states at the start of the step (weights, optimizer and schedule
+    change only at the step's end), and the Stage-2 router state."""
+
+    data_state: dict
+    rng_state: dict
+    router_state: dict | None = None
 
 
 @dataclass
@@ -496,6 +516,9 @@ class TrainingSetup:
     save_model: Callable[[Path], None]  # model_save_fn for save_training_state
     guard: NonFiniteGuard
     interrupt: InterruptFlag
+    # the state a checkpoint of the last completed optimizer step needs mid-step (begin_step)
+    step_start: StepStart | None = None
+    saved_step: int | None = None  # the optimizer step of the newest checkpoint this run wrote or resumed from
     # for rollouts and in-loop eval: Stage-2 sets it before its loop, Stage-1 gets one at its first
     # eval (rollout_backend_for); told of every optimizer step that changed the weights
     rollout_backend: GenerationBackend | None = None
@@ -564,7 +587,8 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
         save_model=model_saver(accelerator, model, vlm, loaded, adapter=spec_from_config(cfg.model.adapter), base=base,
                                coord_init=cfg.model.coord_tokens.init, dtype=loaded_dtype),
         guard=NonFiniteGuard(t.max_consecutive_nonfinite),
-        interrupt=InterruptFlag(t.save_on_interrupt),
+        interrupt=InterruptFlag(t.save_on_interrupt, on_sigusr1=t.on_sigusr1),
+        saved_step=start_step if run.resume_dir is not None else None,
     )
 
 
@@ -572,7 +596,8 @@ def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, max
     """Backward one micro-step inside ``accelerator.accumulate``; on the sync step clip, then step the
     optimizer only if the loss of every micro-step on every rank and the gradient norm are finite
     (``training.faults.NonFiniteGuard``), and step the schedule (it counts optimizer steps, skipped or not).
-    The same cross-rank agreement tells every rank whether any rank received SIGTERM / SIGINT.
+    The same cross-rank agreement tells every rank whether any rank received a signal (stop, or
+    SIGUSR1's save-and-continue): ``finish_step`` acts on it after this step.
     Returns this micro-step's optimizer metrics (``train/grad_norm`` on a clipped sync step, else none)."""
     accelerator = run.accelerator
     metrics: dict[str, float] = {}
@@ -585,9 +610,9 @@ def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, max
         # its norm, or None, and then only the loss is checked here.
         if max_grad_norm > 0 and norm is not None:
             metrics["train/grad_norm"] = float(norm)
-        finite, (stop,) = s.guard.step_is_finite(0.0 if norm is None else norm, other_flags=(s.interrupt.requested,),
-                                                 accelerator=accelerator)
-        s.interrupt.agreed |= stop
+        finite, agreed = s.guard.step_is_finite(0.0 if norm is None else norm, other_flags=s.interrupt.flags(),
+                                                accelerator=accelerator)
+        s.interrupt.agree(agreed=agreed)
         # fp16: the GradScaler skips a non-finite step itself and must see it to lower its scale.
         if finite or accelerator.scaler is not None:
             s.optimizer.step()
@@ -603,14 +628,16 @@ def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, max
 def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: float, tokens: int,
                 step_values: dict | None = None, router_state: dict | None = None) -> dict:
     """End of optimizer step ``step`` (0-based): reduce metrics over micro-steps and ranks, update the
-    progress bar, eval / log / save when due (and on SIGTERM / SIGINT, then stop). Returns the logged metrics."""
+    progress bar, eval / log / save when due (and on a signal agreed at the step's sync point: save, then
+    stop without the eval, or go on for SIGUSR1's save-and-continue). Returns the logged metrics."""
     t = cfg.training
     done = step + 1
+    stop = s.interrupt.agreed and done < t.max_steps  # at the last step the run is complete anyway
     s.aggregator.add({"time/step_s": time.perf_counter() - started})
     metrics = s.aggregator.reduce({**(step_values or {}), "train/lr": s.scheduler.get_last_lr()[0],
                                    NONFINITE_METRIC: s.guard.record(done)})
     s.progress.update(done, loss=metrics.get("loss/total"), lr=metrics.get("train/lr"), tokens=tokens)
-    if should(t.eval_every, done, t.max_steps):
+    if should(t.eval_every, done, t.max_steps) and not stop:  # a stop must not wait for an eval
         with full_weights(s.model):  # sharded engines: gather once for the whole eval generation
             metrics.update(run_eval(cfg, accelerator=run.accelerator, vlm=s.vlm, loaded=s.loaded, encoder=s.encoder,
                                     val=s.splits.val, run_dir=run.run_dir, step=done,
@@ -619,28 +646,79 @@ def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: f
         if predictions.is_file():
             s.tracker.log_eval_media(done, predictions)
     s.tracker.log(done, metrics)
-    stop = s.interrupt.agreed and done < t.max_steps  # at the last step the run is complete anyway
-    if should(t.save_every, done, t.max_steps) or stop:
-        if not weights_finite(run.accelerator, s.model.parameters()):
-            newest = find_latest_checkpoint(run.run_dir)
-            raise NonFiniteError(
-                f"step {done}: the model weights hold NaN/Inf values; checkpoint-{done} was not written "
-                f"({'newest finite checkpoint: ' + str(newest) if newest else 'no checkpoint was written'}). "
-                f"{_nonfinite_fix(t)}"
-            )
-        save_training_state(run.run_dir, accelerator=run.accelerator, model_save_fn=s.save_model,
-                            optimizer=s.optimizer, scheduler=s.scheduler, step=done,
-                            data_state=s.dataset.state_dict(), router_state=router_state,
-                            extra={"config": thaw(cfg.resolved)}, save_total_limit=t.save_total_limit)
+    asked = s.interrupt.save_agreed  # SIGUSR1, save-and-continue
+    if should(t.save_every, done, t.max_steps) or stop or asked:
+        save_checkpoint(cfg, run, s, done, data_state=s.dataset.state_dict(), router_state=router_state)
+        if asked and not stop:
+            run.logger.warning("checkpoint-%d saved on SIGUSR1 (training.on_sigusr1=save_and_continue); training "
+                               "goes on", done)
+    s.interrupt.save_agreed = False
     s.guard.check_streak(done, lambda: find_latest_checkpoint(run.run_dir), _nonfinite_fix(t))
     if stop:
-        signum = s.interrupt.signum or signal.SIGTERM  # ranks that got no signal stop like the one that did
-        message = (f"stopped by {signal.Signals(signum).name} after optimizer step {done} of {t.max_steps}: "
-                   f"checkpoint-{done} saved in {run.run_dir}; to continue, rerun the same command with "
-                   "--set training.resume_from=latest")
-        run.logger.error(message)
-        raise TrainingInterrupted(message, signum)
+        _stop(run, s, f"after optimizer step {done} of {t.max_steps}: checkpoint-{done} saved in {run.run_dir}")
     return metrics
+
+
+def save_checkpoint(cfg, run: RunContext, s: TrainingSetup, done: int, *, data_state: dict,
+                    rng_state: dict | None = None, router_state: dict | None = None) -> None:
+    """``checkpoint-<done>`` (every rank calls it), never from non-finite weights. ``rng_state``: this
+    rank's RNG states to write (default: the current ones)."""
+    t = cfg.training
+    if not weights_finite(run.accelerator, s.model.parameters()):
+        newest = find_latest_checkpoint(run.run_dir)
+        raise NonFiniteError(
+            f"step {done}: the model weights hold NaN/Inf values; checkpoint-{done} was not written "
+            f"({'newest finite checkpoint: ' + str(newest) if newest else 'no checkpoint was written'}). "
+            f"{_nonfinite_fix(t)}"
+        )
+    save_training_state(run.run_dir, accelerator=run.accelerator, model_save_fn=s.save_model,
+                        optimizer=s.optimizer, scheduler=s.scheduler, step=done, data_state=data_state,
+                        rng_state=rng_state, router_state=router_state, extra={"config": thaw(cfg.resolved)},
+                        save_total_limit=t.save_total_limit)
+    s.saved_step = done
+
+
+def begin_step(s: TrainingSetup, *, router_state: dict | None = None) -> None:
+    """Start of an optimizer step: remember what a checkpoint of the last completed step needs mid-step."""
+    s.step_start = StepStart(s.dataset.state_dict(), get_rng_state(), router_state)
+
+
+def micro_step_boundary(cfg, run: RunContext, s: TrainingSetup, step: int) -> None:
+    """Before each micro-step of optimizer step ``step`` (0-based; Stage-2 also before its rollouts):
+    every rank agrees whether any rank received a signal (one small collective; none in a
+    single-process run). On one, ``checkpoint-<step>`` (the last completed optimizer step: the
+    weights, optimizer and schedule are unchanged since, the data position and RNG states come from
+    :func:`begin_step`) is saved unless it exists already; a stop then drops the partial gradient
+    accumulation (a resume replays the whole step) and raises :class:`TrainingInterrupted`, a
+    save-and-continue goes on with the step. So a signal waits for one micro-step, not a whole step."""
+    stop, asked = s.interrupt.agree(run.accelerator)
+    if not (stop or asked):
+        return
+    saved = step > 0  # optimizer steps completed; 0: nothing to save yet
+    if saved and s.saved_step != step:
+        start = s.step_start
+        save_checkpoint(cfg, run, s, step, data_state=start.data_state, rng_state=start.rng_state,
+                        router_state=start.router_state)
+    s.interrupt.save_agreed = False
+    where = f"during optimizer step {step + 1} of {cfg.training.max_steps}"
+    if not stop:
+        run.logger.warning("%s: checkpoint-%d of the last completed optimizer step %s on SIGUSR1; training goes on",
+                           where, step, "saved" if s.saved_step == step else "already there")
+        return
+    s.optimizer.zero_grad(set_to_none=True)  # the partial accumulation is dropped; a resume replays the step
+    if not saved:
+        _stop(run, s, f"{where}, before any optimizer step completed: nothing to save", resume=False)
+    _stop(run, s, f"{where} (its partial gradient accumulation dropped; a resume replays it): checkpoint-{step} "
+                  f"of the last completed optimizer step saved in {run.run_dir}")
+
+
+def _stop(run: RunContext, s: TrainingSetup, what: str, *, resume: bool = True) -> None:
+    signum = s.interrupt.signum or signal.SIGTERM  # ranks that got no signal stop like the one that did
+    fix = ("to continue, rerun the same command with --set training.resume_from=latest" if resume
+           else "to start again, rerun the same command with --set run.overwrite=true")
+    message = f"stopped by {signal.Signals(signum).name} {what}; {fix}"
+    run.logger.error(message)
+    raise TrainingInterrupted(message, signum)
 
 
 def _nonfinite_fix(t) -> str:
@@ -652,15 +730,17 @@ def _nonfinite_fix(t) -> str:
 def finish_run(run: RunContext, s: TrainingSetup) -> None:
     """Close the progress bar and the tracker, draw ``plots/metrics.png`` into the run dir (main process;
     a plotting failure only warns), release the run lock (also on error; the recipe then waits for every rank)."""
-    s.progress.close()
-    s.tracker.finish()
-    s.interrupt.close()
-    if run.accelerator.is_main_process:
-        try:
-            from scripts.plot_metrics import plot_run  # matplotlib: loaded only when a run ends
+    try:
+        s.progress.close()
+        s.tracker.finish()
+        s.interrupt.close()
+        if run.accelerator.is_main_process:
+            try:
+                from scripts.plot_metrics import plot_run  # matplotlib: loaded only when a run ends
 
-            plot_run(run.run_dir)
-        except Exception as exc:  # noqa: BLE001 - the run's results are written; a plot must not fail it
-            run.logger.warning("plots/metrics.png not written: %s", exc)
-    if run.lock is not None:
-        run.lock.release()
+                plot_run(run.run_dir)
+            except Exception as exc:  # noqa: BLE001 - the run's results are written; a plot must not fail it
+                run.logger.warning("plots/metrics.png not written: %s", exc)
+    finally:  # also when the launcher's SIGTERM stops this rank in the middle (another rank's user error)
+        if run.lock is not None:
+            run.lock.release()
