@@ -19,15 +19,20 @@ from pipeline.wrapper import STRATEGY_GT
 from training.faults import run_recipe_cli
 from training.preflight import dry_run
 from training.session import (
-    backward_and_step,
     batch_metrics,
     begin_step,
+    end_step,
+    eval_due,
     finish_run,
-    finish_step,
     micro_batches,
     micro_step_boundary,
+    optimizer_step,
+    reduce_step,
+    save_checkpoint,
+    save_due,
     setup_training,
     start_run,
+    step_eval,
 )
 
 
@@ -60,15 +65,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 micro_step_boundary(cfg, run, s, step)
                 batch = next(data_iter).to(accelerator.device)
                 with accelerator.accumulate(s.model):
-                    # the prepared TrainingWrapper: gt forward + objective pipeline in one wrapped forward
-                    # (autocast: the training precision throughout, docs/MODEL.md)
+                    # forward: the prepared TrainingWrapper, gt forward + objective pipeline in one wrapped
+                    # forward (autocast: the training precision throughout, docs/MODEL.md)
                     with accelerator.autocast():
                         result = s.model(batch, STRATEGY_GT)
-                    optim_metrics = backward_and_step(run, s, result.loss, t.max_grad_norm)
+                    accelerator.backward(result.loss)
+                    # on the last micro-step of the window: clip, step if finite on every rank, schedule
+                    optim_metrics = optimizer_step(run, s, result.loss, t.max_grad_norm)
                 tokens += batch.num_tokens
                 s.aggregator.add({**result.metrics, **optim_metrics, **batch_metrics(batch)})
-            # reduce metrics, progress, eval / log / save when due
-            metrics = finish_step(cfg, run, s, step, started=started, tokens=tokens)
+            done = step + 1
+            metrics = reduce_step(cfg, s, done, started=started, tokens=tokens)  # over micro-steps and ranks
+            if eval_due(cfg, s, done):
+                metrics.update(step_eval(cfg, run, s, done))
+            s.tracker.log(done, metrics)
+            if save_due(cfg, s, done):
+                save_checkpoint(cfg, run, s, done, data_state=s.dataset.state_dict())
+            end_step(cfg, run, s, done)  # non-finite streak; stop here after a signal
     finally:  # close the progress bar and the metrics file even when a step raises
         finish_run(run, s)
     run.accelerator.wait_for_everyone()

@@ -30,16 +30,21 @@ from training.faults import any_rank, run_recipe_cli
 from training.preflight import dry_run
 from training.router import CHANNEL_A, CHANNEL_B, ChannelRouter
 from training.session import (
-    backward_and_step,
     batch_metrics,
     begin_step,
+    end_step,
+    eval_due,
     finish_run,
-    finish_step,
     micro_batches,
     micro_step_boundary,
+    optimizer_step,
+    reduce_step,
     rollout_backend_for,
+    save_checkpoint,
+    save_due,
     setup_training,
     start_run,
+    step_eval,
 )
 from training.sharding import full_weights
 
@@ -59,6 +64,26 @@ def rollout_seed(seed: int, step: int, rank: int) -> int:
     and ranks never share a stream.
     """
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def roll_out(cfg, run, s, backend, window, step: int, desc_encoder) -> tuple[list, Exception | None]:
+    """Channel-B's rollouts of an accumulation window: every micro-batch's records in one generate call (records
+    from the training set by each segment's sample index, prompts sliced out of the GT batches), parsed,
+    matched and built into teacher-forced batches. Returns them, or the error that the router's fallback
+    decides about."""
+    t, rm, accelerator = cfg.training, cfg.rollout_matching, run.accelerator
+    backend.generator.manual_seed(rollout_seed(rm.decoding.seed, step, accelerator.process_index))
+    try:
+        # generate in the training precision; sharded engines gather the weights once for the call
+        with accelerator.autocast(), full_weights(s.model):
+            prompts = [prompts_of(gt, s.splits.train) for gt in window]
+            return prepare_rollout_batches(
+                [[p.record for p in group] for group in prompts], encoder=s.encoder, prompts=prompts,
+                backend=backend, coord_vocab=s.loaded.coord_vocab, matching=rm.matching,
+                max_length=t.max_length, packing=t.packing, pad_token_id=s.pad_id, desc_encoder=desc_encoder,
+            ), None
+    except Exception as exc:  # noqa: BLE001 - routed to the configured fallback (default: re-raise)
+        return [], exc
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -85,9 +110,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     budget_warning = token_budget_warning(rm.decoding.max_new_tokens, [s.encoder.answer_length(r) for r in s.splits.train])
     if budget_warning:
         run.logger.warning(budget_warning)
-    matching = rm.matching
     # the Stage-2 desc gate uses the one semantic encoder of eval.semantic (None: exact desc equality)
-    desc_encoder = load_encoder(cfg.eval.semantic) if matching.desc_gate is not None else None
+    desc_encoder = load_encoder(cfg.eval.semantic) if rm.matching.desc_gate is not None else None
 
     data_iter = micro_batches(cfg, s)
     metrics: dict = {}
@@ -104,21 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             window = [next(data_iter) for _ in range(t.gradient_accumulation_steps)]
             rollouts, error = [], None
             if channel == CHANNEL_B:
-                backend.generator.manual_seed(rollout_seed(rm.decoding.seed, step, accelerator.process_index))
-                try:
-                    # generate in the training precision; sharded engines gather the weights once for the call
-                    with accelerator.autocast(), full_weights(s.model):
-                        # every micro-batch of the window in one generate call; records from the training
-                        # set by each segment's sample index, prompts sliced out of the GT batches
-                        prompts = [prompts_of(gt, s.splits.train) for gt in window]
-                        rollouts = prepare_rollout_batches(
-                            [[p.record for p in group] for group in prompts], encoder=s.encoder, prompts=prompts,
-                            backend=backend, coord_vocab=s.loaded.coord_vocab, matching=matching,
-                            max_length=t.max_length, packing=t.packing, pad_token_id=s.pad_id,
-                            desc_encoder=desc_encoder,
-                        )
-                except Exception as exc:  # noqa: BLE001 - routed to the configured fallback (default: re-raise)
-                    error = exc
+                rollouts, error = roll_out(cfg, run, s, backend, window, step, desc_encoder)
                 if any_rank(accelerator, error is not None)[0]:
                     channel, rerouted = router.fallback_channel(step, error), True
 
@@ -141,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     # the objective pipeline in one wrapped forward. Rollout-Aligned has no channels (None).
                     with accelerator.autocast():  # the training precision throughout (docs/MODEL.md)
                         result = s.model(batch, strategy, channel if two_channel else None)
-                    step_metrics.update(backward_and_step(run, s, result.loss, t.max_grad_norm))
+                    accelerator.backward(result.loss)
+                    # on the last micro-step of the window: clip, step if finite on every rank, schedule
+                    step_metrics.update(optimizer_step(run, s, result.loss, t.max_grad_norm))
                     step_metrics["time/forward_backward_s"] = time.perf_counter() - forward_start
                     if i == 0 and (channel == CHANNEL_B or rerouted):  # ranks whose rollouts raised, summed
                         step_metrics["stage2/rollout_error_count"] = float(error is not None)
@@ -150,9 +162,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 tokens += batch.num_tokens
                 s.aggregator.add({**result.metrics, **step_metrics, **batch_metrics(batch)})
             router.record(step, channel, rerouted)
-            # reduce metrics (+ router gauges), progress, eval / log / save (with the router state) when due
-            metrics = finish_step(cfg, run, s, step, started=started, tokens=tokens,
-                                  step_values=router.metrics(), router_state=router.state_dict())
+            done = step + 1
+            metrics = reduce_step(cfg, s, done, started=started, tokens=tokens, step_values=router.metrics())
+            if eval_due(cfg, s, done):
+                metrics.update(step_eval(cfg, run, s, done))
+            s.tracker.log(done, metrics)
+            if save_due(cfg, s, done):
+                save_checkpoint(cfg, run, s, done, data_state=s.dataset.state_dict(), router_state=router.state_dict())
+            end_step(cfg, run, s, done)  # non-finite streak; stop here after a signal
     finally:  # close the progress bar and the metrics file even when a step raises
         finish_run(run, s)
     run.accelerator.wait_for_everyone()

@@ -45,15 +45,15 @@ def test_nonfinite_weights_are_never_checkpointed(recipe_env, tmp_path, monkeypa
     """A NaN written into the weights after step 3's update stops the run at
     the save of step 3 instead of writing checkpoint-3; checkpoint-2 stays the newest."""
     monkeypatch.chdir(tmp_path)
-    real = train_stage1.finish_step
+    real = train_stage1.reduce_step
 
-    def poison_after_step_3(cfg, run, s, step, **kwargs):
-        if step == 2:  # 0-based: optimizer step 3 has just updated the weights
+    def poison_after_step_3(cfg, s, done, **kwargs):
+        if done == 3:  # optimizer step 3 has just updated the weights
             with torch.no_grad():
                 s.vlm.get_output_embeddings().weight[0, 0] = float("nan")
-        return real(cfg, run, s, step, **kwargs)
+        return real(cfg, s, done, **kwargs)
 
-    monkeypatch.setattr(train_stage1, "finish_step", poison_after_step_3)
+    monkeypatch.setattr(train_stage1, "reduce_step", poison_after_step_3)
     argv = _argv(recipe_env, tmp_path, "poison", max_steps=4, training__save_every=1)
     with pytest.raises(NonFiniteError, match="checkpoint-3 was not written.*newest finite checkpoint: .*checkpoint-2"):
         train_stage1.main(argv)

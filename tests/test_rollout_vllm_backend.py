@@ -16,7 +16,7 @@ from model.tiny import build_tiny_in_memory
 from rollout.backends import GenerationBackend, HFGenerationBackend, make_generation_backend
 from rollout.vllm_backend import INSTALL_HINT, EngineRequest, VLLMGenerationBackend, WeightSync
 from tests._data_fixtures import write_png
-from training.session import backward_and_step
+from training.session import optimizer_step
 
 EOS = 2
 
@@ -168,8 +168,8 @@ def test_image_prompt_without_record_fails_with_fix():
         backend.generate([p])
 
 
-def test_backward_and_step_notifies_only_steps_that_changed_weights():
-    """``training.session.backward_and_step`` tells the backend after an optimizer step, not after a
+def test_optimizer_step_notifies_only_steps_that_changed_weights():
+    """``training.session.optimizer_step`` tells the backend after an optimizer step, not after a
     micro-step inside the accumulation window, nor after a step skipped as non-finite (by the
     guard, or by the fp16 grad scaler)."""
     from training.faults import InterruptFlag, NonFiniteGuard
@@ -183,20 +183,20 @@ def test_backward_and_step_notifies_only_steps_that_changed_weights():
     s = SimpleNamespace(optimizer=optimizer, scheduler=SimpleNamespace(step=lambda: None), rollout_backend=backend,
                         model=torch.nn.Linear(1, 1), guard=NonFiniteGuard(10), interrupt=InterruptFlag(False))
     run = SimpleNamespace(accelerator=accelerator)
-    backward_and_step(run, s, torch.tensor(0.0), 0.0)  # inside the window
+    optimizer_step(run, s, torch.tensor(0.0), 0.0)  # inside the window
     assert notes == []
     accelerator.sync_gradients = True
-    backward_and_step(run, s, torch.tensor(0.0), 0.0)
+    optimizer_step(run, s, torch.tensor(0.0), 0.0)
     assert notes == [1]
-    backward_and_step(run, s, torch.tensor(float("nan")), 0.0)  # non-finite loss: step skipped
+    optimizer_step(run, s, torch.tensor(float("nan")), 0.0)  # non-finite loss: step skipped
     assert notes == [1]
     accelerator.scaler = object()
     optimizer.step_was_skipped = True  # fp16: the scaler found an overflow, weights unchanged
-    backward_and_step(run, s, torch.tensor(0.0), 0.0)
+    optimizer_step(run, s, torch.tensor(0.0), 0.0)
     assert notes == [1]
     s.rollout_backend = None  # Stage-1 before its first eval
     optimizer.step_was_skipped = False
-    backward_and_step(run, s, torch.tensor(0.0), 0.0)
+    optimizer_step(run, s, torch.tensor(0.0), 0.0)
     assert notes == [1]
 
 

@@ -592,16 +592,15 @@ def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
     )
 
 
-def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, max_grad_norm: float) -> dict[str, float]:
-    """Backward one micro-step inside ``accelerator.accumulate``; on the sync step clip, then step the
-    optimizer only if the loss of every micro-step on every rank and the gradient norm are finite
+def optimizer_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, max_grad_norm: float) -> dict[str, float]:
+    """After a micro-step's backward, inside ``accelerator.accumulate``: on the sync micro-step clip, then step
+    the optimizer only if the loss of every micro-step on every rank and the gradient norm are finite
     (``training.faults.NonFiniteGuard``), and step the schedule (it counts optimizer steps, skipped or not).
-    The same cross-rank agreement tells every rank whether any rank received a signal (stop, or
-    SIGUSR1's save-and-continue): ``finish_step`` acts on it after this step.
-    Returns this micro-step's optimizer metrics (``train/grad_norm`` on a clipped sync step, else none)."""
+    The same cross-rank agreement tells every rank whether any rank received a signal (stop, or SIGUSR1's
+    save-and-continue): the step's end acts on it. Returns this micro-step's optimizer metrics
+    (``train/grad_norm`` on a clipped sync micro-step, else none)."""
     accelerator = run.accelerator
     metrics: dict[str, float] = {}
-    accelerator.backward(loss)
     s.guard.observe_loss(loss)
     if accelerator.sync_gradients:
         # The norm is needed for the finiteness check even without clipping (inf: grads scaled by 1).
@@ -625,38 +624,57 @@ def backward_and_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, max
     return metrics
 
 
-def finish_step(cfg, run: RunContext, s: TrainingSetup, step: int, *, started: float, tokens: int,
-                step_values: dict | None = None, router_state: dict | None = None) -> dict:
-    """End of optimizer step ``step`` (0-based): reduce metrics over micro-steps and ranks, update the
-    progress bar, eval / log / save when due (and on a signal agreed at the step's sync point: save, then
-    stop without the eval, or go on for SIGUSR1's save-and-continue). Returns the logged metrics."""
-    t = cfg.training
-    done = step + 1
-    stop = s.interrupt.agreed and done < t.max_steps  # at the last step the run is complete anyway
+def _stopping(cfg, s: TrainingSetup, done: int) -> bool:
+    """A stop signal was agreed during optimizer step ``done`` (the last step completes the run anyway)."""
+    return s.interrupt.agreed and done < cfg.training.max_steps
+
+
+def reduce_step(cfg, s: TrainingSetup, done: int, *, started: float, tokens: int,
+                step_values: dict | None = None) -> dict:
+    """The metrics of optimizer step ``done`` (1-based), reduced over micro-steps and ranks, with the step
+    values (lr, non-finite flag, ``step_values``); the progress bar moves. Every rank gets the same dict."""
     s.aggregator.add({"time/step_s": time.perf_counter() - started})
     metrics = s.aggregator.reduce({**(step_values or {}), "train/lr": s.scheduler.get_last_lr()[0],
                                    NONFINITE_METRIC: s.guard.record(done)})
     s.progress.update(done, loss=metrics.get("loss/total"), lr=metrics.get("train/lr"), tokens=tokens)
-    if should(t.eval_every, done, t.max_steps) and not stop:  # a stop must not wait for an eval
-        with full_weights(s.model):  # sharded engines: gather once for the whole eval generation
-            metrics.update(run_eval(cfg, accelerator=run.accelerator, vlm=s.vlm, loaded=s.loaded, encoder=s.encoder,
-                                    val=s.splits.val, run_dir=run.run_dir, step=done,
-                                    backend=rollout_backend_for(cfg, run, s)))
-        predictions = run.run_dir / "eval" / f"step_{done}" / "predictions.jsonl"
-        if predictions.is_file():
-            s.tracker.log_eval_media(done, predictions)
-    s.tracker.log(done, metrics)
-    asked = s.interrupt.save_agreed  # SIGUSR1, save-and-continue
-    if should(t.save_every, done, t.max_steps) or stop or asked:
-        save_checkpoint(cfg, run, s, done, data_state=s.dataset.state_dict(), router_state=router_state)
-        if asked and not stop:
-            run.logger.warning("checkpoint-%d saved on SIGUSR1 (training.on_sigusr1=save_and_continue); training "
-                               "goes on", done)
+    return metrics
+
+
+def eval_due(cfg, s: TrainingSetup, done: int) -> bool:
+    """``training.eval_every`` (and the last step), but never when a stop is waiting (it must not wait for an eval)."""
+    return should(cfg.training.eval_every, done, cfg.training.max_steps) and not _stopping(cfg, s, done)
+
+
+def step_eval(cfg, run: RunContext, s: TrainingSetup, done: int) -> dict:
+    """The in-loop eval of the weights after step ``done``: its ``eval/rollout/*`` metrics; the predictions go to
+    ``eval/step_<done>/`` and the tracker's media."""
+    with full_weights(s.model):  # sharded engines: gather once for the whole eval generation
+        metrics = run_eval(cfg, accelerator=run.accelerator, vlm=s.vlm, loaded=s.loaded, encoder=s.encoder,
+                           val=s.splits.val, run_dir=run.run_dir, step=done, backend=rollout_backend_for(cfg, run, s))
+    predictions = run.run_dir / "eval" / f"step_{done}" / "predictions.jsonl"
+    if predictions.is_file():
+        s.tracker.log_eval_media(done, predictions)
+    return metrics
+
+
+def save_due(cfg, s: TrainingSetup, done: int) -> bool:
+    """``training.save_every`` (and the last step), or a signal agreed during the step (a stop, or SIGUSR1's
+    save-and-continue)."""
+    t = cfg.training
+    return should(t.save_every, done, t.max_steps) or _stopping(cfg, s, done) or s.interrupt.save_agreed
+
+
+def end_step(cfg, run: RunContext, s: TrainingSetup, done: int) -> None:
+    """After step ``done``'s log and save: too many non-finite steps in a row stop the run; an agreed stop
+    signal stops it (its checkpoint saved by ``save_due``); SIGUSR1's save-and-continue goes on."""
+    t = cfg.training
+    if s.interrupt.save_agreed and not _stopping(cfg, s, done):
+        run.logger.warning("checkpoint-%d saved on SIGUSR1 (training.on_sigusr1=save_and_continue); training "
+                           "goes on", done)
     s.interrupt.save_agreed = False
     s.guard.check_streak(done, lambda: find_latest_checkpoint(run.run_dir), _nonfinite_fix(t))
-    if stop:
+    if _stopping(cfg, s, done):
         _stop(run, s, f"after optimizer step {done} of {t.max_steps}: checkpoint-{done} saved in {run.run_dir}")
-    return metrics
 
 
 def save_checkpoint(cfg, run: RunContext, s: TrainingSetup, done: int, *, data_state: dict,
