@@ -1,9 +1,9 @@
 """Rollout counters for one micro-step, named as docs/training/METRICS_CONTRACT.md requires.
 
-Counters (``*_total``, ``*_count``, ``*_num``, ``*_den``) are summed by the aggregator over
-micro-steps and ranks; ``rollout/precision|recall|f1`` are re-derived there from the summed
-``matched/valid_pred/gt`` totals (``training.aggregator.ROLLOUT_DERIVED``), so the values emitted
-here are only this micro-step's view with the same conventions (0 when the denominator is 0).
+Only counters (``*_total``, ``*_count``, ``*_num``, ``*_den``): the aggregator sums them over micro-steps
+and ranks and derives the step's rates from the sums (``rollout/precision|recall|f1``,
+``parse_valid_rate``, ``{gt,pred}_per_sample``: ``training.aggregator.ROLLOUT_DERIVED``), as in-loop eval
+does over its images; a rate of one micro-step would only be overwritten.
 """
 
 from __future__ import annotations
@@ -30,12 +30,10 @@ def rollout_counters(
 ) -> dict[str, float]:
     """Metrics of a batch of rollouts (one entry per sample in each sequence).
 
-    Keys: ``rollout/{gt_objects,valid_pred_objects,fp,fn,matched}_total``,
-    ``rollout/{gt,pred}_per_sample`` (means over samples), ``rollout/{precision,recall,f1}``,
-    ``rollout/parse_valid_rate`` (fraction of samples whose container was found and closed with
-    no object dropped), ``rollout/drop_<reason>_count`` for every reason in ``DROP_REASONS``,
-    ``rollout/{container_missing,container_preamble,eos_missing}_count``, and the internal
-    ``rollout/_parse_valid_num`` / ``rollout/_samples_den`` for an exact step-level rate.
+    Keys: ``rollout/{gt_objects,valid_pred_objects,fp,fn,matched}_total``, ``rollout/drop_<reason>_count`` for
+    every reason in ``DROP_REASONS``, ``rollout/{container_missing,container_preamble,eos_missing}_count``, and
+    the internal ``rollout/_parse_valid_num`` (samples whose container was found and closed with no object
+    dropped) / ``rollout/_samples_den``.
     """
     if not len(parsed_list) == len(match_list) == len(gt_counts):
         raise ValueError(
@@ -56,19 +54,12 @@ def rollout_counters(
         for reason, c in p.drop_reasons.items():
             drops[reason] = drops.get(reason, 0) + c
     parse_valid = sum(1 for p in parsed_list if p.parse_valid)
-    precision, recall, f1 = precision_recall_f1(matched, valid, gt)
     out: dict[str, float] = {
         "rollout/gt_objects_total": float(gt),
         "rollout/valid_pred_objects_total": float(valid),
         "rollout/fp_total": float(fp),
         "rollout/fn_total": float(fn),
         "rollout/matched_total": float(matched),
-        "rollout/gt_per_sample": gt / n if n else 0.0,
-        "rollout/pred_per_sample": valid / n if n else 0.0,
-        "rollout/precision": precision,
-        "rollout/recall": recall,
-        "rollout/f1": f1,
-        "rollout/parse_valid_rate": parse_valid / n if n else 0.0,
         "rollout/container_missing_count": float(sum(1 for p in parsed_list if not p.container_found)),
         "rollout/container_preamble_count": float(sum(1 for p in parsed_list if p.has_preamble)),
         "rollout/eos_missing_count": float(sum(1 for p in parsed_list if not p.eos_found)),

@@ -108,7 +108,7 @@ def test_documented_add_coord_tokens_invocations_parse():
 
 def test_every_run_dir_file_is_documented():
     text = (REPO / "docs" / "RUN_DIR.md").read_text(encoding="utf-8")
-    for name in ("config.merged.yaml", "config.resolved.yaml", "pipeline.json", "pipeline_identity.json", "train.log",
+    for name in ("config.merged.yaml", "config.resolved.yaml", "pipeline.json", "train.log",
                  "metrics.jsonl", "tracker_config.json", "wandb_run_id", "eval/step_<N>/", "checkpoint-<N>/"):
         assert f"`{name}" in text, name
 

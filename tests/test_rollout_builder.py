@@ -346,17 +346,22 @@ def test_rollout_counters(png):
     assert out["rollout/matched_total"] == 1 and out["rollout/fp_total"] == 1 and out["rollout/fn_total"] == 2
     assert "rollout/fn_appended_total" not in out  # every FN GT object is appended: rollout/fn_total counts them
     assert out["rollout/gt_objects_total"] == 3 and out["rollout/valid_pred_objects_total"] == 2
-    assert out["rollout/precision"] == pytest.approx(1 / 2) and out["rollout/recall"] == pytest.approx(1 / 3)
-    assert out["rollout/f1"] == pytest.approx(2 * 1 / (2 + 3))
-    assert out["rollout/gt_per_sample"] == pytest.approx(1.0) and out["rollout/pred_per_sample"] == pytest.approx(2 / 3)
-    assert out["rollout/parse_valid_rate"] == pytest.approx(1 / 3)
+    from training.aggregator import MetricAggregator
+
+    agg = MetricAggregator()
+    agg.add(out)
+    step = agg.reduce()  # the rates, derived from the counters as the step's log has them
+    assert step["rollout/precision"] == pytest.approx(1 / 2) and step["rollout/recall"] == pytest.approx(1 / 3)
+    assert step["rollout/f1"] == pytest.approx(2 * 1 / (2 + 3))
+    assert step["rollout/gt_per_sample"] == pytest.approx(1.0) and step["rollout/pred_per_sample"] == pytest.approx(2 / 3)
+    assert step["rollout/parse_valid_rate"] == pytest.approx(1 / 3)
     assert out["rollout/drop_wrong_arity_count"] == 1 and out["rollout/drop_bbox_invalid_count"] == 1
     assert out["rollout/drop_truncated_count"] == 1 and out["rollout/drop_bad_json_count"] == 0
     assert out["rollout/container_missing_count"] == 1 and out["rollout/eos_missing_count"] == 2
     assert out["rollout/container_preamble_count"] == 0
     pre = parse_rollout(tok("Answer: " + texts[0], add_special_tokens=False)["input_ids"], tok, cv)
     out2 = rollout_counters([pre], [matches[0]], [2])
-    assert out2["rollout/container_preamble_count"] == 1 and out2["rollout/parse_valid_rate"] == 0.0
+    assert out2["rollout/container_preamble_count"] == 1 and out2["rollout/_parse_valid_num"] == 0.0
     assert out2["rollout/matched_total"] == 1
     from training.aggregator import check_metric_key
 

@@ -74,7 +74,7 @@ def test_shipped_config_trains_two_steps(path, recipe_env, tmp_path, monkeypatch
     for key in KEPT:
         if key.split(".")[0] in shipped_tree:
             assert _get(resolved, key) == _get(shipped_tree, key), key
-    identity = json.loads((tmp_path / "run" / "pipeline_identity.json").read_text())
+    identity = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert identity["checksum"] == shipped.pipeline.checksum  # same objective modules, weights and configs
     rows = read_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]

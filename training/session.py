@@ -154,7 +154,7 @@ def _start_locked_run(cfg, accelerator, run_dir: Path, lock) -> RunContext:
         save_resolved(cfg, run_dir)
     identity = cfg.pipeline.to_dict()
     log_run_header(run_logger, config_path=cfg.path, run_name=cfg.run.name, seed=cfg.run.seed,
-                   pipeline_identity=identity, run_dir=run_dir if accelerator.is_main_process else None)
+                   pipeline_identity=identity)
     if resume_dir is not None and accelerator.is_main_process:  # before the tracker opens metrics.jsonl
         step = int(read_trainer_state(resume_dir)["step"])
         dropped = truncate_metrics_after(run_dir / METRICS_FILE, step)

@@ -135,19 +135,10 @@ def log_run_header(
     run_name: str,
     seed: int,
     pipeline_identity: Mapping[str, Any] | None = None,
-    run_dir: str | Path | None = None,
 ) -> None:
-    """Log config path, run name, seed and the pipeline identity (docs/training/PIPELINE.md).
-
-    ``pipeline_identity`` is the normalised manifest dict including its
-    ``checksum``; with ``run_dir`` it is also saved as ``pipeline_identity.json``.
-    """
+    """Log config path, run name, seed and the pipeline identity (docs/training/PIPELINE.md): the normalised
+    manifest dict with its ``checksum``, the object ``configs.loader.save_resolved`` writes to ``pipeline.json``."""
     logger.info("config: %s", config_path)
     logger.info("run: %s  seed: %d", run_name, seed)
     if pipeline_identity is not None:
-        text = json.dumps(dict(pipeline_identity), sort_keys=True, default=str)
-        logger.info("pipeline: %s", text)
-        if run_dir is not None:
-            Path(run_dir, "pipeline_identity.json").write_text(
-                json.dumps(dict(pipeline_identity), indent=2, sort_keys=True, default=str) + "\n"
-            )
+        logger.info("pipeline: %s", json.dumps(dict(pipeline_identity), sort_keys=True, default=str))
