@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from configs.validation import declared_default
 from core.vocab import COORD, GT, ROLLOUT, SELF_CONTEXT
 from data.types import PackedBatch
 from losses.ce import coord_logits as project_coord_logits
@@ -63,17 +64,30 @@ def rollout_forward(model, vlm, batch: PackedBatch) -> ForwardResult:
     return gt_forward(model, vlm, batch, context=ROLLOUT)
 
 
+@dataclass(frozen=True)
+class ExpectationConfig:
+    """Channel-A knobs (``stage2_ab.n_softctx_iter``, ``coord_ctx_embed_mode``, ``softctx_grad_mode``,
+    ``softctx_temperature``, ``prefix_reuse``), defaults read from their declarations; see
+    :func:`expectation_forward`."""
+
+    n_iter: int = declared_default("stage2_ab.n_softctx_iter")
+    embed_mode: str = declared_default("stage2_ab.coord_ctx_embed_mode")
+    grad_mode: str = declared_default("stage2_ab.softctx_grad_mode")
+    temperature: float = declared_default("stage2_ab.softctx_temperature")
+    prefix_reuse: bool = declared_default("stage2_ab.prefix_reuse")
+
+
 def expectation_forward(
     model,
     vlm,
     batch: PackedBatch,
     coord_token_ids: torch.Tensor,
     *,
-    n_iter: int = 2,
-    embed_mode: str = "st",
-    grad_mode: str = "unroll",
-    temperature: float = 1.0,
-    prefix_reuse: bool = True,
+    n_iter: int = ExpectationConfig.n_iter,
+    embed_mode: str = ExpectationConfig.embed_mode,
+    grad_mode: str = ExpectationConfig.grad_mode,
+    temperature: float = ExpectationConfig.temperature,
+    prefix_reuse: bool = ExpectationConfig.prefix_reuse,
 ) -> ForwardResult:
     """Channel-A Expectation step (docs/training/STAGE2_RUNBOOK.md): N forwards, vision once.
 

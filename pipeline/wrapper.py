@@ -16,7 +16,6 @@ them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -26,24 +25,12 @@ from data.types import PackedBatch
 from model.forward import HiddenStatesModel
 from pipeline.context import TeacherForcingContext
 from pipeline.executor import PipelineExecutor
-from pipeline.forwards import expectation_forward, gt_forward, rollout_forward
+from pipeline.forwards import ExpectationConfig, expectation_forward, gt_forward, rollout_forward
 
 STRATEGY_GT = "gt"  # Stage-1: the gt context
 STRATEGY_EXPECTATION = "expectation"  # Stage-2 Channel-A: gt + self_context
 STRATEGY_ROLLOUT = "rollout"  # Stage-2 Channel-B / Rollout-Aligned: the rollout context
 STRATEGIES = (STRATEGY_GT, STRATEGY_EXPECTATION, STRATEGY_ROLLOUT)
-
-
-@dataclass(frozen=True)
-class ExpectationConfig:
-    """Channel-A knobs (``stage2_ab.n_softctx_iter``, ``coord_ctx_embed_mode``, ``softctx_grad_mode``,
-    ``softctx_temperature``, ``prefix_reuse``); see ``pipeline.forwards.expectation_forward``."""
-
-    n_iter: int = 2
-    embed_mode: str = "st"
-    grad_mode: str = "unroll"
-    temperature: float = 1.0
-    prefix_reuse: bool = True
 
 
 class StepOutput(NamedTuple):
