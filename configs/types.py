@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from configs.declare import OMITTED, REQUIRED, alias, knob, section
 from configs.modules import BBoxGeoConfig, CoordRegConfig, TokenCEWeights
-from core.vocab import CHANNELS, STAGE2_VARIANTS
+from core.vocab import CHANNELS, DECODE_MODES, EMBED_MODES, GRAD_MODES, STAGE2_VARIANTS
 
 if TYPE_CHECKING:  # configs.pipeline builds on these declarations
     from configs.pipeline import ResolvedPipeline
@@ -416,15 +416,15 @@ class Stage2ABConfig:
     schedule: ScheduleConfig = section(ScheduleConfig, "which optimizer steps are Rollout steps")
     n_softctx_iter: int = knob(2, "full forwards per Expectation step (1 = plain teacher forcing)", minimum=1)
     softctx_grad_mode: str = knob("unroll", "unroll: backprop through every soft-context forward; em_detach: detach the coord logits that build the next context",
-                                  enum=("unroll", "em_detach"))
+                                  enum=GRAD_MODES)
     softctx_temperature: float = knob(1.0, "temperature of the coord distribution that builds the soft context embeddings", exclusive_minimum=0)
     coord_ctx_embed_mode: str = knob("st", "how a coord distribution becomes the next forward's input embedding; hard is for "
-                                     "debugging only", enum=("soft", "st", "hard"))
+                                     "debugging only", enum=EMBED_MODES)
     prefix_reuse: bool = knob(True, "Channel-A forwards 2..N recompute only each sample from its first coord slot on "
                               "and reuse forward 1's keys/values before it (same losses and gradients as full "
                               "forwards); full recomputation where the attention kernel or the batch does not allow "
                               "it (docs/training/STAGE2_RUNBOOK.md, Prefix reuse)")
-    coord_decode_mode: str = knob("exp", "coord decode of the geometry losses", enum=("exp", "st"))
+    coord_decode_mode: str = knob("exp", "coord decode of the geometry losses", enum=DECODE_MODES)
     desc_ce_weight: float = alias(TokenCEWeights, "desc_ce_weight", "flat knob -> token_ce.desc_ce_weight and "
                                   "token_ce.rollout_fn_desc_weight")
     fmt_struct_ce_weight: float = alias(TokenCEWeights, "self_context_struct_ce_weight",
@@ -521,7 +521,7 @@ class RolloutMatchingConfig:
     Stage-1 in-loop eval). pipeline only for stage2_rollout_aligned."""
 
     pipeline: Mapping[str, Any] | None = pipeline_knob("optional; stage2_rollout_aligned only")
-    coord_decode_mode: str = knob("exp", "coord decode of the geometry losses", enum=("exp", "st"))
+    coord_decode_mode: str = knob("exp", "coord decode of the geometry losses", enum=DECODE_MODES)
     backend: str = knob("hf", "hf: transformers generate on the training model (reference); vllm: a colocated vLLM "
                         "engine (requirements-vllm.txt)", enum=("hf", "vllm"))
     hf: HFBackendConfig = section(HFBackendConfig, "the hf backend")

@@ -77,6 +77,11 @@ def known_components() -> tuple[str, ...]:
     """Every loss component: the built-in ones, then the registered ones."""
     return COMPONENTS + tuple(PLUGIN_COMPONENTS)
 
+# ------------------------------------------------------- coord decode / context embedding modes
+DECODE_MODES: tuple[str, ...] = ("exp", "st")  # expectation decode, or Straight-Through (argmax forward)
+EMBED_MODES: tuple[str, ...] = ("soft", "st", "hard")  # Channel-A coord context embeddings
+GRAD_MODES: tuple[str, ...] = ("unroll", "em_detach")  # Channel-A gradient through the iterations
+
 # ------------------------------------------------------------------- variants
 # custom.trainer_variant: Stage-1 (train_stage1.py) or one of the Stage-2 trainers (train_stage2.py).
 STAGE1 = "stage1"

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from core.vocab import NUM_COORD_BINS
-
-DECODE_MODES: tuple[str, ...] = ("exp", "st")
-EMBED_MODES: tuple[str, ...] = ("soft", "st", "hard")
+from core.vocab import DECODE_MODES, EMBED_MODES, NUM_COORD_BINS  # noqa: E402,F401  (re-exported)
 
 
 def _check(coord_logits: torch.Tensor, temperature: float) -> None:

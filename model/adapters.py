@@ -37,10 +37,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from configs.validation import declared_enum
 from model.shapes import logical_numel, logical_shape
 from model.vocab import CoordVocab
 
-ADAPTER_TYPES = ("none", "lora", "coord_offset")
+ADAPTER_TYPES = declared_enum("model.adapter.type")
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
 # Leaf names of the Qwen3-VL vision blocks and of the patch / deepstack mergers.

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from configs.errors import ConfigError, UserError
-from configs.validation import declared_default
+from configs.validation import declared_default, declared_enum
 from core.vocab import LOGGER_NAME
 from data.coordjson import IM_END
 from model import packed_attention
@@ -25,7 +25,7 @@ from model.shapes import logical_numel
 from model.vocab import COORD_INITS, CoordVocab, coord_vocab_from_tokenizer, ensure_coord_tokens, table_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa_packed", "sdpa", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = declared_enum("model.attn_implementation")
 logger = logging.getLogger(LOGGER_NAME)
 
 

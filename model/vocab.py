@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from configs.validation import declared_enum
 from data.coordjson import NUM_COORD_BINS, coord_token_texts
 from model.shapes import gathered_for_write, logical_shape
 
-COORD_INITS = ("sincos", "mean", "random")
+COORD_INITS = declared_enum("model.coord_tokens.init")
 
 
 @dataclass(frozen=True)

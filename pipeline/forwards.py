@@ -22,7 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from configs.validation import declared_default
-from core.vocab import COORD, GT, ROLLOUT, SELF_CONTEXT
+from core.vocab import (
+    COORD,
+    GRAD_MODES,  # noqa: E402,F401  (re-exported)
+    GT,
+    ROLLOUT,
+    SELF_CONTEXT,
+)
 from data.types import PackedBatch
 from losses.ce import coord_logits as project_coord_logits
 from losses.ce import hidden_at_logit_pos
@@ -35,8 +41,6 @@ from model.forward import (
     suffix_hidden_states,
 )
 from model.prefix_reuse import KVRecorder, PrefixReuse, plan_prefix_reuse
-
-GRAD_MODES = ("unroll", "em_detach")
 
 
 @dataclass

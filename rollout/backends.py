@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize
 
+from configs.validation import declared_enum
 from data.types import EncodedSample
 from rollout.parser import default_eos_id
 from rollout.types import GenerationOutput
 
-HF_CACHES = ("auto", "static", "dynamic")  # rollout_matching.hf.cache
-COMPILE_MODES = ("auto", "always", "never")  # rollout_matching.hf.compile
+HF_CACHES = declared_enum("rollout_matching.hf.cache")  # rollout_matching.hf.cache
+COMPILE_MODES = declared_enum("rollout_matching.hf.compile")  # rollout_matching.hf.compile
 AUTO = "auto"  # rollout_matching.decoding.batch_size: auto
 AUTO_BATCH_CAP = 256  # never more prompts per generate call, whatever the memory says
 AUTO_BATCH_NO_CUDA = 8  # auto off CUDA: CPU decode is compute-bound, larger batches gain little
@@ -225,7 +226,7 @@ def trim_at_eos(token_ids: Sequence[int], logprobs: Sequence[float], eos_ids: Se
     )
 
 
-COORD_PICKS = ("argmax", "expectation")
+COORD_PICKS = declared_enum("rollout_matching.decoding.coord_pick")
 
 
 class CoordExpectationPick:

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from configs.validation import declared_enum
 from model.shapes import logical_shape
 
-SCHEDULERS = ("cosine", "linear", "constant")
+SCHEDULERS = declared_enum("training.lr_scheduler")
 
 
 def split_decay_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

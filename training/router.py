@@ -15,11 +15,12 @@ import math
 from fractions import Fraction
 from typing import Any
 
+from configs.validation import declared_enum
 from core.vocab import LOGGER_NAME
 
 CHANNEL_A = "A"
 CHANNEL_B = "B"
-FALLBACKS = ("fail", "expectation")
+FALLBACKS = declared_enum("stage2_ab.fallback.on_rollout_failure")
 
 logger = logging.getLogger(LOGGER_NAME)
 # Rerouted rollout failures log a traceback for the first few, then every Nth (all are counted).

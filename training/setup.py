@@ -9,10 +9,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from configs.validation import declared_enum
 from core.vocab import LOGGER_NAME
 
 METRICS_FILE = "metrics.jsonl"  # one JSON row per logged step, in the run dir (docs/RUN_DIR.md)
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = declared_enum("training.mixed_precision")
 
 
 def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1, seed: int = 42,

@@ -17,14 +17,15 @@ from typing import Any
 import torch
 
 from configs.errors import InputError, UserError
+from configs.validation import declared_enum
 from core.vocab import LOGGER_NAME
 from training.setup import METRICS_FILE
 
 logger = logging.getLogger(LOGGER_NAME)
 
-BACKENDS = ("none", "wandb")
+BACKENDS = declared_enum("run.tracker.backend")
 MEDIA_IMAGES = 8  # eval images sent to wandb per in-loop eval
-MODES = ("online", "offline")
+MODES = declared_enum("run.tracker.mode")
 # wandb.init argument -> environment variable that overrides the config's value (wandb's own names).
 # The wandb files themselves always live under the run dir (WANDB_DIR is not used): `wandb sync <run dir>/wandb`.
 WANDB_ENV = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "name": "WANDB_NAME",
