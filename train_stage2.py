@@ -22,14 +22,19 @@ import numpy as np
 
 from configs import load_config
 from configs.loader import add_config_args
+from configs.types import Config
 from data.encoding import prompts_of
+from data.types import PackedBatch
 from eval.semantic import load_encoder
 from pipeline.wrapper import STRATEGY_EXPECTATION, STRATEGY_ROLLOUT
+from rollout.backends import GenerationBackend
 from rollout.step import prepare_rollout_batches, token_budget_warning
 from training.faults import any_rank, run_recipe_cli
 from training.preflight import dry_run
 from training.router import CHANNEL_A, CHANNEL_B, ChannelRouter
 from training.session import (
+    RunContext,
+    TrainingSetup,
     batch_metrics,
     begin_step,
     end_step,
@@ -66,7 +71,8 @@ def rollout_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def roll_out(cfg, run, s, backend, window, step: int, desc_encoder) -> tuple[list, Exception | None]:
+def roll_out(cfg: Config, run: RunContext, s: TrainingSetup, backend: GenerationBackend, window: list[PackedBatch], step: int,
+             desc_encoder) -> tuple[list, Exception | None]:
     """Channel-B's rollouts of an accumulation window: every micro-batch's records in one generate call (records
     from the training set by each segment's sample index, prompts sliced out of the GT batches), parsed,
     matched and built into teacher-forced batches. Returns them, or the error that the router's fallback

@@ -40,6 +40,10 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from configs.types import Config
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
@@ -197,7 +201,7 @@ def train_cell(arm: str, seed: int, out: Path, size: dict, train: Path, extra: S
             "extra_cpu_s": cpu, "steps": steps, "step_s": _mean_step_s(seed_dir / arm)}
 
 
-def evaluate_cell(model_dir: Path, heldout: Path, cfg, out_dir: Path) -> dict:
+def evaluate_cell(model_dir: Path, heldout: Path, cfg: Config, out_dir: Path) -> dict:
     """Held-out metrics of one checkpoint: greedy-rollout detection metrics + teacher-forced coord error.
 
     ``cfg``: the research config; its ``data`` prompt and image budget (``min_pixels`` / ``max_pixels``,

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 from configs.errors import ConfigError, UserError
+from configs.types import Config
 
 
-def check_model_path(cfg) -> str:
+def check_model_path(cfg: Config) -> str:
     """``model.name_or_path`` checked (a local path must be a checkpoint dir); returns it."""
     from model.loading import check_checkpoint_path
 
@@ -40,7 +41,7 @@ def check_model_path(cfg) -> str:
 PLACEHOLDER = "/path/to/"
 
 
-def check_paths(cfg) -> None:
+def check_paths(cfg: Config) -> None:
     """Every input path of the config exists: model dir, train/val JSONL, image root.
 
     All problems are reported at once (one line, each naming its key), so a config with several
@@ -127,7 +128,7 @@ def wandb_credentials() -> str | None:
     return str(settings) if parser.get("default", "api_key", fallback=None) else None
 
 
-def check_environment(cfg) -> list[str]:
+def check_environment(cfg: Config) -> list[str]:
     """What the config needs from this machine and launch, checked before any weight loads (``--dry-run``
     and the start of every run): the tracker's package and credentials, the launch's process count vs
     the devices, the rollout backend. Raises one user error listing every problem; returns warnings
@@ -177,7 +178,7 @@ def check_environment(cfg) -> list[str]:
     return warnings
 
 
-def dry_run(cfg, *, out=print) -> int:
+def dry_run(cfg: Config, *, out=print) -> int:
     """Validate everything a run needs without loading weights; print the plan; return 0 (or raise)."""
     from data.encoding import EncodedRecords
     from data.packing import PackedDataset

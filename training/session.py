@@ -24,7 +24,7 @@ from accelerate import Accelerator
 
 from configs.errors import UserError, clip
 from configs.loader import RESOLVED_FILENAME, save_resolved
-from configs.types import thaw
+from configs.types import Config, thaw
 from core.vocab import IGNORE, LOGGER_NAME
 from data.encoding import ChatEncoder, EncodedRecords
 from data.packing import PackedDataset, iterate_batches
@@ -92,7 +92,7 @@ class RunContext:
     lock: RunLock | None = None  # held by the main process
 
 
-def start_run(cfg) -> RunContext:
+def start_run(cfg: Config) -> RunContext:
     """Accelerator + seed, the run lock, run dir, resolved config, start-up log of config path / run name /
     seed / pipeline identity (docs/training/PIPELINE.md), and the verified checkpoint to resume from (``training.resume_from``)."""
     t = cfg.training
@@ -134,7 +134,7 @@ def _released_on_error(lock):
         raise
 
 
-def _start_locked_run(cfg, accelerator, run_dir: Path, lock) -> RunContext:
+def _start_locked_run(cfg: Config, accelerator, run_dir: Path, lock) -> RunContext:
     t = cfg.training
     # Checked before anything is written: a resume that cannot train must not touch the run dir.
     # Verified (sizes + SHA-256) once, on the main process; `latest` skips a corrupt one.
@@ -179,7 +179,7 @@ def replace_run_dir(run_dir: Path) -> None:
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
-def resume_point(cfg, run_dir: Path) -> Path | None:
+def resume_point(cfg: Config, run_dir: Path) -> Path | None:
     """The checkpoint ``training.resume_from`` names (None when not resuming), checked to exist and to
     leave steps to train (its step < ``training.max_steps``); every error names the fix."""
     t = cfg.training
@@ -217,7 +217,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: thaw(tree)}
 
 
-def check_resume_config(cfg, resume_dir: Path, saved: dict | None) -> None:
+def check_resume_config(cfg: Config, resume_dir: Path, saved: dict | None) -> None:
     """Refuse a resume whose config differs from the one ``resume_dir`` was trained with in any key outside
     :data:`RESUME_MAY_CHANGE`, naming the keys and both values."""
     if saved is None:
@@ -240,14 +240,14 @@ def check_resume_config(cfg, resume_dir: Path, saved: dict | None) -> None:
         "new run.name, without training.resume_from")
 
 
-def make_tracker(cfg, run: RunContext) -> Tracker:
+def make_tracker(cfg: Config, run: RunContext) -> Tracker:
     tr = cfg.run.tracker
     return Tracker(run.run_dir, tr.backend, tr.mode, tr.project, tr.entity, cfg.run.name,
                    config={"config": cfg.resolved, "pipeline": run.identity}, tags=tr.tags,
                    is_main_process=run.accelerator.is_main_process)
 
 
-def make_train_dataset(cfg, samples: EncodedRecords, accelerator: Accelerator) -> PackedDataset:
+def make_train_dataset(cfg: Config, samples: EncodedRecords, accelerator: Accelerator) -> PackedDataset:
     """Static packing over the whole train set (the Stage-1 policy), sharded by rank, resumable.
 
     The token lengths and the packing plan are computed once by the main process and cached beside
@@ -263,7 +263,7 @@ def make_train_dataset(cfg, samples: EncodedRecords, accelerator: Accelerator) -
     return dataset
 
 
-def micro_batches(cfg, s: TrainingSetup) -> Iterator[PackedBatch]:
+def micro_batches(cfg: Config, s: TrainingSetup) -> Iterator[PackedBatch]:
     """Collated micro-batches across epochs on ``data.num_workers`` loader workers (resumable)."""
     for batch in iterate_batches(s.dataset, s.pad_id, num_workers=cfg.data.num_workers,
                                  skip_invalid=cfg.data.skip_invalid):
@@ -277,7 +277,7 @@ def should(every: int, done: int, max_steps: int) -> bool:
     return bool(every and done % every == 0) or done == max_steps
 
 
-def resolve_checkpoint(cfg, *, resume_model_dir: Path | None = None, accelerator=None) -> str:
+def resolve_checkpoint(cfg: Config, *, resume_model_dir: Path | None = None, accelerator=None) -> str:
     """The directory (or HF id) to load weights from: a resumed checkpoint, the tiny builder, or ``model.name_or_path``.
 
     The tiny checkpoint is built by the main process while the other ranks wait (``accelerator``
@@ -297,7 +297,7 @@ def resolve_checkpoint(cfg, *, resume_model_dir: Path | None = None, accelerator
     return check_model_path(cfg)
 
 
-def load_model(cfg, name_or_path: str, *, adapter_weights: Path | None = None) -> LoadedModel:
+def load_model(cfg: Config, name_or_path: str, *, adapter_weights: Path | None = None) -> LoadedModel:
     """Load model + tokenizer + image processor, add coord tokens, apply freeze (or the adapter) and
     checkpointing switches. ``adapter_weights``: a checkpoint's model dir whose adapter tensors a
     resumed adapter run loads on top of the base ``name_or_path``."""
@@ -343,7 +343,7 @@ class DataSplits:
     val: Sequence[Record]
 
 
-def load_records(cfg, accelerator=None) -> DataSplits:
+def load_records(cfg: Config, accelerator=None) -> DataSplits:
     """Open (or synthesise, then open) the train/val JSONL files as memory-mapped Arrow tables
     (``data.table.open_records``: validated once by the main process, cached beside the file or under
     ``data.cache_dir``); reports are logged, never silent."""
@@ -375,7 +375,7 @@ def load_records(cfg, accelerator=None) -> DataSplits:
     return DataSplits(train=read(train_path), val=read(val_path))
 
 
-def make_encoder(cfg, tokenizer, image_processor) -> ChatEncoder:
+def make_encoder(cfg: Config, tokenizer, image_processor) -> ChatEncoder:
     return ChatEncoder(
         tokenizer,
         image_processor,
@@ -427,7 +427,7 @@ def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel, *, adapte
     return save
 
 
-def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder, val: list[Record], run_dir: Path,
+def run_eval(cfg: Config, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder, val: list[Record], run_dir: Path,
              step: int, backend: GenerationBackend) -> dict[str, Any]:
     """In-loop rollout eval on the validation records (docs/EVAL.md); returns ``eval/rollout/*`` metrics.
 
@@ -460,7 +460,7 @@ def run_eval(cfg, *, accelerator, vlm, loaded: LoadedModel, encoder: ChatEncoder
     return metrics
 
 
-def rollout_backend_for(cfg, run: RunContext, s: TrainingSetup) -> GenerationBackend:
+def rollout_backend_for(cfg: Config, run: RunContext, s: TrainingSetup) -> GenerationBackend:
     """The run's generation backend (``rollout_matching.backend``), built on first use and kept on ``s``."""
     if s.rollout_backend is None:
         s.rollout_backend = make_generation_backend(cfg.rollout_matching, s.vlm, s.loaded.tokenizer, encoder=s.encoder,
@@ -524,7 +524,7 @@ class TrainingSetup:
     rollout_backend: GenerationBackend | None = None
 
 
-def make_training_wrapper(cfg, vlm: torch.nn.Module, coord_ids: torch.Tensor) -> TrainingWrapper:
+def make_training_wrapper(cfg: Config, vlm: torch.nn.Module, coord_ids: torch.Tensor) -> TrainingWrapper:
     """The module ``accelerator.prepare`` wraps: forwards + objective pipeline of ``cfg.variant`` in one forward."""
     sab, rm = cfg.stage2_ab, cfg.rollout_matching
     decode_mode = {"stage2_two_channel": sab.coord_decode_mode, "stage2_rollout_aligned": rm.coord_decode_mode}
@@ -536,7 +536,7 @@ def make_training_wrapper(cfg, vlm: torch.nn.Module, coord_ids: torch.Tensor) ->
     )
 
 
-def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
+def setup_training(cfg: Config, run: RunContext, *, desc: str) -> TrainingSetup:
     """Model (a resumed run loads the checkpoint's weights) -> data (static packing, sharded by rank)
     -> AdamW + schedule -> ``accelerator.prepare`` -> resume optimizer/scheduler/RNG/data position ->
     tracker, aggregator, progress bar."""
@@ -544,7 +544,7 @@ def setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
         return _setup_training(cfg, run, desc=desc)
 
 
-def _setup_training(cfg, run: RunContext, *, desc: str) -> TrainingSetup:
+def _setup_training(cfg: Config, run: RunContext, *, desc: str) -> TrainingSetup:
     t, accelerator = cfg.training, run.accelerator
     tracker = make_tracker(cfg, run)  # before the model: a wandb set-up error costs seconds, not a model load
     resume_model_dir = run.resume_dir / "model" if run.resume_dir else None
@@ -624,12 +624,12 @@ def optimizer_step(run: RunContext, s: TrainingSetup, loss: torch.Tensor, max_gr
     return metrics
 
 
-def _stopping(cfg, s: TrainingSetup, done: int) -> bool:
+def _stopping(cfg: Config, s: TrainingSetup, done: int) -> bool:
     """A stop signal was agreed during optimizer step ``done`` (the last step completes the run anyway)."""
     return s.interrupt.agreed and done < cfg.training.max_steps
 
 
-def reduce_step(cfg, s: TrainingSetup, done: int, *, started: float, tokens: int,
+def reduce_step(cfg: Config, s: TrainingSetup, done: int, *, started: float, tokens: int,
                 step_values: dict | None = None) -> dict:
     """The metrics of optimizer step ``done`` (1-based), reduced over micro-steps and ranks, with the step
     values (lr, non-finite flag, ``step_values``); the progress bar moves. Every rank gets the same dict."""
@@ -640,12 +640,12 @@ def reduce_step(cfg, s: TrainingSetup, done: int, *, started: float, tokens: int
     return metrics
 
 
-def eval_due(cfg, s: TrainingSetup, done: int) -> bool:
+def eval_due(cfg: Config, s: TrainingSetup, done: int) -> bool:
     """``training.eval_every`` (and the last step), but never when a stop is waiting (it must not wait for an eval)."""
     return should(cfg.training.eval_every, done, cfg.training.max_steps) and not _stopping(cfg, s, done)
 
 
-def step_eval(cfg, run: RunContext, s: TrainingSetup, done: int) -> dict:
+def step_eval(cfg: Config, run: RunContext, s: TrainingSetup, done: int) -> dict:
     """The in-loop eval of the weights after step ``done``: its ``eval/rollout/*`` metrics; the predictions go to
     ``eval/step_<done>/`` and the tracker's media."""
     with full_weights(s.model):  # sharded engines: gather once for the whole eval generation
@@ -657,14 +657,14 @@ def step_eval(cfg, run: RunContext, s: TrainingSetup, done: int) -> dict:
     return metrics
 
 
-def save_due(cfg, s: TrainingSetup, done: int) -> bool:
+def save_due(cfg: Config, s: TrainingSetup, done: int) -> bool:
     """``training.save_every`` (and the last step), or a signal agreed during the step (a stop, or SIGUSR1's
     save-and-continue)."""
     t = cfg.training
     return should(t.save_every, done, t.max_steps) or _stopping(cfg, s, done) or s.interrupt.save_agreed
 
 
-def end_step(cfg, run: RunContext, s: TrainingSetup, done: int) -> None:
+def end_step(cfg: Config, run: RunContext, s: TrainingSetup, done: int) -> None:
     """After step ``done``'s log and save: too many non-finite steps in a row stop the run; an agreed stop
     signal stops it (its checkpoint saved by ``save_due``); SIGUSR1's save-and-continue goes on."""
     t = cfg.training
@@ -677,7 +677,7 @@ def end_step(cfg, run: RunContext, s: TrainingSetup, done: int) -> None:
         _stop(run, s, f"after optimizer step {done} of {t.max_steps}: checkpoint-{done} saved in {run.run_dir}")
 
 
-def save_checkpoint(cfg, run: RunContext, s: TrainingSetup, done: int, *, data_state: dict,
+def save_checkpoint(cfg: Config, run: RunContext, s: TrainingSetup, done: int, *, data_state: dict,
                     rng_state: dict | None = None, router_state: dict | None = None) -> None:
     """``checkpoint-<done>`` (every rank calls it), never from non-finite weights. ``rng_state``: this
     rank's RNG states to write (default: the current ones)."""
@@ -701,7 +701,7 @@ def begin_step(s: TrainingSetup, *, router_state: dict | None = None) -> None:
     s.step_start = StepStart(s.dataset.state_dict(), get_rng_state(), router_state)
 
 
-def micro_step_boundary(cfg, run: RunContext, s: TrainingSetup, step: int) -> None:
+def micro_step_boundary(cfg: Config, run: RunContext, s: TrainingSetup, step: int) -> None:
     """Before each micro-step of optimizer step ``step`` (0-based; Stage-2 also before its rollouts):
     every rank agrees whether any rank received a signal (one small collective; none in a
     single-process run). On one, ``checkpoint-<step>`` (the last completed optimizer step: the
