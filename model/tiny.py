@@ -9,6 +9,7 @@ table has more rows than the tokenizer has entries (as real checkpoints do).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
@@ -295,20 +296,20 @@ def build_tiny_in_memory(seed: int = 0, coord_tokens: bool = True, max_pixels: i
     return model, tok, build_tiny_image_processor(max_pixels=max_pixels)
 
 
+@functools.cache
+def _trained_tokenizer():
+    """The tiny tokenizer, its BPE trained once per process (callers get copies)."""
+    return build_tiny_tokenizer()
+
+
 def _cached_tokenizer(coord_tokens: bool):
     """A fresh copy of the tiny tokenizer (BPE training is cached; copies keep callers independent)."""
     import copy
 
-    global _TOKENIZER_CACHE
-    if _TOKENIZER_CACHE is None:
-        _TOKENIZER_CACHE = build_tiny_tokenizer()
-    tok = copy.deepcopy(_TOKENIZER_CACHE)
+    tok = copy.deepcopy(_trained_tokenizer())
     if not coord_tokens:
         tok = _without_coord_tokens(tok)
     return tok
-
-
-_TOKENIZER_CACHE = None
 
 
 def _without_coord_tokens(tok):
