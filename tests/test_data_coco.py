@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -141,3 +142,131 @@ def test_coco_file_is_not_detected_as_lvis():
     assert detect_format(coco) == "coco"
     rows, report = convert({**coco, "annotations": [], "categories": []})
     assert report["format_coco"] == 1 and "neg_descs" not in rows[0]
+
+
+def _coco_with(annotations, images=None):
+    return {
+        "images": images or [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 50},
+                             {"id": 2, "file_name": "b.jpg", "width": 40, "height": 40}],
+        "categories": [{"id": 3, "name": "cat", "supercategory": "animal"}],
+        "annotations": annotations,
+    }
+
+
+GOOD = {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 20]}
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason", "says"),
+    [
+        ({"bbox": [1, 2, 3]}, "bad_bbox", "bbox=[1, 2, 3] is not 4 finite numbers"),
+        ({"bbox": [1, 2, float("nan"), 3]}, "bad_bbox", "is not 4 finite numbers"),
+        ({"bbox": [1, 2, "3", 4]}, "bad_bbox", "is not 4 finite numbers"),
+        ({"bbox": [1, 2, True, 4]}, "bad_bbox", "is not 4 finite numbers"),
+        ({"bbox": None}, "bad_bbox", "bbox=None"),
+        ({"bbox": [10, 10, -5, 4]}, "negative_size", "negative width or height"),
+        ({"bbox": [120, 10, 5, 4]}, "outside_image", "lies outside its 40x40 image 2"),
+        ({"bbox": [-9, 10, 5, 4]}, "outside_image", "lies outside"),
+        ({"image_id": 99}, "unknown_image", "image_id 99 is not in images"),
+        ({"category_id": 7}, "unknown_category", "category_id 7 is not in categories"),
+    ],
+)
+def test_a_malformed_annotation_is_one_error_naming_its_id_or_skipped_and_counted(tmp_path, capsys, bad, reason, says):
+    from configs.errors import run_cli
+
+    coco = _coco_with([GOOD, {**GOOD, "id": 42, "image_id": 2, **bad}])
+    src = tmp_path / "instances_val2017.json"
+    src.write_text(json.dumps(coco))
+    out = tmp_path / "val2017.jsonl"
+    with pytest.raises(ValueError, match="annotation 42: .*" + re.escape(says)) as err:
+        main(["--coco", str(src), "--out", str(out)])
+    assert "--skip-invalid" in str(err.value) and "\n" not in str(err.value)
+    assert run_cli(main, ["--coco", str(src), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {src}: annotation 42: ")
+
+    report = main(["--coco", str(src), "--out", str(out), "--skip-invalid"])
+    assert report[f"skipped_{reason}"] == 1 and report["annotations"] == 2 and report["objects"] == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # image 2 lost its only annotation: left out, not written as "no objects" (with image_id 99 it had none)
+    lost = reason != "unknown_image"
+    assert [r["image_id"] for r in rows] == ([1] if lost else [1, 2])
+    assert report["images_all_annotations_skipped"] == int(lost)
+
+
+def test_an_annotation_without_an_id_is_named_by_its_position():
+    coco = _coco_with([GOOD, {"image_id": 1, "category_id": 3, "bbox": [1, 2]}])
+    with pytest.raises(ValueError, match=r"annotation #1 \(no id\): bbox=\[1, 2\]"):
+        convert(coco, source="x.json")
+
+
+def test_zero_area_boxes_are_kept_and_counted():
+    coco = _coco_with([
+        GOOD,
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [30, 5, 0, 10]},  # zero width, inside
+        {"id": 3, "image_id": 2, "category_id": 3, "bbox": [0, 40, 7, 0]},  # zero height on the bottom edge
+        {"id": 4, "image_id": 2, "category_id": 3, "bbox": [35, 1, 10, 0]},  # zero height, x2 45 clipped to 40
+    ])
+    rows, report = convert(coco)
+    assert report["zero_area_boxes"] == 3 and report["clipped_boxes"] == 1 and report["objects"] == 4
+    assert rows[0]["objects"][1] == {"desc": "cat", "bbox_2d": [30.0, 5.0, 30.0, 15.0]}
+    assert rows[1]["objects"] == [{"desc": "cat", "bbox_2d": [0.0, 40.0, 7.0, 40.0]},
+                                  {"desc": "cat", "bbox_2d": [35.0, 1.0, 40.0, 1.0]}]
+    assert report["images_without_objects"] == 0
+
+
+def test_a_crowd_only_image_is_left_out_and_counted():
+    coco = _coco_with([GOOD, {"id": 2, "image_id": 2, "category_id": 3, "bbox": [0, 0, 4, 4], "iscrowd": 1}],
+                      images=[{"id": 1, "file_name": "a.jpg", "width": 100, "height": 50},
+                              {"id": 2, "file_name": "b.jpg", "width": 40, "height": 40},
+                              {"id": 3, "file_name": "c.jpg", "width": 40, "height": 40}])
+    rows, report = convert(coco)
+    assert [r["image_id"] for r in rows] == [1, 3]  # 3 has no annotation at all: a real "no objects" example
+    assert (report["skipped_iscrowd"], report["images_all_annotations_skipped"], report["images_without_objects"]) == (1, 1, 1)
+
+
+def test_a_bad_image_size_names_the_image():
+    coco = _coco_with([GOOD], images=[{"id": 1, "file_name": "a.jpg", "width": 0, "height": 50}])
+    with pytest.raises(ValueError, match="image 1: width=0 is not a positive integer"):
+        convert(coco)
+
+
+def test_objects365_is_detected_its_flags_counted_and_subfolders_kept(tmp_path):
+    o365 = {
+        "images": [{"id": 5, "file_name": "images/v1/patch8/objects365_v1_00420917.jpg", "width": 64, "height": 32,
+                    "url": "https://example/x.jpg", "license": 5}],
+        "categories": [{"id": 1, "name": "Person"}, {"id": 2, "name": "Sneakers"}],
+        "annotations": [
+            {"id": 9, "image_id": 5, "category_id": 1, "bbox": [1, 2, 3, 4], "iscrowd": 0, "isfake": 0,
+             "isreflected": 1, "area": 12},
+            {"id": 10, "image_id": 5, "category_id": 2, "bbox": [10, 2, 3, 4], "iscrowd": 0, "isfake": 1,
+             "isreflected": 0, "area": 12},
+            {"id": 11, "image_id": 5, "category_id": 2, "bbox": [0, 0, 64, 32], "iscrowd": 1, "isfake": 0,
+             "isreflected": 0, "area": 2048},
+        ],
+    }
+    assert detect_format(o365) == "objects365"
+    src = tmp_path / "zhiyuan_objv2_val.json"
+    src.write_text(json.dumps(o365))
+    out = tmp_path / "o365.jsonl"
+    report = main(["--coco", str(src), "--out", str(out), "--image-prefix", "val"])
+    assert report["format_objects365"] == 1 and report["skipped_iscrowd"] == 1 and report["objects"] == 2
+    assert (report["objects365_isfake"], report["objects365_isreflected"]) == (1, 1)
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["image"] == "val/images/v1/patch8/objects365_v1_00420917.jpg"
+    assert row["objects"] == [{"desc": "Person", "bbox_2d": [1.0, 2.0, 4.0, 6.0]},
+                              {"desc": "Sneakers", "bbox_2d": [10.0, 2.0, 13.0, 6.0]}]
+    # detected by the file name alone too
+    plain = {**o365, "annotations": [{k: v for k, v in a.items() if k not in ("isfake", "isreflected")}
+                                     for a in o365["annotations"]]}
+    assert detect_format(plain) == "objects365"
+
+
+def test_the_category_table_carries_lvis_frequency_and_synonyms(tmp_path):
+    lvis, src = _lvis(tmp_path)
+    lvis["categories"][0].update(frequency="r", synonyms=["aerosol_can", "spray_can"], image_count=3)
+    src.write_text(json.dumps(lvis))
+    main(["--coco", str(src), "--out", str(tmp_path / "lvis_val.jsonl")])
+    table = json.loads((tmp_path / "lvis_val.categories.json").read_text())
+    assert table[0] == {"id": 1, "name": "aerosol_can", "frequency": "r", "synonyms": ["aerosol_can", "spray_can"],
+                        "image_count": 3}
+    assert table[1] == {"id": 2, "name": "apple"}
