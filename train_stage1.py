@@ -33,6 +33,7 @@ from training.session import (
     setup_training,
     start_run,
     step_eval,
+    with_checkpoint_settings,
 )
 
 
@@ -45,10 +46,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run Stage-1; returns the last optimizer step's metrics (for tests)."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides, expect="stage1")
+    # data settings the config leaves unset come from the checkpoint's saved settings (model.settings)
+    cfg, settings_notes = with_checkpoint_settings(cfg)
     if args.dry_run:  # paths, tokenizer, every record, pipeline, packing plan; no weights
         return dry_run(cfg)
     t = cfg.training
-    run = start_run(cfg)  # accelerator, run dir, resolved config, pipeline identity, resume point
+    run = start_run(cfg, settings_notes)  # accelerator, run dir, resolved config, pipeline identity, resume point
     accelerator = run.accelerator
     # model -> data (static packing over the whole train set, sharded by rank) -> optimizer -> prepare -> resume
     s = setup_training(cfg, run, desc="stage1")

@@ -50,6 +50,7 @@ from training.session import (
     setup_training,
     start_run,
     step_eval,
+    with_checkpoint_settings,
 )
 from training.sharding import full_weights
 
@@ -96,11 +97,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run Stage-2; returns the last optimizer step's metrics (for tests)."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides, expect="stage2")
+    # data settings the config leaves unset come from the checkpoint's saved settings (model.settings)
+    cfg, settings_notes = with_checkpoint_settings(cfg)
     if args.dry_run:  # paths, tokenizer, every record, pipeline, packing plan; no weights
         return dry_run(cfg)
     t, sab, rm = cfg.training, cfg.stage2_ab, cfg.rollout_matching
     two_channel = cfg.variant == TWO_CHANNEL
-    run = start_run(cfg)  # accelerator, run dir, resolved config, pipeline identity, resume point
+    run = start_run(cfg, settings_notes)  # accelerator, run dir, resolved config, pipeline identity, resume point
     accelerator = run.accelerator
     # model (normally the Stage-1 output) -> GT data (Rollout steps roll out the same micro-batches'
     # records) -> optimizer -> prepare -> resume

@@ -141,8 +141,9 @@ class TinyModelConfig:
 
 @dataclass(frozen=True)
 class CoordTokensConfig:
-    add_if_missing: bool = knob(True, "add the 1000 coord tokens to the tokenizer and embeddings when the "
-                                "checkpoint lacks them")
+    add_if_missing: bool = knob(True, "Stage-1: add the 1000 coord tokens to the tokenizer and embeddings when the "
+                                "checkpoint lacks them (logged with the init); Stage-2 never adds them and refuses "
+                                "such a checkpoint")
     init: str = knob("sincos", "initialisation of new coord-token rows", enum=("sincos", "mean", "random"))
 
 

@@ -4,6 +4,13 @@
         [--batch-size 8|auto] [--max-new-tokens 512] [--limit 100] [--backend hf|vllm] [--cache static|dynamic]
         [--num-samples K --temperature 1.0 --seed 0]   # Oracle-K: K sampled rollouts per image as well
 
+``--checkpoint`` is a model dir, or a training checkpoint ``<run dir>/checkpoint-<step>`` (its
+``model/`` is used). Every flag of :data:`SETTING_FLAGS` left out takes the value saved with the
+checkpoint (``model.settings``: the run's prompt, system prompt, image budget, data conventions and
+in-loop eval decoding), else the declared default; a flag given with another value than the saved
+one is used and printed as a difference. So with default flags the raw answers are those of the
+run's in-loop eval of that checkpoint.
+
 Greedy batched generation with the training's generation backends (``rollout_matching.backend``,
 ``rollout_matching.hf.*``; ``rollout.backends.make_generation_backend``) and a progress bar; every answer is salvage-parsed, matched to GT
 (rollout Hungarian matching, printed as ``eval/rollout/*``) and written with its confidence
@@ -13,6 +20,7 @@ Greedy batched generation with the training's generation backends (``rollout_mat
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,28 +44,54 @@ def _enum(key: str) -> tuple:
     return declared_enum(key)
 
 
+# CLI flag (argparse dest) -> the config key it stands for; left out, the checkpoint's saved value is used.
+SETTING_FLAGS = {
+    "prompt": "data.prompt",
+    "system_prompt": "data.system_prompt",
+    "min_pixels": "data.min_pixels",
+    "max_pixels": "data.max_pixels",
+    "coords": "data.coords",
+    "object_order": "data.object_order",
+    "max_objects": "data.max_objects",
+    "max_new_tokens": "rollout_matching.decoding.max_new_tokens",
+    "coord_pick": "rollout_matching.decoding.coord_pick",
+    "score_mode": "rollout_matching.eval_detection.score_mode",
+    "score_include_desc": "rollout_matching.eval_detection.score_include_desc",
+    "iou_gate": "rollout_matching.matching.iou_gate",
+}
+SAVED = " (default: the checkpoint's saved {key}, else the declared default)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.infer", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="model dir (save_pretrained layout with the coord tokens)")
+    p.add_argument("--checkpoint", required=True,
+                   help="model dir (save_pretrained layout with the coord tokens), or a training checkpoint dir "
+                        "<run dir>/checkpoint-<step> (its model/ is used)")
     p.add_argument("--jsonl", required=True, help="records in the data contract (docs/DATA.md)")
     p.add_argument("--out", required=True, help="predictions.jsonl to write")
     p.add_argument("--batch-size", type=_batch_size, default=_default("eval.batch_size"),
                    help="prompts per generate call, or auto (free GPU memory); eval.batch_size")
-    p.add_argument("--max-new-tokens", type=int, default=_default("rollout_matching.decoding.max_new_tokens"))
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--image-root", default=None, help="base of relative image paths (default: the JSONL folder)")
-    p.add_argument("--coords", default=_default("data.coords"), choices=_enum("data.coords"), help="box unit of the JSONL (data.coords)")
-    p.add_argument("--prompt", default=None, help="user prompt (default: the declared data.prompt)")
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--min-pixels", type=int, default=None, help="image resize budget (data.min_pixels)")
-    p.add_argument("--max-pixels", type=int, default=None, help="image resize budget (data.max_pixels)")
-    p.add_argument("--coord-pick", default=_default("rollout_matching.decoding.coord_pick"),
-                   choices=_enum("rollout_matching.decoding.coord_pick"),
-                   help="coord token choice (rollout_matching.decoding.coord_pick): argmax or expectation")
-    p.add_argument("--score-mode", default=_default("rollout_matching.eval_detection.score_mode"), choices=SCORE_MODES)
-    p.add_argument("--score-include-desc", action="store_true", help="token_prob also times the desc tokens' mean prob")
-    p.add_argument("--iou-gate", type=float, default=_default("rollout_matching.matching.iou_gate"),
-                   help="matching gate of the printed precision/recall (rollout_matching.matching.iou_gate)")
+
+    def setting(flag: str, dest: str, **kw) -> None:
+        key = SETTING_FLAGS[dest]
+        p.add_argument(flag, dest=dest, default=None, help=kw.pop("help", key) + SAVED.format(key=key), **kw)
+
+    setting("--max-new-tokens", "max_new_tokens", type=int)
+    setting("--coords", "coords", choices=_enum("data.coords"), help="box unit of the JSONL (data.coords)")
+    setting("--object-order", "object_order", choices=_enum("data.object_order"), help="GT object order (data.object_order)")
+    setting("--max-objects", "max_objects", type=int, help="GT objects kept per record (data.max_objects)")
+    setting("--prompt", "prompt", help="user prompt (data.prompt)")
+    setting("--system-prompt", "system_prompt", help="system message (data.system_prompt)")
+    setting("--min-pixels", "min_pixels", type=int, help="image resize budget (data.min_pixels)")
+    setting("--max-pixels", "max_pixels", type=int, help="image resize budget (data.max_pixels)")
+    setting("--coord-pick", "coord_pick", choices=_enum("rollout_matching.decoding.coord_pick"),
+            help="coord token choice (rollout_matching.decoding.coord_pick): argmax or expectation")
+    setting("--score-mode", "score_mode", choices=SCORE_MODES, help="confidence of each box")
+    setting("--score-include-desc", "score_include_desc", action=argparse.BooleanOptionalAction,
+            help="token_prob also times the desc tokens' mean prob")
+    setting("--iou-gate", "iou_gate", type=float, help="matching gate of the printed precision/recall")
     p.add_argument("--dtype", default=_default("model.dtype"), choices=_enum("model.dtype"))
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backend", default=_default("rollout_matching.backend"), choices=_enum("rollout_matching.backend"),
@@ -72,6 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the --num-samples rollouts")
     p.add_argument("--seed", type=int, default=0, help="sampled rollout k uses seed + k (reproducible)")
     return add_debug_flag(p)
+
+
+def resolve_settings(args: argparse.Namespace, model_dir: str) -> tuple[argparse.Namespace, list[str]]:
+    """``args`` with every :data:`SETTING_FLAGS` flag left out filled from the checkpoint's saved settings
+    (``model.settings.read_settings``), else from the declared default; and the lines to print: where the
+    settings came from, and each given flag that differs from the saved value."""
+    from model.settings import read_settings, resolve
+
+    saved = read_settings(model_dir)
+    explicit = {key: getattr(args, dest) for dest, key in SETTING_FLAGS.items()}
+    defaults = {key: _default(key) for key in SETTING_FLAGS.values()}
+    flags = {key: "--" + dest.replace("_", "-") for dest, key in SETTING_FLAGS.items()}
+    values, differences = resolve(explicit, saved, defaults, flags)
+    filled = argparse.Namespace(**vars(args))
+    for dest, key in SETTING_FLAGS.items():
+        setattr(filled, dest, values[key])
+    source = (f"settings: {saved.source} (flags left out take its values)" if saved is not None else
+              f"settings: {model_dir} has no saved settings (not a CoordExp checkpoint?): flags left out take the "
+              "declared defaults, the image budget the checkpoint's preprocessor_config.json")
+    return filled, [source, *(f"warning: {d}" for d in differences)]
 
 
 def _batch_size(text: str) -> int | str:
@@ -106,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from data.encoding import ChatEncoder
     from data.records import read_jsonl
-    from model.loading import load_model_and_processors
+    from model.loading import check_checkpoint_path, load_model_and_processors, model_dir_of
     from rollout.backends import AUTO, AUTO_BATCH_CAP, make_generation_backend
 
     args = build_parser().parse_args(argv)
@@ -114,16 +168,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
     if args.num_samples < 0 or (args.num_samples and not args.temperature > 0):
         raise InputError(f"--num-samples must be >= 0 and --temperature > 0, got {args.num_samples}, {args.temperature}")
-    records, data_report = read_jsonl(args.jsonl, image_root=args.image_root, coords=args.coords)
+    model_dir = model_dir_of(args.checkpoint)
+    check_checkpoint_path(model_dir, "--checkpoint")
+    args, lines = resolve_settings(args, model_dir)
+    for line in lines:
+        print(line, file=sys.stderr)
+    records, data_report = read_jsonl(args.jsonl, image_root=args.image_root, coords=args.coords,
+                                      object_order=args.object_order, max_objects=args.max_objects)
     if args.limit is not None:
         records = records[: args.limit]
     # Inference must not invent coord rows: a checkpoint without them was never trained to emit them.
-    loaded = load_model_and_processors(args.checkpoint, dtype=args.dtype, add_coord_tokens=False)
+    loaded = load_model_and_processors(model_dir, dtype=args.dtype, add_coord_tokens=False, key="--checkpoint")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = loaded.model.to(device)
-    prompt = args.prompt if args.prompt is not None else _default("data.prompt")
     encoder = ChatEncoder(
-        loaded.tokenizer, loaded.image_processor, prompt=prompt, system_prompt=args.system_prompt,
+        loaded.tokenizer, loaded.image_processor, prompt=args.prompt, system_prompt=args.system_prompt,
         min_pixels=args.min_pixels, max_pixels=args.max_pixels,
     )  # fmt: skip
     backend = make_generation_backend(backend_config(args), model, loaded.tokenizer, encoder=encoder,

@@ -102,8 +102,41 @@ def check_checkpoint_path(name_or_path: str, key: str = "checkpoint") -> None:
         raise UserError(f"{key}={str(name_or_path)!r}: no such directory (a checkpoint dir with config.json, "
                         "or a Hugging Face hub id like Qwen/Qwen3-VL-2B-Instruct)")
     if not (path / "config.json").is_file() and not is_adapter_dir(path):
+        hint = (f"; this is a training checkpoint: its model is {str(name_or_path).rstrip('/')}/model"
+                if _is_model_dir(path / "model") else "")
         raise UserError(f"{key}={str(name_or_path)!r}: no config.json in this directory; point it at the folder "
-                        "that save_pretrained wrote (config.json, tokenizer files, weights)")
+                        f"that save_pretrained wrote (config.json, tokenizer files, weights){hint}")
+
+
+def _is_model_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "config.json").is_file() or is_adapter_dir(path))
+
+
+def model_dir_of(checkpoint: str) -> str:
+    """``checkpoint`` itself, or its ``model/`` folder when it is a training checkpoint
+    (``<run dir>/checkpoint-<step>``, which holds the model next to the optimizer state)."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir() and not _is_model_dir(path) and _is_model_dir(path / "model"):
+        return str(path / "model")
+    return checkpoint
+
+
+def no_coord_tokens_fix(name_or_path: str, key: str) -> str:
+    """The one line for a model without the coord tokens where trained ones are needed (Stage-2, inference)."""
+    return (f"{key}={str(name_or_path)!r} has no coord tokens <|coord_0|>..<|coord_999|>: point it at a Stage-1 "
+            "output (<stage-1 run dir>/checkpoint-<step>/model), whose coord rows are trained; to start from "
+            "fresh, untrained coord rows on purpose, add them first with "
+            f"`python scripts/add_coord_tokens.py {name_or_path} --out DIR` and use DIR")
+
+
+def require_coord_tokens(tokenizer, name_or_path: str, key: str) -> CoordVocab:
+    """The tokenizer's coord vocabulary; a tokenizer without any coord token is one :class:`UserError`
+    (:func:`no_coord_tokens_fix`); a broken set (split or non-contiguous tokens) is the vocab's ValueError."""
+    from model.vocab import has_any_coord_token
+
+    if not has_any_coord_token(tokenizer):
+        raise UserError(no_coord_tokens_fix(name_or_path, key))
+    return coord_vocab_from_tokenizer(tokenizer)
 
 
 def _load_image_processor(name_or_path: str):
@@ -158,17 +191,20 @@ def load_model_and_processors(
     if coord_init not in COORD_INITS:
         raise ValueError(f"model.coord_tokens.init must be one of {list(COORD_INITS)}, got {coord_init!r}")
     tokenizer, image_processor = load_tokenizer_and_image_processor(name_or_path, key=key)  # path errors first
+    if not add_coord_tokens:  # before the weights load: a wrong path costs a second, not a model load
+        require_coord_tokens(tokenizer, name_or_path, key)
     attn_implementation = resolve_attn(attn_implementation)
     model = AutoModelForImageTextToText.from_pretrained(
         name_or_path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
     )
     if add_coord_tokens:
         vocab, added = ensure_coord_tokens(tokenizer, model, init=coord_init)
+        if added:
+            logger.warning("%s=%s has no coord tokens: added the 1000 coord tokens <|coord_0|>..<|coord_999|> "
+                           "with fresh rows initialised by model.coord_tokens.init=%s (tokenizer now %d tokens)",
+                           key, name_or_path, coord_init, len(tokenizer))
     else:
-        try:
-            vocab = coord_vocab_from_tokenizer(tokenizer)
-        except ValueError as e:
-            raise ValueError(f"{e} (or set model.coord_tokens.add_if_missing=true)") from e
+        vocab = coord_vocab_from_tokenizer(tokenizer)
         added = False
         rows = table_rows(model.get_input_embeddings())
         if rows < vocab.end_id:

@@ -90,7 +90,7 @@ def coord_vocab_from_tokenizer(tokenizer) -> CoordVocab:
     return CoordVocab(first_id=int(first), num_bins=len(texts))
 
 
-def _has_any_coord_token(tokenizer) -> bool:
+def has_any_coord_token(tokenizer) -> bool:
     vocab = tokenizer.get_vocab()
     return any(t in vocab for t in coord_token_texts())
 
@@ -108,7 +108,7 @@ def ensure_coord_tokens(tokenizer, model=None, init: str = "sincos", seed: int =
     if init not in COORD_INITS:
         raise ValueError(f"model.coord_init must be one of {list(COORD_INITS)}, got {init!r}")
     added = False
-    if not _has_any_coord_token(tokenizer):
+    if not has_any_coord_token(tokenizer):
         from tokenizers import AddedToken
 
         before = len(tokenizer)

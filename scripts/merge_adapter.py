@@ -5,7 +5,8 @@
 The input is the ``model/`` dir of a checkpoint written by a run with ``model.adapter.type`` other than
 ``none``: ``adapter.json`` names the base checkpoint, ``adapter.safetensors`` holds the adapter. The
 output is an ordinary ``save_pretrained`` Qwen3-VL (with tokenizer and image processor) that
-``eval/infer.py`` and the recipes (``model.name_or_path``) load like any other checkpoint.
+``eval/infer.py`` and the recipes (``model.name_or_path``) load like any other checkpoint; the
+adapter dir's ``coordexp_settings.json`` (``model.settings``) is copied with it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 
 from model.adapters import ADAPTER_CONFIG, is_adapter_dir  # noqa: E402
 from model.loading import DTYPES, load_model_and_processors, save_checkpoint_model  # noqa: E402
+from model.settings import read_settings, write_settings  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,6 +35,9 @@ def main(argv=None) -> int:
         ap.error("--out must differ from the adapter dir (the adapter is kept untouched)")
     loaded = load_model_and_processors(args.adapter_dir, dtype=args.dtype)  # merges on load
     save_checkpoint_model(loaded.model, loaded.tokenizer, loaded.image_processor, args.out)
+    saved = read_settings(args.adapter_dir)  # the run's prompt / image budget travel with the merged model
+    if saved is not None:
+        write_settings(args.out, saved)
     print(f"merged {args.adapter_dir} into {args.out}")
     return 0
 

@@ -177,6 +177,7 @@ def test_lora_stage1_checkpoint_holds_only_the_adapter_and_base_is_untouched(lor
     assert all(v.abs().max() > 0 for k, v in saved.items() if ".lora_B." in k or k.endswith(".offset"))
     meta = json.loads((model_dir / "adapter.json").read_text())
     assert Path(meta["base"]).resolve() == Path(recipe_env.tiny_dir).resolve()
+    assert json.loads((model_dir / "coordexp_settings.json").read_text())["settings"]["data.prompt"]
 
 
 def test_merged_adapter_checkpoint_gives_the_adapted_logits(lora_stage1, tmp_path):
@@ -193,6 +194,8 @@ def test_merged_adapter_checkpoint_gives_the_adapted_logits(lora_stage1, tmp_pat
     unmerged.model.eval()
     assert merge_adapter_main(merge_adapter, model_dir, tmp_path / "merged") == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+    settings = "coordexp_settings.json"  # the run's inference settings travel with the merged model
+    assert (tmp_path / "merged" / settings).read_bytes() == (model_dir / settings).read_bytes()
     merged = load_model_and_processors(str(tmp_path / "merged"), add_coord_tokens=False)  # what eval/infer.py does
     ids = _ids(merged.coord_vocab)
     with torch.no_grad():

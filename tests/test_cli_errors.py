@@ -67,7 +67,8 @@ CASES = [
     ("train_stage1", ["--config", "configs/demo/stage1_shapes.yaml", "--set", "training.lr=-1"], "training.lr"),
     ("eval.evaluate", ["--predictions", "{tmp}/preds.jsonl"], "preds.jsonl"),
     ("eval.visualize", ["--predictions", "{tmp}/preds.jsonl", "--out-dir", "{tmp}/viz"], "preds.jsonl"),
-    ("eval.infer", ["--checkpoint", "{tmp}/ckpt", "--jsonl", "{tmp}/val.jsonl", "--out", "{tmp}/p.jsonl"], "val.jsonl"),
+    # the checkpoint first: its saved settings say how to read the JSONL
+    ("eval.infer", ["--checkpoint", "{tmp}/ckpt", "--jsonl", "{tmp}/val.jsonl", "--out", "{tmp}/p.jsonl"], "--checkpoint="),
     ("scripts.add_coord_tokens", ["{tmp}/ckpt", "--out", "{tmp}/out"], "no such directory"),
     ("scripts.coco_to_jsonl", ["--coco", "{tmp}/instances.json", "--out", "{tmp}/x.jsonl"], "instances.json"),
     ("scripts.plot_metrics", ["{tmp}/run"], "no metrics.jsonl"),

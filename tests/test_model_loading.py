@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from configs.errors import UserError
 from model.loading import apply_freeze, load_model_and_processors, save_checkpoint_model
 from model.tiny import build_tiny_checkpoint
 from model.vocab import CoordVocab
@@ -175,7 +176,10 @@ def test_load_options_fail_fast(ckpt, bare_ckpt, monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes `import flash_attn` raise ImportError
     with pytest.raises(ImportError, match="requirements-gpu.txt"):
         load_model_and_processors(ckpt, attn_implementation="flash_attention_2")
-    with pytest.raises(ValueError, match="add_if_missing"):
+    # before the weights load: one line naming the Stage-1 output and scripts/add_coord_tokens.py
+    monkeypatch.setattr("transformers.AutoModelForImageTextToText.from_pretrained",
+                        lambda *a, **k: pytest.fail("weights loaded before the coord-token check"))
+    with pytest.raises(UserError, match=r"has no coord tokens .*checkpoint-<step>/model.*scripts/add_coord_tokens\.py"):
         load_model_and_processors(bare_ckpt, add_coord_tokens=False)
 
 

@@ -38,6 +38,13 @@ def check_model_path(cfg: Config) -> str:
     return path
 
 
+def adds_coord_tokens(cfg) -> bool:
+    """Whether a run adds missing coord tokens (logged with the init used): Stage-1 with
+    ``model.coord_tokens.add_if_missing``. Stage-2 never does: it starts from a Stage-1 output, and
+    fresh coord rows there are a wrong ``model.name_or_path`` (one error line names the fix)."""
+    return cfg.variant == "stage1" and bool(cfg.model.coord_tokens.add_if_missing)
+
+
 PLACEHOLDER = "/path/to/"
 
 
@@ -182,8 +189,8 @@ def dry_run(cfg: Config, *, out=print) -> int:
     """Validate everything a run needs without loading weights; print the plan; return 0 (or raise)."""
     from data.encoding import EncodedRecords
     from data.packing import PackedDataset
-    from model.loading import load_tokenizer_and_image_processor
-    from model.vocab import coord_vocab_from_tokenizer, ensure_coord_tokens
+    from model.loading import load_tokenizer_and_image_processor, require_coord_tokens
+    from model.vocab import ensure_coord_tokens, has_any_coord_token
     from training.session import load_records, make_encoder, resolve_checkpoint
     from training.setup import setup_logging
 
@@ -207,14 +214,12 @@ def dry_run(cfg: Config, *, out=print) -> int:
 
     source = resolve_checkpoint(cfg)  # the tiny model is built here when enabled (as a run would)
     tokenizer, image_processor = load_tokenizer_and_image_processor(source, key="model.name_or_path")
-    try:
-        vocab = coord_vocab_from_tokenizer(tokenizer)
-        coords = f"present (ids {vocab.first_id}..{vocab.end_id - 1})"
-    except ValueError as exc:
-        if not cfg.model.coord_tokens.add_if_missing:
-            raise UserError(f"model.name_or_path={source!r}: {exc} (or set model.coord_tokens.add_if_missing: true)") from exc
+    if adds_coord_tokens(cfg) and not has_any_coord_token(tokenizer):
         vocab, _ = ensure_coord_tokens(tokenizer)  # in memory only, so the lengths below are the run's
-        coords = "missing; added at load (model.coord_tokens.add_if_missing: true)"
+        coords = f"missing; added at load with fresh rows (model.coord_tokens.init: {cfg.model.coord_tokens.init})"
+    else:  # Stage-2 never adds them: it starts from a Stage-1 output
+        vocab = require_coord_tokens(tokenizer, source, "model.name_or_path")
+        coords = f"present (ids {vocab.first_id}..{vocab.end_id - 1})"
     out(f"  model          {source}: tokenizer {len(tokenizer)} entries, coord tokens {coords}")
 
     splits = load_records(cfg)  # the data reports go to the log (stderr)

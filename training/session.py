@@ -35,6 +35,7 @@ from eval.detection import read_lvis_lists
 from eval.inloop import run_rollout_eval
 from model.adapters import apply_adapter, load_adapter_weights, save_adapter, spec_from_config
 from model.loading import PARTS, LoadedModel, apply_freeze, load_model_and_processors, memory_summary, param_parts
+from model.settings import CheckpointSettings, inherit, settings_of, write_settings
 from model.shapes import logical_numel
 from model.tiny import build_tiny_checkpoint
 from pipeline.wrapper import ExpectationConfig, TrainingWrapper
@@ -63,7 +64,7 @@ from training.faults import (
     weights_finite,
 )
 from training.optim import build_optimizer, build_scheduler
-from training.preflight import check_environment, check_model_path, check_paths
+from training.preflight import adds_coord_tokens, check_environment, check_model_path, check_paths
 from training.progress import TrainProgress
 from training.setup import (
     METRICS_FILE,
@@ -92,9 +93,22 @@ class RunContext:
     lock: RunLock | None = None  # held by the main process
 
 
-def start_run(cfg: Config) -> RunContext:
+def with_checkpoint_settings(cfg: Config) -> tuple[Config, tuple[tuple[int, str], ...]]:
+    """``(cfg, notes)``: the config with the data settings it leaves unset taken from the settings saved
+    with ``model.name_or_path`` (``model.settings.inherit``: Stage-2 on a Stage-1 output trains and
+    evaluates on the input Stage-1 saw), and the lines :func:`start_run` logs (what was taken; each key
+    the config sets to another value than the checkpoint's, at warning level). A hub checkpoint or the
+    tiny builder has no saved settings: the config is returned as is."""
+    if cfg.model.tiny.enabled or not cfg.model.name_or_path:
+        return cfg, ()
+    cfg, taken, differences = inherit(cfg, cfg.model.name_or_path)
+    return cfg, (*((logging.INFO, taken),) * bool(taken), *((logging.WARNING, d) for d in differences))
+
+
+def start_run(cfg: Config, notes: Sequence[tuple[int, str]] = ()) -> RunContext:
     """Accelerator + seed, the run lock, run dir, resolved config, start-up log of config path / run name /
-    seed / pipeline identity (docs/training/PIPELINE.md), and the verified checkpoint to resume from (``training.resume_from``)."""
+    seed / pipeline identity (docs/training/PIPELINE.md), and the verified checkpoint to resume from (``training.resume_from``).
+    ``notes``: ``(level, line)`` pairs logged once the log is open (:func:`with_checkpoint_settings`)."""
     t = cfg.training
     check_paths(cfg)  # a wrong model dir / data file / image root fails now, naming its key
     warnings = check_environment(cfg)  # tracker credentials, processes vs devices, rollout backend
@@ -120,6 +134,8 @@ def start_run(cfg: Config) -> RunContext:
     if accelerator.is_main_process:
         for warning in warnings:
             run.logger.warning(warning)
+    for level, line in notes:
+        run.logger.log(level, "checkpoint settings: %s", line)
     return run
 
 
@@ -305,7 +321,7 @@ def load_model(cfg: Config, name_or_path: str, *, adapter_weights: Path | None =
         name_or_path,
         dtype=cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
-        add_coord_tokens=cfg.model.coord_tokens.add_if_missing,
+        add_coord_tokens=adds_coord_tokens(cfg),  # Stage-2 refuses a model without them
         coord_init=cfg.model.coord_tokens.init,
         key="model.name_or_path",
     )
@@ -392,8 +408,10 @@ def encoded(records: list[Record], encoder: ChatEncoder) -> EncodedRecords:
 
 
 def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel, *, adapter=None, base: str | None = None,
-                coord_init: str = "sincos", dtype: torch.dtype | None = None):
-    """``model_save_fn`` for ``training.checkpoint.save_training_state``: weights + tokenizer + image processor.
+                coord_init: str = "sincos", dtype: torch.dtype | None = None,
+                settings: CheckpointSettings | None = None):
+    """``model_save_fn`` for ``training.checkpoint.save_training_state``: weights + tokenizer + image processor,
+    and ``settings`` (``model.settings``: prompt, image budget, coord format, eval decoding) for inference.
 
     The state dict is gathered through ``accelerator.get_state_dict`` on every rank (FSDP / ZeRO-3
     shards need all of them); only the main process writes. Under an adapter (``adapter.enabled``) only
@@ -410,6 +428,8 @@ def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel, *, adapte
                 save_adapter(vlm, model_dir, adapter, base_ref, coord_init=coord_init)
                 loaded.tokenizer.save_pretrained(str(model_dir))
                 loaded.image_processor.save_pretrained(str(model_dir))
+                if settings is not None:
+                    write_settings(model_dir, settings)
             return
         full = accelerator.get_state_dict(prepared_model) or {}  # ZeRO-3 gathers to the main process only
         prefix = "vlm."
@@ -423,6 +443,8 @@ def model_saver(accelerator, prepared_model, vlm, loaded: LoadedModel, *, adapte
                                 save_original_format=False)
             loaded.tokenizer.save_pretrained(str(model_dir))
             loaded.image_processor.save_pretrained(str(model_dir))
+            if settings is not None:
+                write_settings(model_dir, settings)
 
     return save
 
@@ -585,7 +607,8 @@ def _setup_training(cfg: Config, run: RunContext, *, desc: str) -> TrainingSetup
         tracker=tracker, aggregator=MetricAggregator(accelerator),
         progress=TrainProgress(t.max_steps, start_step, accelerator.is_main_process, cfg.run.log_every, desc=desc),
         save_model=model_saver(accelerator, model, vlm, loaded, adapter=spec_from_config(cfg.model.adapter), base=base,
-                               coord_init=cfg.model.coord_tokens.init, dtype=loaded_dtype),
+                               coord_init=cfg.model.coord_tokens.init, dtype=loaded_dtype,
+                               settings=settings_of(cfg)),
         guard=NonFiniteGuard(t.max_consecutive_nonfinite),
         interrupt=InterruptFlag(t.save_on_interrupt, on_sigusr1=t.on_sigusr1),
         saved_step=start_step if run.resume_dir is not None else None,
