@@ -407,6 +407,9 @@ def iter_jsonl(
                 )
         except DataError as e:
             if not skip_invalid:
+                if e.reason == "missing_image":  # almost always the image root, not the record
+                    raise DataError(e.source, e.field, e.reason, e.detail,
+                                    fix=_image_root_hint(image_root, base_dir) + " " + DataError.SKIP_HINT) from None
                 raise
             report.skipped[e.reason] += 1
             if len(report.skipped_examples) < 20:
@@ -428,12 +431,26 @@ def iter_jsonl(
         report.objects += len(rec.objects)
         report.empty_records += int(not rec.objects)
         yield rec
+    if report.lines and not report.records:  # skip_invalid skipped every line: nothing to train or evaluate on
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items()))
+        hint = _image_root_hint(image_root, base_dir) if "missing_image" in report.skipped else \
+            f"first: {report.skipped_examples[0]}"
+        raise DataError(path, "<file>", "no_records",
+                        f"data.skip_invalid skipped all {report.lines} lines ({reasons})", fix=hint)
     if report.lines == 0:
         raise DataError(
             path, "<file>", "empty_file",
             f"has no records ({report.blank_lines} blank lines); a JSONL file needs one record per line",
             fix="Point the config at the right file, or remove the key if this split is not used.",
         )
+
+
+def _image_root_hint(image_root, base_dir: str) -> str:
+    """What to check first when an image is not found: where relative image paths were looked up."""
+    where = (f"data.image_root={os.fspath(image_root)!r}" if image_root is not None
+             else f"the JSONL's folder {base_dir!r} (data.image_root is not set)")
+    return (f"Relative image paths are resolved against {where}: check data.image_root first (for the COCO "
+            "layout, the COCO root when the records hold 'train2017/<file>', docs/DATA.md).")
 
 
 def record_to_json(record: Record, *, relative_to: str | None = None) -> dict:

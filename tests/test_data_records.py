@@ -225,3 +225,28 @@ def test_empty_jsonl_file_is_an_error_naming_the_file(tmp, content):
             read_jsonl(str(path), skip_invalid=skip)
         assert ei.value.reason == "empty_file" and str(path) in str(ei.value) and "no records" in str(ei.value)
         assert "skip_invalid" not in str(ei.value)  # skipping cannot fix an empty file
+
+
+def test_a_missing_image_points_at_data_image_root_first(tmp):
+    (tmp / "coco" / "train2017").mkdir(parents=True)
+    write_png(str(tmp / "coco" / "train2017" / "a.png"), 640, 480)
+    path = write_jsonl(str(tmp / "train2017.jsonl"), [_row([], image="train2017/a.png", image_id=1),
+                                                       _row([], image="train2017/b.png", image_id=2)])
+    wrong = tmp / "coco" / "train2017"  # one level too deep: the COCO root is right
+    with pytest.raises(DataError) as ei:
+        read_jsonl(path, image_root=str(wrong))
+    msg = str(ei.value)
+    assert ei.value.reason == "missing_image" and "\n" not in msg
+    assert f"resolved against data.image_root={str(wrong)!r}: check data.image_root first" in msg
+    assert msg.index("data.image_root first") < msg.index("set data.skip_invalid: true")
+    # skip_invalid already on and every line skipped: the image root again, no skip_invalid advice
+    with pytest.raises(DataError) as ei:
+        read_jsonl(path, image_root=str(wrong), skip_invalid=True)
+    msg = str(ei.value)
+    assert ei.value.reason == "no_records" and "skipped all 2 lines (missing_image=2)" in msg
+    assert "check data.image_root first" in msg and "set data.skip_invalid" not in msg
+    # without data.image_root the JSONL's folder is named
+    with pytest.raises(DataError, match=r"the JSONL's folder .* \(data.image_root is not set\)"):
+        read_jsonl(write_jsonl(str(tmp / "sub.jsonl"), [_row([], image="nope.png")]))
+    recs, _ = read_jsonl(path, image_root=str(tmp / "coco"), skip_invalid=True)
+    assert [r.image_id for r in recs] == ["1"]
