@@ -28,7 +28,7 @@ from data.types import PackedBatch
 from eval.semantic import load_encoder
 from pipeline.wrapper import STRATEGY_EXPECTATION, STRATEGY_ROLLOUT
 from rollout.backends import GenerationBackend
-from rollout.step import prepare_rollout_batches, token_budget_warning
+from rollout.step import budget_hit_message, prepare_rollout_batches, token_budget_warning
 from training.faults import any_rank, run_recipe_cli
 from training.preflight import dry_run
 from training.router import CHANNEL_A, CHANNEL_B, ChannelRouter
@@ -116,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         router.load_state_dict(s.resume_state.router_state)
     backend = rollout_backend_for(cfg, run, s)  # rollout_matching.backend; in-loop eval derives from it
     # the token budget a full answer needs, from the data (rollouts cut at the budget lose objects and their eos)
-    budget_warning = token_budget_warning(rm.decoding.max_new_tokens, [s.encoder.answer_length(r) for r in s.splits.train])
+    answer_lengths = [s.encoder.answer_length(r) for r in s.splits.train]
+    budget_warning = token_budget_warning(rm.decoding.max_new_tokens, answer_lengths)
     if budget_warning:
         run.logger.warning(budget_warning)
     # the Stage-2 desc gate uses the one semantic encoder of eval.semantic (None: exact desc equality)
@@ -152,10 +153,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         step_metrics = dict(rollouts[i].metrics)
                         if step_metrics["rollout/max_new_tokens_hit_count"] and not hit_budget_warned:
                             hit_budget_warned = True
-                            run.logger.warning(
-                                "step %d: %d rollout(s) hit rollout_matching.decoding.max_new_tokens=%d (cut before "
-                                "their eos); raise it (rollout/max_new_tokens_hit_count counts every hit)",
-                                step, int(step_metrics["rollout/max_new_tokens_hit_count"]), rm.decoding.max_new_tokens)
+                            # advice to raise the budget only when GT answers need more, not when the model rambles
+                            run.logger.log(*budget_hit_message(step, int(step_metrics["rollout/max_new_tokens_hit_count"]),
+                                                               rm.decoding.max_new_tokens, max(answer_lengths, default=0)))
                     # The prepared TrainingWrapper: the channel's forwards (Channel-A: N forwards, vision once) +
                     # the objective pipeline in one wrapped forward. Rollout-Aligned has no channels (None).
                     with accelerator.autocast():  # the training precision throughout (docs/MODEL.md)

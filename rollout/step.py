@@ -126,6 +126,26 @@ def prepare_rollout_batches(
     return results
 
 
+def budget_hit_message(step: int, hits: int, max_new_tokens: int, longest_answer: int) -> tuple[int, str]:
+    """``(logging level, line)`` for the first rollouts cut at ``max_new_tokens`` (before their eos).
+
+    Raising the budget helps only when GT answers need more (``longest_answer``, tokens incl.
+    ``<|im_end|>``, is above it): a warning then. When every GT answer fits, the model simply does not
+    stop yet (an untrained or early model repeats itself until the budget): an info line, no advice.
+    """
+    import logging
+
+    if longest_answer > max_new_tokens:
+        return logging.WARNING, (
+            f"step {step}: {hits} rollout(s) hit rollout_matching.decoding.max_new_tokens={max_new_tokens} (cut "
+            f"before their eos) and the longest GT answer needs {longest_answer} tokens: raise it to >= "
+            f"{longest_answer} (rollout/max_new_tokens_hit_count counts every hit)")
+    return logging.INFO, (
+        f"step {step}: {hits} rollout(s) hit rollout_matching.decoding.max_new_tokens={max_new_tokens} although "
+        f"every GT answer fits (longest {longest_answer} tokens): the model does not stop yet, usual early in "
+        "training; rollout/max_new_tokens_hit_count counts every hit")
+
+
 def token_budget_warning(max_new_tokens: int, answer_lengths: Sequence[int]) -> str | None:
     """A warning when ``rollout_matching.decoding.max_new_tokens`` cannot hold the longest GT answer.
 

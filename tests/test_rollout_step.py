@@ -59,3 +59,14 @@ def test_token_budget_warning_from_answer_lengths():
     assert token_budget_warning(96, [20, 48]) is None  # 2 x 48 fits exactly
     msg = token_budget_warning(96, [20, 49, 30])
     assert "max_new_tokens=96" in msg and "49 tokens" in msg and ">= 98" in msg
+
+
+def test_the_budget_hit_advice_only_when_gt_answers_exceed_the_budget():
+    import logging
+
+    from rollout.step import budget_hit_message
+
+    level, msg = budget_hit_message(3, 2, 64, 80)  # a GT answer needs 80 > 64: raising helps
+    assert level == logging.WARNING and "raise it to >= 80" in msg and "step 3: 2 rollout(s)" in msg
+    level, msg = budget_hit_message(3, 2, 64, 64)  # every GT answer fits: the model rambles, no advice
+    assert level == logging.INFO and "raise" not in msg and "does not stop yet" in msg
