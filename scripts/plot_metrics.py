@@ -10,7 +10,10 @@ Default keys: ``loss/total`` and every other ``loss/*`` key found. Non-finite va
 tracker writes ``NaN``/``Infinity``) cannot be placed on an axis; they are counted in the panel
 title, never dropped silently. ``--smooth N`` draws the trailing mean of the last N points
 over the raw curve of dense keys (the raw curve stays visible in a light shade); sparse keys
-(eval) are never smoothed. Without ``--out`` the PNG goes to ``<first run dir>/plots/metrics.png``.
+(eval) are never smoothed. A Stage-2 Two-Channel run (its rows log ``stage2/channel_b_count``) gets
+one line per channel for every per-step key: Channel-A steps solid, Channel-B steps dashed (the two
+channels' losses differ in size; one line through both zig-zags like an instability).
+Without ``--out`` the PNG goes to ``<first run dir>/plots/metrics.png``.
 The recipes call :func:`plot_run` at the end of every run, which writes that file.
 """
 
@@ -66,6 +69,7 @@ class PlotResult:
     keys: list[str]
     panels: list[tuple[int, int, int, int]] = field(default_factory=list)  # plot areas, one per key
     nonfinite: dict[str, int] = field(default_factory=dict)  # key -> values not drawn (NaN/inf)
+    lines: dict[str, list[str]] = field(default_factory=dict)  # key -> the lines drawn ("run", "run Channel-B")
 
 
 def load_run(path: str) -> Run:
@@ -121,6 +125,26 @@ def series(run: Run, key: str) -> tuple[list[tuple[float, float]], int]:
     return points, nonfinite
 
 
+CHANNEL_KEY = "stage2/channel_b_count"  # 1 on a Channel-B step, 0 on a Channel-A step (training.router)
+CHANNEL_STYLES = {"Channel-A": "-", "Channel-B": "--"}
+
+
+def channel_of_step(run: Run) -> dict[float, str]:
+    """``step -> "Channel-A" | "Channel-B"`` for a Stage-2 Two-Channel run; empty for any other run."""
+    return {float(r["step"]): "Channel-B" if r[CHANNEL_KEY] else "Channel-A"
+            for r in run.rows if isinstance(r.get(CHANNEL_KEY), (int, float))}
+
+
+def split_by_channel(points: list[tuple[float, float]], channels: dict[float, str]) -> dict[str, list]:
+    """``points`` of a per-step key as one list per channel (``{"": points}`` without channel info)."""
+    if not channels:
+        return {"": points}
+    out: dict[str, list] = {}
+    for step, value in points:
+        out.setdefault(channels.get(step, "Channel-A"), []).append((step, value))
+    return out
+
+
 def smooth(values: list[float], n: int) -> list[float]:
     """Trailing mean over the last ``n`` values (fewer at the start); ``n <= 1`` returns a copy."""
     if n <= 1:
@@ -138,8 +162,9 @@ def _rgb(c: tuple[int, int, int], lighten: float = 0.0) -> tuple[float, float, f
     return tuple((x + (255 - x) * lighten) / 255 for x in c)
 
 
-def draw_panel(ax, key: str, runs: list[Run], smooth_n: int) -> int:
-    """Draw one key's curves on ``ax``; returns the number of non-finite values left out."""
+def draw_panel(ax, key: str, runs: list[Run], smooth_n: int, lines: list[str] | None = None) -> int:
+    """Draw one key's curves on ``ax`` (their labels appended to ``lines``); returns the number of
+    non-finite values left out."""
     nonfinite, drawn = 0, False
     for i, run in enumerate(runs):
         pts, nf = series(run, key)
@@ -149,13 +174,18 @@ def draw_panel(ax, key: str, runs: list[Run], smooth_n: int) -> int:
         drawn = True
         # Sparse = present on only some rows of the run (eval keys): mark each point.
         sparse = len(pts) < sum(1 for r in run.rows if "step" in r)
-        steps, vals = [p[0] for p in pts], [p[1] for p in pts]
         color = PALETTE[i % len(PALETTE)]
-        marker = "o" if sparse or len(pts) == 1 else None
-        if smooth_n > 1 and not sparse:  # eval points are few and far apart: never averaged
-            ax.plot(steps, vals, color=_rgb(color, 0.65), linewidth=1.5)
-            vals = smooth(vals, smooth_n)
-        ax.plot(steps, vals, color=_rgb(color), linewidth=2, marker=marker, markersize=4)
+        parts = {"": pts} if sparse else split_by_channel(pts, channel_of_step(run))
+        for channel, part in parts.items():
+            steps, vals = [p[0] for p in part], [p[1] for p in part]
+            marker = "o" if sparse or len(part) == 1 else None
+            style = CHANNEL_STYLES.get(channel, "-")
+            if smooth_n > 1 and not sparse:  # eval points are few and far apart: never averaged
+                ax.plot(steps, vals, color=_rgb(color, 0.65), linewidth=1.5, linestyle=style)
+                vals = smooth(vals, smooth_n)
+            ax.plot(steps, vals, color=_rgb(color), linewidth=2, marker=marker, markersize=4, linestyle=style)
+            if lines is not None:
+                lines.append(f"{run.label} {channel}".strip())
     ax.set_title(key + (f"  ({nonfinite} non-finite not drawn)" if nonfinite else ""), fontsize=9, loc="left")
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=8)
@@ -197,12 +227,17 @@ def plot(
         x0, y0 = c * pw + ml, r * ph + mt
         w, h = pw - ml - mr, ph - mt - mb
         ax = fig.add_axes((x0 / W, 1 - (y0 + h) / H, w / W, h / H))
-        result.nonfinite[key] = draw_panel(ax, key, runs, smooth_n)
+        result.lines[key] = []
+        result.nonfinite[key] = draw_panel(ax, key, runs, smooth_n, result.lines[key])
         result.panels.append((x0, y0, x0 + w, y0 + h))
         axes.append(ax)
     handles = [Line2D([], [], color=_rgb(PALETTE[i % len(PALETTE)]), linewidth=3) for i in range(len(runs))]
     fig.legend(handles, [f"{run.label}  ({run.path})" for run in runs], loc="lower left", fontsize=8,
                frameon=False, bbox_to_anchor=(ml / W, 0), borderaxespad=0.2, handlelength=2.5)
+    if any(channel_of_step(run) for run in runs):  # which line style is which channel
+        styles = [Line2D([], [], color="0.3", linewidth=2, linestyle=ls) for ls in CHANNEL_STYLES.values()]
+        fig.legend(styles, [f"{name} steps" for name in CHANNEL_STYLES], loc="lower right", fontsize=8,
+                   frameon=False, bbox_to_anchor=(1 - mr / W, 0), borderaxespad=0.2, handlelength=2.5)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, format="png", dpi=DPI)
     return result

@@ -112,3 +112,25 @@ def test_end_of_run_plot_has_losses_and_eval_panels(tmp_path):
     # no loss logged yet: nothing to plot, no file
     empty = _write_run(tmp_path / "empty", [{"step": 1, "train/lr": 0.1}])
     assert plot_run(empty) is None and not (empty / "plots").exists()
+
+
+def test_a_two_channel_run_gets_one_line_per_channel(tmp_path):
+    from scripts.plot_metrics import channel_of_step, load_run, series, split_by_channel
+
+    rows = []
+    for step in range(1, 11):  # B on steps 2, 5, 8 (b_ratio ~0.3); B losses are ~3x the A losses
+        b = step % 3 == 2
+        rows.append({"step": step, "loss/total": (3.0 if b else 1.0) / step, "stage2/channel_b_count": float(b),
+                     "stage2/channel_a_count": float(not b), **({"eval/rollout/mAP": 0.5} if step == 10 else {})})
+    run_dir = _write_run(tmp_path / "s2", rows)
+    run = load_run(str(run_dir))
+    parts = split_by_channel(series(run, "loss/total")[0], channel_of_step(run))
+    assert parts["Channel-B"] == [(2.0, 1.5), (5.0, 0.6), (8.0, 3.0 / 8)]
+    assert [s for s, _ in parts["Channel-A"]] == [1.0, 3.0, 4.0, 6.0, 7.0, 9.0, 10.0]
+    out = plot_run(run_dir)
+    assert Image.open(out).size[0] > 0
+    res = main([str(run_dir), "--keys", "loss/total", "eval/rollout/mAP", "--out", str(tmp_path / "p.png")])
+    assert res.lines == {"loss/total": ["s2 Channel-A", "s2 Channel-B"], "eval/rollout/mAP": ["s2"]}
+    # a Stage-1 run: one line per key
+    plain = _write_run(tmp_path / "s1", [{"step": s, "loss/total": 1.0 / s} for s in range(1, 4)])
+    assert main([str(plain), "--out", str(tmp_path / "q.png")]).lines == {"loss/total": ["s1"]}
