@@ -5,7 +5,9 @@
 Each record's ``image`` path is opened (relative paths resolve against ``--image-root``,
 default: the folder of the predictions file). Boxes are scaled from the record's
 ``width``/``height`` to the opened image, so a resized copy of the image still lines up.
-Each cell has a header with the record's ``image_id`` and its GT / prediction counts. Labels (GT
+Each cell has a header with the record's ``image_id``, its GT / prediction counts and a legend (GT
+green, prediction red). Boxes are two-tone: the coloured stroke between two dark outlines, so a green
+GT box stays visible on a green object. Labels (GT
 ``desc``; predictions ``desc score``) sit next to their box and never across a box outline or on
 another label. Pages are ``page_000.png``, ``page_001.png`` ...
 """
@@ -24,7 +26,10 @@ from eval.detection import read_predictions_jsonl
 
 GT_COLOR = (0, 200, 0)
 PRED_COLOR = (230, 0, 0)
-LINE_WIDTH = 3
+OUTLINE_COLOR = (20, 20, 20)  # the dark edge on both sides of every coloured box stroke
+LINE_WIDTH = 3  # the coloured stroke, drawn inward from the box edge
+OUTLINE = 1  # dark pixels outside and inside the stroke
+LEGEND = (("GT", GT_COLOR), ("prediction (desc score)", PRED_COLOR))
 
 
 def _boxes(record: Mapping[str, Any], key: str) -> list[tuple[str, tuple[float, ...], float | None]]:
@@ -38,7 +43,7 @@ def _boxes(record: Mapping[str, Any], key: str) -> list[tuple[str, tuple[float, 
 
 
 MARGIN = 16  # white border around the image: labels of boxes at the image edge go there
-HEADER_H = 16  # strip above the image with the record's image id and box counts
+HEADER_H = 30  # strip above the image: the record's image id and box counts, then the legend
 
 Rect = tuple[float, float, float, float]
 
@@ -86,6 +91,15 @@ def place_labels(boxes: Sequence[Rect], sizes: Sequence[tuple[float, float]], ca
     return placed
 
 
+def draw_box(draw, xy: Rect, color: tuple[int, int, int]) -> None:
+    """A two-tone box: the ``color`` stroke (``LINE_WIDTH``, inward from ``xy``) between dark outlines
+    (``OUTLINE`` pixels outside the box edge and inside the stroke), visible on any background."""
+    x1, y1, x2, y2 = xy
+    draw.rectangle((x1 - OUTLINE, y1 - OUTLINE, x2 + OUTLINE, y2 + OUTLINE), outline=OUTLINE_COLOR,
+                   width=LINE_WIDTH + 2 * OUTLINE)
+    draw.rectangle(xy, outline=color, width=LINE_WIDTH)
+
+
 def render_record(record: Mapping[str, Any], image_root: Path, cell_size: int = 512, blank_missing: bool = False):
     """One PIL image of at most ``cell_size`` x ``cell_size``: a header with the record's ``image_id``
     (and GT / prediction counts), then the image with its GT and predicted boxes and their labels.
@@ -123,14 +137,20 @@ def render_record(record: Mapping[str, Any], image_root: Path, cell_size: int = 
              for desc, (x1, y1, x2, y2), score in _boxes(record, key)]
     n_gt = sum(1 for d in drawn if d[0] == "gt")
     draw.text((MARGIN, 2), f"{record.get('image_id')}  gt {n_gt}  pred {len(drawn) - n_gt}", fill=(0, 0, 0))
+    x = MARGIN
+    for text, color in LEGEND:  # a short two-tone stroke in each colour, then its name
+        draw_box(draw, (x, 19, x + 16, 25), color)
+        draw.text((x + 20, 16), text, fill=color)
+        left, _, right, _ = draw.textbbox((0, 0), text)
+        x += 20 + right - left + 12
     for _, color, _, _, xy in drawn:
-        draw.rectangle(xy, outline=color, width=LINE_WIDTH)
+        draw_box(draw, xy, color)
     labels = [desc if score is None else f"{desc} {float(score):.2f}" for _, _, desc, score, _ in drawn]
     sizes = []
     for text in labels:
         left, top, right, bottom = draw.textbbox((0, 0), text)
         sizes.append((right - left + 2, bottom - top + 2))
-    rects = place_labels([d[4] for d in drawn], sizes, cell.size)
+    rects = place_labels([d[4] for d in drawn], sizes, cell.size, line_width=LINE_WIDTH + OUTLINE)
     for (_, color, _, _, _), text, rect in zip(drawn, labels, rects):
         draw.rectangle(rect, fill=(255, 255, 255))
         left, top, _, _ = draw.textbbox((0, 0), text)

@@ -73,7 +73,8 @@ def test_visualize_draws_gt_and_pred_box_edges(tmp_path):
     page = Image.open(pages[0]).convert("RGB")
     assert page.size == (400, 400)  # 2x2 grid of 200 px cells
     for cell in ((0, 0, 200, 200), (200, 0, 400, 200)):
-        assert _count(page, cell, visualize.GT_COLOR) > 50 and _count(page, cell, visualize.PRED_COLOR) > 50
+        image = (cell[0], cell[1] + visualize.MARGIN + visualize.HEADER_H, cell[2], cell[3])  # below the legend
+        assert _count(page, image, visualize.GT_COLOR) > 50 and _count(page, image, visualize.PRED_COLOR) > 50
         header = (cell[0], 0, cell[2], visualize.MARGIN)  # the image id is written above the image
         assert _ink(page, header, (0, 0, 0)) > 10
 
@@ -210,3 +211,20 @@ def test_a_missing_semantic_model_or_a_bad_threshold_is_one_error_line(tmp_path,
     rc = run_cli(evaluate_cli.main, ["--predictions", str(path), "--semantic-threshold", "1.5",
                                      "--semantic-model", "x"])
     assert rc == 2 and "eval.semantic.threshold" in capsys.readouterr().err
+
+
+def test_visualize_has_a_legend_and_two_tone_boxes(tmp_path):
+    """A green GT box on a green image stays visible: a dark outline on both sides of the stroke."""
+    rec = {"image_id": "g", "image": "g.png", "width": 100, "height": 100,
+           "gt": [{"desc": "leaf", "bbox_2d": [20, 20, 80, 80]}], "pred": []}
+    Image.new("RGB", (100, 100), visualize.GT_COLOR).save(tmp_path / "g.png")
+    cell = visualize.render_record(rec, tmp_path, cell_size=100 + 2 * visualize.MARGIN + visualize.HEADER_H)
+    x1, y1, x2, y2 = (round(v) for v in cell.info["box_rects"][0])
+    ym = (y1 + y2) // 2
+    # left edge, outside in: dark outline, 3 px of green stroke, dark outline, then the green image
+    row = [cell.getpixel((x, ym)) for x in range(x1 - 1, x1 + visualize.LINE_WIDTH + 1)]
+    assert row == [visualize.OUTLINE_COLOR] + [visualize.GT_COLOR] * visualize.LINE_WIDTH + [visualize.OUTLINE_COLOR]
+    assert cell.getpixel((x1 - 2, ym)) == visualize.GT_COLOR  # the image itself
+    # legend in the header: both colours, whatever the record holds (no prediction here)
+    header = (0, 0, cell.width, visualize.MARGIN + visualize.HEADER_H - 2)
+    assert _count(cell, header, visualize.GT_COLOR) > 10 and _count(cell, header, visualize.PRED_COLOR) > 10
