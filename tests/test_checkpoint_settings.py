@@ -173,3 +173,17 @@ def test_stage1_logs_the_coord_rows_it_adds(bare, recipe_env, tmp_path, monkeypa
             "<|coord_0|>..<|coord_999|> with fresh rows initialised by model.coord_tokens.init=mean") in log
     saved = json.loads((tmp_path / "s1" / "checkpoint-1" / "model" / SETTINGS_FILE).read_text())
     assert saved["settings"]["data.prompt"] == "Detect all objects."
+
+
+def test_a_training_checkpoint_dir_is_taken_by_infer_and_named_by_the_recipes(trained):
+    from model.loading import check_checkpoint_path, model_dir_of
+
+    ckpt = trained / "checkpoint-2"
+    assert model_dir_of(str(ckpt)) == str(ckpt / "model")
+    assert model_dir_of(str(ckpt / "model")) == str(ckpt / "model")  # a model dir is kept
+    assert model_dir_of(str(trained)) == str(trained)  # a run dir is no checkpoint: left to the error below
+    with pytest.raises(UserError, match=rf"no config.json in this directory; .*this is a training checkpoint: its "
+                                        rf"model is {ckpt}/model$"):
+        check_checkpoint_path(str(ckpt), "model.name_or_path")
+    with pytest.raises(UserError, match=r"\(config.json, tokenizer files, weights\)$"):
+        check_checkpoint_path(str(trained), "model.name_or_path")
