@@ -100,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # data settings the config leaves unset come from the checkpoint's saved settings (model.settings)
     cfg, settings_notes = with_checkpoint_settings(cfg)
     if args.dry_run:  # paths, tokenizer, every record, pipeline, packing plan; no weights
+        for _, line in settings_notes:
+            print(f"checkpoint settings: {line}")
         return dry_run(cfg)
     t, sab, rm = cfg.training, cfg.stage2_ab, cfg.rollout_matching
     two_channel = cfg.variant == TWO_CHANNEL
