@@ -409,7 +409,7 @@ def iter_jsonl(
             if not skip_invalid:
                 if e.reason == "missing_image":  # almost always the image root, not the record
                     raise DataError(e.source, e.field, e.reason, e.detail,
-                                    fix=_image_root_hint(image_root, base_dir) + " " + DataError.SKIP_HINT) from None
+                                    fix=_image_root_hint(image_root) + " " + DataError.SKIP_HINT) from None
                 raise
             report.skipped[e.reason] += 1
             if len(report.skipped_examples) < 20:
@@ -431,12 +431,6 @@ def iter_jsonl(
         report.objects += len(rec.objects)
         report.empty_records += int(not rec.objects)
         yield rec
-    if report.lines and not report.records:  # skip_invalid skipped every line: nothing to train or evaluate on
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items()))
-        hint = _image_root_hint(image_root, base_dir) if "missing_image" in report.skipped else \
-            f"first: {report.skipped_examples[0]}"
-        raise DataError(path, "<file>", "no_records",
-                        f"data.skip_invalid skipped all {report.lines} lines ({reasons})", fix=hint)
     if report.lines == 0:
         raise DataError(
             path, "<file>", "empty_file",
@@ -445,12 +439,24 @@ def iter_jsonl(
         )
 
 
-def _image_root_hint(image_root, base_dir: str) -> str:
-    """What to check first when an image is not found: where relative image paths were looked up."""
-    where = (f"data.image_root={os.fspath(image_root)!r}" if image_root is not None
-             else f"the JSONL's folder {base_dir!r} (data.image_root is not set)")
-    return (f"Relative image paths are resolved against {where}: check data.image_root first (for the COCO "
-            "layout, the COCO root when the records hold 'train2017/<file>', docs/DATA.md).")
+def require_records(report: DataReport, image_root: str | os.PathLike | None = None) -> None:
+    """A split whose every line ``data.skip_invalid`` skipped cannot train or evaluate: one ``DataError``
+    (``no_records``) naming the reasons, and, when images were missing, where they were looked up
+    (``data.image_root`` first; not ``skip_invalid``, which is already on). The trainers call it on each split."""
+    if not report.lines or report.records:
+        return
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items()))
+    hint = (_image_root_hint(image_root) if "missing_image" in report.skipped
+            else f"First: {report.skipped_examples[0]}" if report.skipped_examples else "")
+    raise DataError(report.path, "<file>", "no_records",
+                    f"data.skip_invalid skipped all {report.lines} lines ({reasons})", fix=hint)
+
+
+def _image_root_hint(image_root) -> str:
+    """What to check first when an image is not found: the root relative image paths were looked up in."""
+    where = (f"now {clip(os.fspath(image_root), 200)!r}" if image_root is not None
+             else "not set: paths are relative to the JSONL's folder")
+    return f"Check data.image_root first ({where}; for COCO, the folder holding train2017/, docs/DATA.md)."
 
 
 def record_to_json(record: Record, *, relative_to: str | None = None) -> dict:

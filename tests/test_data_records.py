@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from data.records import DataError, bin_to_pixel, pixel_to_bin, read_jsonl
+from data.records import DataError, bin_to_pixel, pixel_to_bin, read_jsonl, require_records
 from data.types import GTObject
 from tests._data_fixtures import write_jsonl, write_png
 
@@ -237,16 +237,20 @@ def test_a_missing_image_points_at_data_image_root_first(tmp):
         read_jsonl(path, image_root=str(wrong))
     msg = str(ei.value)
     assert ei.value.reason == "missing_image" and "\n" not in msg
-    assert f"resolved against data.image_root={str(wrong)!r}: check data.image_root first" in msg
+    assert f"Check data.image_root first (now {str(wrong)!r}; for COCO, the folder holding train2017/" in msg
     assert msg.index("data.image_root first") < msg.index("set data.skip_invalid: true")
-    # skip_invalid already on and every line skipped: the image root again, no skip_invalid advice
+    # skip_invalid already on and every line skipped: what the trainers check on each split (require_records)
+    # names the image root again, and gives no skip_invalid advice
+    recs, report = read_jsonl(path, image_root=str(wrong), skip_invalid=True)
+    assert recs == [] and report.skipped == {"missing_image": 2}
     with pytest.raises(DataError) as ei:
-        read_jsonl(path, image_root=str(wrong), skip_invalid=True)
+        require_records(report, str(wrong))
     msg = str(ei.value)
     assert ei.value.reason == "no_records" and "skipped all 2 lines (missing_image=2)" in msg
-    assert "check data.image_root first" in msg and "set data.skip_invalid" not in msg
+    assert "Check data.image_root first" in msg and "set data.skip_invalid" not in msg
     # without data.image_root the JSONL's folder is named
-    with pytest.raises(DataError, match=r"the JSONL's folder .* \(data.image_root is not set\)"):
+    with pytest.raises(DataError, match=r"data.image_root first \(not set: paths are relative to the JSONL's folder"):
         read_jsonl(write_jsonl(str(tmp / "sub.jsonl"), [_row([], image="nope.png")]))
-    recs, _ = read_jsonl(path, image_root=str(tmp / "coco"), skip_invalid=True)
+    recs, report = read_jsonl(path, image_root=str(tmp / "coco"), skip_invalid=True)
     assert [r.image_id for r in recs] == ["1"]
+    require_records(report, str(tmp / "coco"))  # one record left: fine

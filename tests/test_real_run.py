@@ -125,3 +125,29 @@ def test_the_real_run_walkthrough_runs_as_written(tmp_path):
     assert (s2 / "plots" / "metrics.png").is_file()
     rows = [json.loads(line) for line in (s2 / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage2/channel_b_count"] for r in rows] == [0.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_a_wrong_image_root_is_named_first_even_with_skip_invalid_on(recipe_env, tmp_path, monkeypatch, capsys,
+                                                                   fresh_coordexp_logger):
+    """The COCO-layout detour: data.image_root one level too deep. Without skip_invalid the error names the
+    root first; with it on, every line is skipped and the error names the root again (not skip_invalid)."""
+    import train_stage1
+    from configs.errors import run_cli
+    from scripts.coco_to_jsonl import main as convert
+
+    coco = make_coco_layout(tmp_path / "coco", num_train=2, num_val=1)
+    convert(["--coco", str(coco / "annotations" / "instances_train2017.json"), "--out", str(coco / "train.jsonl"),
+             "--image-prefix", "train2017"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COORDEXP_DEBUG", raising=False)
+    argv = ["--config", str(REPO / "configs" / "stage1" / "qwen3vl_2b.yaml"), "--dry-run",
+            "--set", f"model.name_or_path={recipe_env.tiny_dir}", "--set", f"data.train_jsonl={coco / 'train.jsonl'}",
+            "--set", "data.val_jsonl=null", "--set", f"data.image_root={coco / 'train2017'}",
+            "--set", "run.tracker.backend=none", "--set", "training.mixed_precision=no"]
+    assert run_cli(train_stage1.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "[missing_image]. Check data.image_root first (now " in err
+    assert run_cli(train_stage1.main, [*argv, "--set", "data.skip_invalid=true"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the data report the dry run logs
+    assert err.startswith("error: ") and "skipped all 2 lines (missing_image=2) [no_records]" in err
+    assert "Check data.image_root first" in err and "skip_invalid: true" not in err

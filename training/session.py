@@ -28,6 +28,7 @@ from configs.types import Config, thaw
 from core.vocab import IGNORE, LOGGER_NAME
 from data.encoding import ChatEncoder, EncodedRecords
 from data.packing import PackedDataset, iterate_batches
+from data.records import require_records
 from data.shapes import make_shapes_dataset
 from data.table import ReadOptions, cached_packing, open_records
 from data.types import PackedBatch, Record
@@ -386,6 +387,7 @@ def load_records(cfg: Config, accelerator=None) -> DataSplits:
             return []
         records, report = open_records(path, options, cache_root=d.cache_dir, main_process_first=first)
         logger.info("data: %s", report.summary())
+        require_records(report, d.image_root)  # skip_invalid skipped every line: the image root, most likely
         return records
 
     return DataSplits(train=read(train_path), val=read(val_path))
