@@ -58,6 +58,8 @@ SETTING_FLAGS = {
     "score_mode": "rollout_matching.eval_detection.score_mode",
     "score_include_desc": "rollout_matching.eval_detection.score_include_desc",
     "iou_gate": "rollout_matching.matching.iou_gate",
+    "fp_cost": "rollout_matching.matching.fp_cost",
+    "fn_cost": "rollout_matching.matching.fn_cost",
 }
 SAVED = " (default: the checkpoint's saved {key}, else the declared default)"
 
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     setting("--score-include-desc", "score_include_desc", action=argparse.BooleanOptionalAction,
             help="token_prob also times the desc tokens' mean prob")
     setting("--iou-gate", "iou_gate", type=float, help="matching gate of the printed precision/recall")
+    setting("--fp-cost", "fp_cost", type=float, help="Hungarian cost of an unmatched prediction")
+    setting("--fn-cost", "fn_cost", type=float, help="Hungarian cost of an unmatched GT object")
     p.add_argument("--dtype", default=_default("model.dtype"), choices=_enum("model.dtype"))
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backend", default=_default("rollout_matching.backend"), choices=_enum("rollout_matching.backend"),
@@ -189,16 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       work_dir=Path(args.out).parent)
     # auto: hand the backend many prompts per call; it splits them by the memory estimate
     chunk = args.batch_size if args.batch_size != AUTO else AUTO_BATCH_CAP
+    matching = MatchingConfig(iou_gate=args.iou_gate, fp_cost=args.fp_cost, fn_cost=args.fn_cost)
     results = predict_records(
         model, loaded.tokenizer, loaded.coord_vocab, encoder, records,
-        backend=backend, batch_size=chunk, matching=MatchingConfig(iou_gate=args.iou_gate),
+        backend=backend, batch_size=chunk, matching=matching,
         score_mode=args.score_mode, score_include_desc=args.score_include_desc, progress=True,
     )  # fmt: skip
     if args.num_samples:
         add_sampled_rollouts(
             results, model, loaded.tokenizer, loaded.coord_vocab, encoder, records, backend=backend,
             num_samples=args.num_samples, temperature=args.temperature, seed=args.seed, batch_size=chunk,
-            matching=MatchingConfig(iou_gate=args.iou_gate), score_mode=args.score_mode, score_include_desc=args.score_include_desc,
+            matching=matching, score_mode=args.score_mode, score_include_desc=args.score_include_desc,
         )  # fmt: skip
     lists = read_lvis_lists(args.jsonl)
     path = write_predictions_jsonl(args.out, [{**r.detection_record(), **lists.get(r.image_id, {})} for r in results],

@@ -47,6 +47,8 @@ EVAL_KEYS: tuple[str, ...] = (
     "rollout_matching.eval_detection.score_mode",
     "rollout_matching.eval_detection.score_include_desc",
     "rollout_matching.matching.iou_gate",
+    "rollout_matching.matching.fp_cost",
+    "rollout_matching.matching.fn_cost",
 )
 """How the run's in-loop eval generated and scored; ``eval.infer`` defaults (training keeps its own config)."""
 
