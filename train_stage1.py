@@ -49,9 +49,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # data settings the config leaves unset come from the checkpoint's saved settings (model.settings)
     cfg, settings_notes = with_checkpoint_settings(cfg)
     if args.dry_run:  # paths, tokenizer, every record, pipeline, packing plan; no weights
-        for _, line in settings_notes:
-            print(f"checkpoint settings: {line}")
-        return dry_run(cfg)
+        return dry_run(cfg, notes=[line for _, line in settings_notes])
     t = cfg.training
     run = start_run(cfg, settings_notes)  # accelerator, run dir, resolved config, pipeline identity, resume point
     accelerator = run.accelerator

@@ -105,7 +105,7 @@ def test_the_real_run_walkthrough_runs_as_written(tmp_path):
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     assert proc.stdout.count("dry run OK") == 2
     # Stage-2's dry run names the data settings it takes from the Stage-1 checkpoint
-    assert proc.stdout.count("checkpoint settings: not set in the config, taken from") == 1
+    assert proc.stdout.count("  settings       not set in the config, taken from") == 1
 
     runs = work / "runs"
     s1, s2 = runs / "qwen3vl_2b_stage1_coco", runs / "qwen3vl_2b_stage2_two_channel_coco"

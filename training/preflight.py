@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from configs.errors import ConfigError, UserError
@@ -185,8 +186,9 @@ def check_environment(cfg: Config) -> list[str]:
     return warnings
 
 
-def dry_run(cfg: Config, *, out=print) -> int:
-    """Validate everything a run needs without loading weights; print the plan; return 0 (or raise)."""
+def dry_run(cfg: Config, *, out=print, notes: Sequence[str] = ()) -> int:
+    """Validate everything a run needs without loading weights; print the plan; return 0 (or raise).
+    ``notes``: lines printed with the plan (the data settings taken from the checkpoint's saved settings)."""
     from data.encoding import EncodedRecords
     from data.packing import PackedDataset
     from model.loading import load_tokenizer_and_image_processor, require_coord_tokens
@@ -209,6 +211,8 @@ def dry_run(cfg: Config, *, out=print) -> int:
     launch = (f"{world} processes" if world > 1 else
               "1 process (run the dry run under the same `accelerate launch ...` command to check the launch)")
     out(f"  launch         {launch}; tracker {cfg.run.tracker.backend}; rollouts {cfg.rollout_matching.backend}")
+    for note in notes:  # the data settings taken from the checkpoint (training.session.with_checkpoint_settings)
+        out(f"  settings       {note}")
     for warning in warnings:
         out(f"  WARNING        {warning}")
 
