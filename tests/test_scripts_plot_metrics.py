@@ -1,4 +1,4 @@
-"""scripts/plot_metrics.py: matplotlib plots of metrics.jsonl, key checks, smoothing, the end-of-run plot."""
+"""training/plots.py (CLI: scripts/plot_metrics.py): matplotlib plots of metrics.jsonl, key checks, smoothing, the end-of-run plot."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from scripts.plot_metrics import PALETTE, main, plot_run, smooth
+from training.plots import PALETTE, main, plot_run, smooth
 
 
 def _write_run(folder, rows):
@@ -115,7 +115,7 @@ def test_end_of_run_plot_has_losses_and_eval_panels(tmp_path):
 
 
 def test_a_two_channel_run_gets_one_line_per_channel(tmp_path):
-    from scripts.plot_metrics import channel_of_step, load_run, series, split_by_channel
+    from training.plots import channel_of_step, load_run, series, split_by_channel
 
     rows = []
     for step in range(1, 11):  # B on steps 2, 5, 8 (b_ratio ~0.3); B losses are ~3x the A losses

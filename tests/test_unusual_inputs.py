@@ -398,3 +398,12 @@ def test_resume_refuses_a_changed_model_or_optimizer_key_and_allows_max_steps(re
             train_stage1.main([*resume, *sets])
     train_stage1.main([*resume, "--set", "training.save_every=1", "--set", "data.num_workers=1"])  # allowed changes
     assert (tmp_path / "r" / "checkpoint-2").is_dir()
+
+
+def test_a_checkpoint_of_another_run_continues_in_a_new_run_dir(recipe_env, tmp_path, monkeypatch):
+    """Where the run is written is not a setting of the checkpoint: resume_from may name another run's."""
+    monkeypatch.chdir(tmp_path)
+    train_stage1.main(recipe_argv(recipe_env, STAGE1_DEMO, tmp_path, name="a", max_steps=1, training__eval_every=0))
+    train_stage1.main(recipe_argv(recipe_env, STAGE1_DEMO, tmp_path / "other", name="b", max_steps=2,
+                                  training__eval_every=0, training__resume_from=str(tmp_path / "a" / "checkpoint-1")))
+    assert (tmp_path / "other" / "b" / "checkpoint-2").is_dir()

@@ -217,12 +217,13 @@ def resume_point(cfg: Config, run_dir: Path) -> Path | None:
 
 
 # The config keys (dotted prefixes) a resume may change: how long to train, when to save / eval / log, where
-# data and caches are read from. Every other key shapes the model, the optimizer or the data order that the
+# the run is written (resume_from may name another run's checkpoint), where data and caches are read from. Every other key shapes the model, the optimizer or the data order that the
 # checkpoint holds, and a resume that changed one would silently train the checkpoint's setting instead.
 RESUME_MAY_CHANGE = (
     "training.max_steps", "training.resume_from", "training.save_every", "training.save_total_limit",
     "training.eval_every", "training.save_on_interrupt", "training.max_consecutive_nonfinite",
-    "training.collective_timeout_s", "run.overwrite", "run.log_every", "run.tracker", "eval",
+    "training.collective_timeout_s", "training.on_sigusr1", "run.name", "run.output_dir", "run.overwrite",
+    "run.log_every", "run.tracker", "eval",
     "data.num_workers", "data.cache_dir", "data.train_jsonl", "data.val_jsonl", "data.image_root",
     "data.synthetic.out_dir", "model.tiny.dir",
 )
@@ -779,7 +780,7 @@ def finish_run(run: RunContext, s: TrainingSetup) -> None:
         s.interrupt.close()
         if run.accelerator.is_main_process:
             try:
-                from scripts.plot_metrics import plot_run  # matplotlib: loaded only when a run ends
+                from training.plots import plot_run  # matplotlib: loaded only when a run ends
 
                 plot_run(run.run_dir)
             except Exception as exc:  # noqa: BLE001 - the run's results are written; a plot must not fail it
