@@ -14,7 +14,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ from training.preflight import adds_coord_tokens, check_environment, check_model
 from training.progress import TrainProgress
 from training.setup import (
     METRICS_FILE,
+    each_node_first,
     log_run_header,
     make_accelerator,
     make_run_dir,
@@ -268,11 +269,13 @@ def make_tracker(cfg: Config, run: RunContext) -> Tracker:
 def make_train_dataset(cfg: Config, samples: EncodedRecords, accelerator: Accelerator) -> PackedDataset:
     """Static packing over the whole train set (the Stage-1 policy), sharded by rank, resumable.
 
-    The token lengths and the packing plan are computed once by the main process and cached beside
-    the record table (``data.table.cached_packing``); every rank reads them."""
+    The token lengths and the packing plan are computed once per node (global rank 0 first, then any
+    node that does not see its files: ``training.setup.each_node_first``) and cached beside the record
+    table (``data.table.cached_packing``); every rank reads them."""
     t = cfg.training
     lengths, rows = cached_packing(samples.records, samples.encoder, t.max_length, t.packing,
-                                   main_process_first=accelerator.main_process_first)
+                                   main_process_first=lambda: each_node_first(accelerator),
+                                   procs=cfg.data.cache_build_procs)
     dataset = PackedDataset(
         samples, t.max_length, t.batch_size, t.packing, seed=cfg.run.seed, lengths=lengths, rows=rows,
         num_replicas=accelerator.num_processes, rank=accelerator.process_index,
@@ -298,16 +301,16 @@ def should(every: int, done: int, max_steps: int) -> bool:
 def resolve_checkpoint(cfg: Config, *, resume_model_dir: Path | None = None, accelerator=None) -> str:
     """The directory (or HF id) to load weights from: a resumed checkpoint, the tiny builder, or ``model.name_or_path``.
 
-    The tiny checkpoint is built by the main process while the other ranks wait (``accelerator``
-    given); they then find it complete. Without the wait every rank would write the same files at
-    once, and a rank could read a half-written checkpoint.
+    The tiny checkpoint is built by global rank 0 while the other ranks wait (``accelerator`` given;
+    then local rank 0 of a node that does not share the directory builds its own copy:
+    ``training.setup.each_node_first``); they then find it complete. Without the wait every rank would
+    write the same files at once, and a rank could read a half-written checkpoint.
     """
     if resume_model_dir is not None:
         return str(resume_model_dir)
     if cfg.model.tiny.enabled:
         tiny = cfg.model.tiny
-        first = accelerator.main_process_first() if accelerator is not None else nullcontext()
-        with first:
+        with each_node_first(accelerator):
             return build_tiny_checkpoint(tiny.dir, seed=tiny.seed, hidden=tiny.hidden, layers=tiny.layers,
                                          vision_hidden=tiny.vision_hidden, vision_depth=tiny.vision_depth,
                                          intermediate=2 * tiny.hidden, max_pixels=tiny.max_pixels,
@@ -363,25 +366,27 @@ class DataSplits:
 
 def load_records(cfg: Config, accelerator=None) -> DataSplits:
     """Open (or synthesise, then open) the train/val JSONL files as memory-mapped Arrow tables
-    (``data.table.open_records``: validated once by the main process, cached beside the file or under
-    ``data.cache_dir``); reports are logged, never silent."""
+    (``data.table.open_records``: validated once per node, cached beside the file or under
+    ``data.cache_dir``); reports are logged, never silent. The synthetic data and the caches are
+    written once per node with the other ranks waiting (``training.setup.each_node_first``)."""
     d = cfg.data
     train_path, val_path = d.train_jsonl, d.val_jsonl
     if d.synthetic.enabled:
-        train_path, val_path = make_shapes_dataset(
-            d.synthetic.out_dir,
-            d.synthetic.num_train,
-            d.synthetic.num_val,
-            image_size=d.synthetic.image_size,
-            max_shapes=d.synthetic.max_shapes,
-            seed=d.synthetic.seed,
-            supersample=d.synthetic.supersample,
-        )
+        with each_node_first(accelerator):
+            train_path, val_path = make_shapes_dataset(
+                d.synthetic.out_dir,
+                d.synthetic.num_train,
+                d.synthetic.num_val,
+                image_size=d.synthetic.image_size,
+                max_shapes=d.synthetic.max_shapes,
+                seed=d.synthetic.seed,
+                supersample=d.synthetic.supersample,
+            )
         if d.synthetic.num_val == 0:  # the generator writes an empty val.jsonl; an empty file is an error
             val_path = None
     options = ReadOptions(image_root=d.image_root, coords=d.coords, object_order=d.object_order,
                           max_objects=d.max_objects, skip_invalid=d.skip_invalid, max_image_pixels=d.max_image_pixels)
-    first = accelerator.main_process_first if accelerator is not None else None
+    first = (lambda: each_node_first(accelerator)) if accelerator is not None else None
 
     def read(path):
         if not path:

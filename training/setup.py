@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,38 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     )
     set_seed(seed)
     return accelerator
+
+
+@contextmanager
+def each_node_first(accelerator) -> Iterator[None]:
+    """Run the body on global rank 0 first, then on local rank 0 of every other node, then on every
+    other rank, with the rest waiting (two barriers, on every rank).
+
+    For the files a recipe creates on first use that every node reads (the tiny checkpoint, the
+    synthetic shapes data, the Arrow record cache and its lengths / packing plan). The body must be
+    idempotent (build when absent or incomplete, else only read): on a filesystem all nodes share,
+    global rank 0 builds and the other nodes find the files complete and read them; on node-local
+    disks (a relative path under each node's own working directory) each node's local rank 0
+    builds its own copy once. Either way no two processes ever write the same file. Files only the
+    run writes (run dir, resolved config, metrics, checkpoints, eval output, run lock) belong to the
+    shared ``run.output_dir`` and are written by global rank 0 (``accelerator.is_main_process``)
+    alone; docs/SCALING.md "Multi-node".
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        yield
+        return
+    main, local_main = accelerator.is_main_process, accelerator.is_local_main_process
+    if not main:
+        accelerator.wait_for_everyone()  # 1: global rank 0 has built
+    if not local_main:
+        accelerator.wait_for_everyone()  # 2: this node's local rank 0 has built (or found it shared)
+    try:
+        yield
+    finally:
+        if main:
+            accelerator.wait_for_everyone()
+        if local_main:
+            accelerator.wait_for_everyone()
 
 
 def what_run_holds(run_dir: str | Path) -> str | None:
