@@ -12,7 +12,11 @@ rank's own), on the same synthetic JSONL, the same tiny tokenizer / image proces
   ``EncodedRecords.lengths()`` (tokenise every answer) -> ``data.packing.pack_lengths``. Every rank
   did all of it and kept every record in Python memory.
 - **ours, once per dataset** (``build``): ``data.table.open_records`` + ``cached_packing`` on an empty
-  cache: the main process validates into the Arrow file, tokenises and packs once.
+  cache: the main process validates into the Arrow file, tokenises in batches over every CPU
+  (``data.cache_build_procs: 0``) and packs once.
+- **BASELINE of the build** (``build_serial``): the same on another empty cache with the length pass
+  one record at a time (``ChatEncoder.sample_length`` per row, in this process), as the build did
+  before it was batched. ``RATIO cache_build`` = its seconds / ``build``'s.
 - **ours, per rank** (``rank``): the same two calls on the warm cache: map the Arrow file, read the
   cached lengths and plan.
 
@@ -38,6 +42,7 @@ from pathlib import Path
 
 from bench._common import mib, print_table
 
+WAYS = ("today", "build_serial", "build", "rank")
 DESCS = ("red circle", "blue square", "green triangle", "yellow star", "black cat", "white car", "person")
 
 
@@ -90,9 +95,14 @@ def _child(way: str, jsonl: str, max_length: int) -> dict:
         lengths = EncodedRecords(records, encoder).lengths()
         rows = pack_lengths(lengths, max_length)
         n = len(records)
+    elif way == "build_serial":  # its own empty cache, so `build` still starts from nothing
+        table, _ = open_records(jsonl, ReadOptions(), cache_root=Path(jsonl).parent / "serial")
+        lengths = [encoder.sample_length(table[i]) for i in range(len(table))]
+        rows = pack_lengths(lengths, max_length, sources=table.sources())
+        n = len(table)
     else:
         table, _ = open_records(jsonl, ReadOptions())
-        lengths, rows = cached_packing(table, encoder, max_length, True)
+        lengths, rows = cached_packing(table, encoder, max_length, True, procs=0)
         n = len(table)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "import_seconds": import_seconds, "rss_bytes": _vm("VmRSS") - before, "peak_rss_bytes": _vm("VmHWM") - before,
@@ -116,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--records", type=int, default=100_000)
     p.add_argument("--max-length", type=int, default=8192, help="training.max_length of the packing plan")
     p.add_argument("--quick", action="store_true", help="300 records: proves the script works, ratios meaningless")
-    p.add_argument("--child", choices=("today", "build", "rank"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=WAYS, help=argparse.SUPPRESS)
     p.add_argument("--jsonl", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -125,22 +135,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
     n = 300 if args.quick else args.records
     with tempfile.TemporaryDirectory() as tmp:
         jsonl = write_records(Path(tmp) / "records.jsonl", n)
-        result = {way: _spawn(way, jsonl, args.max_length) for way in ("today", "build", "rank")}
+        result = {way: _spawn(way, jsonl, args.max_length) for way in WAYS}
         result["jsonl_bytes"] = jsonl.stat().st_size
     result["config"] = {"records": n, "max_length": args.max_length}
-    result["same_plan"] = len({result[w]["plan_checksum"] for w in ("today", "build", "rank")}) == 1
+    result["same_plan"] = len({result[w]["plan_checksum"] for w in WAYS}) == 1
     result["speedup"] = result["today"]["seconds"] / max(result["rank"]["seconds"], 1e-9)
+    result["build_speedup"] = result["build_serial"]["seconds"] / max(result["build"]["seconds"], 1e-9)
+    from data.table import LENGTHS_BATCH, available_cpus
+
+    result["config"]["build_procs"] = available_cpus()
     result["memory_ratio"] = result["today"]["rss_bytes"] / max(result["rank"]["rss_bytes"], 1)
     print_table(
         ["way", "records", "seconds", "RSS growth MiB", "peak RSS growth MiB"],
         [[label, result[w]["records"], result[w]["seconds"], mib(result[w]["rss_bytes"]),
           mib(result[w]["peak_rss_bytes"])]
          for w, label in (("today", "read_jsonl + lengths + pack (every rank)"),
-                          ("build", "Arrow cache build (once)"), ("rank", "Arrow cache, per rank"))],
+                          ("build_serial", "Arrow cache build, lengths one at a time (once)"),
+                          ("build", f"Arrow cache build, batched lengths, <= {available_cpus()} procs (once)"),
+                          ("rank", "Arrow cache, per rank"))],
     )
     print(f"import datasets (every process, not timed above): {result['rank']['import_seconds']:.2f} s; "
           f"JSONL {mib(result['jsonl_bytes']):.1f} MiB; same packing plan each way: {result['same_plan']}; "
           f"RSS growth ratio today / per rank: {result['memory_ratio']:.2f}x")
+    print(f"RATIO cache_build: {result['build_speedup']:.2f}x (Arrow cache build with the lengths one record at a time "
+          f"over batched on up to {available_cpus()} processes, one per {LENGTHS_BATCH} records)")
     print(f"RATIO records_startup: {result['speedup']:.2f}x (read_jsonl + lengths + pack per rank over the cached Arrow table)")
     return result
 

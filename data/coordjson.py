@@ -84,15 +84,17 @@ class RenderedAnswer:
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, char_types: bool = True) -> None:
         self.parts: list[str] = []
         self.types: list[int] = []
+        self.char_types = char_types  # False: the text only (render_answer_text), a list per char is the cost
         self.pos = 0
 
     def add(self, s: str, typ: int) -> Span:
         start = self.pos
         self.parts.append(s)
-        self.types.extend([typ] * len(s))
+        if self.char_types:
+            self.types.extend([typ] * len(s))
         self.pos += len(s)
         return start, self.pos
 
@@ -129,6 +131,15 @@ def render_answer(objects: Sequence[GTObject]) -> RenderedAnswer:
     spans = b.add_objects(objects)
     b.add(CONTAINER_CLOSE, STRUCT)
     return b.result(spans)
+
+
+def render_answer_text(objects: Sequence[GTObject]) -> str:
+    """``render_answer(objects).text`` without the per-character annotations (token lengths for packing)."""
+    b = _Builder(char_types=False)
+    b.add(CONTAINER_OPEN, STRUCT)
+    b.add_objects(objects)
+    b.add(CONTAINER_CLOSE, STRUCT)
+    return "".join(b.parts)
 
 
 def render_objects_fragment(objects: Sequence[GTObject]) -> RenderedAnswer:

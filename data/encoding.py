@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from core.vocab import EOS, IGNORE, NO_SUBSET
-from data.coordjson import IM_END, RenderedAnswer, find_outermost_closure, render_answer
+from data.coordjson import IM_END, RenderedAnswer, find_outermost_closure, render_answer, render_answer_text
 from data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRefused, open_image, to_rgb
 from data.records import DataError
 from data.tokens import assign_token_types, char_span_to_tokens
@@ -136,7 +136,7 @@ class ChatEncoder:
 
     def answer_length(self, record: Record) -> int:
         """Answer tokens including ``<|im_end|>``."""
-        return len(self.encode_answer_tokens(render_answer(record.objects).text)[0]) + 1
+        return len(self.encode_answer_tokens(render_answer_text(record.objects))[0]) + 1
 
     def sample_length(self, record: Record) -> int:
         """Length of ``encode(record)`` without decoding the image (for static packing).
@@ -144,17 +144,42 @@ class ChatEncoder:
         Uses the processor's ``get_number_of_image_patches`` on ``record.width/height``; falls
         back to processing the image when the processor lacks it.
         """
-        getter = getattr(self.image_processor, "get_number_of_image_patches", None)
+        return len(self._prompt_head) + self.image_tokens(record) + len(self._prompt_tail) + self.answer_length(record)
+
+    def sample_lengths(self, records: Sequence[Record]) -> list[int]:
+        """``[sample_length(r) for r in records]`` with the answers tokenised in one batched call and the
+        image-token count computed once per image size (what the record cache's length pass runs)."""
+        texts = [render_answer_text(r.objects) for r in records]
+        answers = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        prompt = len(self._prompt_head) + len(self._prompt_tail)
+        per_size: dict[tuple[int, int], int] = {}
+        out = []
+        for record, ids in zip(records, answers, strict=True):
+            if self._patches_getter() is None:  # the count comes from the decoded image itself
+                n_img = self.image_tokens(record)
+            else:
+                size = (record.height, record.width)
+                if size not in per_size:
+                    per_size[size] = self.image_tokens(record)
+                n_img = per_size[size]
+            out.append(prompt + n_img + len(ids) + 1)
+        return out
+
+    def _patches_getter(self):
+        return getattr(self.image_processor, "get_number_of_image_patches", None)
+
+    def image_tokens(self, record: Record) -> int:
+        """Image tokens of ``record`` in the prompt, from its width/height (or its decoded image when the
+        processor cannot count patches from a size)."""
+        getter = self._patches_getter()
         if getter is None:
             _, grid = self.process_image(record)
-            n_img = self.num_image_tokens(grid)
-        else:
-            kw = {}
-            if self.size is not None:
-                kw = {"min_pixels": self.size.get("shortest_edge"), "max_pixels": self.size.get("longest_edge")}
-                kw = {k: v for k, v in kw.items() if v is not None}
-            n_img = int(getter(record.height, record.width, kw)) // (self.merge_size**2)
-        return len(self._prompt_head) + n_img + len(self._prompt_tail) + self.answer_length(record)
+            return self.num_image_tokens(grid)
+        kw = {}
+        if self.size is not None:
+            kw = {"min_pixels": self.size.get("shortest_edge"), "max_pixels": self.size.get("longest_edge")}
+            kw = {k: v for k, v in kw.items() if v is not None}
+        return int(getter(record.height, record.width, kw)) // (self.merge_size**2)
 
     # ----------------------------------------------------------------- encode
     def encode_prompt(self, record: Record) -> EncodedSample:

@@ -10,8 +10,11 @@ per-process copy of the records). ``<cache>`` is ``<dir of the JSONL>/.coordexp_
 (or under ``data.cache_dir``), ``key`` = sha256 of the file's bytes, its path and the read options,
 so an edited file or a changed ``data.*`` read option never reuses a stale cache.
 
-``cached_lengths(table, encoder)`` caches ``ChatEncoder.sample_length`` of every record (the
-tokenisation that static packing needs) as ``lengths-<encoder key>.npy`` in the same directory.
+``cached_packing(table, encoder, ...)`` caches ``ChatEncoder.sample_length`` of every record (the
+tokenisation that static packing needs) as ``lengths-<encoder key>.npy`` in the same directory, and
+the packing plan beside it. The lengths are computed in batches (one Arrow read and one batched
+tokenizer call per ``LENGTHS_BATCH`` rows, ``ChatEncoder.sample_lengths``) over ``data.cache_build_procs``
+processes; the values and their order do not depend on the process count.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from data.types import GTObject, Record
 CACHE_FORMAT = 1
 CACHE_DIRNAME = ".coordexp_cache"
 _WRITE_BATCH = 10_000
+LENGTHS_BATCH = 1024  # rows per Arrow read + batched tokenizer call of the length pass
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,10 @@ class RecordTable(Sequence):
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+            start, stop, step = i.indices(len(self))
+            if step == 1:
+                return self.records_between(start, stop)
+            return [self[j] for j in range(start, stop, step)]
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
@@ -135,6 +142,19 @@ class RecordTable(Sequence):
         objects = tuple(GTObject(desc=d, bins=tuple(bins[4 * k: 4 * k + 4])) for k, d in enumerate(row["descs"]))
         return Record(image_path=row["image_path"], width=row["width"], height=row["height"], objects=objects,
                       image_id=row["image_id"], source=row["source"])
+
+    def records_between(self, start: int, stop: int) -> list[Record]:
+        """``[self[i] for i in range(start, stop)]`` decoded from one Arrow read."""
+        if stop <= start:
+            return []
+        cols = self.dataset[start:stop]
+        out = []
+        for k in range(stop - start):
+            bins = cols["bins"][k]
+            objects = tuple(GTObject(desc=d, bins=tuple(bins[4 * j: 4 * j + 4])) for j, d in enumerate(cols["descs"][k]))
+            out.append(Record(image_path=cols["image_path"][k], width=cols["width"][k], height=cols["height"][k],
+                              objects=objects, image_id=cols["image_id"][k], source=cols["source"][k]))
+        return out
 
     def sources(self) -> Sequence[str]:
         """``file:line`` of every record, read from the table on access (no list of a million strings)."""
@@ -203,22 +223,64 @@ def _cached(target: Path, compute: Callable[[], object], save: Callable[[object,
             os.replace(tmp, target)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; what ``data.cache_build_procs: 0`` uses)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_FORKED: tuple | None = None  # (table, encoder) for the forked workers of table_lengths
+
+
+def _span_lengths(span: tuple[int, int], table=None, encoder=None) -> np.ndarray:
+    if table is None:
+        table, encoder = _FORKED
+    return np.asarray(encoder.sample_lengths(table.records_between(*span)), dtype=np.int64)
+
+
+def table_lengths(table: RecordTable, encoder, procs: int = 1) -> np.ndarray:
+    """``encoder.sample_length`` of every record of ``table`` (int64, in record order), computed in
+    batches of ``LENGTHS_BATCH`` rows (``ChatEncoder.sample_lengths``) on ``procs`` processes (0: every
+    available CPU). The workers are forked (they inherit the mapped table and the encoder; nothing is
+    pickled but the row ranges and the lengths); the result does not depend on ``procs``."""
+    global _FORKED
+    n = len(table)
+    spans = [(s, min(s + LENGTHS_BATCH, n)) for s in range(0, n, LENGTHS_BATCH)]
+    procs = min(procs or available_cpus(), len(spans))
+    if procs <= 1:
+        parts = [_span_lengths(span, table, encoder) for span in spans]
+    else:
+        import multiprocessing
+
+        _FORKED = (table, encoder)
+        try:
+            with multiprocessing.get_context("fork").Pool(procs) as pool:
+                parts = pool.map(_span_lengths, spans, chunksize=1)
+        finally:
+            _FORKED = None
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def cached_packing(table: RecordTable, encoder, max_length: int, packing: bool, *,
-                   main_process_first: Callable[[], object] | None = None) -> tuple[list[int], list[list[int]]]:
+                   main_process_first: Callable[[], object] | None = None,
+                   procs: int = 1) -> tuple[list[int], list[list[int]]]:
     """(``encoder.sample_length`` of every record, the static packing plan) for ``table``, each computed
     once and cached beside the table: ``lengths-<encoder key>.npy`` and
     ``plan-<encoder key>-<max_length>-<packed|single>.json`` (``data.packing.pack_lengths`` rows, or one
     sample per row). The plan is what ``data.packing.PackedDataset(rows=...)`` takes; its checks (a
     sample longer than ``max_length`` raises with the record's ``file:line``) run when it is computed.
+    ``procs``: processes of the length pass (:func:`table_lengths`; ``data.cache_build_procs``).
+    ``main_process_first``: a context-manager factory; the recipes pass ``training.setup.each_node_first``
+    (global rank 0 computes, then each node that does not see the files, the other ranks wait).
     """
     from data.packing import pack_lengths
 
     key = encoder_key(encoder)
     lengths_file = table.cache_dir / f"lengths-{key}.npy"
-    _cached(lengths_file,
-            lambda: np.fromiter((encoder.sample_length(table[i]) for i in range(len(table))), dtype=np.int64,
-                                count=len(table)),
-            lambda value, fh: np.save(fh, value), main_process_first)
+    _cached(lengths_file, lambda: table_lengths(table, encoder, procs), lambda value, fh: np.save(fh, value),
+            main_process_first)
     lengths = np.load(lengths_file).tolist()
     plan_file = table.cache_dir / f"plan-{key}-{int(max_length)}-{'packed' if packing else 'single'}.json"
 

@@ -17,6 +17,7 @@ from data.coordjson import (
     parse_answer,
     parse_coord_token,
     render_answer,
+    render_answer_text,
     render_objects_fragment,
 )
 from data.types import GTObject
@@ -118,6 +119,7 @@ objects = st.lists(st.builds(GTObject, descs, st.tuples(bins, bins, bins, bins))
 def test_render_parse_round_trip(objs):
     r = render_answer(objs)
     assert parse_answer(r.text) == objs
+    assert render_answer_text(objs) == r.text  # the text-only render of the length pass
     assert len(r.char_types) == len(r.text)
     for (a, b), o in zip(r.desc_char_spans, objs):
         assert r.text[a:b] == json.dumps(o.desc, ensure_ascii=False)[1:-1]

@@ -85,3 +85,22 @@ def test_lengths_and_plan_are_cached_and_equal_the_direct_computation(jsonl, mon
         PackedDataset(list(range(3)), 512, 1, True, lengths=lengths, rows=[[0], [1]])
     with pytest.raises(PackingError, match="training.max_length=8"):
         cached_packing(table, enc, 8, True)
+
+
+def test_batched_lengths_on_two_processes_equal_one_record_at_a_time(tmp_path, monkeypatch):
+    """The length pass in batches (``ChatEncoder.sample_lengths``, batched tokenizer call) over forked
+    workers gives ``sample_length`` of every record, in order, and so the same packing plan."""
+    from bench.bench_records import write_records
+    from data.table import table_lengths
+
+    jsonl = write_records(tmp_path / "r.jsonl", 70)
+    table, _ = open_records(jsonl, ReadOptions())
+    enc = ChatEncoder(qwen_tokenizer(), image_processor(), prompt="Detect all objects.")
+    one_at_a_time = [enc.sample_length(r) for r in table]
+    assert enc.sample_lengths(list(table)) == one_at_a_time
+    assert table[3:9] == [table[i] for i in range(3, 9)]
+    monkeypatch.setattr(table_mod, "LENGTHS_BATCH", 16)  # 5 batches, the last one short
+    for procs in (1, 2):
+        assert table_lengths(table, enc, procs).tolist() == one_at_a_time
+    lengths, rows = cached_packing(table, enc, 2048, True, procs=2)
+    assert lengths == one_at_a_time and rows == pack_lengths(one_at_a_time, 2048)
