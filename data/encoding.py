@@ -14,7 +14,14 @@ import torch
 from PIL import Image
 
 from core.vocab import EOS, IGNORE, NO_SUBSET
-from data.coordjson import IM_END, RenderedAnswer, find_outermost_closure, render_answer, render_answer_text
+from data.coordjson import (
+    COORD_TOKEN_RE,
+    IM_END,
+    RenderedAnswer,
+    find_outermost_closure,
+    render_answer,
+    render_answer_text,
+)
 from data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRefused, open_image, to_rgb
 from data.records import DataError
 from data.tokens import assign_token_types, char_span_to_tokens
@@ -86,6 +93,8 @@ class ChatEncoder:
                 "use the checkpoint's Qwen-VL chat template"
             )
         self.prompt_text = text
+        self._piecewise: bool | None = None  # answer_token_counts: pieces between coord tokens add up (checked)
+        self._piece_tokens: dict[str, int] = {}
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids.count(self.image_pad_id) != 1:
             raise ValueError(f"{IMAGE_PAD} did not tokenise to one token in the prompt")
@@ -149,12 +158,11 @@ class ChatEncoder:
     def sample_lengths(self, records: Sequence[Record]) -> list[int]:
         """``[sample_length(r) for r in records]`` with the answers tokenised in one batched call and the
         image-token count computed once per image size (what the record cache's length pass runs)."""
-        texts = [render_answer_text(r.objects) for r in records]
-        answers = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        answers = self.answer_token_counts([render_answer_text(r.objects) for r in records])
         prompt = len(self._prompt_head) + len(self._prompt_tail)
         per_size: dict[tuple[int, int], int] = {}
         out = []
-        for record, ids in zip(records, answers, strict=True):
+        for record, n_answer in zip(records, answers, strict=True):
             if self._patches_getter() is None:  # the count comes from the decoded image itself
                 n_img = self.image_tokens(record)
             else:
@@ -162,8 +170,37 @@ class ChatEncoder:
                 if size not in per_size:
                     per_size[size] = self.image_tokens(record)
                 n_img = per_size[size]
-            out.append(prompt + n_img + len(ids) + 1)
+            out.append(prompt + n_img + n_answer + 1)
         return out
+
+    def answer_token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each answer text (no ``<|im_end|>``), as ``encode_answer_tokens`` counts them.
+
+        Coord tokens are added tokens: the tokenizer splits them out first and tokenises each piece of
+        text between them on its own, so a text's count is its coord tokens plus its pieces' counts.
+        The pieces (the JSON around each description) repeat from answer to answer: each distinct piece
+        is tokenised once, in one batched call. The first text of every call is also tokenised whole
+        and must agree; a tokenizer where it does not gets whole-text counts from then on.
+        """
+        if not texts:
+            return []
+        if self._piecewise is None:
+            whole = len(self.encode_answer_tokens(texts[0])[0])
+            self._piecewise = self._piecewise_counts(texts[:1]) == [whole]
+        if not self._piecewise:
+            return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        return self._piecewise_counts(texts)
+
+    def _piecewise_counts(self, texts: Sequence[str]) -> list[int]:
+        split = [COORD_TOKEN_RE.split(t)[::2] for t in texts]  # the text between coord tokens (groups dropped)
+        new = sorted({p for pieces in split for p in pieces if p and p not in self._piece_tokens})
+        if len(self._piece_tokens) + len(new) > 1_000_000:  # distinct descriptions without end: bound the memo
+            self._piece_tokens.clear()
+            new = sorted({p for pieces in split for p in pieces if p})
+        if new:
+            for piece, ids in zip(new, self.tokenizer(new, add_special_tokens=False)["input_ids"], strict=True):
+                self._piece_tokens[piece] = len(ids)
+        return [len(pieces) - 1 + sum(self._piece_tokens[p] for p in pieces if p) for pieces in split]
 
     def _patches_getter(self):
         return getattr(self.image_processor, "get_number_of_image_patches", None)

@@ -98,6 +98,11 @@ def test_batched_lengths_on_two_processes_equal_one_record_at_a_time(tmp_path, m
     enc = ChatEncoder(qwen_tokenizer(), image_processor(), prompt="Detect all objects.")
     one_at_a_time = [enc.sample_length(r) for r in table]
     assert enc.sample_lengths(list(table)) == one_at_a_time
+    assert enc._piecewise is True  # the pieces between coord tokens added up: the memoised path ran
+    # a tokenizer whose pieces do not add up is caught by the check and counted whole
+    wrong = ChatEncoder(qwen_tokenizer(), image_processor(), prompt="Detect all objects.")
+    monkeypatch.setattr(wrong, "_piecewise_counts", lambda texts: [1] * len(texts))
+    assert wrong.sample_lengths(list(table)) == one_at_a_time and wrong._piecewise is False
     assert table[3:9] == [table[i] for i in range(3, 9)]
     monkeypatch.setattr(table_mod, "LENGTHS_BATCH", 16)  # 5 batches, the last one short
     for procs in (1, 2):
