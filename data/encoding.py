@@ -93,7 +93,7 @@ class ChatEncoder:
                 "use the checkpoint's Qwen-VL chat template"
             )
         self.prompt_text = text
-        self._piecewise: bool | None = None  # answer_token_counts: pieces between coord tokens add up (checked)
+        self._piecewise: bool | None = None  # answer_token_counts: the pieces between coord tokens add up
         self._piece_tokens: dict[str, int] = {}
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids.count(self.image_pad_id) != 1:
@@ -184,7 +184,7 @@ class ChatEncoder:
         """
         if not texts:
             return []
-        if self._piecewise is None:
+        if self._piecewise is not False:
             whole = len(self.encode_answer_tokens(texts[0])[0])
             self._piecewise = self._piecewise_counts(texts[:1]) == [whole]
         if not self._piecewise:
