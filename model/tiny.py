@@ -414,6 +414,9 @@ def build_tiny_checkpoint(out_dir: str, seed: int = 0, coord_tokens: bool = True
     with open(os.path.join(out_dir, _PARAMS_FILE), "w", encoding="utf-8") as fh:
         json.dump(params, fh, sort_keys=True)
     # Model last: its weights file marks the checkpoint complete (see _is_complete_checkpoint).
+    # transformers writes weights only on global rank 0 once torch.distributed is up; this file is built
+    # by whichever rank training.setup.each_node_first picks (local rank 0 of node 1 on node-local disks).
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
     model.save_pretrained(out_dir)
     return out_dir
 
