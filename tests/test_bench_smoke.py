@@ -179,3 +179,18 @@ def test_packed_attention_quick(capsys):
     assert r["hidden_max_abs_diff"] < 1e-4 and r["grad_max_abs_diff_rel"] < 1e-4
     assert _positive(r["sdpa_s"]) and _positive(r["sdpa_packed_s"])
     assert printed == pytest.approx(r["sdpa_s"] / r["sdpa_packed_s"], abs=0.006)
+
+
+def test_loader_quick(capsys):
+    from bench import bench_loader
+
+    r = bench_loader.main(["--quick", "--threads", "1"])
+    printed = _ratio_line(capsys.readouterr().out, "loader")
+    assert [x["workers"] for x in r["results"]] == [0, 1]
+    # every worker count delivers the same epoch (first micro-batch excluded from the clock)
+    assert len({(x["samples"], x["tokens"]) for x in r["results"]}) == 1 and r["results"][0]["samples"] > 0
+    for x in r["results"]:
+        assert _positive(x["samples_per_s"]) and x["workers_per_gpu"] >= 1
+    # the printed ratio is the measured one: the best worker count's samples/s over 0 workers
+    best = max(x["samples_per_s"] for x in r["results"])
+    assert printed == pytest.approx(best / r["results"][0]["samples_per_s"], abs=0.006)
