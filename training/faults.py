@@ -188,18 +188,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _slurm_run() -> dict[str, Any]:
+    """The SLURM job and restart count of this process (requeued jobs keep their id), if under SLURM."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job": job, "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)} if job else {}
+
+
+def _earlier_run_of_this_job(holder: dict[str, Any], me: dict[str, Any]) -> bool:
+    """The lock was taken by an earlier run of this same requeued SLURM job (on any host): it is over."""
+    try:
+        return (bool(me.get("slurm_job")) and holder.get("slurm_job") == me["slurm_job"]
+                and int(holder.get("slurm_restart", 0)) < int(me["slurm_restart"]))
+    except (TypeError, ValueError):
+        return False
+
+
 def acquire_run_lock(run_dir: str | Path) -> RunLock:
     """Create ``<run_dir>/run.lock`` (pid, host, start time) atomically, or raise :class:`RunLockedError`.
 
     A lock whose pid is dead on this host is stale (the run was killed): it is taken over with a
-    warning. A live holder, or one on another host (its pid cannot be checked from here), refuses
-    the run whatever ``run.overwrite`` says.
+    warning; so is a lock of an earlier run of the same requeued SLURM job (same ``SLURM_JOB_ID``, a
+    lower ``SLURM_RESTART_COUNT``, any host: a job killed at its time limit and restarted on other
+    nodes). A live holder, or one on another host (its pid cannot be checked from here), refuses the
+    run whatever ``run.overwrite`` says.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
     host = socket.gethostname()
-    me = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": uuid.uuid4().hex}
+    me = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": uuid.uuid4().hex,
+          **_slurm_run()}
     for _ in range(20):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -214,14 +232,15 @@ def acquire_run_lock(run_dir: str | Path) -> RunLock:
                 else:
                     continue
             pid, holder_host = int(holder.get("pid", -1)), str(holder.get("host", "?"))
-            if holder_host != host:
+            earlier_run_of_this_job = _earlier_run_of_this_job(holder, me)
+            if holder_host != host and not earlier_run_of_this_job:
                 raise RunLockedError(
                     f"{run_dir} is in use by another training run: pid {pid} on host {holder_host} since "
                     f"{holder.get('started', '?')} (lock file {path}). Pick another run.name, or wait for it to end; "
                     f"run.overwrite does not replace a running run. If that run is gone (host {holder_host} went down), "
                     f"delete {path}."
                 )
-            if pid > 0 and _pid_alive(pid):
+            if pid > 0 and holder_host == host and not earlier_run_of_this_job and _pid_alive(pid):
                 raise RunLockedError(
                     f"{run_dir} is in use by another training run: pid {pid} on this host ({host}) since "
                     f"{holder.get('started', '?')} (lock file {path}). Pick another run.name, or wait for it to end "
@@ -243,8 +262,13 @@ def acquire_run_lock(run_dir: str | Path) -> RunLock:
                 aside.unlink(missing_ok=True)
                 continue
             aside.unlink(missing_ok=True)
-            logger.warning("%s: took over a stale lock of pid %d on this host (that process is gone; the run "
-                           "was killed)", path, pid)
+            if earlier_run_of_this_job:
+                logger.warning("%s: took over the lock of pid %d on host %s, an earlier run of this requeued SLURM "
+                               "job %s (SLURM ends a run before it restarts the job)", path, pid, holder_host,
+                               me["slurm_job"])
+            else:
+                logger.warning("%s: took over a stale lock of pid %d on this host (that process is gone; the run "
+                               "was killed)", path, pid)
             continue
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps(me) + "\n")
