@@ -387,3 +387,18 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_another_host
         held_by(job, restart)
         with pytest.raises(RunLockedError, match="pid 77 on host node-gone"):
             acquire_run_lock(run_dir)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_sbatch_templates_warn_requeue_and_run_their_trainer(stage):
+    """Both templates: valid bash, one task per node, the early-warning signal to the batch shell, requeue,
+    and job.sh with their stage's trainer (the launch logic itself runs in the fake-SLURM test above)."""
+    from tests._recipe_helpers import REPO
+
+    slurm = REPO / "scripts" / "slurm"
+    text = (slurm / f"{stage}.sbatch").read_text()
+    for directive in ("--ntasks-per-node=1", "--signal=B:USR1@", "--requeue", "--open-mode=append"):
+        assert f"#SBATCH {directive}" in text, directive
+    assert f'scripts/slurm/job.sh" train_{stage}.py --config "$CONFIG" "$@"' in text
+    for script in (f"{stage}.sbatch", "job.sh", "node.sh"):
+        assert subprocess.run(["bash", "-n", str(slurm / script)]).returncode == 0, script
