@@ -12,11 +12,11 @@ rank's own), on the same synthetic JSONL, the same tiny tokenizer / image proces
   ``EncodedRecords.lengths()`` (tokenise every answer) -> ``data.packing.pack_lengths``. Every rank
   did all of it and kept every record in Python memory.
 - **ours, once per dataset** (``build``): ``data.table.open_records`` + ``cached_packing`` on an empty
-  cache: the main process validates into the Arrow file, tokenises in batches over every CPU
-  (``data.cache_build_procs: 0``) and packs once.
-- **BASELINE of the build** (``build_serial``): the same on another empty cache with the length pass
-  one record at a time (``ChatEncoder.sample_length`` per row, in this process), as the build did
-  before it was batched. ``RATIO cache_build`` = its seconds / ``build``'s.
+  cache: the main process validates the file in parts and tokenises in batches, over every CPU
+  (``data.cache_build_procs: 0``), and packs once.
+- **BASELINE of the build** (``build_serial``): the same on another empty cache in this process only:
+  validation line by line, the length pass one record at a time (``ChatEncoder.sample_length`` per
+  row), as the build did before. ``RATIO cache_build`` = its seconds / ``build``'s.
 - **ours, per rank** (``rank``): the same two calls on the warm cache: map the Arrow file, read the
   cached lengths and plan.
 
@@ -96,13 +96,14 @@ def _child(way: str, jsonl: str, max_length: int) -> dict:
         rows = pack_lengths(lengths, max_length)
         n = len(records)
     elif way == "build_serial":  # its own empty cache, so `build` still starts from nothing
-        table, _ = open_records(jsonl, ReadOptions(), cache_root=Path(jsonl).parent / "serial")
+        table, _ = open_records(jsonl, ReadOptions(), cache_root=Path(jsonl).parent / "serial", procs=1)
         lengths = [encoder.sample_length(table[i]) for i in range(len(table))]
         rows = pack_lengths(lengths, max_length, sources=table.sources())
         n = len(table)
     else:
-        table, _ = open_records(jsonl, ReadOptions())
-        lengths, rows = cached_packing(table, encoder, max_length, True, procs=0)
+        procs = 0 if way == "build" else 1  # `rank` only maps the warm cache
+        table, _ = open_records(jsonl, ReadOptions(), procs=procs)
+        lengths, rows = cached_packing(table, encoder, max_length, True, procs=procs)
         n = len(table)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "import_seconds": import_seconds, "rss_bytes": _vm("VmRSS") - before, "peak_rss_bytes": _vm("VmHWM") - before,

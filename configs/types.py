@@ -251,9 +251,9 @@ class DataConfig:
                                  "error naming its file:line (or skipped with data.skip_invalid)", minimum=1)
     cache_dir: str | None = knob(None, "where each JSONL's validated Arrow copy, token lengths and packing plan are "
                                  "cached (<cache_dir>/.coordexp_cache/<key>/); null: beside the JSONL (docs/DATA.md)")
-    cache_build_procs: int = knob(0, "processes that compute the token lengths of a new record cache (batched "
-                                  "tokenisation, once per dataset and node; 0 = every CPU the process may use)",
-                                  minimum=0)
+    cache_build_procs: int = knob(0, "processes that build a new record cache (validation in parts of the file, "
+                                  "token lengths in batches; once per dataset and node): 0 = every CPU the process "
+                                  "may use, 1 = in the training process", minimum=0)
     num_workers: int = knob(0, "DataLoader worker processes that decode images, run the image processor and collate "
                             "training micro-batches ahead of the step (0 = in the training process)", minimum=0)
     synthetic: SyntheticDataConfig = section(SyntheticDataConfig, "generated shapes dataset (demo, tests)")

@@ -319,14 +319,23 @@ def _check_image_header(path: str, width: int, height: int, max_pixels: int, sou
         raise DataError(source, "image", "bad_image", f"cannot read {path}: {e}") from None
 
 
-def iter_utf8_lines(path: str | os.PathLike):
+def iter_utf8_lines(path: str | os.PathLike, span: tuple[int, int, int] | None = None):
     """``(lineno, text, None)`` per line of ``path`` (1-based), or ``(lineno, None, (reason, detail))`` for a line that
     is not UTF-8, so one bad line is reported with its number (and can be skipped) instead of a bare
     ``UnicodeDecodeError`` for the whole file. Lines are split on ``\\n`` only; text keeps its line end.
     A UTF-8 byte-order mark at the start of the file (Windows tools write one) is not part of line 1; a line
-    over ``MAX_LINE_BYTES`` is reported (like a line that is not UTF-8) without being held in memory."""
+    over ``MAX_LINE_BYTES`` is reported (like a line that is not UTF-8) without being held in memory.
+    ``span=(start, stop, lineno)``: only the lines that start in bytes ``[start, stop)`` (``start`` at a line
+    start, which is line ``lineno``; ``data.table`` validates the parts of a file in parallel)."""
+    start, stop, lineno = span if span is not None else (0, None, 1)
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
+        fh.seek(start)
+        lineno -= 1
+        while stop is None or fh.tell() < stop:
+            raw = fh.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            lineno += 1
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             if len(raw) > MAX_LINE_BYTES:  # read the rest of it in bounded pieces, never whole
@@ -368,9 +377,12 @@ def iter_jsonl(
     skip_invalid: bool = False,
     check_images: bool = True,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    span: tuple[int, int, int] | None = None,
 ) -> Iterator[Record]:
     """The records of :func:`read_jsonl` one at a time (same checks, same errors), filling ``report``
-    as it goes: what ``data.table`` streams into its Arrow cache without holding every record."""
+    as it goes: what ``data.table`` streams into its Arrow cache without holding every record.
+    ``span``: only that part of the file (``iter_utf8_lines``; ``data.table`` validates parts in
+    parallel); duplicate ``image_id``s are then checked within the part only, and an empty part is no error."""
     if coords not in COORD_MODES:
         raise ValueError(f"data.coords={coords!r} is not allowed; allowed: {', '.join(COORD_MODES)}")
     if object_order not in OBJECT_ORDERS:
@@ -380,7 +392,7 @@ def iter_jsonl(
     path = os.fspath(path)
     base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
     seen_ids: dict[str, str] = {}
-    for lineno, line, unreadable in iter_utf8_lines(path):
+    for lineno, line, unreadable in iter_utf8_lines(path, span):
         source = f"{path}:{lineno}"
         if line is not None and not line.strip():
             report.blank_lines += 1
@@ -431,7 +443,7 @@ def iter_jsonl(
         report.objects += len(rec.objects)
         report.empty_records += int(not rec.objects)
         yield rec
-    if report.lines == 0:
+    if report.lines == 0 and span is None:
         raise DataError(
             path, "<file>", "empty_file",
             f"has no records ({report.blank_lines} blank lines); a JSONL file needs one record per line",

@@ -39,6 +39,7 @@ CACHE_FORMAT = 1
 CACHE_DIRNAME = ".coordexp_cache"
 _WRITE_BATCH = 10_000
 LENGTHS_BATCH = 1024  # rows per Arrow read + batched tokenizer call of the length pass
+MIN_PART_BYTES = 1 << 20  # smallest part of a JSONL file validated by a process of its own
 
 
 @dataclass(frozen=True)
@@ -87,25 +88,138 @@ def _row(rec: Record) -> dict:
             "source": rec.source, "descs": [o.desc for o in rec.objects], "bins": [b for o in rec.objects for b in o.bins]}
 
 
-def _build(path: str, options: ReadOptions, out_dir: Path) -> None:
-    """Validate ``path`` into ``out_dir/records.arrow`` + ``report.json`` (written to a temp dir, then renamed)."""
+def _write_records(records, out: Path) -> None:
+    """Stream ``records`` into the Arrow file ``out`` (``_WRITE_BATCH`` rows per write)."""
     from datasets.arrow_writer import ArrowWriter
 
+    writer = ArrowWriter(features=_features(), path=str(out))
+    batch: list[dict] = []
+    for rec in records:
+        batch.append(_row(rec))
+        if len(batch) == _WRITE_BATCH:
+            writer.write_batch({k: [r[k] for r in batch] for k in batch[0]})
+            batch = []
+    if batch:
+        writer.write_batch({k: [r[k] for r in batch] for k in batch[0]})
+    writer.finalize()
+    writer.close()
+
+
+def line_spans(path: str, parts: int, min_bytes: int | None = None) -> list[tuple[int, int, int]]:
+    """``parts`` (or fewer: at least ``min_bytes``, default ``MIN_PART_BYTES``, each) ``(start, stop, first line
+    number)`` byte ranges of ``path`` that start at line starts and cover it, for validating them in parallel."""
+    size = os.path.getsize(path)
+    min_bytes = MIN_PART_BYTES if min_bytes is None else min_bytes
+    parts = max(1, min(parts, size // max(min_bytes, 1)))
+    if parts == 1:
+        return [(0, size, 1)]
+    starts = [0]
+    with open(path, "rb") as fh:
+        for k in range(1, parts):
+            fh.seek(max(size * k // parts, starts[-1]))
+            fh.readline()  # to the next line start
+            if fh.tell() < size and fh.tell() > starts[-1]:
+                starts.append(fh.tell())
+        spans, lineno, pos = [], 1, 0
+        for a, b in zip(starts, [*starts[1:], size]):
+            fh.seek(pos)
+            lineno += fh.read(a - pos).count(b"\n")
+            spans.append((a, b, lineno))
+            pos = a
+    return spans
+
+
+def _forked_map(fn, *iterables, workers: int | None = None) -> list:
+    """``list(map(fn, *iterables))`` on ``workers`` forked processes (they inherit the module state set up
+    for them). A worker that dies (killed, out of memory) raises ``BrokenProcessPool`` instead of hanging."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    items = list(zip(*iterables))
+    with ProcessPoolExecutor(max_workers=workers or len(items), mp_context=multiprocessing.get_context("fork")) as ex:
+        return list(ex.map(fn, *zip(*items)))
+
+
+_SPAN_JOB: tuple | None = None  # (path, options, tmp dir) for the forked workers of _build
+
+
+def _validate_span(k: int, span: tuple[int, int, int]) -> tuple[DataReport, list[str]]:
+    """Worker: validate one part into ``<tmp>/part-<k>.arrow``; its report and its image ids (in order)."""
+    path, options, tmp = _SPAN_JOB
+    report = DataReport(path=path)
+    ids: list[str] = []
+
+    def records():
+        for rec in iter_jsonl(path, report, span=span, **asdict(options)):
+            ids.append(rec.image_id)
+            yield rec
+
+    _write_records(records(), tmp / f"part-{k}.arrow")
+    return report, ids
+
+
+def _validate_in_parts(path: str, options: ReadOptions, tmp: Path, procs: int) -> DataReport | None:
+    """Validate ``path`` in parts on ``procs`` forked processes into ``tmp/records.arrow``; the merged report.
+
+    None (the caller validates serially, whose errors and report are the reference) when a part failed
+    (the first error in file order then comes from the serial pass), when an ``image_id`` repeats across
+    parts (the serial pass names the first use), or when the file has no records.
+    """
+    global _SPAN_JOB
+
+    spans = line_spans(path, procs)
+    if len(spans) == 1:
+        return None
+    _SPAN_JOB = (path, options, tmp)
+    try:
+        results = _forked_map(_validate_span, list(range(len(spans))), spans)
+    except Exception:  # noqa: BLE001 - the serial pass raises the error in file order
+        return None
+    finally:
+        _SPAN_JOB = None
+    seen: set[str] = set()
+    for _, ids in results:
+        if not seen.isdisjoint(ids):
+            return None
+        seen.update(ids)
+    report = DataReport(path=path)
+    for part, _ in results:
+        for name in ("lines", "blank_lines", "records", "objects", "empty_records", "truncated_records",
+                     "truncated_objects"):
+            setattr(report, name, getattr(report, name) + getattr(part, name))
+        report.skipped.update(part.skipped)
+        report.skipped_examples.extend(part.skipped_examples)
+    del report.skipped_examples[20:]  # the first 20 in file order, as the serial pass keeps them
+    if report.lines == 0:
+        return None
+    from datasets import Dataset
+    from datasets.arrow_writer import ArrowWriter
+
+    writer = ArrowWriter(features=_features(), path=str(tmp / "records.arrow"))
+    for k in range(len(spans)):
+        part = tmp / f"part-{k}.arrow"
+        writer.write_table(Dataset.from_file(str(part), in_memory=False).data.table)
+    writer.finalize()
+    writer.close()
+    for k in range(len(spans)):
+        (tmp / f"part-{k}.arrow").unlink()
+    return report
+
+
+def _build(path: str, options: ReadOptions, out_dir: Path, procs: int = 1) -> None:
+    """Validate ``path`` into ``out_dir/records.arrow`` + ``report.json`` (written to a temp dir, then renamed).
+
+    ``procs`` > 1 (0: every available CPU): the file is validated in parts in parallel; the records, their
+    order and the report are those of the serial pass (which runs instead when a part fails)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
-        report = DataReport(path=path)
-        writer = ArrowWriter(features=_features(), path=str(tmp / "records.arrow"))
-        batch: list[dict] = []
-        for rec in iter_jsonl(path, report, **asdict(options)):
-            batch.append(_row(rec))
-            if len(batch) == _WRITE_BATCH:
-                writer.write_batch({k: [r[k] for r in batch] for k in batch[0]})
-                batch = []
-        if batch:
-            writer.write_batch({k: [r[k] for r in batch] for k in batch[0]})
-        writer.finalize()
-        writer.close()
+        report = _validate_in_parts(path, options, tmp, procs or available_cpus()) if procs != 1 else None
+        if report is None:
+            for leftover in tmp.iterdir():
+                leftover.unlink()
+            report = DataReport(path=path)
+            _write_records(iter_jsonl(path, report, **asdict(options)), tmp / "records.arrow")
         state = {**asdict(report), "skipped": dict(report.skipped)}
         (tmp / "report.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
         if out_dir.exists():  # another process finished the same cache first: keep theirs
@@ -174,12 +288,14 @@ class _Column(Sequence):
 
 def open_records(path: str | os.PathLike, options: ReadOptions = ReadOptions(), *,
                  cache_root: str | os.PathLike | None = None,
-                 main_process_first: Callable[[], object] | None = None) -> tuple[RecordTable, DataReport]:
+                 main_process_first: Callable[[], object] | None = None,
+                 procs: int = 1) -> tuple[RecordTable, DataReport]:
     """The validated records of ``path`` as a memory-mapped :class:`RecordTable`, building the cache once.
 
     ``main_process_first``: a context-manager factory (``accelerator.main_process_first``) so the main
     process validates and writes while the other ranks wait, then map what it wrote. Raises the
     ``DataError`` of ``read_jsonl`` (``file:line``, field) when a line is invalid and not skipped.
+    ``procs``: processes that validate a new cache's parts in parallel (``data.cache_build_procs``).
     """
     from datasets import Dataset
 
@@ -187,7 +303,7 @@ def open_records(path: str | os.PathLike, options: ReadOptions = ReadOptions(), 
     out = cache_dir_for(path, options, cache_root)
     with (main_process_first or nullcontext)():
         if not (out / "report.json").is_file():
-            _build(path, options, out)
+            _build(path, options, out, procs)
     dataset = Dataset.from_file(str(out / "records.arrow"), in_memory=False)
     raw = json.loads((out / "report.json").read_text())
     from collections import Counter
@@ -252,12 +368,9 @@ def table_lengths(table: RecordTable, encoder, procs: int = 1) -> np.ndarray:
     if procs <= 1:
         parts = [_span_lengths(span, table, encoder) for span in spans]
     else:
-        import multiprocessing
-
         _FORKED = (table, encoder)
         try:
-            with multiprocessing.get_context("fork").Pool(procs) as pool:
-                parts = pool.map(_span_lengths, spans, chunksize=1)
+            parts = _forked_map(_span_lengths, spans, workers=procs)
         finally:
             _FORKED = None
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

@@ -109,3 +109,46 @@ def test_batched_lengths_on_two_processes_equal_one_record_at_a_time(tmp_path, m
         assert table_lengths(table, enc, procs).tolist() == one_at_a_time
     lengths, rows = cached_packing(table, enc, 2048, True, procs=2)
     assert lengths == one_at_a_time and rows == pack_lengths(one_at_a_time, 2048)
+
+
+def _lines_file(tmp_path, rows):
+    write_png(str(tmp_path / "a.png"), 8, 8)
+    return write_jsonl(str(tmp_path / "p.jsonl"), rows)
+
+
+def _many_rows(n, bad=()):
+    rows = []
+    for i in range(n):
+        if i in bad:
+            rows.append({"image": "a.png"} if i % 2 else "")  # a missing field, or a blank line
+        else:
+            rows.append(_row([{"desc": f"d{i % 5}", "bbox_2d": [i % 7, 1, 9 + i % 5, 12]}] * (1 + i % 3),
+                             image="a.png", image_id=f"id{i}"))
+    return rows
+
+
+@pytest.mark.parametrize("skip_invalid", [True, False])
+def test_validation_in_parts_equals_the_serial_pass(tmp_path, monkeypatch, skip_invalid):
+    """Parts on 3 forked processes: the same records in the same order and the same report as one pass;
+    an invalid line, or an image_id repeated across parts, raises the serial pass's error."""
+    from data.table import line_spans
+
+    monkeypatch.setattr(table_mod, "MIN_PART_BYTES", 1)
+    bad = {5, 17, 18, 40} if skip_invalid else set()
+    path = _lines_file(tmp_path, _many_rows(60, bad))
+    spans = line_spans(path, 3)
+    assert len(spans) == 3 and spans[0][:1] == (0,) and spans[-1][1] == (tmp_path / "p.jsonl").stat().st_size
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    opts = ReadOptions(skip_invalid=skip_invalid, max_objects=2)
+    expected, expected_report = read_jsonl(path, skip_invalid=skip_invalid, max_objects=2)
+    table, report = open_records(path, opts, procs=3)
+    assert list(table) == expected and vars(report) == vars(expected_report)
+    assert sorted(p.name for p in table.cache_dir.iterdir()) == ["records.arrow", "report.json"]
+
+    for rows, what in ((_many_rows(60, {45}), "missing_field"), (_many_rows(60) + _many_rows(1), "duplicate_image_id")):
+        path = write_jsonl(str(tmp_path / f"{what}.jsonl"), rows)
+        with pytest.raises(DataError) as serial:
+            read_jsonl(path)
+        with pytest.raises(DataError) as parts:
+            open_records(path, ReadOptions(), procs=3)
+        assert str(parts.value) == str(serial.value) and what in str(parts.value)

@@ -391,7 +391,8 @@ def load_records(cfg: Config, accelerator=None) -> DataSplits:
     def read(path):
         if not path:
             return []
-        records, report = open_records(path, options, cache_root=d.cache_dir, main_process_first=first)
+        records, report = open_records(path, options, cache_root=d.cache_dir, main_process_first=first,
+                                       procs=d.cache_build_procs)
         logger.info("data: %s", report.summary())
         require_records(report, d.image_root)  # skip_invalid skipped every line: the image root, most likely
         return records
