@@ -112,7 +112,7 @@ def test_batched_lengths_on_two_processes_equal_one_record_at_a_time(tmp_path, m
 
 
 def _lines_file(tmp_path, rows):
-    write_png(str(tmp_path / "a.png"), 8, 8)
+    write_png(str(tmp_path / "a.png"), 640, 480)  # the size _row records
     return write_jsonl(str(tmp_path / "p.jsonl"), rows)
 
 
