@@ -5,8 +5,9 @@
 #   job.sh <train_stage1.py|train_stage2.py> --config <recipe config> [--set key=value ...]
 #
 # - SLURM sends SIGUSR1 to this batch shell `--signal=B:USR1@<seconds>` before the time limit: every
-#   rank gets SIGTERM, finishes its optimizer step, saves checkpoint-<step> and exits 143; then the
-#   job requeues itself (`scontrol requeue`, needs `#SBATCH --requeue`).
+#   rank gets SIGTERM, stops at its next micro-step with checkpoint-<step> of the last completed
+#   optimizer step saved, and exits 143; then the job requeues itself (`scontrol requeue`, needs
+#   `#SBATCH --requeue`).
 # - A requeued run (SLURM_RESTART_COUNT > 0) adds `--set training.resume_from=latest`: it continues
 #   in the same run dir (run.output_dir on the shared filesystem), possibly on other nodes.
 set -u

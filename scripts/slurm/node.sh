@@ -20,9 +20,9 @@ python -m accelerate.commands.launch --config_file "$launch_config" --num_machin
   --machine_rank "$node_rank" --main_process_ip "$main_ip" --main_process_port "${MAIN_PORT:-29500}" \
   --num_processes $((nodes * per_node)) "$repo/$script" "$@" &
 launcher=$!
-# SIGTERM goes to the ranks themselves (the launcher's children): each finishes its optimizer step, they
-# agree, save checkpoint-<step> and exit 143. Sent to the launcher it would kill ranks that are still
-# saving 30 s later (torch elastic's grace period).
+# SIGTERM goes to the ranks themselves (the launcher's children): they agree at the next micro-step, save
+# checkpoint-<step> of the last completed optimizer step and exit 143. Sent to the launcher it would kill
+# ranks that are still saving 30 s later (torch elastic's grace period).
 trap 'pkill -TERM -P "$launcher"' TERM
 wait "$launcher"
 rc=$?
