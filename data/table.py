@@ -24,9 +24,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -183,12 +184,15 @@ def _validate_in_parts(path: str, options: ReadOptions, tmp: Path, procs: int) -
             return None
         seen.update(ids)
     report = DataReport(path=path)
-    for part, _ in results:
-        for name in ("lines", "blank_lines", "records", "objects", "empty_records", "truncated_records",
-                     "truncated_objects"):
-            setattr(report, name, getattr(report, name) + getattr(part, name))
-        report.skipped.update(part.skipped)
-        report.skipped_examples.extend(part.skipped_examples)
+    for part, _ in results:  # counts add up, Counters too, example lists follow in file order
+        for f in fields(DataReport):
+            mine, theirs = getattr(report, f.name), getattr(part, f.name)
+            if isinstance(mine, Counter):
+                mine.update(theirs)
+            elif isinstance(mine, list):
+                mine.extend(theirs)
+            elif isinstance(mine, int):
+                setattr(report, f.name, mine + theirs)
     del report.skipped_examples[20:]  # the first 20 in file order, as the serial pass keeps them
     if report.lines == 0:
         return None
@@ -306,7 +310,6 @@ def open_records(path: str | os.PathLike, options: ReadOptions = ReadOptions(), 
             _build(path, options, out, procs)
     dataset = Dataset.from_file(str(out / "records.arrow"), in_memory=False)
     raw = json.loads((out / "report.json").read_text())
-    from collections import Counter
 
     report = DataReport(**{**raw, "skipped": Counter(raw["skipped"])})
     return RecordTable(dataset, out), report
