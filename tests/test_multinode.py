@@ -6,6 +6,7 @@ barrier, so the interleaving is the one every process of a launch would see.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -245,22 +246,25 @@ def test_two_nodes_equal_one_node_step_for_step_and_resume_exactly(tmp_path, eng
     (tmp_path / "single").mkdir()
     launch(script, _node_argv(config, shared, "single"), tmp_path / "single", config_file=config_file)
     launch_two_nodes(script, _node_argv(config, shared, "multi"), nodes, config_file=config_file)
-    ckpt = shared / "multi" / "checkpoint-2"
-    launch_two_nodes(script, _node_argv(config, shared, "resumed", training__resume_from=str(ckpt)), nodes,
+    multi = read_rows(shared / "multi")
+    run = shared / "multi"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (run / "checkpoint-4").glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
+    # a resume continues in its own run dir: back to checkpoint-2 as if the job had stopped there
+    shutil.rmtree(run / "checkpoint-4")
+    launch_two_nodes(script, _node_argv(config, shared, "multi", training__resume_from="latest"), nodes,
                      config_file=config_file)
-    _assert_equal_runs(read_rows(shared / "single"), read_rows(shared / "multi"), read_rows(shared / "resumed"),
-                       max_steps=4, at=2)
+    resumed = read_rows(run)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    _assert_equal_runs(read_rows(shared / "single"), multi, resumed[2:], max_steps=4, at=2)
     # Node-local inputs: each node built its own copy once (its local rank 0); the shared dir holds only runs.
     for node in nodes:
         assert (node / "runs" / "tiny_qwen3vl" / "model.safetensors").is_file()
         assert (node / "runs" / "shapes" / "train.jsonl").is_file()
         assert len(list((node / "runs" / "shapes" / ".coordexp_cache").glob("*/lengths-*.npy"))) == 1
         assert sorted(p.name for p in (node / "runs").iterdir()) == ["shapes", "tiny_qwen3vl"]  # no run dir
-    assert sorted(p.name for p in shared.iterdir()) == ["multi", "resumed", "single"]
-    # Shared files written by global rank 0 only: one train.log, one metrics line per step, each rank's RNG.
-    run = shared / "multi"
+    assert sorted(p.name for p in shared.iterdir()) == ["multi", "single"]
     assert not (run / "run.lock").exists()
-    assert sorted(p.name for p in (run / "checkpoint-4").glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
 
 
 @pytest.mark.slow
