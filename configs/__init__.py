@@ -8,7 +8,6 @@ from configs.loader import (
     add_config_args,
     build_config,
     load_config,
-    load_config_from_args,
     save_resolved,
 )
 from configs.types import Config, FrozenDict, freeze, thaw
@@ -22,7 +21,6 @@ __all__ = [
     "did_you_mean",
     "freeze",
     "load_config",
-    "load_config_from_args",
     "save_resolved",
     "thaw",
 ]

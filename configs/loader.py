@@ -514,7 +514,3 @@ def add_config_args(parser: argparse.ArgumentParser,
                              "the resolved pipeline and the packing plan, and exit (0 = ready; no weights are loaded)")
     return add_debug_flag(parser)
 
-
-def load_config_from_args(args: argparse.Namespace, *, expect: str | None = None) -> Config:
-    """``load_config(args.config, args.overrides, expect=expect)`` for parsers built with :func:`add_config_args`."""
-    return load_config(args.config, args.overrides, expect=expect)

@@ -6,8 +6,6 @@ See docs/MODEL.md.
 from model.forward import (
     HiddenStatesModel,
     compute_vision,
-    coord_embedding_rows,
-    coord_lm_head_rows,
     embed_tokens,
     hidden_states,
     position_ids_for_batch,
@@ -35,8 +33,6 @@ __all__ = [
     "build_tiny_in_memory",
     "build_tiny_tokenizer",
     "compute_vision",
-    "coord_embedding_rows",
-    "coord_lm_head_rows",
     "coord_vocab_from_tokenizer",
     "embed_tokens",
     "ensure_coord_tokens",

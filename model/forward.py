@@ -15,7 +15,6 @@ import torch
 
 from data.types import PackedBatch
 from model import packed_attention
-from model.vocab import CoordVocab
 
 
 def unwrap_vlm(model):
@@ -99,18 +98,6 @@ def compute_vision(vlm, pixel_values: torch.Tensor, image_grid_thw: torch.LongTe
 def embed_tokens(vlm, input_ids: torch.Tensor) -> torch.Tensor:
     """Input embeddings ``[B, T, H]`` of ``input_ids`` ``[B, T]`` (image pads stay pad embeddings)."""
     return unwrap_vlm(vlm).get_input_embeddings()(input_ids)
-
-
-def coord_embedding_rows(vlm, coord_vocab: CoordVocab) -> torch.Tensor:
-    """The 1000 coord rows ``[1000, H]`` of the input-embedding table (a differentiable slice view)."""
-    weight = unwrap_vlm(vlm).get_input_embeddings().weight
-    return weight[coord_vocab.first_id : coord_vocab.end_id]
-
-
-def coord_lm_head_rows(vlm, coord_vocab: CoordVocab) -> torch.Tensor:
-    """The 1000 coord rows ``[1000, H]`` of the LM head (a differentiable slice view)."""
-    weight = unwrap_vlm(vlm).get_output_embeddings().weight
-    return weight[coord_vocab.first_id : coord_vocab.end_id]
 
 
 class HiddenStatesModel(torch.nn.Module):

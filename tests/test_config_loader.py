@@ -18,7 +18,6 @@ from configs import (
     FrozenDict,
     add_config_args,
     load_config,
-    load_config_from_args,
     save_resolved,
     thaw,
 )
@@ -609,7 +608,8 @@ def test_add_config_args(tmp_path):
     assert args.config == Path("x.yaml") and args.overrides == ["training.lr=1e-4", "run.name=a"]
     assert parser.parse_args(["--config", "y.yaml"]).overrides == []
     path = write(tmp_path, "c.yaml", MINIMAL)
-    cfg = load_config_from_args(parser.parse_args(["--config", str(path), "--set", "training.max_steps=3"]), expect="stage1")
+    args = parser.parse_args(["--config", str(path), "--set", "training.max_steps=3"])
+    cfg = load_config(args.config, args.overrides, expect="stage1")
     assert isinstance(cfg, Config) and cfg.training.max_steps == 3 and cfg.path == path
 
 

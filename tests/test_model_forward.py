@@ -11,8 +11,6 @@ from data.types import EncodedSample
 from model.forward import (
     HiddenStatesModel,
     compute_vision,
-    coord_embedding_rows,
-    coord_lm_head_rows,
     embed_tokens,
     position_ids_for_batch,
 )
@@ -229,7 +227,7 @@ def test_gradients_flow_through_reused_vision_and_coord_rows(tiny, samples):
     pos = position_ids_for_batch(model, batch)
     enc = compute_vision(model, batch.pixel_values, batch.image_grid_thw)
     emb = embed_tokens(model, batch.input_ids)
-    E = coord_embedding_rows(model, vocab)
+    E = model.get_input_embeddings().weight[vocab.first_id : vocab.end_id]  # the coord rows, a view
     assert E.shape == (1000, model.config.text_config.hidden_size)
     assert E.data_ptr() == model.get_input_embeddings().weight[vocab.first_id].data_ptr()  # a view, not a copy
     coord_pos = torch.nonzero(vocab.is_coord(batch.input_ids[0])).flatten()
@@ -242,7 +240,7 @@ def test_gradients_flow_through_reused_vision_and_coord_rows(tiny, samples):
         image_grid_thw=batch.image_grid_thw,
         vision=enc,
     )
-    logits = logits_at(h, coord_pos - 1, coord_lm_head_rows(model, vocab))
+    logits = logits_at(h, coord_pos - 1, model.get_output_embeddings().weight[vocab.first_id : vocab.end_id])
     assert logits.shape == (4, 1000)
     logits.sum().backward()
     emb_grad = model.get_input_embeddings().weight.grad

@@ -94,18 +94,6 @@ def is_sharded(accelerator: Any) -> bool:
     return getattr(accelerator, "distributed_type", None) in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def engine_name(accelerator: Any) -> str:
-    """"fsdp2", "fsdp1", "deepspeed_zero<stage>", or accelerate's distributed type in lower case ("multi_gpu", "no")."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
-        return "fsdp2" if accelerator.is_fsdp2 else "fsdp1"
-    if kind == DistributedType.DEEPSPEED:
-        return f"deepspeed_zero{accelerator.state.deepspeed_plugin.zero_stage}"
-    return str(kind).rsplit(".", 1)[-1].lower()
-
-
 @contextlib.contextmanager
 def full_weights(model: Any) -> Iterator[None]:
     """Materialise every weight of the prepared ``model`` once for the block (a ``generate`` call).
