@@ -94,6 +94,19 @@ pipeline is written, each of these present in raw is rejected; so is a bare
 ``custom.coord_soft_ce_w1`` block. Derived from the ``alias`` declarations of configs/types.py."""
 
 DEFAULT_OBJECTIVE_ORDER: tuple[str, ...] = ("token_ce", "bbox_geo", "coord_reg")
+
+# A default manifest (pipeline omitted) = each module's declared defaults (configs/modules.py), overlaid with
+# these per-variant values, then with the variant's flat knobs (their own defaults: the aliases of
+# configs/types.py). The one place these values are written: docs/training/METRICS_LOSSES.md shows the
+# resolved manifests (scripts/gen_config_doc.py). Without custom.coord_soft_ce_w1, Stage-1 trains the
+# CE-only baseline (coord_ce + coord_gate = plain next-token CE at coord slots) and both Stage-2 variants
+# keep the coord gate on (Two-Channel through stage2_ab.coord_gate_weight's default).
+VARIANT_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    STAGE1: {"coord_reg": {"coord_ce_weight": 1.0, "coord_gate_weight": 1.0}},
+    STAGE2_TWO_CHANNEL: {},
+    STAGE2_ROLLOUT_ALIGNED: {"coord_reg": {"coord_gate_weight": 1.0}},
+}
+DISABLED_BY_DEFAULT: dict[str, tuple[str, ...]] = {STAGE1: ("bbox_geo",)}  # listed, enabled: false
 DEFAULT_DIAGNOSTICS: tuple[str, ...] = ("coord_diag",)
 
 
@@ -362,30 +375,23 @@ def _default_manifest(raw: Mapping[str, Any], variant: str) -> tuple[ModuleSpec,
             for key in ("soft_ce_weight", "w1_weight", "temperature", "target_sigma", "target_truncate"):
                 reg[key] = soft[key]
             reg["self_context_soft_ce_weight"] = soft["soft_ce_weight"]
-        else:
-            reg["soft_ce_weight"] = 0.0
-            reg["w1_weight"] = 0.0
-            reg["self_context_soft_ce_weight"] = 0.05
         return (token_ce, bbox_geo, _build("coord_reg", reg))
 
     if variant == STAGE2_ROLLOUT_ALIGNED:
         token_ce = _build("token_ce", {})
         bbox_geo = _build("bbox_geo", {})
-        # Without soft-CE/W1, coord_reg still runs with the coord gate alone (same reason as the
-        # Two-Channel default of stage2_ab.coord_gate_weight).
-        reg = _coord_reg_from_soft(soft) if soft["enabled"] else {"coord_gate_weight": 1.0}
+        reg = _coord_reg_from_soft(soft) if soft["enabled"] else dict(VARIANT_DEFAULTS[variant]["coord_reg"])
         return (token_ce, bbox_geo, _build("coord_reg", reg))
 
     # Stage-1: geometry only when asked for (an explicit pipeline); coord_reg either the
     # soft-CE/W1 mapping or the CE-only baseline (coord_ce + coord_gate = plain next-token CE).
     token_ce = _build("token_ce", {})
-    bbox_geo = _build("bbox_geo", {}, enabled=False)
+    bbox_geo = _build("bbox_geo", {}, enabled="bbox_geo" not in DISABLED_BY_DEFAULT[variant])
     if soft["enabled"]:
         reg = _coord_reg_from_soft(soft)
     else:
         reg = {k: 0.0 for k in defaults_of(MODULES["coord_reg"].config) if k.endswith("_weight")}
-        reg["coord_ce_weight"] = 1.0
-        reg["coord_gate_weight"] = 1.0
+        reg.update(VARIANT_DEFAULTS[variant]["coord_reg"])
     return (token_ce, bbox_geo, _build("coord_reg", reg))
 
 
