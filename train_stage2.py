@@ -23,6 +23,7 @@ import numpy as np
 from configs import load_config
 from configs.loader import add_config_args
 from configs.types import Config
+from core.vocab import STAGE2_TWO_CHANNEL
 from data.encoding import prompts_of
 from data.types import PackedBatch
 from eval.semantic import load_encoder
@@ -54,7 +55,7 @@ from training.session import (
 )
 from training.sharding import full_weights
 
-TWO_CHANNEL = "stage2_two_channel"
+TWO_CHANNEL = STAGE2_TWO_CHANNEL
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

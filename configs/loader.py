@@ -48,11 +48,11 @@ from configs.validation import (  # noqa: F401  (_deref, _root_node, schema_at: 
     type_name,
     validate_tree,
 )
-from core.vocab import STAGE2_VARIANTS, VARIANTS  # noqa: F401  (VARIANTS re-exported for callers)
+from core.vocab import STAGE1, STAGE2_ROLLOUT_ALIGNED, STAGE2_TWO_CHANNEL, STAGE2_VARIANTS, VARIANTS  # noqa: F401  (VARIANTS re-exported)
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schema"  # the exported copy (scripts/gen_config_doc.py)
 
-LEGACY_VARIANTS = {"stage2_ab_training": "stage2_two_channel", "rollout_matching_sft": "stage2_rollout_aligned"}
+LEGACY_VARIANTS = {"stage2_ab_training": STAGE2_TWO_CHANNEL, "rollout_matching_sft": STAGE2_ROLLOUT_ALIGNED}
 
 RESOLVED_FILENAME = "config.resolved.yaml"
 MERGED_FILENAME = "config.merged.yaml"
@@ -293,12 +293,12 @@ def _check_expect(variant: str, expect: str | None, path: Path | None) -> None:
     if expect not in (None, "stage1", "stage2"):
         raise ValueError(f"load_config(expect=...) must be None, 'stage1' or 'stage2', got {expect!r}")
     where = f" --config {path}" if path is not None else ""
-    if expect == "stage1" and variant != "stage1":
+    if expect == "stage1" and variant != STAGE1:
         raise ConfigError(
             "custom.trainer_variant",
             f"{variant!r} is a Stage-2 trainer variant; run it with train_stage2.py{where} (train_stage1.py needs custom.trainer_variant absent or null)",
         )
-    if expect == "stage2" and variant == "stage1":
+    if expect == "stage2" and variant == STAGE1:
         raise ConfigError(
             "custom.trainer_variant",
             f"missing: train_stage2.py needs custom.trainer_variant: {' | '.join(STAGE2_VARIANTS)}; for a Stage-1 config run train_stage1.py{where}",
@@ -307,13 +307,13 @@ def _check_expect(variant: str, expect: str | None, path: Path | None) -> None:
 
 # Sections a variant never reads: writing one is a mistake that would otherwise be silently ignored.
 _UNUSED_SECTIONS = {
-    "stage1": {"stage2_ab": "train_stage1.py reads no stage2_ab keys; Stage-2 configs set custom.trainer_variant"},
-    "stage2_rollout_aligned": {
+    STAGE1: {"stage2_ab": "train_stage1.py reads no stage2_ab keys; Stage-2 configs set custom.trainer_variant"},
+    STAGE2_ROLLOUT_ALIGNED: {
         "stage2_ab": "stage2_rollout_aligned reads its knobs from rollout_matching "
         "(pipeline, coord_decode_mode, decoding, matching); stage2_ab is the Two-Channel surface",
         "stage1": "Stage-2 reads no stage1 keys",
     },
-    "stage2_two_channel": {"stage1": "Stage-2 reads no stage1 keys"},
+    STAGE2_TWO_CHANNEL: {"stage1": "Stage-2 reads no stage1 keys"},
 }
 
 
@@ -450,7 +450,7 @@ def build_config(raw: Mapping[str, Any], *, path: Path | None = None, expect: st
     raw.pop("extends", None)
     _check_legacy(raw)
     validate_tree(raw)
-    variant = _variant_of(raw) or "stage1"
+    variant = _variant_of(raw) or STAGE1
     _check_expect(variant, expect, path)
     _check_unused_sections(raw, variant)
     resolved = fill_defaults(raw)

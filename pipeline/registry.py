@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, is_dataclass
 from types import MappingProxyType
 from typing import Any
 
+import torch
+
 from configs.declare import declared_fields, defaults_of, has_default
 from configs.modules import DIAGNOSTICS, MODULES, OBJECTIVE, ModuleDecl, TokenCEWeights, declare_module
 from core.vocab import register_component
@@ -49,7 +51,7 @@ class ModuleOutput:
              reduction-class suffix (``_mean``, ``_frac``, ``_total``, ...).
     """
 
-    loss: Any = None
+    loss: torch.Tensor | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from configs.errors import ConfigError, UserError
 from configs.types import Config
+from core.vocab import STAGE2_TWO_CHANNEL
 
 
 def check_model_path(cfg: Config) -> str:
@@ -244,7 +245,7 @@ def dry_run(cfg: Config, *, out=print, notes: Sequence[str] = ()) -> int:
         f"max_steps {t.max_steps} = {t.max_steps / per_epoch:.1f} epochs")
     pipe = cfg.pipeline
     for kind, specs in (("objective", pipe.objective), ("diagnostics", pipe.diagnostics)):
-        names = ", ".join(f"{m.name}(w={m.weight:g}{', ch=' + ''.join(m.channels) if cfg.variant == 'stage2_two_channel' else ''})"
+        names = ", ".join(f"{m.name}(w={m.weight:g}{', ch=' + ''.join(m.channels) if cfg.variant == STAGE2_TWO_CHANNEL else ''})"
                           for m in specs if m.enabled) or "none"
         out(f"  {kind:<14} {names}")
     out(f"  pipeline       source {pipe.source}, checksum {pipe.checksum[:16]}")

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from configs.errors import UserError, clip
 from configs.loader import RESOLVED_FILENAME, save_resolved
 from configs.types import Config, thaw
-from core.vocab import IGNORE, LOGGER_NAME
+from core.vocab import IGNORE, LOGGER_NAME, STAGE2_ROLLOUT_ALIGNED, STAGE2_TWO_CHANNEL
 from data.encoding import ChatEncoder, EncodedRecords
 from data.packing import PackedDataset, iterate_batches
 from data.records import require_records
@@ -558,7 +558,7 @@ class TrainingSetup:
 def make_training_wrapper(cfg: Config, vlm: torch.nn.Module, coord_ids: torch.Tensor) -> TrainingWrapper:
     """The module ``accelerator.prepare`` wraps: forwards + objective pipeline of ``cfg.variant`` in one forward."""
     sab, rm = cfg.stage2_ab, cfg.rollout_matching
-    decode_mode = {"stage2_two_channel": sab.coord_decode_mode, "stage2_rollout_aligned": rm.coord_decode_mode}
+    decode_mode = {STAGE2_TWO_CHANNEL: sab.coord_decode_mode, STAGE2_ROLLOUT_ALIGNED: rm.coord_decode_mode}
     return TrainingWrapper(
         vlm, cfg.pipeline, coord_ids, coord_decode_mode=decode_mode.get(cfg.variant, "exp"),
         expectation=ExpectationConfig(n_iter=sab.n_softctx_iter, embed_mode=sab.coord_ctx_embed_mode,
