@@ -36,7 +36,7 @@ from configs.declare import coerce_record, declared_fields, default_value, defau
 from configs.errors import ConfigError, did_you_mean
 from configs.modules import DIAGNOSTICS, MODULES, OBJECTIVE, ModuleDecl
 from configs.types import CHANNELS, CoordSoftCEW1Config, PipelineEntry, Stage2ABConfig, thaw
-from configs.validation import check, check_value, declared_default, key_parts, record_validator
+from configs.validation import MISSING, check, check_value, declared_default, key_parts, lookup, record_validator
 from core.vocab import STAGE1, STAGE2_ROLLOUT_ALIGNED, STAGE2_TWO_CHANNEL, VARIANTS
 
 PIPELINE_LOCATIONS: dict[str, str] = {
@@ -191,22 +191,10 @@ def _canon_value(value: Any, where: str) -> Any:
 
 # ---------------------------------------------------------------------------- raw access
 
-_MISSING = object()
-
-
-def _lookup(raw: Mapping[str, Any], dotted: str) -> Any:
-    """Value at ``dotted`` in raw, or _MISSING when any level is absent."""
-    node: Any = raw
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
 
 def _is_written(raw: Mapping[str, Any], dotted: str) -> bool:
-    value = _lookup(raw, dotted)
-    return value is not _MISSING and value is not None
+    value = lookup(raw, dotted)
+    return value is not MISSING and value is not None
 
 
 def _is_seq(value: Any) -> bool:
@@ -316,16 +304,16 @@ def _parse_explicit(pipe: Any, loc: str, variant: str) -> tuple[tuple[ModuleSpec
 def _flat(raw: Mapping[str, Any], dotted: str) -> Any:
     """The value of the flat key ``dotted`` in raw, checked against its declaration; its declared
     default when it is absent or null."""
-    value = _lookup(raw, dotted)
-    if value is _MISSING or value is None:
+    value = lookup(raw, dotted)
+    if value is MISSING or value is None:
         return declared_default(dotted)
     check_value(dotted, value)  # raw may come unvalidated (resolve_pipeline is public)
     return value
 
 
 def _soft_ce_w1(raw: Mapping[str, Any], variant: str) -> dict[str, Any]:
-    block = _lookup(raw, "custom.coord_soft_ce_w1")
-    if block is _MISSING or block is None:
+    block = lookup(raw, "custom.coord_soft_ce_w1")
+    if block is MISSING or block is None:
         block = {}
     check_value("custom.coord_soft_ce_w1", thaw(block))
     if variant == STAGE2_TWO_CHANNEL:
@@ -414,7 +402,7 @@ def _check_guardrails(raw: Mapping[str, Any], variant: str) -> None:
 def _check_no_flat_knobs(raw: Mapping[str, Any], variant: str) -> None:
     loc = PIPELINE_LOCATIONS[variant]
     for flat, target in FLAT_OBJECTIVE_KNOBS[variant].items():
-        if _lookup(raw, flat) is not _MISSING:
+        if lookup(raw, flat) is not MISSING:
             module, key = target.split(".", 1)
             if key == "enabled":
                 what = "entry key 'enabled' (and the soft_ce_weight / w1_weight config keys)"
@@ -427,7 +415,7 @@ def _check_no_flat_knobs(raw: Mapping[str, Any], variant: str) -> None:
                 f"is a flat objective knob, but {loc} is written (one config mode at a time): delete {flat} and "
                 f"set {what} of module '{module}' in {loc}.objective instead",
             )
-    if _lookup(raw, "custom.coord_soft_ce_w1") is not _MISSING:
+    if lookup(raw, "custom.coord_soft_ce_w1") is not MISSING:
         mapping = ", ".join(f"{k} -> coord_reg.{v}" for k, v in _SOFT_CE_W1_MAP.items())
         raise ConfigError(
             "custom.coord_soft_ce_w1",
@@ -479,18 +467,18 @@ def resolve_pipeline(raw: Mapping[str, Any], variant: str) -> ResolvedPipeline:
     if not isinstance(raw, Mapping):
         raise ConfigError("", f"config root must be a mapping, got {type(raw).__name__}")
     for section in ("stage1", "stage2_ab", "rollout_matching", "custom"):
-        value = _lookup(raw, section)
-        if value is not _MISSING and value is not None and not isinstance(value, Mapping):
+        value = lookup(raw, section)
+        if value is not MISSING and value is not None and not isinstance(value, Mapping):
             raise ConfigError(section, f"must be a mapping, got {value!r}")
-    plugins = _lookup(raw, "custom.plugins")
-    if plugins is not _MISSING and plugins:
+    plugins = lookup(raw, "custom.plugins")
+    if plugins is not MISSING and plugins:
         load_plugins(plugins)  # before any module name is looked up
     _check_guardrails(raw, variant)
     loc = PIPELINE_LOCATIONS[variant]
     extra = _extra(raw, variant)
     if _is_written(raw, loc):
         _check_no_flat_knobs(raw, variant)
-        objective, diagnostics = _parse_explicit(_lookup(raw, loc), loc, variant)
+        objective, diagnostics = _parse_explicit(lookup(raw, loc), loc, variant)
         source = "explicit"
     else:
         objective = _default_manifest(raw, variant)

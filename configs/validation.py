@@ -140,6 +140,19 @@ def record_validator(cls: type) -> Draft202012Validator:
 # ---------------------------------------------------------------- messages
 
 
+MISSING = object()  # what lookup returns where a level of the dotted key is absent
+
+
+def lookup(tree: Any, dotted: str) -> Any:
+    """The value at the dotted key ``dotted`` in a nested mapping, or :data:`MISSING`."""
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return MISSING
+        node = node[part]
+    return node
+
+
 def format_key(parts: Sequence[str | int]) -> str:
     """``["a", "b", 0, "c"]`` -> ``"a.b[0].c"`` (the dotted form used in every ConfigError)."""
     out = ""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.errors import UserError
+from configs.validation import MISSING, lookup
 from data.coordjson import NUM_COORD_BINS
 
 SETTINGS_FILE = "coordexp_settings.json"
@@ -66,18 +67,9 @@ class CheckpointSettings:
         return self.values.get(key, default)
 
 
-def _lookup(tree: Mapping[str, Any], key: str) -> tuple[bool, Any]:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
 def settings_of(cfg) -> CheckpointSettings:
     """The settings of a loaded config (``cfg.resolved``: every default filled in)."""
-    return CheckpointSettings({key: _lookup(cfg.resolved, key)[1] for key in (*DATA_KEYS, *EVAL_KEYS)})
+    return CheckpointSettings({key: lookup(cfg.resolved, key) for key in (*DATA_KEYS, *EVAL_KEYS)})
 
 
 def write_settings(model_dir: str | Path, settings: CheckpointSettings) -> Path:
@@ -159,8 +151,8 @@ def inherit(cfg, model_dir: str | os.PathLike | None):
     for key in DATA_KEYS:
         if key not in saved.values:
             continue
-        given, value = _lookup(cfg.raw, key)
-        if given:
+        value = lookup(cfg.raw, key)
+        if value is not MISSING:
             note = difference(key, value, saved, f"the config's {key}")
             if note:
                 differences.append(note)
