@@ -15,10 +15,11 @@ Lists become tuples and free-form maps (pipeline lists, module configs) become
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from configs.declare import OMITTED, REQUIRED, alias, knob, section
 from configs.modules import BBoxGeoConfig, CoordRegConfig, TokenCEWeights
@@ -502,11 +503,24 @@ class MatchingConfig:
                                    "normalised descs, else the eval.semantic encoder's cosine, 0 without one); "
                                    "counted in rollout/desc_gate_rejected_total; null = off", minimum=-1, maximum=1)
 
+    TRAINING_ONLY: ClassVar[tuple[str, ...]] = ("desc_gate",)  # eval matches boxes: these take their declared default
+
     def __post_init__(self) -> None:
         # Built by code too (rollout.matching.hungarian_match, tests): the same declaration checks it.
         from configs.validation import check_record
 
         check_record(self, "rollout_matching.matching")
+
+    @classmethod
+    def eval_fields(cls) -> tuple[str, ...]:
+        """The knobs eval matching reads (every field but :attr:`TRAINING_ONLY`): ``eval.infer`` flags and the
+        checkpoint's saved settings are made from this list, so a new knob needs no edit there."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in cls.TRAINING_ONLY)
+
+    def for_eval(self) -> MatchingConfig:
+        """This config with the :attr:`TRAINING_ONLY` knobs at their declared defaults (what eval matches with)."""
+        off = {f.name: f.default for f in dataclasses.fields(self) if f.name in self.TRAINING_ONLY}
+        return dataclasses.replace(self, **off)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from configs.declare import doc_of
 from configs.errors import InputError, add_debug_flag, run_cli
 from configs.types import MatchingConfig
 from eval.detection import read_lvis_lists, write_predictions_jsonl
@@ -57,11 +58,25 @@ SETTING_FLAGS = {
     "coord_pick": "rollout_matching.decoding.coord_pick",
     "score_mode": "rollout_matching.eval_detection.score_mode",
     "score_include_desc": "rollout_matching.eval_detection.score_include_desc",
-    "iou_gate": "rollout_matching.matching.iou_gate",
-    "fp_cost": "rollout_matching.matching.fp_cost",
-    "fn_cost": "rollout_matching.matching.fn_cost",
+    **{name: f"rollout_matching.matching.{name}" for name in MatchingConfig.eval_fields()},
 }
 SAVED = " (default: the checkpoint's saved {key}, else the declared default)"
+
+
+def _knob_type(cls: type, name: str, key: str):
+    """argparse ``type`` of a flag standing for the config knob ``key`` (field ``name`` of ``cls``): the text
+    read as a YAML value, checked against the key's declaration and returned in its declared type."""
+    from configs.declare import coerce_scalar, hints
+    from configs.loader import parse_yaml_value
+    from configs.validation import check_value
+
+    def convert(text: str):
+        value = parse_yaml_value(text)
+        check_value(key, value)  # a ValueError: argparse reports the flag and the text
+        return coerce_scalar(hints(cls)[name], value)
+
+    convert.__name__ = name  # argparse names the flag's type in its "invalid ... value" message
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     setting("--score-mode", "score_mode", choices=SCORE_MODES, help="confidence of each box")
     setting("--score-include-desc", "score_include_desc", action=argparse.BooleanOptionalAction,
             help="token_prob also times the desc tokens' mean prob")
-    setting("--iou-gate", "iou_gate", type=float, help="matching gate of the printed precision/recall")
-    setting("--fp-cost", "fp_cost", type=float, help="Hungarian cost of an unmatched prediction")
-    setting("--fn-cost", "fn_cost", type=float, help="Hungarian cost of an unmatched GT object")
+    for name in MatchingConfig.eval_fields():  # the printed precision/recall's matching, one flag per knob
+        setting("--" + name.replace("_", "-"), name, type=_knob_type(MatchingConfig, name, SETTING_FLAGS[name]),
+                help=doc_of(MatchingConfig, name))
     p.add_argument("--dtype", default=_default("model.dtype"), choices=_enum("model.dtype"))
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backend", default=_default("rollout_matching.backend"), choices=_enum("rollout_matching.backend"),
@@ -193,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       work_dir=Path(args.out).parent)
     # auto: hand the backend many prompts per call; it splits them by the memory estimate
     chunk = args.batch_size if args.batch_size != AUTO else AUTO_BATCH_CAP
-    matching = MatchingConfig(iou_gate=args.iou_gate, fp_cost=args.fp_cost, fn_cost=args.fn_cost)
+    matching = MatchingConfig(**{name: getattr(args, name) for name in MatchingConfig.eval_fields()})
     results = predict_records(
         model, loaded.tokenizer, loaded.coord_vocab, encoder, records,
         backend=backend, batch_size=chunk, matching=matching,

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +210,7 @@ def predict_records(
         batch_size = int(getattr(backend, "batch_size", 8))
     if batch_size < 1:
         raise ValueError(f"eval batch_size must be >= 1, got {batch_size}")
-    matching = replace(matching, desc_gate=None)  # eval matches boxes; the desc gate belongs to Stage-2 training
+    matching = matching.for_eval()  # eval matches boxes; the desc gate belongs to Stage-2 training
     indices = list(range(len(records))) if indices is None else list(indices)
 
     bar = None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.errors import UserError
+from configs.types import MatchingConfig
 from configs.validation import MISSING, lookup
 from data.coordjson import NUM_COORD_BINS
 
@@ -47,9 +48,7 @@ EVAL_KEYS: tuple[str, ...] = (
     "rollout_matching.decoding.coord_pick",
     "rollout_matching.eval_detection.score_mode",
     "rollout_matching.eval_detection.score_include_desc",
-    "rollout_matching.matching.iou_gate",
-    "rollout_matching.matching.fp_cost",
-    "rollout_matching.matching.fn_cost",
+    *(f"rollout_matching.matching.{name}" for name in MatchingConfig.eval_fields()),
 )
 """How the run's in-loop eval generated and scored; ``eval.infer`` defaults (training keeps its own config)."""
 

@@ -187,3 +187,28 @@ def test_a_training_checkpoint_dir_is_taken_by_infer_and_named_by_the_recipes(tr
         check_checkpoint_path(str(ckpt), "model.name_or_path")
     with pytest.raises(UserError, match=r"\(config.json, tokenizer files, weights\)$"):
         check_checkpoint_path(str(trained), "model.name_or_path")
+
+
+def test_matching_knobs_reach_infer_and_the_saved_settings_from_the_one_declaration():
+    """A new field of MatchingConfig needs no edit elsewhere: the eval.infer flags, the saved settings
+    and the eval's matching are made from MatchingConfig's own field list."""
+    import dataclasses
+
+    from configs.types import MatchingConfig
+
+    names = [f.name for f in dataclasses.fields(MatchingConfig)]
+    assert MatchingConfig.eval_fields() == tuple(n for n in names if n not in MatchingConfig.TRAINING_ONLY)
+    assert set(MatchingConfig.eval_fields()) >= {"iou_gate", "fp_cost", "fn_cost"}
+    assert "desc_gate" in names and "desc_gate" not in MatchingConfig.eval_fields()
+    matching_keys = [k for k in EVAL_KEYS if k.startswith("rollout_matching.matching.")]
+    assert matching_keys == [f"rollout_matching.matching.{n}" for n in MatchingConfig.eval_fields()]
+    parser = infer.build_parser()
+    flags = {a.dest: a for a in parser._actions}
+    for name in MatchingConfig.eval_fields():
+        assert flags[name].option_strings == ["--" + name.replace("_", "-")] and flags[name].default is None
+    args = parser.parse_args(["--checkpoint", "c", "--jsonl", "j", "--out", "o", "--iou-gate", "1", "--fn-cost", "0.5"])
+    assert (args.iou_gate, type(args.iou_gate), args.fn_cost) == (1.0, float, 0.5)  # the declared type
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--checkpoint", "c", "--jsonl", "j", "--out", "o", "--iou-gate", "1.5"])  # over its maximum
+    gated = MatchingConfig(iou_gate=0.4, desc_gate=0.8)
+    assert gated.for_eval() == MatchingConfig(iou_gate=0.4)  # eval keeps the box knobs, drops the desc gate
