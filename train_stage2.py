@@ -117,8 +117,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         router.load_state_dict(s.resume_state.router_state)
     backend = rollout_backend_for(cfg, run, s)  # rollout_matching.backend; in-loop eval derives from it
     # the token budget a full answer needs, from the data (rollouts cut at the budget lose objects and their eos)
-    answer_lengths = [s.encoder.answer_length(r) for r in s.splits.train]
-    budget_warning = token_budget_warning(rm.decoding.max_new_tokens, answer_lengths)
+    longest_answer = s.encoder.longest_answer(s.splits.train, s.dataset.lengths)  # from the cached lengths
+    budget_warning = token_budget_warning(rm.decoding.max_new_tokens, longest_answer)
     if budget_warning:
         run.logger.warning(budget_warning)
     # the Stage-2 desc gate uses the one semantic encoder of eval.semantic (None: exact desc equality)
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                             hit_budget_warned = True
                             # advice to raise the budget only when GT answers need more, not when the model rambles
                             run.logger.log(*budget_hit_message(step, int(step_metrics["rollout/max_new_tokens_hit_count"]),
-                                                               rm.decoding.max_new_tokens, max(answer_lengths, default=0)))
+                                                               rm.decoding.max_new_tokens, longest_answer))
                     # The prepared TrainingWrapper: the channel's forwards (Channel-A: N forwards, vision once) +
                     # the objective pipeline in one wrapped forward. Rollout-Aligned has no channels (None).
                     with accelerator.autocast():  # the training precision throughout (docs/MODEL.md)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -172,6 +173,23 @@ class ChatEncoder:
                 n_img = per_size[size]
             out.append(prompt + n_img + n_answer + 1)
         return out
+
+    def longest_answer(self, records: Sequence[Record], sample_lengths: Sequence[int]) -> int:
+        """``max(answer_length(r) for r in records)`` from their ``sample_length`` (what the record cache
+        holds): a sample is the prompt, its image tokens and its answer, so the answer is the sample minus
+        the prompt and the image tokens, counted once per image size. No answer is tokenised again (a
+        :class:`~data.table.RecordTable` gives the sizes as columns); a processor that cannot count
+        patches from a size tokenises every answer instead."""
+        if not records:
+            return 0
+        if self._patches_getter() is None:
+            return max(self.answer_length(r) for r in records)
+        sizes = records.sizes() if hasattr(records, "sizes") else np.array([(r.height, r.width) for r in records])
+        unique, inverse = np.unique(sizes[:, 0].astype(np.int64) << 32 | sizes[:, 1], return_inverse=True)
+        per_size = np.array([self.image_tokens(Record("", width=int(k & 0xFFFFFFFF), height=int(k >> 32), objects=(),
+                                                          image_id="")) for k in unique])
+        prompt = len(self._prompt_head) + len(self._prompt_tail)
+        return int((np.asarray(sample_lengths, dtype=np.int64) - prompt - per_size[inverse.reshape(-1)]).max())
 
     def answer_token_counts(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each answer text (no ``<|im_end|>``), as ``encode_answer_tokens`` counts them.

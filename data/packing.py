@@ -200,6 +200,7 @@ class PackedDataset(torch.utils.data.Dataset):
             lengths = [len(s) for s in samples]
         if len(lengths) != len(samples):
             raise PackingError(f"{len(lengths)} lengths for {len(samples)} samples")
+        self.lengths = lengths  # token length of each sample (the record cache's, when the recipes pass them)
         if rows is not None:
             self.rows = [list(r) for r in rows]
             if sorted(i for r in self.rows for i in r) != list(range(len(lengths))):

@@ -274,6 +274,11 @@ class RecordTable(Sequence):
                               objects=objects, image_id=cols["image_id"][k], source=cols["source"][k]))
         return out
 
+    def sizes(self) -> np.ndarray:
+        """``[N, 2]`` int64 ``(height, width)`` of every record, read as two columns (no record decoded)."""
+        data = self.dataset.data
+        return np.stack([data.column("height").to_numpy(), data.column("width").to_numpy()], axis=1).astype(np.int64)
+
     def sources(self) -> Sequence[str]:
         """``file:line`` of every record, read from the table on access (no list of a million strings)."""
         return _Column(self.dataset, "source")

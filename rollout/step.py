@@ -146,20 +146,17 @@ def budget_hit_message(step: int, hits: int, max_new_tokens: int, longest_answer
         "training; rollout/max_new_tokens_hit_count counts every hit")
 
 
-def token_budget_warning(max_new_tokens: int, answer_lengths: Sequence[int]) -> str | None:
+def token_budget_warning(max_new_tokens: int, longest: int) -> str | None:
     """A warning when ``rollout_matching.decoding.max_new_tokens`` cannot hold the longest GT answer.
 
-    ``answer_lengths``: tokens of each training record's GT answer including ``<|im_end|>``
-    (``ChatEncoder.answer_length``). A rollout that lists every object needs about that many
+    ``longest``: tokens of the training set's longest GT answer including ``<|im_end|>``
+    (``ChatEncoder.longest_answer``). A rollout that lists every object needs about that many
     tokens (objects × tokens per object + the container); Stage-2 (Rollout-Aligned above all:
     appended FN objects teach the model to list more) pushes rollouts towards it, and a rollout cut
     at the budget loses its last objects and its eos. ``None`` when the budget holds 2× the longest
-    answer (room for as many false positives as true objects).
+    answer (room for as many false positives as true objects), or there is no answer (``longest`` 0).
     """
-    if not answer_lengths:
-        return None
-    longest = max(answer_lengths)
-    if max_new_tokens >= 2 * longest:
+    if not longest or max_new_tokens >= 2 * longest:
         return None
     return (
         f"rollout_matching.decoding.max_new_tokens={max_new_tokens} is below 2x the longest GT answer "

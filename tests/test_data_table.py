@@ -111,6 +111,28 @@ def test_batched_lengths_on_two_processes_equal_one_record_at_a_time(tmp_path, m
     assert lengths == one_at_a_time and rows == pack_lengths(one_at_a_time, 2048)
 
 
+def test_longest_answer_from_the_cached_lengths_equals_tokenising_every_answer(tmp_path):
+    """Stage-2's token budget reads the longest GT answer off the cached sample lengths (minus the prompt
+    and each record's image tokens, per image size): the same number as tokenising every answer, also
+    when the longest answer sits in a short sample (a small image) and the longest sample has a short answer."""
+    write_png(str(tmp_path / "big.png"), 1280, 960)
+    write_png(str(tmp_path / "small.png"), 64, 48)
+    many = [{"desc": f"object number {k}", "bbox_2d": [k, k, 40 + k, 30 + k]} for k in range(6)]
+    rows = [_row([{"desc": "x", "bbox_2d": [0, 0, 9, 9]}], image="big.png", width=1280, height=960, image_id="big"),
+            _row(many, image="small.png", width=64, height=48, image_id="small"),
+            _row(many[:2], image="small.png", width=64, height=48, image_id="two")]
+    table, _ = open_records(write_jsonl(str(tmp_path / "s.jsonl"), rows), ReadOptions())
+    enc = ChatEncoder(qwen_tokenizer(), image_processor(), prompt="Detect all objects.", min_pixels=56 * 56,
+                      max_pixels=640 * 480)
+    lengths, _ = cached_packing(table, enc, 8192, True)
+    answers = [enc.answer_length(r) for r in table]
+    assert lengths.index(max(lengths)) != answers.index(max(answers))  # the case the subtraction must get right
+    assert enc.longest_answer(table, lengths) == max(answers)
+    assert enc.longest_answer(list(table), lengths) == max(answers)  # a plain list of records: the same
+    assert table.sizes().tolist() == [[960, 1280], [48, 64], [48, 64]]
+    assert enc.longest_answer([], []) == 0
+
+
 def _lines_file(tmp_path, rows):
     write_png(str(tmp_path / "a.png"), 640, 480)  # the size _row records
     return write_jsonl(str(tmp_path / "p.jsonl"), rows)

@@ -113,9 +113,21 @@ def test_two_channel_resume_reproduces_uninterrupted_losses(two_channel_runs):
 
 def test_rollout_aligned_every_step_is_a_rollout_step(recipe_env, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = recipe_argv(recipe_env, STAGE2_ALIGNED_DEMO, tmp_path, name="ra", max_steps=2,
-                       training__eval_every=0, training__save_every=0)
+    # the start-up warning names the longest GT answer, read off the cached lengths: tokenise every answer here
+    from transformers import AutoTokenizer
+
+    from data.encoding import ChatEncoder
+    from data.records import read_jsonl
+    from model.tiny import build_tiny_image_processor
+
+    records, _ = read_jsonl(recipe_env.shapes_dir / "train.jsonl")
+    encoder = ChatEncoder(AutoTokenizer.from_pretrained(recipe_env.tiny_dir), build_tiny_image_processor(), prompt="p")
+    longest = max(encoder.answer_length(r) for r in records)
+    argv = recipe_argv(recipe_env, STAGE2_ALIGNED_DEMO, tmp_path, name="ra", max_steps=2, training__eval_every=0,
+                       training__save_every=0, rollout_matching__decoding__max_new_tokens=2 * longest - 1)
     train_stage2.main(argv)
+    log = (tmp_path / "ra" / "train.log").read_text()
+    assert f"below 2x the longest GT answer ({longest} tokens incl. <|im_end|>)" in log
     rows = read_rows(tmp_path / "ra")
     assert [r["step"] for r in rows] == [1, 2]
     assert_metrics_contract(rows)

@@ -52,12 +52,12 @@ def test_rollouts_cut_at_the_budget_are_counted(tmp_path):
     assert got.metrics["rollout/max_new_tokens_hit_count"] == 2.0
 
 
-def test_token_budget_warning_from_answer_lengths():
+def test_token_budget_warning_from_the_longest_answer():
     from rollout.step import token_budget_warning
 
-    assert token_budget_warning(96, []) is None
-    assert token_budget_warning(96, [20, 48]) is None  # 2 x 48 fits exactly
-    msg = token_budget_warning(96, [20, 49, 30])
+    assert token_budget_warning(96, 0) is None  # no training answer
+    assert token_budget_warning(96, 48) is None  # 2 x 48 fits exactly
+    msg = token_budget_warning(96, 49)
     assert "max_new_tokens=96" in msg and "49 tokens" in msg and ">= 98" in msg
 
 
