@@ -192,6 +192,7 @@ def dry_run(cfg: Config, *, out=print, notes: Sequence[str] = ()) -> int:
     ``notes``: lines printed with the plan (the data settings taken from the checkpoint's saved settings)."""
     from data.encoding import EncodedRecords
     from data.packing import PackedDataset
+    from data.table import cached_packing
     from model.loading import load_tokenizer_and_image_processor, require_coord_tokens
     from model.vocab import ensure_coord_tokens, has_any_coord_token
     from training.session import load_records, make_encoder, resolve_checkpoint
@@ -231,10 +232,10 @@ def dry_run(cfg: Config, *, out=print, notes: Sequence[str] = ()) -> int:
     if not splits.train:
         raise ConfigError("data.train_jsonl", "no training records; the file has no valid line")
     encoder = make_encoder(cfg, tokenizer, image_processor)
-    samples = EncodedRecords(splits.train, encoder)
-    dataset = PackedDataset(samples, t.max_length, t.batch_size, t.packing, seed=cfg.run.seed,
-                            lengths=samples.lengths(), sources=samples.sources(), num_replicas=world, rank=0)
-    lengths = samples.lengths()
+    # the run's own length pass and packing plan (data.table.cached_packing): built here once, reused by the run
+    lengths, rows = cached_packing(splits.train, encoder, t.max_length, t.packing, procs=cfg.data.cache_build_procs)
+    dataset = PackedDataset(EncodedRecords(splits.train, encoder), t.max_length, t.batch_size, t.packing,
+                            seed=cfg.run.seed, lengths=lengths, rows=rows, num_replicas=world, rank=0)
     fill = sum(lengths) / (len(dataset.rows) * t.max_length)
     per_epoch = len(dataset) / t.gradient_accumulation_steps  # optimizer steps per pass over the data
     out(f"  packing        {len(lengths)} samples (tokens min {min(lengths)} / mean {sum(lengths) / len(lengths):.0f} / "
