@@ -134,3 +134,15 @@ def test_a_two_channel_run_gets_one_line_per_channel(tmp_path):
     # a Stage-1 run: one line per key
     plain = _write_run(tmp_path / "s1", [{"step": s, "loss/total": 1.0 / s} for s in range(1, 4)])
     assert main([str(plain), "--out", str(tmp_path / "q.png")]).lines == {"loss/total": ["s1"]}
+
+
+def test_an_axis_multiplier_joins_the_title_instead_of_covering_it(tmp_path):
+    """matplotlib writes a "1e-5" multiplier (or a "+1e3" offset) at the top left of the axis, where the
+    left-aligned title sits: the plot moves it into the title and hides the one on the axis."""
+    rows = [{"step": s, "train/lr": 2e-5 * min(1.0, s / 5), "loss/total": 1000.5 - 5e-4 * s, "loss/geo": 1.0 / s}
+            for s in range(1, 30)]
+    run = _write_run(tmp_path / "run", rows)
+    r = main([str(run), "--keys", "train/lr", "loss/total", "loss/geo", "--out", str(tmp_path / "p.png")])
+    assert r.titles["train/lr"].startswith("train/lr  [×1e") and r.titles["train/lr"].endswith("5]")
+    assert r.titles["loss/total"].startswith("loss/total  [+")  # an offset: added, not multiplied
+    assert r.titles["loss/geo"] == "loss/geo"  # plain ticks: the title alone

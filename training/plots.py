@@ -66,6 +66,7 @@ class PlotResult:
     panels: list[tuple[int, int, int, int]] = field(default_factory=list)  # plot areas, one per key
     nonfinite: dict[str, int] = field(default_factory=dict)  # key -> values not drawn (NaN/inf)
     lines: dict[str, list[str]] = field(default_factory=dict)  # key -> the lines drawn ("run", "run Channel-B")
+    titles: dict[str, str] = field(default_factory=dict)  # key -> its panel's title as drawn
 
 
 def load_run(path: str) -> Run:
@@ -227,6 +228,15 @@ def plot(
         result.nonfinite[key] = draw_panel(ax, key, runs, smooth_n, result.lines[key])
         result.panels.append((x0, y0, x0 + w, y0 + h))
         axes.append(ax)
+    fig.canvas.draw()  # tick labels are chosen at draw time: only then is an axis multiplier known
+    for ax in axes:  # matplotlib puts a "1e-5" / "+1e3" multiplier at the top left, over the title: join them
+        offset = ax.yaxis.get_offset_text()
+        if offset.get_text():
+            text = offset.get_text()
+            text = text if text[0] in "+-−" else "×" + text  # an offset is added, a multiplier multiplies
+            ax.set_title(f"{ax.get_title(loc='left')}  [{text}]", fontsize=9, loc="left")
+            offset.set_visible(False)
+    result.titles = {key: ax.get_title(loc="left") for key, ax in zip(keys, axes, strict=True)}
     handles = [Line2D([], [], color=_rgb(PALETTE[i % len(PALETTE)]), linewidth=3) for i in range(len(runs))]
     fig.legend(handles, [f"{run.label}  ({run.path})" for run in runs], loc="lower left", fontsize=8,
                frameon=False, bbox_to_anchor=(ml / W, 0), borderaxespad=0.2, handlelength=2.5)
