@@ -39,7 +39,7 @@ def test_the_page_script_switches_on_exactly_the_cpu_and_trial_lines():
     script = page_script()
     on = [line for line in script.splitlines() if re.match(r"^(NPROC|CPU|TRIAL|STEPS1)=", line)]
     assert on[-3:] == [
-        'NPROC=2 CPU="--set training.mixed_precision=no --set run.tracker.backend=none"',
+        'NPROC=2 CPU="--set training.mixed_precision=no --set run.tracker.backend=none --set data.num_workers=0"',
         'TRIAL="--set training.save_every=5 --set training.eval_every=5 '
         '--set rollout_matching.decoding.max_new_tokens=64"',
         "STEPS1=5 STEPS2=5",
