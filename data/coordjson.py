@@ -1,4 +1,4 @@
-"""CoordJSON: render GT objects as the one-line answer of docs/DATA.md and parse it back (strictly).
+"""CoordJSON: render GT objects as the one-line answer of docs/DATA.md.
 
 ``{"objects": [{"desc": "black cat", "bbox_2d": [<|coord_110|>, <|coord_310|>, <|coord_410|>, <|coord_705|>]}]}``
 
@@ -32,16 +32,6 @@ _BBOX_KEY = ', "bbox_2d": ['
 _OBJ_CLOSE = "]}"
 
 Span = tuple[int, int]
-
-
-class CoordJSONError(ValueError):
-    """Text is not canonical CoordJSON. ``offset`` is the character offset of the problem."""
-
-    def __init__(self, offset: int, expected: str, text: str):
-        self.offset = offset
-        self.expected = expected
-        snippet = text[max(0, offset - 20) : offset + 20]
-        super().__init__(f"CoordJSON parse error at char {offset}: expected {expected}; near {snippet!r}")
 
 
 def coord_token(k: int) -> str:
@@ -149,63 +139,6 @@ def render_objects_fragment(objects: Sequence[GTObject]) -> RenderedAnswer:
     return b.result(spans)
 
 
-class _Parser:
-    def __init__(self, text: str):
-        self.text = text
-        self.pos = 0
-
-    def expect(self, lit: str, what: str | None = None) -> None:
-        if not self.text.startswith(lit, self.pos):
-            raise CoordJSONError(self.pos, what or repr(lit), self.text)
-        self.pos += len(lit)
-
-    def peek(self, lit: str) -> bool:
-        return self.text.startswith(lit, self.pos)
-
-    def string_value(self) -> str:
-        start = self.pos
-        self.expect('"', "'\"' opening the desc value")
-        i = self.pos
-        while True:
-            if i >= len(self.text):
-                raise CoordJSONError(start, "a closing '\"' of the desc value", self.text)
-            ch = self.text[i]
-            if ch == "\\":
-                i += 2
-                continue
-            if ch == '"':
-                break
-            i += 1
-        raw = self.text[start : i + 1]
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise CoordJSONError(start + e.pos, f"a valid JSON string ({e.msg})", self.text) from None
-        if json.dumps(value, ensure_ascii=False) != raw:
-            raise CoordJSONError(start, "a canonically escaped desc (json.dumps(ensure_ascii=False))", self.text)
-        self.pos = i + 1
-        return value
-
-    def coord(self) -> int:
-        m = COORD_TOKEN_RE.match(self.text, self.pos)
-        k = parse_coord_token(m.group(0)) if m else None
-        if k is None:
-            raise CoordJSONError(self.pos, "a coord token <|coord_K|> with K in 0..999", self.text)
-        self.pos = m.end()
-        return k
-
-    def obj(self) -> GTObject:
-        self.expect(_DESC_KEY, repr(_DESC_KEY) + " starting an object")
-        desc = self.string_value()
-        self.expect(_BBOX_KEY)
-        bins = [self.coord()]
-        for _ in range(3):
-            self.expect(", ", "', ' between coord tokens")
-            bins.append(self.coord())
-        self.expect(_OBJ_CLOSE, "']}' closing the object (bbox_2d has exactly 4 coords)")
-        return GTObject(desc=desc, bins=tuple(bins))
-
-
 def find_outermost_closure(text: str, start: int = 0) -> int | None:
     """Char index of the ``}`` closing the first top-level JSON object in ``text[start:]``.
 
@@ -254,23 +187,3 @@ def find_outermost_closure(text: str, start: int = 0) -> int | None:
                     return i
         i += 1
     return None
-
-
-def parse_answer(text: str) -> list[GTObject]:
-    """Strict inverse of ``render_answer``: canonical text only (``render_answer(parse_answer(t)).text == t``).
-
-    Raises ``CoordJSONError`` with the char offset and what was expected there. Tolerant parsing of
-    model output with token spans is the rollout parser's job, not this one.
-    """
-    p = _Parser(text)
-    p.expect(CONTAINER_OPEN)
-    objects: list[GTObject] = []
-    if not p.peek(CONTAINER_CLOSE):
-        objects.append(p.obj())
-        while p.peek(OBJECT_SEP):
-            p.expect(OBJECT_SEP)
-            objects.append(p.obj())
-    p.expect(CONTAINER_CLOSE, "', ' before the next object or ']}' closing the answer")
-    if p.pos != len(text):
-        raise CoordJSONError(p.pos, "end of text after the closing ']}'", text)
-    return objects

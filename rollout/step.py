@@ -30,13 +30,6 @@ class RolloutBatch:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def prepare_rollout_batch(
-    records: Sequence[Record], *, prompts: Sequence[EncodedSample] | None = None, **kwargs
-) -> RolloutBatch:
-    """Roll out one micro-batch of ``records``: :func:`prepare_rollout_batches` (same keywords) with one group."""
-    return prepare_rollout_batches([records], prompts=None if prompts is None else [prompts], **kwargs)[0]
-
-
 def prepare_rollout_batches(
     groups: Sequence[Sequence[Record]],
     *,

@@ -14,8 +14,10 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
@@ -107,11 +109,23 @@ ROLLOUT_PAYLOAD = (
 STAGE2_ROUTER_KEYS = ("stage2/b_ratio_realized", "stage2/channel_a_count", "stage2/channel_b_count")
 
 
+def check_log_row(row: Mapping[str, Any]) -> None:
+    """Contract check of one emitted row (e.g. a ``metrics.jsonl`` line): every key but ``step``
+    passes ``training.aggregator.check_metric_key`` and none is internal. Raises ``ValueError`` naming the key."""
+    from training.aggregator import check_metric_key
+
+    for key in row:
+        if key == "step":
+            continue
+        if check_metric_key(key) == "internal":
+            raise ValueError(f"metric key {key!r} is internal (last segment starts with '_') and must never be logged")
+
+
 def assert_metrics_contract(rows: list[dict]) -> None:
     """Every emitted key of every ``metrics.jsonl`` row meets docs/training/METRICS_LOSSES.md naming rules."""
     import re
 
-    from training.aggregator import KEY_CLASSES, check_log_row, check_metric_key
+    from training.aggregator import KEY_CLASSES, check_metric_key
 
     assert rows, "no metrics rows"
     counter_suffix = re.compile(r"_(total|count|sum|num|den)$")

@@ -11,16 +11,15 @@ from hypothesis import strategies as st
 
 from core.vocab import COORD, DESC, STRUCT
 from data.coordjson import (
-    CoordJSONError,
     coord_token,
     find_outermost_closure,
-    parse_answer,
     parse_coord_token,
     render_answer,
     render_answer_text,
     render_objects_fragment,
 )
 from data.types import GTObject
+from tests._coordjson import CoordJSONError, parse_answer
 
 CAT = GTObject("black cat", (110, 310, 410, 705))
 DOG = GTObject('a "quoted" dog}', (1, 2, 3, 4))

@@ -5,7 +5,7 @@ eval mode) with synthetic shapes records written to a tmp dir and chat-encoded b
 ``data.encoding.ChatEncoder``; batches come from ``data.packing.collate_rows``.
 
 ``FixedBackend`` is a ``GenerationBackend`` that returns hand-written answers, so a rollout batch
-built with ``rollout.step.prepare_rollout_batch`` is deterministic and contains matched, FP and FN
+built with ``rollout.step.prepare_rollout_batches`` is deterministic and contains matched, FP and FN
 objects (a greedy rollout of a random tiny model is a garbage answer with no container).
 """
 
@@ -27,7 +27,7 @@ from model.tiny import build_tiny_in_memory
 from model.vocab import CoordVocab, coord_vocab_from_tokenizer
 from pipeline.context import TeacherForcingContext
 from rollout.backends import GenerationBackend
-from rollout.step import MatchingConfig, RolloutBatch, prepare_rollout_batch
+from rollout.step import MatchingConfig, RolloutBatch, prepare_rollout_batches
 from rollout.types import GenerationOutput
 
 PROMPT = "Detect all objects."
@@ -128,6 +128,13 @@ def mixed_rollout_texts(records: Sequence[Record]) -> list[str]:
         objs.append(obj_text("purple star", (990, 990, 999, 999)))
         texts.append(answer_text(objs))
     return texts
+
+
+def prepare_rollout_batch(
+    records: Sequence[Record], *, prompts: Sequence[EncodedSample] | None = None, **kwargs
+) -> RolloutBatch:
+    """Roll out one micro-batch of ``records``: ``rollout.step.prepare_rollout_batches`` (same keywords) with one group."""
+    return prepare_rollout_batches([records], prompts=None if prompts is None else [prompts], **kwargs)[0]
 
 
 def rollout_batch(env: TinyEnv, record_ids: Sequence[int], *, packing: bool, max_length: int = 1024) -> RolloutBatch:

@@ -10,7 +10,7 @@ import torch
 
 from configs.modules import TokenCEWeights
 from core.vocab import COORD, DESC, EOS, FN, FP, IGNORE, MATCHED, NO_SUBSET, STRUCT
-from data.coordjson import coord_token, parse_answer, render_answer
+from data.coordjson import coord_token, render_answer
 from data.encoding import ChatEncoder
 from data.packing import PackingError
 from data.types import GTObject, Record
@@ -23,6 +23,7 @@ from rollout.metrics import rollout_counters
 from rollout.packing import pack_rollout_samples
 from rollout.parser import parse_rollout
 from rollout.types import rollout_view
+from tests._coordjson import parse_answer
 from tests._data_fixtures import image_processor as qwen_image_processor
 from tests._data_fixtures import qwen_tokenizer, write_png
 

@@ -10,9 +10,9 @@ import pytest
 
 from configs.types import MatchingConfig, SemanticConfig
 from rollout.matching import desc_similarity_matrix, hungarian_match, iou_matrix
-from rollout.step import prepare_rollout_batch
-from tests.test_forwards_fixtures import FixedBackend, answer_text, make_env, obj_text
-from training.aggregator import MetricAggregator, check_log_row
+from tests._recipe_helpers import check_log_row
+from tests.test_forwards_fixtures import FixedBackend, answer_text, make_env, obj_text, prepare_rollout_batch
+from training.aggregator import MetricAggregator
 
 BOXES = [[0, 0, 100, 100], [500, 500, 600, 600]]
 

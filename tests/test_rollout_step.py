@@ -7,8 +7,8 @@ import torch
 
 from data.encoding import prompts_of
 from data.packing import collate_rows
-from rollout.step import MatchingConfig, prepare_rollout_batch, prepare_rollout_batches
-from tests.test_forwards_fixtures import FixedBackend, make_env, mixed_rollout_texts
+from rollout.step import MatchingConfig, prepare_rollout_batches
+from tests.test_forwards_fixtures import FixedBackend, make_env, mixed_rollout_texts, prepare_rollout_batch
 
 KW = dict(matching=MatchingConfig(), max_length=1024, packing=True)
 

@@ -6,7 +6,7 @@ checksum and give the same ``loss/*`` values from ``pipeline.executor.run_pipeli
 batch of both channels, packed and unpacked:
 
 - Channel-A: ``expectation_forward`` on chat-encoded shapes samples;
-- Channel-B: a rollout batch from the real ``rollout.step.prepare_rollout_batch`` with a backend
+- Channel-B: a rollout batch from the real ``rollout.step.prepare_rollout_batches`` with a backend
   that returns hand-written answers holding matched, FP and FN objects.
 
 ``stage2_ab.desc_ce_weight: 0.5`` must equal a written pipeline with ``token_ce.desc_ce_weight``

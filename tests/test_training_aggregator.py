@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from tests._dist import spawn_ranks
-from training.aggregator import F1, MetricAggregator, Ratio, check_log_row, check_metric_key, classify_key
+from tests._recipe_helpers import check_log_row
+from training.aggregator import F1, MetricAggregator, Ratio, check_metric_key, classify_key
 
 # ------------------------------------------------------------ classification
 

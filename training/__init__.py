@@ -10,7 +10,6 @@ from training.aggregator import (
     STEP_DERIVED,
     MetricAggregator,
     Ratio,
-    check_log_row,
     check_metric_key,
     classify_key,
 )
@@ -38,7 +37,6 @@ __all__ = [
     "TrainerState",
     "build_optimizer",
     "build_scheduler",
-    "check_log_row",
     "check_metric_key",
     "classify_key",
     "find_latest_checkpoint",

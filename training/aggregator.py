@@ -134,16 +134,6 @@ def check_metric_key(key: str) -> str:
     return cls
 
 
-def check_log_row(row: Mapping[str, Any]) -> None:
-    """Contract check of one emitted row (e.g. a ``metrics.jsonl`` line): every key but ``step``
-    passes :func:`check_metric_key` and none is internal. Raises ``ValueError`` naming the key."""
-    for key in row:
-        if key == "step":
-            continue
-        if check_metric_key(key) == "internal":
-            raise ValueError(f"metric key {key!r} is internal (last segment starts with '_') and must never be logged")
-
-
 # ------------------------------------------------------------------ derived
 
 DerivedFn = Callable[[Mapping[str, float]], "float | None"]
