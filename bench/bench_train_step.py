@@ -507,6 +507,7 @@ class _StepRunner:
         self.lm_head = vlm.get_output_embeddings().weight
         self.backend = None
         self.counter: HostReadCounter | None = None
+        self.prefix_reuse_warned: set[str] = set()  # a prefix-reuse fallback is logged once per reason
 
     def _rollouts(self, timer: PhaseTimer):
         from data.encoding import prompts_of
@@ -555,7 +556,8 @@ class _StepRunner:
                             fwd = expectation_forward(self.model, self.vlm, batch, self.coord_ids, n_iter=sab.n_softctx_iter,
                                                       embed_mode=sab.coord_ctx_embed_mode, grad_mode=sab.softctx_grad_mode,
                                                       temperature=sab.softctx_temperature,
-                                                      prefix_reuse=sab.prefix_reuse and kind == "channel_a")
+                                                      prefix_reuse=sab.prefix_reuse and kind == "channel_a",
+                                                      prefix_reuse_warned=self.prefix_reuse_warned)
                         else:
                             fwd = rollout_forward(self.model, self.vlm, batch)
                     with timer.phase("losses"):

@@ -77,11 +77,11 @@ def attn_kernel(vlm) -> str:
     return unwrap_vlm(vlm).model.language_model.config._attn_implementation
 
 
-_warned: set[str] = set()
+def plan_prefix_reuse(vlm, batch: PackedBatch, warned: set[str] | None = None) -> SuffixLayout | None:
+    """The suffix layout of ``batch``, or None (logged) when reuse cannot be exact here.
 
-
-def plan_prefix_reuse(vlm, batch: PackedBatch) -> SuffixLayout | None:
-    """The suffix layout of ``batch``, or None (logged once per reason) when reuse cannot be exact here.
+    ``warned``: the owner's set of reasons already logged (a ``TrainingWrapper`` holds one per run, so
+    each run logs a reason once, however many runs share the process); None logs every refusal.
 
     One host copy of ``token_types`` / ``mm_token_type_ids`` (the per-segment search runs on the CPU,
     like ``model.forward.position_ids_for_batch``).
@@ -105,8 +105,9 @@ def plan_prefix_reuse(vlm, batch: PackedBatch) -> SuffixLayout | None:
                 reason = "an image token lies after its sample's first coord slot (deepstack would need it)"
             per_row[s.row].append((sid, first, end))
     if reason is not None:
-        if reason not in _warned:
-            _warned.add(reason)
+        if warned is None or reason not in warned:
+            if warned is not None:
+                warned.add(reason)
             logger.warning("stage2_ab.prefix_reuse: full recomputation of Channel-A forwards 2..N: %s", reason)
         return None
     counts = [sum(end - first for _, first, end in row) for row in per_row]

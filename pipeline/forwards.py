@@ -92,6 +92,7 @@ def expectation_forward(
     grad_mode: str = ExpectationConfig.grad_mode,
     temperature: float = ExpectationConfig.temperature,
     prefix_reuse: bool = ExpectationConfig.prefix_reuse,
+    prefix_reuse_warned: set[str] | None = None,
 ) -> ForwardResult:
     """Channel-A Expectation step (docs/training/STAGE2_RUNBOOK.md): N forwards, vision once.
 
@@ -104,7 +105,8 @@ def expectation_forward(
 
     ``prefix_reuse`` (``stage2_ab.prefix_reuse``): forwards 2..N recompute only each segment from its
     first coord slot on and take the rest from forward 1 (``model.prefix_reuse``; same losses and
-    gradients as full forwards); where the batch or the attention kernel does not allow it they run in full.
+    gradients as full forwards); where the batch or the attention kernel does not allow it they run in full
+    (logged once per reason per ``prefix_reuse_warned`` set, the caller's; see ``plan_prefix_reuse``).
     """
     if n_iter < 1:
         raise ValueError(f"stage2_ab.n_softctx_iter must be >= 1, got {n_iter}")
@@ -115,7 +117,7 @@ def expectation_forward(
 
     position_ids = position_ids_for_batch(vlm, batch)
     # host-side planning before any kernel is queued (on a GPU its host copies wait for nothing)
-    layout = plan_prefix_reuse(vlm, batch) if prefix_reuse and n_iter > 1 else None
+    layout = plan_prefix_reuse(vlm, batch, warned=prefix_reuse_warned) if prefix_reuse and n_iter > 1 else None
     vision = compute_vision(vlm, batch.pixel_values, batch.image_grid_thw)
     if layout is None:
         hidden = hidden_states(model, batch, vision=vision, position_ids=position_ids)

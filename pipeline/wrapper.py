@@ -72,6 +72,7 @@ class TrainingWrapper(torch.nn.Module):
         self.coord_token_ids = coord_token_ids
         self.coord_decode_mode = coord_decode_mode
         self.expectation = expectation or ExpectationConfig()
+        self.prefix_reuse_warned: set[str] = set()  # reasons a prefix-reuse fallback was logged for, this run
 
     def forward(self, batch: PackedBatch, strategy: str = STRATEGY_GT, channel: str | None = None) -> StepOutput:
         """One micro-step: forwards of ``strategy`` on ``batch`` (``[B, T]`` on the model's device), then the
@@ -85,7 +86,7 @@ class TrainingWrapper(torch.nn.Module):
             e = self.expectation
             fwd = expectation_forward(hidden_model, self.vlm, batch, self.coord_token_ids, n_iter=e.n_iter,
                                       embed_mode=e.embed_mode, grad_mode=e.grad_mode, temperature=e.temperature,
-                                      prefix_reuse=e.prefix_reuse)
+                                      prefix_reuse=e.prefix_reuse, prefix_reuse_warned=self.prefix_reuse_warned)
         else:
             raise ValueError(f"TrainingWrapper strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         ctx = TeacherForcingContext(channel=channel, batch=batch, hidden=fwd.hidden,

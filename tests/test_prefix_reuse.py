@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 
 import pytest
 import torch
 
 from configs.pipeline import resolve_pipeline
-from core.vocab import COORD, GT, SELF_CONTEXT
+from core.vocab import COORD, GT, LOGGER_NAME, SELF_CONTEXT
 from data.packing import collate_rows
 from model.prefix_reuse import KVRecorder, plan_prefix_reuse
 from pipeline.executor import run_pipeline
 from pipeline.forwards import expectation_forward
+from pipeline.wrapper import ExpectationConfig, TrainingWrapper
 from tests.test_forwards_fixtures import make_env
 
 
@@ -165,6 +167,26 @@ def test_flash_attention_and_images_in_a_suffix_fall_back(env, batch, caplog):
     assert plan_prefix_reuse(env.vlm, batch) is not None
 
 
+def test_a_fallback_is_logged_once_per_run_not_once_per_process(env, batch, monkeypatch, caplog):
+    """Each run (its ``TrainingWrapper``) logs a refused reuse once, however many steps it takes; a second
+    run in the same process logs it again (the set of logged reasons belongs to the run)."""
+    import model.prefix_reuse
+
+    monkeypatch.setattr(model.prefix_reuse, "attn_kernel", lambda vlm: "flash_attention_2")  # the forwards stay sdpa
+    resolved = resolve_pipeline({}, "stage2_two_channel")
+    expectation = ExpectationConfig(n_iter=2, prefix_reuse=True)
+    runs = [TrainingWrapper(env.vlm, resolved, env.coord_ids, expectation=expectation) for _ in range(2)]
+    counts = []
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+        for run in runs:
+            for _ in range(2):
+                assert run(batch, "expectation", "A").suffix_forwards == 0  # full recomputation
+            counts.append(sum("prefix_reuse: full recomputation" in r.getMessage() for r in caplog.records))
+    assert counts == [1, 2]
+    assert plan_prefix_reuse(env.vlm, batch) is None and plan_prefix_reuse(env.vlm, batch) is None  # no owner
+    assert sum("prefix_reuse: full recomputation" in r.getMessage() for r in caplog.records) == 4
+
+
 def test_full_recomputation_is_counted(env, batch, monkeypatch):
     """A fallback (no layout) or prefix_reuse off: every forward runs in full and suffix_forwards
     (stage2/suffix_forwards_total) says so."""
@@ -173,7 +195,7 @@ def test_full_recomputation_is_counted(env, batch, monkeypatch):
     with torch.no_grad():
         fwd = expectation_forward(env.model, env.vlm, batch, env.coord_ids, n_iter=3, prefix_reuse=False)
         assert (fwd.num_forwards, fwd.suffix_forwards) == (3, 0)
-        monkeypatch.setattr(pipeline.forwards, "plan_prefix_reuse", lambda vlm, b: None)  # e.g. flash-attention
+        monkeypatch.setattr(pipeline.forwards, "plan_prefix_reuse", lambda vlm, b, **kw: None)  # e.g. flash-attention
         fwd = expectation_forward(env.model, env.vlm, batch, env.coord_ids, n_iter=3, prefix_reuse=True)
         assert (fwd.num_forwards, fwd.suffix_forwards) == (3, 0)
 
