@@ -186,9 +186,10 @@ def coerce_scalar(tp: Any, value: Any) -> Any:
     """A validated value in its declared type: ints for ``float`` keys become floats (``lr: 1`` -> 1.0),
     integral floats for ``int`` keys become ints (``max_steps: 10.0`` -> 10); anything else unchanged."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or len(args) != 1:  # None, or a value of an explicit anyOf (int | str): as validated
+            return value
+        (tp,) = args
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, float) and value.is_integer():
@@ -282,9 +283,9 @@ def type_text(cls: type, name: str) -> str:
 
 def _type_text(tp: Any, meta: Mapping[str, Any]) -> str:
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _type_text(inner, meta) + "|null"
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _type_text(args[0], meta) + "|null"
     if tp in _SCALARS:
         return tp.__name__
     if origin is tuple:

@@ -389,8 +389,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(inner, value, key)
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _convert(args[0], value, key)  # else an explicit anyOf (int | str): the validated scalar
     if is_dataclass(tp):
         return _build(tp, value, key)
     if tp is Any or origin in (Mapping, dict) or tp in (Mapping, dict):

@@ -463,9 +463,9 @@ class DecodingConfig:
     top_p: float = knob(1.0, "nucleus sampling mass", exclusive_minimum=0, maximum=1)
     top_k: int = knob(0, "top-k sampling; 0 = off", minimum=0)
     max_new_tokens: int = knob(512, "generated tokens per rollout at most", minimum=1)
-    batch_size: Any = knob(8, "prompts per generate call, or auto (from the free GPU memory, docs/ROLLOUT.md "
-                           "\"Generation backends\"; 8 off CUDA)",
-                           schema={"anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]})
+    batch_size: int | str = knob(8, "prompts per generate call, or auto (from the free GPU memory, docs/ROLLOUT.md "
+                                 "\"Generation backends\"; 8 off CUDA)",
+                                 schema={"anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}]})
     seed: int = knob(0, "sampling seed", minimum=0)
     coord_pick: str = knob("argmax", "how a generated coord token is chosen: argmax = the decoder's own choice "
                            "(greedy argmax or the sampled token); expectation = the 1000 coord tokens collapse onto "

@@ -9,7 +9,6 @@ convention).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -73,6 +72,25 @@ class ObjectSpan:
 
 
 @dataclass
+class RolloutMeta:
+    """What a rollout-built sample records beyond its tensors (its ``EncodedSample.meta``; built by
+    ``rollout.builder``): the facts the
+    tensors cannot give back. Every position-level fact is derived from the tensors on demand by
+    ``rollout.types.rollout_view``, never stored twice (docs/training/STAGE2_RUNBOOK.md).
+
+    prefix_len:   kept generated tokens (``ParsedRollout.cut``); the tail starts at ``prompt_len + prefix_len``
+    drop_reasons: count per drop reason (includes truncated)
+    counters:     per-sample numbers: matched, fp, fn, valid_pred, gt, invalid_dropped, ... (rollout/* metrics)
+    cut_suffix:   text appended to complete a fused token at the cut
+    """
+
+    prefix_len: int
+    drop_reasons: dict[str, int]
+    counters: dict[str, int]
+    cut_suffix: str = ""
+
+
+@dataclass
 class EncodedSample:
     """One chat-encoded sample (prompt with image + answer), ready to pack.
 
@@ -107,7 +125,7 @@ class EncodedSample:
     bbox_groups: list[BBoxGroup] = field(default_factory=list)
     dropped_invalid: bool = False
     record: Record | None = None
-    meta: Any = None  # rollout.RolloutMeta for rollout-context samples
+    meta: RolloutMeta | None = None  # set for rollout-context samples (rollout.builder)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

@@ -30,10 +30,11 @@ from core.vocab import LOGGER_NAME
 from data.records import bins_to_pixels
 from data.types import Record
 from eval.artifacts import write_artifacts
-from eval.detection import evaluate_detection, write_predictions_jsonl
+from eval.detection import DetectionReport, evaluate_detection, write_predictions_jsonl
 from eval.evaluate import write_metrics_json
 from eval.scores import SCORE_MODES, score_objects
 from rollout.metrics import precision_recall_f1, rollout_counters
+from rollout.types import GenerationOutput, MatchResult, ParsedRollout
 
 logger = logging.getLogger(LOGGER_NAME)  # the project logger: its warnings reach train.log
 
@@ -92,9 +93,9 @@ _SUMMABLE = ("_total", "_count", "_num", "_den")
 def sample_result(
     index: int,
     record: Record,
-    generation: Any,
-    parsed: Any,
-    match: Any,
+    generation: GenerationOutput,
+    parsed: ParsedRollout,
+    match: MatchResult,
     *,
     score_mode: str = "token_prob",
     score_include_desc: bool = False,
@@ -395,7 +396,7 @@ def run_rollout_eval(
     return payload
 
 
-def _detection_report(results: Sequence[SampleResult], **kwargs: Any) -> tuple[Any, float, str | None]:
+def _detection_report(results: Sequence[SampleResult], **kwargs: Any) -> tuple[DetectionReport | None, float, str | None]:
     """(report, mAP, error) of :func:`evaluate_detection` on the results; any failure gives (None, 0.0, message)."""
     try:
         report = evaluate_detection([r.detection_record() for r in results], **kwargs)
@@ -409,7 +410,7 @@ def _detection_report(results: Sequence[SampleResult], **kwargs: Any) -> tuple[A
         return None, 0.0, error
 
 
-def summary_line(step: int | None, payload: Mapping[str, float], report: Any, seconds: float) -> str:
+def summary_line(step: int | None, payload: Mapping[str, float], report: DetectionReport | None, seconds: float) -> str:
     """One console line per in-loop eval: ``eval step 240: mAP 0.1234 AP50 0.2345 F1 0.3456 parse-valid 0.98 (16 images, 3.2s)``.
 
     COCO numbers come from ``report`` (``n/a`` when detection eval is off or failed); F1 and the
@@ -425,7 +426,7 @@ def summary_line(step: int | None, payload: Mapping[str, float], report: Any, se
             f"({int(payload.get(PREFIX + 'samples_total', 0))} images, {seconds:.1f}s)")
 
 
-def _write_artifacts(out_dir: Path, report: Any, primary_iou: float, max_images: int) -> None:
+def _write_artifacts(out_dir: Path, report: DetectionReport, primary_iou: float, max_images: int) -> None:
     try:  # like _write_outputs: a full disk or a bad path must not kill the run
         write_artifacts(out_dir, report, primary_iou=primary_iou, max_images=max_images)
     except OSError as e:

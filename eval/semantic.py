@@ -20,12 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from configs.errors import UserError
 from data.descs import normalize_desc  # noqa: F401  (re-exported: eval.semantic.normalize_desc)
+
+if TYPE_CHECKING:
+    from configs.types import SemanticConfig
 
 EXACT, SEMANTIC, UNMAPPED = "exact", "semantic", "unmapped"
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -72,7 +75,7 @@ class DescEncoder:
 _LOADED: dict[tuple[str, str, int], DescEncoder] = {}
 
 
-def load_encoder(cfg: Any) -> DescEncoder | None:
+def load_encoder(cfg: SemanticConfig | None) -> DescEncoder | None:
     """The encoder of ``eval.semantic`` (a ``configs.types.SemanticConfig``), or None when ``model`` is null.
 
     Loaded once per process (model, device, batch size); a missing package or model raises a
@@ -157,7 +160,7 @@ def add_semantic_args(parser) -> None:
     parser.add_argument("--semantic-batch-size", type=int, default=SemanticConfig.batch_size)
 
 
-def semantic_from_args(args) -> Any:
+def semantic_from_args(args) -> SemanticConfig | None:
     """The ``SemanticConfig`` of :func:`add_semantic_args`' flags (None without ``--semantic-model``), its encoder
     loaded once so that a missing package or model fails before any file is read."""
     if not args.semantic_model:

@@ -31,7 +31,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from torch.nn.utils import parametrize
 from configs.validation import declared_enum
 from model.shapes import logical_numel, logical_shape
 from model.vocab import CoordVocab
+
+if TYPE_CHECKING:
+    from configs.types import AdapterConfig
 
 ADAPTER_TYPES = declared_enum("model.adapter.type")
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -84,7 +87,7 @@ class AdapterSpec:
         return cls(**d)
 
 
-def spec_from_config(adapter_cfg) -> AdapterSpec:
+def spec_from_config(adapter_cfg: AdapterConfig) -> AdapterSpec:
     """``AdapterSpec`` from the typed ``model.adapter`` config section."""
     lora = adapter_cfg.lora
     return AdapterSpec(

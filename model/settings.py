@@ -21,12 +21,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from configs.errors import UserError
 from configs.types import MatchingConfig
 from configs.validation import MISSING, lookup
 from data.coordjson import NUM_COORD_BINS
+
+if TYPE_CHECKING:
+    from configs.types import Config
 
 SETTINGS_FILE = "coordexp_settings.json"
 FORMAT_VERSION = 1
@@ -66,7 +69,7 @@ class CheckpointSettings:
         return self.values.get(key, default)
 
 
-def settings_of(cfg) -> CheckpointSettings:
+def settings_of(cfg: Config) -> CheckpointSettings:
     """The settings of a loaded config (``cfg.resolved``: every default filled in)."""
     return CheckpointSettings({key: lookup(cfg.resolved, key) for key in (*DATA_KEYS, *EVAL_KEYS)})
 
@@ -130,7 +133,7 @@ def resolve(explicit: Mapping[str, Any], saved: CheckpointSettings | None, defau
     return values, notes
 
 
-def inherit(cfg, model_dir: str | os.PathLike | None):
+def inherit(cfg: Config, model_dir: str | os.PathLike | None) -> tuple[Config, str | None, list[str]]:
     """``(cfg, taken, differences)``: ``cfg`` with the :data:`DATA_KEYS` it does not set taken from
     ``model_dir``'s saved settings (a rebuilt config whose ``raw`` holds them, so ``config.merged.yaml``
     reproduces the run), a line naming what was taken (or None), and one line per key the config sets

@@ -5,6 +5,7 @@ See docs/ROLLOUT.md. Import from the submodules (``rollout.parser``, ``rollout.m
 names are re-exported here.
 """
 
+from data.types import RolloutMeta  # the sample's meta (a data contract), re-exported for callers
 from rollout.backends import GenerationBackend, HFGenerationBackend
 from rollout.builder import build_rollout_sample
 from rollout.matching import hungarian_match, iou_matrix
@@ -18,7 +19,6 @@ from rollout.types import (
     MatchResult,
     ParsedObject,
     ParsedRollout,
-    RolloutMeta,
     RolloutView,
     rollout_view,
 )

@@ -37,9 +37,9 @@ from data.coordjson import (
 )
 from data.encoding import object_token_index, place_rendered_objects
 from data.tokens import assign_token_types, char_span_to_tokens
-from data.types import BBoxGroup, EncodedSample, GTObject, ObjectSpan
+from data.types import BBoxGroup, EncodedSample, GTObject, ObjectSpan, RolloutMeta
 from rollout.parser import default_eos_id
-from rollout.types import MatchResult, ParsedRollout, RolloutMeta
+from rollout.types import MatchResult, ParsedRollout
 
 
 def _check_match(parsed: ParsedRollout, match: MatchResult, n_gt: int) -> None:

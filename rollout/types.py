@@ -1,8 +1,8 @@
 """Rollout contracts: what the parser, the matcher, the sequence builder and the backends hand each other.
 
 Units: ``bins`` are integers 0..999 (docs/DATA.md). Token indices in ``ParsedObject``/``ParsedRollout``
-index the *generated* ids (position 0 = first generated token); positions in ``RolloutMeta``
-index the *built* training sample (prompt + kept prefix + tail), like ``data.types.ObjectSpan``.
+index the *generated* ids (position 0 = first generated token); positions in ``RolloutView``
+(and ``data.types.RolloutMeta``) index the *built* training sample (prompt + kept prefix + tail), like ``data.types.ObjectSpan``.
 Character offsets index ``ParsedRollout.text`` (the decoded generated text before ``<|im_end|>``).
 """
 
@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from core.vocab import DESC, FN, FP, MATCHED, STRUCT
-from data.types import BBoxGroup
+from data.types import BBoxGroup, EncodedSample, RolloutMeta
 
 # Why an object of a rollout is not a valid prediction (``ParsedObject.drop_reason``). Metric keys
 # are ``rollout/drop_<reason>_count``. Precedence when several apply: the first in this tuple.
@@ -177,24 +177,6 @@ class MatchResult:
         return dict(self.pairs)
 
 
-@dataclass
-class RolloutMeta:
-    """What a rollout-built sample records beyond its tensors (its ``EncodedSample.meta``): the facts the
-    tensors cannot give back. Every position-level fact is derived from the tensors on demand by
-    :func:`rollout_view`, never stored twice (docs/training/STAGE2_RUNBOOK.md).
-
-    prefix_len:   kept generated tokens (``ParsedRollout.cut``); the tail starts at ``prompt_len + prefix_len``
-    drop_reasons: count per drop reason (includes truncated)
-    counters:     per-sample numbers: matched, fp, fn, valid_pred, gt, invalid_dropped, ... (rollout/* metrics)
-    cut_suffix:   text appended to complete a fused token at the cut
-    """
-
-    prefix_len: int
-    drop_reasons: dict[str, int]
-    counters: dict[str, int]
-    cut_suffix: str = ""
-
-
 @dataclass(frozen=True)
 class RolloutView:
     """The rich per-sample meta of a rollout-built sample, derived from its tensors (:func:`rollout_view`);
@@ -227,9 +209,9 @@ class RolloutView:
     cut_suffix: str
 
 
-def rollout_view(sample) -> RolloutView:
+def rollout_view(sample: EncodedSample) -> RolloutView:
     """The :class:`RolloutView` of a rollout-built ``EncodedSample`` (its ``meta`` a :class:`RolloutMeta`)."""
-    meta: RolloutMeta = sample.meta
+    meta: RolloutMeta = sample.meta  # type: ignore[assignment]  (set on every rollout-built sample)
     P, L = int(sample.prompt_len), int(sample.input_ids.shape[0])
     tail = P + meta.prefix_len
     types, subset = sample.token_types.tolist(), sample.subset.tolist()

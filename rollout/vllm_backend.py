@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from configs.types import VLLMBackendConfig
 from data.types import EncodedSample
 from rollout.backends import AUTO, GenerationBackend, check_decoding, default_eos_ids, trim_at_eos
 from rollout.types import GenerationOutput
@@ -147,7 +148,7 @@ class VLLMGenerationBackend(GenerationBackend):
         self.weights_fn = weights_fn or (lambda: model.state_dict().items())
 
     @classmethod
-    def start(cls, model, tokenizer, vcfg, *, encoder, work_dir, **decoding) -> VLLMGenerationBackend:
+    def start(cls, model, tokenizer, vcfg: VLLMBackendConfig, *, encoder, work_dir, **decoding) -> VLLMGenerationBackend:
         """Start a colocated engine from ``model``'s current weights (``rollout_matching.vllm`` = ``vcfg``)."""
         require_vllm()
         if not torch.cuda.is_available():
@@ -220,7 +221,7 @@ class VLLMEngine:
     Needs a GPU and vLLM; not exercised by the CPU test suite (the GPU equality test runs it).
     """
 
-    def __init__(self, model_dir: Path, vcfg, *, dtype: torch.dtype, image_size: dict | None):
+    def __init__(self, model_dir: Path, vcfg: VLLMBackendConfig, *, dtype: torch.dtype, image_size: dict | None):
         require_vllm()
         from vllm import LLM
 

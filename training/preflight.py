@@ -40,7 +40,7 @@ def check_model_path(cfg: Config) -> str:
     return path
 
 
-def adds_coord_tokens(cfg) -> bool:
+def adds_coord_tokens(cfg: Config) -> bool:
     """Whether a run adds missing coord tokens (logged with the init used): Stage-1 with
     ``model.coord_tokens.add_if_missing``. Stage-2 never does: it starts from a Stage-1 output, and
     fresh coord rows there are a wrong ``model.name_or_path`` (one error line names the fix)."""
