@@ -323,7 +323,7 @@ def check_value(key: str, value: Any) -> None:
 
 
 def check_record(record: Any, key: str) -> None:
-    """Validate a knob record built in code (e.g. ``TokenCEWeights(...)``) against its own declaration."""
+    """Validate a knob record built in code (e.g. ``MatchingConfig(...)`` from CLI flags) against its own declaration."""
     # tuples (list keys) are JSON arrays to the schema
     values = {f.name: json.loads(json.dumps(getattr(record, f.name))) for f in dataclasses.fields(record)}
     check(record_validator(type(record)), values, key_parts(key))

@@ -168,12 +168,3 @@ def test_supervised_first_token_of_segment_raises():
     tt[0, 0] = S
     with pytest.raises(ValueError, match="row 0, position 0"):
         build_token_ce_weights(GT, tt, TokenCEWeights(), segment_ids=PACKED_SEG)
-
-
-def test_token_ce_weights_validate_ranges():
-    with pytest.raises(ValueError, match=r"rollout_drop_invalid_struct_ce_multiplier: expected a value in \[1.0, 4.0\]"):
-        TokenCEWeights(rollout_drop_invalid_struct_ce_multiplier=0.5)
-    with pytest.raises(ValueError, match="token_ce.config.desc_ce_weight"):
-        TokenCEWeights(desc_ce_weight=-1.0)
-    with pytest.raises(ValueError, match="rollout_fn_desc_weight"):
-        TokenCEWeights(rollout_fn_desc_weight=float("nan"))
