@@ -167,7 +167,16 @@ def test_flash_attention_and_images_in_a_suffix_fall_back(env, batch, caplog):
     assert plan_prefix_reuse(env.vlm, batch) is not None
 
 
-def test_a_fallback_is_logged_once_per_run_not_once_per_process(env, batch, monkeypatch, caplog):
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_fallback_is_logged_once_per_run_not_once_per_process(env, batch, monkeypatch):
     """Each run (its ``TrainingWrapper``) logs a refused reuse once, however many steps it takes; a second
     run in the same process logs it again (the set of logged reasons belongs to the run)."""
     import model.prefix_reuse
@@ -176,15 +185,25 @@ def test_a_fallback_is_logged_once_per_run_not_once_per_process(env, batch, monk
     resolved = resolve_pipeline({}, "stage2_two_channel")
     expectation = ExpectationConfig(n_iter=2, prefix_reuse=True)
     runs = [TrainingWrapper(env.vlm, resolved, env.coord_ids, expectation=expectation) for _ in range(2)]
+    handler = _Lines()  # on the project logger itself: a run's setup_logging may have stopped its propagation
+
+    def logged() -> int:
+        return sum("prefix_reuse: full recomputation" in line for line in handler.lines)
+
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
     counts = []
-    with torch.no_grad(), caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
-        for run in runs:
-            for _ in range(2):
-                assert run(batch, "expectation", "A").suffix_forwards == 0  # full recomputation
-            counts.append(sum("prefix_reuse: full recomputation" in r.getMessage() for r in caplog.records))
+    try:
+        with torch.no_grad():
+            for run in runs:
+                for _ in range(2):
+                    assert run(batch, "expectation", "A").suffix_forwards == 0  # full recomputation
+                counts.append(logged())
+        assert plan_prefix_reuse(env.vlm, batch) is None and plan_prefix_reuse(env.vlm, batch) is None  # no owner
+    finally:
+        logger.removeHandler(handler)
     assert counts == [1, 2]
-    assert plan_prefix_reuse(env.vlm, batch) is None and plan_prefix_reuse(env.vlm, batch) is None  # no owner
-    assert sum("prefix_reuse: full recomputation" in r.getMessage() for r in caplog.records) == 4
+    assert logged() == 4
 
 
 def test_full_recomputation_is_counted(env, batch, monkeypatch):
