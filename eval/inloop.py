@@ -32,7 +32,7 @@ from data.types import Record
 from eval.artifacts import write_artifacts
 from eval.detection import DetectionReport, evaluate_detection, write_predictions_jsonl
 from eval.evaluate import write_metrics_json
-from eval.scores import SCORE_MODES, score_objects
+from eval.scores import score_objects
 from rollout.metrics import precision_recall_f1, rollout_counters
 from rollout.types import GenerationOutput, MatchResult, ParsedRollout
 
@@ -195,8 +195,6 @@ def predict_records(
     from rollout.matching import hungarian_match
     from rollout.parser import parse_rollout
 
-    if score_mode not in SCORE_MODES:
-        raise ValueError(f"rollout_matching.eval_detection.score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
     if backend is None:
         from rollout.backends import HFGenerationBackend
 

@@ -105,8 +105,6 @@ def ensure_coord_tokens(tokenizer, model=None, init: str = "sincos", seed: int =
     * Init: when tokens were added or rows were grown, the coord rows ``[first_id, first_id+1000)``
       are initialised with ``init`` (see ``init_coord_rows``); an already-prepared checkpoint is left alone.
     """
-    if init not in COORD_INITS:
-        raise ValueError(f"model.coord_init must be one of {list(COORD_INITS)}, got {init!r}")
     added = False
     if not has_any_coord_token(tokenizer):
         from tokenizers import AddedToken

@@ -30,7 +30,6 @@ from data.types import PackedBatch
 from losses.ce import coord_logits as project_coord_logits
 from losses.ce import full_logsumexp, hidden_at_logit_pos, text_and_full_logsumexp
 from losses.checks import content_checks
-from losses.coord import DECODE_MODES
 from losses.masks import TokenCEMasks, build_token_ce_weights
 
 MODE_GT = "gt"
@@ -122,8 +121,6 @@ class TeacherForcingContext:
                 raise ValueError(f"hidden[{name!r}] has H={h.shape[-1]} but lm_head_weight is {tuple(self.lm_head_weight.shape)}")
         if self.coord_token_ids.numel() != NUM_COORD_BINS:
             raise ValueError(f"coord_token_ids must hold {NUM_COORD_BINS} ids, got {self.coord_token_ids.numel()}")
-        if self.coord_decode_mode not in DECODE_MODES:
-            raise ValueError(f"coord_decode_mode must be one of {', '.join(DECODE_MODES)}, got {self.coord_decode_mode!r}")
 
     # ------------------------------------------------------------------ mode
 

@@ -32,7 +32,7 @@ from core.vocab import (
 from data.types import PackedBatch
 from losses.ce import coord_logits as project_coord_logits
 from losses.ce import hidden_at_logit_pos
-from losses.coord import EMBED_MODES, context_embeddings
+from losses.coord import context_embeddings
 from model.forward import (
     compute_vision,
     embed_tokens,
@@ -107,14 +107,8 @@ def expectation_forward(
     first coord slot on and take the rest from forward 1 (``model.prefix_reuse``; same losses and
     gradients as full forwards); where the batch or the attention kernel does not allow it they run in full
     (logged once per reason per ``prefix_reuse_warned`` set, the caller's; see ``plan_prefix_reuse``).
+    The knobs are ``stage2_ab.*`` keys (``ExpectationConfig``), checked when the config is loaded.
     """
-    if n_iter < 1:
-        raise ValueError(f"stage2_ab.n_softctx_iter must be >= 1, got {n_iter}")
-    if embed_mode not in EMBED_MODES:
-        raise ValueError(f"stage2_ab.coord_ctx_embed_mode must be one of {EMBED_MODES}, got {embed_mode!r}")
-    if grad_mode not in GRAD_MODES:
-        raise ValueError(f"stage2_ab.softctx_grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
-
     position_ids = position_ids_for_batch(vlm, batch)
     # host-side planning before any kernel is queued (on a GPU its host copies wait for nothing)
     layout = plan_prefix_reuse(vlm, batch, warned=prefix_reuse_warned) if prefix_reuse and n_iter > 1 else None

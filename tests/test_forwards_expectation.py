@@ -344,16 +344,3 @@ def test_packed_row_matches_samples_alone(env):
     n0, n1 = len(env.samples[0]), len(env.samples[1])
     torch.testing.assert_close(hp[0, :n0], ha[0, :n0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(hp[0, n0 : n0 + n1], ha[1, :n1], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "key"),
-    [
-        ({"n_iter": 0}, "stage2_ab.n_softctx_iter"),
-        ({"embed_mode": "argmax"}, "stage2_ab.coord_ctx_embed_mode"),
-        ({"grad_mode": "detach"}, "stage2_ab.softctx_grad_mode"),
-    ],
-)
-def test_bad_modes_name_the_config_key(env, batch, kwargs, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        expectation_forward(env.model, env.vlm, batch, env.coord_ids, **kwargs)

@@ -35,8 +35,6 @@ class TrainProgress:
         self, total: int, initial: int = 0, is_main_process: bool = True, refresh_every: int = 1, desc: str = "train",
         terminal: bool | None = None,
     ):
-        if refresh_every < 1:
-            raise ValueError(f"run.log_every must be >= 1, got {refresh_every}")
         self.enabled = is_main_process
         self.refresh_every = refresh_every
         self.total = total

@@ -15,12 +15,10 @@ import math
 from fractions import Fraction
 from typing import Any
 
-from configs.validation import declared_enum
 from core.vocab import LOGGER_NAME
 
 CHANNEL_A = "A"
 CHANNEL_B = "B"
-FALLBACKS = declared_enum("stage2_ab.fallback.on_rollout_failure")
 
 logger = logging.getLogger(LOGGER_NAME)
 # Rerouted rollout failures log a traceback for the first few, then every Nth (all are counted).
@@ -70,11 +68,7 @@ class ChannelRouter:
     def __init__(self, b_ratio: float, fallback: str = "fail"):
         self._b = _exact_ratio(b_ratio)
         self.b_ratio = float(b_ratio)
-        if fallback not in FALLBACKS:
-            raise ValueError(
-                f"stage2_ab.fallback.on_rollout_failure must be one of {', '.join(FALLBACKS)}, got {fallback!r}"
-            )
-        self.fallback = fallback
+        self.fallback = fallback  # stage2_ab.fallback.on_rollout_failure (its values checked when the config loads)
         self.count_a = 0  # steps trained on Channel-A (including rerouted ones)
         self.count_b = 0
         self.count_rerouted = 0  # scheduled B, trained A

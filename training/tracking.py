@@ -17,15 +17,12 @@ from typing import Any
 import torch
 
 from configs.errors import InputError, UserError
-from configs.validation import declared_enum
 from core.vocab import LOGGER_NAME
 from training.setup import METRICS_FILE
 
 logger = logging.getLogger(LOGGER_NAME)
 
-BACKENDS = declared_enum("run.tracker.backend")
 MEDIA_IMAGES = 8  # eval images sent to wandb per in-loop eval
-MODES = declared_enum("run.tracker.mode")
 # wandb.init argument -> environment variable that overrides the config's value (wandb's own names).
 # The wandb files themselves always live under the run dir (WANDB_DIR is not used): `wandb sync <run dir>/wandb`.
 WANDB_ENV = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "name": "WANDB_NAME",
@@ -80,10 +77,6 @@ class Tracker:
         tags: Iterable[str] = (),
         is_main_process: bool = True,
     ):
-        if backend not in BACKENDS:
-            raise ValueError(f"run.tracker.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if mode not in MODES:
-            raise ValueError(f"run.tracker.mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.run_dir = Path(run_dir)
         self.backend = backend
         self.is_main_process = is_main_process
