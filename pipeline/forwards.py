@@ -24,7 +24,7 @@ import torch
 from configs.validation import declared_default
 from core.vocab import (
     COORD,
-    GRAD_MODES,  # noqa: E402,F401  (re-exported)
+    GRAD_MODES,  # noqa: E402  (also re-exported)
     GT,
     ROLLOUT,
     SELF_CONTEXT,
@@ -135,6 +135,8 @@ def expectation_forward(
         logits = project_coord_logits(hidden_at_logit_pos(hidden, coord_in), lm_weight, coord_token_ids)
         if grad_mode == "em_detach":
             logits = logits.detach()
+        elif grad_mode != "unroll":  # no silent default for a mode a caller mistyped
+            raise ValueError(f"stage2_ab.softctx_grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
         ctx_embeds = context_embeddings(logits, table, embed_mode, temperature)
         embeds = base_embeds.index_put((rows, cols), ctx_embeds.to(base_embeds.dtype))
         if reuse is None:

@@ -344,3 +344,12 @@ def test_packed_row_matches_samples_alone(env):
     n0, n1 = len(env.samples[0]), len(env.samples[1])
     torch.testing.assert_close(hp[0, :n0], ha[0, :n0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(hp[0, n0 : n0 + n1], ha[1, :n1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_mistyped_grad_mode_raises_instead_of_unrolling(env, batch):
+    """Loaded configs are checked at load; a caller in code that mistypes the mode gets an error, not a
+    silent default (the embed mode raises in losses.coord.context_embeddings the same way)."""
+    with pytest.raises(ValueError, match=r"stage2_ab\.softctx_grad_mode"):
+        expectation_forward(env.model, env.vlm, batch, env.coord_ids, grad_mode="detach")
+    with pytest.raises(ValueError, match="argmax"):
+        expectation_forward(env.model, env.vlm, batch, env.coord_ids, embed_mode="argmax")

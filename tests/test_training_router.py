@@ -50,6 +50,14 @@ def test_invalid_ratio(bad):
         ChannelRouter(bad)
 
 
+def test_a_fallback_other_than_expectation_fails_the_step():
+    """Only "expectation" reroutes a failed Rollout step; "fail" and a value mistyped in code both raise."""
+    for fallback in ("fail", "skip"):
+        with pytest.raises(RuntimeError, match="could not be built"):
+            ChannelRouter(1.0, fallback=fallback).fallback_channel(0, ValueError("boom"))
+    assert ChannelRouter(1.0, fallback="expectation").fallback_channel(0, ValueError("boom")) == "A"
+
+
 def _run(router: ChannelRouter, steps: range, fail_at: frozenset = frozenset()) -> list[dict]:
     log = []
     for s in steps:

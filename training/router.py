@@ -89,7 +89,7 @@ class ChannelRouter:
         """
         if self.channel_for(step) != CHANNEL_B:
             raise ValueError(f"step {step} is scheduled on Channel-A; only Rollout steps can fall back")
-        if self.fallback == "fail":
+        if self.fallback != "expectation":  # "fail", and anything else: never train a step it was not told to
             raise RuntimeError(
                 f"scheduled Rollout step {step} could not be built ({error!r}); set "
                 "stage2_ab.fallback.on_rollout_failure: expectation to train such steps as Expectation steps instead"
