@@ -489,8 +489,8 @@ def test_channel_must_match_variant_and_contexts_must_be_valid():
         run_pipeline(resolve_pipeline({}, S1), _ctx(batch, "A", h, lm_head()))
     with pytest.raises(ValueError, match="expected one of"):
         _ctx(batch, None, {"gt": h["gt"], "rollout": h["gt"]}, lm_head())
-    with pytest.raises(ValueError, match="coord_decode_mode"):
-        _ctx(batch, None, h, lm_head(), mode="argmax")
+    with pytest.raises(ValueError, match="coord decode mode 'argmax' unknown"):  # the geometry decode refuses it
+        run_pipeline(_explicit(S1, [{"name": "bbox_geo"}], []), _ctx(batch, None, h, lm_head(), mode="argmax"))
 
 
 def test_empty_batch_of_objects_emits_no_diluting_zeros():
