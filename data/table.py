@@ -25,8 +25,8 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -310,7 +310,7 @@ def open_records(path: str | os.PathLike, options: ReadOptions = ReadOptions(), 
 
     path = os.fspath(path)
     out = cache_dir_for(path, options, cache_root)
-    with (main_process_first or nullcontext)():
+    with (main_process_first or nullcontext)(), _one_builder(out):
         if not (out / "report.json").is_file():
             _build(path, options, out, procs)
     dataset = Dataset.from_file(str(out / "records.arrow"), in_memory=False)
@@ -335,10 +335,28 @@ def encoder_key(encoder) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+@contextmanager
+def _one_builder(target: Path) -> Iterator[None]:
+    """Held while a process checks for ``target`` and builds it: processes without barriers between them
+    (other jobs on the same data, a ``--dry-run`` under a launcher) wait for the one building, then read
+    what it wrote, instead of each building it again. An advisory ``flock`` on ``<target>.lock``; where the
+    filesystem has no locks every process builds, and the atomic rename still leaves one copy."""
+    import fcntl
+
+    lock = target.with_name(target.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+
+
 def _cached(target: Path, compute: Callable[[], object], save: Callable[[object, object], None],
             main_process_first: Callable[[], object] | None) -> None:
-    """Write ``compute()`` to ``target`` once (main process first; atomic rename)."""
-    with (main_process_first or nullcontext)():
+    """Write ``compute()`` to ``target`` once (main process first, one builder per file; atomic rename)."""
+    with (main_process_first or nullcontext)(), _one_builder(target):
         if not target.is_file():
             value = compute()
             fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)

@@ -3,6 +3,8 @@ is built once and reused (keyed by file content and read options), and caches le
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 
 import pytest
@@ -174,3 +176,37 @@ def test_validation_in_parts_equals_the_serial_pass(tmp_path, monkeypatch, skip_
         with pytest.raises(DataError) as parts:
             open_records(path, ReadOptions(), procs=3)
         assert str(parts.value) == str(serial.value) and what in str(parts.value)
+
+
+def test_processes_without_barriers_build_a_cache_once_and_read_the_same_table(tmp_path, monkeypatch):
+    """Two processes that share no barrier (two jobs on one dataset, a --dry-run under a launcher) open the
+    same new cache at once: one builds it, the other waits on the lock and maps what it wrote."""
+    import multiprocessing
+
+    jsonl = write_jsonl(str(tmp_path / "d.jsonl"), _many_rows(400))
+    write_png(str(tmp_path / "a.png"), 640, 480)
+    builds = tmp_path / "builds"
+    real_build = table_mod._build
+
+    def counting_build(*args, **kwargs):
+        with open(builds, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(table_mod, "_build", counting_build)  # inherited by the forked processes
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_open_and_report, args=(jsonl, tmp_path / f"out{k}.json")) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert len(builds.read_text().split()) == 1
+    seen = [json.loads((tmp_path / f"out{k}.json").read_text()) for k in range(2)]
+    assert seen[0] == seen[1] and seen[0]["records"] == 400
+
+
+def _open_and_report(jsonl, out):
+    table, report = open_records(jsonl, ReadOptions())
+    out.write_text(json.dumps({"records": len(table), "ids": [table[i].image_id for i in (0, len(table) - 1)],
+                               "cache": str(table.cache_dir)}))
